@@ -1,0 +1,98 @@
+"""One exception hierarchy for everything roomrouter raises.
+
+::
+
+    RoomRouterError
+    ├── ConfigurationError          bad URL, bad option
+    │   └── MissingDependency       the extra for a backend is not installed
+    ├── InvalidRoomName             (also a ValueError)
+    ├── PayloadTooLarge             (also a ValueError)
+    ├── DuplicateMember             (also a ValueError)
+    ├── MemberClosed                the member was closed (by the app or by its overflow policy)
+    ├── RouterNotRunning            used outside ``async with router``
+    ├── BrokerError                 anything the broker client raised, mapped with ``from exc``
+    │   └── BrokerUnavailable       no connection, timeout, nack: the operation did not happen
+    ├── SinkError                   a persistence sink failed
+    └── HistoryUnavailable          the requested recovery window is no longer available
+
+No exception of redis, aio-pika, aiokafka or a database driver reaches the caller: every backend
+maps them into this tree (``raise BrokerUnavailable(...) from exc``).
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "DuplicateMember",
+    "HistoryUnavailable",
+    "InvalidRoomName",
+    "MemberClosed",
+    "MissingDependency",
+    "PayloadTooLarge",
+    "RoomRouterError",
+    "RouterNotRunning",
+    "SinkError",
+]
+
+
+class RoomRouterError(Exception):
+    """Base class of every error raised by roomrouter."""
+
+
+class ConfigurationError(RoomRouterError):
+    """A URL or an option is not valid."""
+
+
+class MissingDependency(ConfigurationError):
+    """The optional dependency of a backend is not installed; the message says what to install."""
+
+    def __init__(self, extra: str, module: str) -> None:
+        super().__init__(
+            f"the {extra!r} backend needs the {module!r} package: "
+            f'pip install "roomrouter[{extra}]"'
+        )
+        self.extra = extra
+        self.module = module
+
+
+class InvalidRoomName(RoomRouterError, ValueError):
+    """A room name is empty, too long, not a string, or holds control characters."""
+
+
+class PayloadTooLarge(RoomRouterError, ValueError):
+    """A payload is larger than the router's ``max_payload``."""
+
+
+class DuplicateMember(RoomRouterError, ValueError):
+    """A member with this id already exists on this router."""
+
+
+class MemberClosed(RoomRouterError):
+    """The member is closed; ``reason`` says why (``"closed"``, ``"overflow"``, ``"router closed"``)."""
+
+    def __init__(self, member_id: str, reason: str) -> None:
+        super().__init__(f"member {member_id!r} is closed: {reason}")
+        self.member_id = member_id
+        self.reason = reason
+
+
+class RouterNotRunning(RoomRouterError):
+    """The router is used before ``async with router`` entered or after it exited."""
+
+
+class BrokerError(RoomRouterError):
+    """The broker failed an operation."""
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker could not be reached in time, or refused the operation; it did not happen."""
+
+
+class SinkError(RoomRouterError):
+    """A persistence sink failed to read or write."""
+
+
+class HistoryUnavailable(RoomRouterError):
+    """The messages after the requested id can no longer be recovered completely."""

@@ -1,0 +1,118 @@
+"""The contract between the router and a broker backend.
+
+A broker carries two planes for one node of one namespace:
+
+* the **data plane**: one logical channel per room. The node receives the frames of exactly the
+  rooms it is subscribed to (:meth:`Broker.subscribe` / :meth:`Broker.unsubscribe`) and publishes
+  frames to any room (:meth:`Broker.publish`), whether or not it is subscribed to it.
+* the **control plane**: one broadcast channel every node of the namespace hears, plus one direct
+  channel per node (:meth:`Broker.publish_control`). The cluster view (heartbeats, which node
+  hosts which room, the join barrier) runs over it.
+
+The broker pushes what it receives: it calls ``context.on_data(frame)`` and
+``context.on_control(frame)`` from its reader task, synchronously, one frame at a time, in the
+order the broker delivered them. Handlers never block and never raise.
+
+Guarantees a backend must give (the contract suite in ``tests/`` checks them):
+
+1. **Confirmed subscription.** When :meth:`~Broker.subscribe` returns, the broker itself has
+   registered the subscriptions: every frame published to those rooms afterwards, by any node, is
+   delivered to this node (while the connection lives).
+2. **Exact filtering.** The node receives no frame of a room it is not subscribed to (a backend
+   that cannot filter at the broker must filter before calling ``on_data`` and count the drops
+   in :attr:`Broker.filtered`).
+3. **Order.** Frames published by one node to one room, and control frames sent by one node, are
+   delivered in the order :meth:`~Broker.publish` / :meth:`~Broker.publish_control` were
+   *called*. Both methods therefore take their place in the send queue before their first
+   ``await``.
+4. **Errors.** Every failure is raised as :class:`~roomrouter.BrokerUnavailable` (or another
+   :class:`~roomrouter.BrokerError`), never as the client library's own exception, and no call
+   waits longer than the backend's operation timeout.
+5. **Recovery.** After a lost connection the backend reconnects on its own with capped
+   exponential backoff, restores every subscription it held (data rooms and control channels),
+   and then calls ``context.on_reconnect()`` so the router can resynchronise its cluster view.
+   Frames published while the connection was down may be lost (live delivery is at-most-once).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import ClassVar
+
+from anyio.abc import TaskGroup
+
+__all__ = ["Broker", "BrokerContext"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerContext:
+    """What the router hands a broker when it starts it."""
+
+    node_id: str
+    namespace: str
+    on_data: Callable[[bytes], None]
+    on_control: Callable[[bytes], None]
+    on_reconnect: Callable[[], None]
+    #: The router's task group: the broker starts its background tasks here, so they are
+    #: supervised and cancelled with the router.
+    task_group: TaskGroup
+
+
+class Broker(ABC):
+    """A broker backend for one node. One instance serves one router."""
+
+    #: Short backend name (``"memory"``, ``"redis"``, ...).
+    name: ClassVar[str]
+    #: True if :meth:`publish_control` returns the number of nodes that received a broadcast.
+    #: The router then knows how many answers to wait for when it joins the cluster.
+    counts_receivers: ClassVar[bool] = False
+
+    #: Frames the backend received but dropped itself because this node does not host the room
+    #: (backends that cannot filter at the broker). Zero for the others.
+    filtered: int = 0
+
+    @abstractmethod
+    async def start(self, context: BrokerContext) -> None:
+        """Connect and subscribe to the control plane (broadcast and this node's direct channel).
+
+        Returns once control frames sent by other nodes from now on will be delivered. Raises
+        :class:`~roomrouter.BrokerUnavailable` if the broker cannot be reached.
+        """
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close connections. Background tasks are cancelled by the router's task group."""
+
+    @abstractmethod
+    async def subscribe(self, rooms: Collection[str]) -> None:
+        """Subscribe to the data channels of ``rooms`` (one batch), see guarantee 1.
+
+        All or nothing: if it raises, none of ``rooms`` counts as subscribed.
+        """
+
+    @abstractmethod
+    async def unsubscribe(self, rooms: Collection[str]) -> None:
+        """Stop receiving ``rooms``. Best effort when disconnected: the rooms are forgotten either
+        way, so they are not restored on reconnect."""
+
+    @abstractmethod
+    async def publish(self, room: str, frame: bytes) -> None:
+        """Publish one data frame to ``room``; returns once the broker accepted it."""
+
+    @abstractmethod
+    async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
+        """Send a control frame to every node (``to=None``, including this one) or to one node.
+
+        Returns the number of nodes that received a broadcast if the backend knows it
+        (:attr:`counts_receivers`), else ``None``.
+        """
+
+    async def broker_subscriptions(self) -> frozenset[str]:
+        """The rooms this node is subscribed to, *as the broker itself reports them*.
+
+        For tests and ``roomrouter inspect``; backends that cannot ask the broker raise
+        ``NotImplementedError``.
+        """
+        raise NotImplementedError
