@@ -1,0 +1,50 @@
+"""roomrouter: route real-time room messages between horizontally scaled nodes.
+
+Dynamic subscription (a node hears only the rooms it hosts), exact local bypass (the broker is
+used only when another node hosts the room), and a pluggable broker: memory, Redis, RabbitMQ,
+Kafka.
+"""
+
+from __future__ import annotations
+
+from ._envelope import Envelope
+from ._errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigurationError,
+    DuplicateMember,
+    HistoryUnavailable,
+    InvalidRoomName,
+    MemberClosed,
+    MissingDependency,
+    PayloadTooLarge,
+    RoomRouterError,
+    RouterNotRunning,
+    SinkError,
+)
+from ._member import Member, OverflowPolicy
+from ._router import RoomRouter
+from .brokers._base import Broker, BrokerContext
+
+__all__ = [
+    "Broker",
+    "BrokerContext",
+    "BrokerError",
+    "BrokerUnavailable",
+    "ConfigurationError",
+    "DuplicateMember",
+    "Envelope",
+    "HistoryUnavailable",
+    "InvalidRoomName",
+    "Member",
+    "MemberClosed",
+    "MissingDependency",
+    "OverflowPolicy",
+    "PayloadTooLarge",
+    "RoomRouter",
+    "RoomRouterError",
+    "RouterNotRunning",
+    "SinkError",
+]
+
+__version__ = "0.1.0.dev0"

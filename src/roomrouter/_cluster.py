@@ -1,0 +1,383 @@
+"""Cluster view: which nodes are alive and which rooms each one hosts.
+
+Every node keeps its own copy, fed by control frames over the broker's control plane. The
+router asks it one question on the hot path, :meth:`ClusterView.has_remote_host` — a dict
+lookup, no I/O — to decide whether a publish must go to the broker at all.
+
+Why the answer is never stale in a way that loses a message (DESIGN.md guarantee 2, the
+argument is written out in docs/architecture.md):
+
+* A node announces a room (``Host``) only *after* the broker confirmed its subscription, and
+  its first join of the room returns only after every node it knows to be alive acknowledged
+  the announcement (``Ack``). A node applies ``Host`` to its view *before* it sends ``Ack``.
+  So any publish that starts after the join returned, on a node that acknowledged, sees the host.
+* A node that is starting says ``Hello``. Every node that hears it adds it to its live set at
+  once — so every later barrier waits for it — and answers ``State`` with its hosted rooms as
+  of that moment. Rooms announced before that moment are in the ``State``; the starting node's
+  router becomes usable only after it collected the ``State`` of every node the broker says
+  heard the ``Hello`` (or, on a broker that cannot count receivers, after a discovery window).
+* Control frames of one node arrive in the order it sent them (broker guarantee 3) and carry a
+  generation number, so a receiver detects a gap (after a reconnect) and asks for a full
+  ``State`` (``Sync``).
+
+Nodes heartbeat every ``heartbeat_interval``; a node not heard from within ``node_ttl`` is
+dropped with its rooms, and pending barriers stop waiting for it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+
+from ._errors import BrokerError, RoomRouterError
+from ._stats import Stats
+from .brokers._base import Broker
+
+__all__ = ["ClusterView"]
+
+log = logging.getLogger("roomrouter.cluster")
+
+
+# -- control frames -------------------------------------------------------------------------
+# Short tags keep heartbeats small; array_like drops field names from the wire.
+
+
+class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
+    node: str
+
+
+class Hello(_Msg, tag="h"):
+    gen: int
+    rooms: list[str]
+
+
+class State(_Msg, tag="s"):
+    gen: int
+    rooms: list[str]
+    live: list[str]
+
+
+class Host(_Msg, tag="+"):
+    gen: int
+    rooms: list[str]
+    barrier: int
+
+
+class Unhost(_Msg, tag="-"):
+    gen: int
+    rooms: list[str]
+
+
+class Ack(_Msg, tag="a"):
+    barrier: int
+
+
+class Heartbeat(_Msg, tag="b"):
+    gen: int
+
+
+class Sync(_Msg, tag="y"):
+    pass
+
+
+class Bye(_Msg, tag="x"):
+    pass
+
+
+_Frame = Hello | State | Host | Unhost | Ack | Heartbeat | Sync | Bye
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(_Frame)
+
+
+@dataclass(slots=True)
+class _Node:
+    gen: int = -1
+    rooms: set[str] = field(default_factory=set)
+    last_seen: float = 0.0
+
+
+@dataclass(slots=True)
+class _Outgoing:
+    frame: bytes
+    to: str | None
+    done: anyio.Event | None = None
+    receivers: int | None = None
+    error: RoomRouterError | None = None
+
+
+@dataclass(slots=True)
+class _Barrier:
+    waiting: set[str]
+    done: anyio.Event = field(default_factory=anyio.Event)
+
+    def release(self, node: str) -> None:
+        self.waiting.discard(node)
+        if not self.waiting:
+            self.done.set()
+
+
+class ClusterView:
+    """This node's view of the cluster, and its side of the control protocol."""
+
+    def __init__(
+        self,
+        node_id: str,
+        broker: Broker,
+        stats: Stats,
+        *,
+        local_rooms: Callable[[], Iterable[str]],
+        heartbeat_interval: float,
+        node_ttl: float,
+        barrier_timeout: float,
+    ) -> None:
+        self.node_id = node_id
+        self._broker = broker
+        self._stats = stats
+        self._local_rooms = local_rooms
+        self.heartbeat_interval = heartbeat_interval
+        self.node_ttl = node_ttl
+        self.barrier_timeout = barrier_timeout
+        self._nodes: dict[str, _Node] = {}
+        self._hosts: dict[str, set[str]] = {}  # room -> remote nodes hosting it
+        self._gen = 0
+        self._barrier_seq = 0
+        self._barriers: dict[int, _Barrier] = {}
+        self._states_seen: set[str] = set()
+        self._hello_answered = anyio.Event()
+        self._hello_expected: int | None = None
+        # Every control frame this node sends goes through one FIFO drained by one sender task,
+        # so frames leave in the order their generation numbers were taken (a State must never
+        # overtake an older Host, or a receiver would drop rooms). Replies are produced in the
+        # broker's reader callback, which must not block; the stream is bounded so a flood of
+        # Hellos cannot grow it.
+        self._out_send, self._out_recv = anyio.create_memory_object_stream[_Outgoing](
+            max_buffer_size=10_000
+        )
+
+    # -- queries (hot path) -------------------------------------------------------------------
+
+    def has_remote_host(self, room: str) -> bool:
+        """True if another live node hosts ``room``."""
+        return room in self._hosts
+
+    def remote_hosts(self, room: str) -> frozenset[str]:
+        return frozenset(self._hosts.get(room, ()))
+
+    def live_nodes(self) -> frozenset[str]:
+        """Other nodes this node believes alive."""
+        return frozenset(self._nodes)
+
+    def remote_rooms(self) -> frozenset[str]:
+        return frozenset(self._hosts)
+
+    # -- announcements (called by the subscription manager) -----------------------------------
+
+    async def announce_host(self, rooms: list[str]) -> None:
+        """Tell every node this one now hosts ``rooms``; return when all live nodes applied it.
+
+        A node that does not answer within ``barrier_timeout`` (or is dropped meanwhile) is not
+        waited for any longer: it is presumed dead, and its TTL will remove it.
+        """
+        self._gen += 1
+        self._barrier_seq += 1
+        barrier = _Barrier(set(self._nodes))
+        if barrier.waiting:
+            self._barriers[self._barrier_seq] = barrier
+        try:
+            await self._send(Host(self.node_id, self._gen, rooms, self._barrier_seq))
+            if barrier.waiting:
+                with anyio.move_on_after(self.barrier_timeout):
+                    await barrier.done.wait()
+                if barrier.waiting:
+                    self._stats.barrier_timeouts += 1
+                    log.warning(
+                        "node %s: no acknowledgement from %s within %.1fs for %d room(s)",
+                        self.node_id, sorted(barrier.waiting), self.barrier_timeout, len(rooms),
+                    )  # fmt: skip
+        finally:
+            self._barriers.pop(self._barrier_seq, None)
+
+    async def announce_unhost(self, rooms: list[str]) -> None:
+        self._gen += 1
+        await self._send(Unhost(self.node_id, self._gen, rooms))
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def join_cluster(self, discovery_window: float) -> None:
+        """Say Hello and wait until every node that heard it answered with its State."""
+        self._states_seen.clear()
+        self._hello_answered = anyio.Event()
+        receivers = await self._send(Hello(self.node_id, self._gen, self._hosted()))
+        if receivers is not None:
+            self._hello_expected = max(receivers - 1, 0)
+            self._check_hello_done()
+            with anyio.move_on_after(self.node_ttl):
+                await self._hello_answered.wait()
+        else:
+            # The broker cannot count who heard us: give everyone a window to answer.
+            self._hello_expected = None
+            await anyio.sleep(discovery_window)
+
+    async def leave_cluster(self) -> None:
+        with anyio.move_on_after(1.0, shield=True):
+            try:
+                await self._send(Bye(self.node_id))
+            except RoomRouterError:
+                pass
+
+    async def run_sender(self) -> None:
+        async for item in self._out_recv:
+            try:
+                item.receivers = await self._broker.publish_control(item.frame, to=item.to)
+                self._stats.control_sent += 1
+            except RoomRouterError as exc:
+                item.error = exc
+                self._stats.control_send_errors += 1
+                log.debug("node %s: control frame to %s failed: %s", self.node_id, item.to, exc)
+            except Exception as exc:  # a backend bug must not kill the sender
+                item.error = BrokerError(f"control send failed: {exc!r}")
+                self._stats.control_send_errors += 1
+                log.exception("node %s: control send raised", self.node_id)
+            if item.done is not None:
+                item.done.set()
+
+    async def run_heartbeat(self) -> None:
+        while True:
+            await anyio.sleep(self.heartbeat_interval)
+            self.expire()
+            try:
+                await self._send(Heartbeat(self.node_id, self._gen))
+            except RoomRouterError as exc:
+                log.debug("node %s: heartbeat failed: %s", self.node_id, exc)
+
+    def expire(self) -> None:
+        """Drop nodes not heard from within the TTL, with their rooms."""
+        deadline = anyio.current_time() - self.node_ttl
+        for node_id in [n for n, s in self._nodes.items() if s.last_seen < deadline]:
+            log.info("node %s: dropping silent node %s", self.node_id, node_id)
+            self._stats.nodes_expired += 1
+            self._drop(node_id)
+
+    def on_reconnect(self) -> None:
+        """The broker reconnected: control frames may have been missed both ways."""
+        self._reply(Hello(self.node_id, self._gen, self._hosted()), None)
+
+    # -- control frames in --------------------------------------------------------------------
+
+    def on_control(self, frame: bytes) -> None:
+        """Apply one control frame (called synchronously by the broker's reader)."""
+        try:
+            msg = _decoder.decode(frame)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self._stats.dropped_control_decode += 1
+            return
+        if msg.node == self.node_id:
+            return  # our own broadcast
+        self._stats.control_received += 1
+        now = anyio.current_time()
+        if isinstance(msg, Bye):
+            self._drop(msg.node)
+            return
+        node = self._nodes.get(msg.node)
+        if node is None:
+            node = self._nodes[msg.node] = _Node()
+        node.last_seen = now
+
+        if isinstance(msg, Host):
+            self._apply_delta(msg.node, node, msg.gen, msg.rooms, add=True)
+            self._reply(Ack(self.node_id, msg.barrier), msg.node)
+        elif isinstance(msg, Unhost):
+            self._apply_delta(msg.node, node, msg.gen, msg.rooms, add=False)
+        elif isinstance(msg, Ack):
+            barrier = self._barriers.get(msg.barrier)
+            if barrier is not None:
+                barrier.release(msg.node)
+        elif isinstance(msg, Heartbeat):
+            if msg.gen != node.gen:
+                self._reply(Sync(self.node_id), msg.node)
+        elif isinstance(msg, Hello):
+            self._set_rooms(msg.node, node, msg.gen, msg.rooms)
+            self._reply(
+                State(self.node_id, self._gen, self._hosted(), sorted(self._nodes)), msg.node
+            )
+        elif isinstance(msg, State):
+            if msg.gen >= node.gen:
+                self._set_rooms(msg.node, node, msg.gen, msg.rooms)
+            self._states_seen.add(msg.node)
+            self._check_hello_done()
+        elif isinstance(msg, Sync):
+            self._reply(
+                State(self.node_id, self._gen, self._hosted(), sorted(self._nodes)), msg.node
+            )
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _hosted(self) -> list[str]:
+        return sorted(self._local_rooms())
+
+    def _check_hello_done(self) -> None:
+        expected = self._hello_expected
+        if expected is not None and len(self._states_seen) >= expected:
+            self._hello_answered.set()
+
+    def _apply_delta(self, node_id: str, node: _Node, gen: int, rooms: list[str], add: bool) -> None:
+        if gen <= node.gen:
+            return  # already contained in a State we applied
+        if node.gen >= 0 and gen != node.gen + 1:
+            # We missed frames of this node (a reconnect): ask for the whole picture.
+            self._reply(Sync(self.node_id), node_id)
+        node.gen = gen
+        for room in rooms:
+            if add:
+                node.rooms.add(room)
+                self._hosts.setdefault(room, set()).add(node_id)
+            else:
+                node.rooms.discard(room)
+                self._unhost(room, node_id)
+
+    def _set_rooms(self, node_id: str, node: _Node, gen: int, rooms: list[str]) -> None:
+        new = set(rooms)
+        for room in node.rooms - new:
+            self._unhost(room, node_id)
+        for room in new - node.rooms:
+            self._hosts.setdefault(room, set()).add(node_id)
+        node.rooms = new
+        node.gen = gen
+
+    def _unhost(self, room: str, node_id: str) -> None:
+        hosts = self._hosts.get(room)
+        if hosts is not None:
+            hosts.discard(node_id)
+            if not hosts:
+                del self._hosts[room]
+
+    def _drop(self, node_id: str) -> None:
+        node = self._nodes.pop(node_id, None)
+        if node is not None:
+            for room in node.rooms:
+                self._unhost(room, node_id)
+        for barrier in list(self._barriers.values()):
+            barrier.release(node_id)
+
+    def _reply(self, msg: _Frame, to: str | None) -> None:
+        try:
+            self._out_send.send_nowait(_Outgoing(_encoder.encode(msg), to))
+        except anyio.WouldBlock:
+            self._stats.dropped_control_overflow += 1
+
+    async def _send(self, msg: _Frame) -> int | None:
+        """Broadcast ``msg`` in FIFO order with the replies; return the receiver count."""
+        item = _Outgoing(_encoder.encode(msg), None, anyio.Event())
+        await self._out_send.send(item)
+        assert item.done is not None
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.receivers
+
+    def close(self) -> None:
+        self._out_send.close()

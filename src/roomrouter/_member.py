@@ -1,0 +1,162 @@
+"""A local member (one client connection) and its bounded inbox."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+
+from ._envelope import Envelope
+from ._errors import MemberClosed
+
+if TYPE_CHECKING:
+    from ._router import RoomRouter
+
+__all__ = ["Member", "OverflowPolicy"]
+
+#: What a full inbox does with one more envelope: ``"drop_oldest"`` discards the oldest queued
+#: envelope (counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
+#: reason ``"overflow"`` (the app then closes the client's socket; it can recover by history).
+OverflowPolicy = Literal["drop_oldest", "disconnect"]
+
+
+class Member:
+    """One local member of a :class:`RoomRouter`: joins rooms and receives their envelopes.
+
+    Created by :meth:`RoomRouter.member`. Envelopes wait in a bounded inbox (``inbox_size``);
+    ``receive()`` takes them in arrival order, which for one publisher and one room is publish
+    order. A closed member's ``receive()`` still returns what was queued, then raises
+    :class:`MemberClosed`.
+    """
+
+    __slots__ = (
+        "id",
+        "_router",
+        "_rooms",
+        "_joining",
+        "_inbox",
+        "_maxlen",
+        "_policy",
+        "_waiter",
+        "_closed",
+    )
+
+    def __init__(
+        self, router: RoomRouter, member_id: str, inbox_size: int, policy: OverflowPolicy
+    ) -> None:
+        self.id = member_id
+        self._router = router
+        self._rooms: set[str] = set()
+        self._joining: set[str] = set()
+        self._inbox: deque[Envelope] = deque()
+        self._maxlen = inbox_size
+        self._policy = policy
+        self._waiter: anyio.Event | None = None
+        self._closed: str | None = None
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed}" if self._closed else f"{len(self._rooms)} room(s)"
+        return f"<Member {self.id!r} {state}>"
+
+    @property
+    def rooms(self) -> frozenset[str]:
+        return frozenset(self._rooms)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    @property
+    def close_reason(self) -> str | None:
+        return self._closed
+
+    def pending(self) -> int:
+        """Envelopes queued in the inbox."""
+        return len(self._inbox)
+
+    async def join(self, room: str) -> None:
+        """Join ``room``. When this returns, every envelope published to ``room`` afterwards, on
+        any node of a healthy cluster, is delivered to this member (DESIGN.md guarantee 2).
+
+        Joining a room twice is a no-op. Raises :class:`~roomrouter.InvalidRoomName`,
+        :class:`~roomrouter.MemberClosed`, or :class:`~roomrouter.BrokerUnavailable` (the join
+        did not happen).
+        """
+        self._check_open()
+        await self._router._join(self, room)
+
+    async def leave(self, room: str) -> None:
+        """Leave ``room``; nothing of it is delivered from now on. Leaving a room not joined is a
+        no-op."""
+        self._router._leave(self, room)
+
+    async def receive(self) -> Envelope:
+        """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty."""
+        while not self._inbox:
+            if self._closed is not None:
+                raise MemberClosed(self.id, self._closed)
+            if self._waiter is None:
+                self._waiter = anyio.Event()
+            await self._waiter.wait()
+        return self._inbox.popleft()
+
+    def receive_nowait(self) -> Envelope | None:
+        """The next envelope if one is queued, else ``None``."""
+        return self._inbox.popleft() if self._inbox else None
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Envelope]:
+        while True:
+            try:
+                yield await self.receive()
+            except MemberClosed:
+                return
+
+    async def close(self) -> None:
+        """Leave every room and close; the member id becomes free again."""
+        self._close("closed")
+
+    async def __aenter__(self) -> Member:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- called by the router -------------------------------------------------------------------
+
+    def _deliver(self, envelope: Envelope) -> bool:
+        """Queue ``envelope``; False if it was not queued (closed, or closed by overflow)."""
+        inbox = self._inbox
+        if len(inbox) >= self._maxlen:
+            if self._closed is not None:
+                return False
+            if self._policy == "disconnect":
+                self._router._stats.members_disconnected += 1
+                self._close("overflow")
+                return False
+            inbox.popleft()
+            self._router._stats.dropped_overflow += 1
+        inbox.append(envelope)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+        return True
+
+    def _close(self, reason: str) -> None:
+        if self._closed is not None:
+            return
+        self._closed = reason
+        self._router._forget(self)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.set()
+
+    def _check_open(self) -> None:
+        if self._closed is not None:
+            raise MemberClosed(self.id, self._closed)

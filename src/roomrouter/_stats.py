@@ -1,0 +1,44 @@
+"""Counters a router keeps; :meth:`RoomRouter.stats` returns a snapshot."""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["Stats"]
+
+
+@dataclasses.dataclass(slots=True)
+class Stats:
+    """Plain integer counters, bumped on the event loop (no locking needed).
+
+    ``broker_publishes`` counts data frames handed to the broker; ``bypassed_publishes`` the
+    publishes served locally with no broker traffic; ``broker_received`` every data frame the
+    broker delivered to this node (before echo and room filtering).
+    """
+
+    published: int = 0
+    broker_publishes: int = 0
+    bypassed_publishes: int = 0
+    broker_received: int = 0
+    local_deliveries: int = 0
+    remote_deliveries: int = 0
+    dropped_echo: int = 0
+    dropped_not_hosted: int = 0
+    dropped_decode: int = 0
+    dropped_overflow: int = 0
+    members_disconnected: int = 0
+    subscribe_batches: int = 0
+    unsubscribe_batches: int = 0
+    subscribe_failures: int = 0
+    control_sent: int = 0
+    control_received: int = 0
+    control_send_errors: int = 0
+    dropped_control_decode: int = 0
+    dropped_control_overflow: int = 0
+    barrier_timeouts: int = 0
+    nodes_expired: int = 0
+    reconnects: int = 0
+    task_restarts: int = 0
+
+    def snapshot(self) -> dict[str, int]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,53 @@
+"""Broker selection by URL. Each backend is imported only when its scheme is used, so a missing
+optional dependency costs nothing until it is needed, and then says what to install."""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+from ._errors import ConfigurationError, MissingDependency
+from .brokers._base import Broker
+
+__all__ = ["broker_from_url"]
+
+_EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
+
+
+def _missing(extra: str, exc: ImportError) -> MissingDependency:
+    return MissingDependency(extra, _EXTRA_MODULE[extra])
+
+
+def broker_from_url(url: str) -> Broker:
+    """``memory://[name]``, ``redis://`` / ``rediss://`` / ``unix://``, ``amqp://`` /
+    ``amqps://``, ``kafka://host:port[,host:port]``."""
+    if not isinstance(url, str):
+        raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
+    scheme = urlsplit(url).scheme.lower()
+    if scheme == "memory":
+        from .brokers.memory import MemoryBroker
+
+        return MemoryBroker.from_url(url)
+    if scheme in ("redis", "rediss"):
+        try:
+            from .brokers.redis import RedisBroker
+        except ImportError as exc:
+            raise _missing("redis", exc) from exc
+        return RedisBroker.from_url(url)
+    if scheme in ("amqp", "amqps"):
+        try:
+            from .brokers.rabbitmq import RabbitMQBroker  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise _missing("rabbitmq", exc) from exc
+        broker: Broker = RabbitMQBroker.from_url(url)
+        return broker
+    if scheme == "kafka":
+        try:
+            from .brokers.kafka import KafkaBroker  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as exc:
+            raise _missing("kafka", exc) from exc
+        kafka: Broker = KafkaBroker.from_url(url)
+        return kafka
+    raise ConfigurationError(
+        f"unknown broker URL scheme {scheme!r} in {url!r}: "
+        "use memory://, redis://, rediss://, amqp://, amqps:// or kafka://"
+    )

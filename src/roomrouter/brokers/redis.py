@@ -1,0 +1,464 @@
+"""Redis broker: one pub/sub channel per room, SUBSCRIBE/UNSUBSCRIBE on one connection per node.
+
+Channels are ``rr:{namespace}:r:{room}`` (data), ``rr:{namespace}:c`` (control broadcast) and
+``rr:{namespace}:d:{node}`` (control, direct). Plain SUBSCRIBE never interprets glob characters,
+so any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
+SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7.
+
+Two raw connections per node, no pool: the *subscriber* connection is read by one reader task
+that also confirms (S)SUBSCRIBE batches; the *publisher* connection is written by one flusher
+task that sends everything queued while the previous round trip was in flight as one pipeline
+(auto-pipelining), so concurrent publishers reach the pipelined rate instead of one round trip
+each. Both reconnect on their own; the subscriber connection, once back, restores every
+subscription before it tells the router (``on_reconnect``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+from redis.asyncio.connection import Connection, parse_url
+from redis.exceptions import RedisError
+
+from .._errors import BrokerUnavailable, ConfigurationError
+from ._base import Broker, BrokerContext
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("roomrouter.redis")
+
+_NETWORK_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
+_TRUE = {"1", "true", "yes", "on"}
+
+
+@dataclass(slots=True)
+class _Batch:
+    """A (S)SUBSCRIBE or (S)UNSUBSCRIBE batch waiting for the server's confirmations."""
+
+    remaining: int
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+
+    def confirm(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+
+@dataclass(slots=True)
+class _Publish:
+    args: tuple[bytes, bytes, bytes]
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: int = 0
+    error: BaseException | None = None
+
+
+class RedisBroker(Broker):
+    """See the module docstring. ``connection_kwargs`` go to ``redis.asyncio.Connection``."""
+
+    name = "redis"
+    counts_receivers = True
+
+    def __init__(
+        self,
+        *,
+        sharded: bool = False,
+        operation_timeout: float = 5.0,
+        max_backoff: float = 5.0,
+        health_interval: float = 5.0,
+        **connection_kwargs: Any,
+    ) -> None:
+        self.sharded = sharded
+        self.operation_timeout = operation_timeout
+        self.max_backoff = max_backoff
+        self.health_interval = health_interval
+        # parse_url picks SSLConnection for rediss:// and UnixDomainSocketConnection for unix://
+        self._connection_class: type[Connection] = connection_kwargs.pop(
+            "connection_class", Connection
+        )
+        self._conn_kwargs = connection_kwargs
+        self._conn_kwargs.setdefault("socket_connect_timeout", operation_timeout)
+        self._conn_kwargs["socket_timeout"] = None  # reads are bounded here, not by redis-py
+        self._conn_kwargs.setdefault("retry", None)
+        # RESP2: pub/sub messages arrive as plain replies on the subscriber connection (RESP3
+        # would route them through redis-py's push handler).
+        self._conn_kwargs["protocol"] = 2
+        if sharded:
+            self._pub_cmd, self._sub_cmd, self._unsub_cmd = b"SPUBLISH", b"SSUBSCRIBE", b"SUNSUBSCRIBE"
+        else:
+            self._pub_cmd, self._sub_cmd, self._unsub_cmd = b"PUBLISH", b"SUBSCRIBE", b"UNSUBSCRIBE"
+        self._ctx: BrokerContext | None = None
+        self._rooms: set[str] = set()
+        self._sub: Connection | None = None
+        self._sub_ready = False
+        self._pub: Connection | None = None
+        self._confirm: dict[bytes, deque[_Batch]] = {}
+        self._unconfirm: dict[bytes, deque[_Batch]] = {}
+        self._queue: list[_Publish] = []
+        self._flush_wake = anyio.Event()
+        self._closed = False
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisBroker:
+        """``redis://[user:pass@]host[:port][/db][?sharded=1&operation_timeout=5]``."""
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        for key, convert in (
+            ("sharded", lambda v: v.lower() in _TRUE),
+            ("operation_timeout", float),
+            ("max_backoff", float),
+            ("health_interval", float),
+        ):
+            if key in query:
+                try:
+                    options[key] = convert(query.pop(key))
+                except ValueError as exc:
+                    raise ConfigurationError(f"bad {key} in {url!r}") from exc
+        rest = urlunsplit(parts._replace(query=urlencode(query)))
+        try:
+            kwargs = parse_url(rest)
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+        return cls(**kwargs, **options)
+
+    # -- channels -------------------------------------------------------------------------------
+
+    def _room_channel(self, room: str) -> bytes:
+        return self._prefix + b"r:" + room.encode()
+
+    def _room_of(self, channel: bytes) -> str | None:
+        if channel.startswith(self._room_prefix):
+            return channel[len(self._room_prefix) :].decode(errors="replace")
+        return None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, context: BrokerContext) -> None:
+        self._ctx = context
+        self._prefix = f"rr:{context.namespace}:".encode()
+        self._room_prefix = self._prefix + b"r:"
+        self._control = self._prefix + b"c"
+        self._direct = self._prefix + b"d:" + context.node_id.encode()
+        self._client_name = "roomrouter-" + re.sub(r"[^A-Za-z0-9_.-]", "_", context.node_id)
+        await self._connect_subscriber()
+        context.task_group.start_soon(self._read_loop, name=f"redis reader {context.node_id}")
+        context.task_group.start_soon(self._flush_loop, name=f"redis flusher {context.node_id}")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in (self._sub, self._pub):
+            if conn is not None:
+                try:
+                    await conn.disconnect()
+                except _NETWORK_ERRORS:
+                    pass
+        self._sub = self._pub = None
+        self._fail_batches(BrokerUnavailable("broker closed"))
+        self._fail_queue(BrokerUnavailable("broker closed"))
+
+    def _new_connection(self, role: str) -> Connection:
+        return self._connection_class(client_name=f"{self._client_name}-{role}", **self._conn_kwargs)
+
+    async def _connect_subscriber(self) -> None:
+        """Connect the subscriber connection and subscribe control + every held room."""
+        conn = self._new_connection("sub")
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
+        except _NETWORK_ERRORS as exc:
+            await _quiet_disconnect(conn)
+            raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+        self._sub = conn
+        channels = [self._control, self._direct] + [self._room_channel(r) for r in self._rooms]
+        # Confirmations are read by the reader loop, which is not running yet during start and
+        # reconnect: read them here.
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                for chunk in _chunks(channels, 1000):
+                    await conn.send_command(self._sub_cmd, *chunk)
+                remaining = len(channels)
+                while remaining:
+                    reply = await conn.read_response()
+                    if isinstance(reply, list) and reply and reply[0] in (
+                        b"subscribe",
+                        b"ssubscribe",
+                    ):
+                        remaining -= 1
+        except _NETWORK_ERRORS as exc:
+            self._sub = None
+            await _quiet_disconnect(conn)
+            raise BrokerUnavailable(f"cannot subscribe on Redis: {exc}") from exc
+        self._sub_ready = True
+
+    # -- reader ---------------------------------------------------------------------------------
+
+    async def _read_loop(self) -> None:
+        assert self._ctx is not None
+        ctx = self._ctx
+        while True:
+            conn = self._sub
+            if conn is None or not self._sub_ready:
+                await self._reconnect_subscriber()
+                continue
+            pinged = False
+            try:
+                while True:
+                    with anyio.move_on_after(self.health_interval) as scope:
+                        reply = await conn.read_response()
+                    if scope.cancelled_caught:
+                        if pinged:
+                            raise TimeoutError("no answer to PING on the subscriber connection")
+                        await conn.send_command(b"PING")
+                        pinged = True
+                        continue
+                    pinged = False
+                    self._dispatch(reply, ctx)
+            except _NETWORK_ERRORS as exc:
+                if self._closed:
+                    return
+                log.warning("node %s: Redis subscriber connection lost: %r", ctx.node_id, exc)
+                self._sub_ready = False
+                self._sub = None
+                self._fail_batches(BrokerUnavailable(f"Redis connection lost: {exc}"))
+                await _quiet_disconnect(conn)
+
+    def _dispatch(self, reply: Any, ctx: BrokerContext) -> None:
+        if not isinstance(reply, list) or len(reply) < 3:
+            return  # PONG and the like
+        kind, channel, data = reply[0], reply[1], reply[2]
+        if kind in (b"message", b"smessage"):
+            try:
+                if channel == self._control or channel == self._direct:
+                    ctx.on_control(data)
+                else:
+                    ctx.on_data(data)
+            except Exception:  # a handler bug must not kill the reader
+                log.exception("node %s: message handler raised", ctx.node_id)
+        elif kind in (b"subscribe", b"ssubscribe"):
+            _confirm(self._confirm, channel)
+        elif kind in (b"unsubscribe", b"sunsubscribe"):
+            _confirm(self._unconfirm, channel)
+
+    async def _reconnect_subscriber(self) -> None:
+        assert self._ctx is not None
+        delay = 0.05
+        while not self._closed:
+            try:
+                await self._connect_subscriber()
+            except BrokerUnavailable as exc:
+                log.info("node %s: Redis reconnect failed (%s); retry in %.2fs",
+                         self._ctx.node_id, exc, delay)  # fmt: skip
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            log.info("node %s: Redis subscriber reconnected, %d room(s) restored",
+                     self._ctx.node_id, len(self._rooms))  # fmt: skip
+            self._ctx.on_reconnect()
+            return
+
+    def _fail_batches(self, error: BaseException) -> None:
+        for table in (self._confirm, self._unconfirm):
+            for waiters in table.values():
+                for batch in waiters:
+                    batch.fail(error)
+            table.clear()
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    async def subscribe(self, rooms: Collection[str]) -> None:
+        await self._command(self._sub_cmd, rooms, self._confirm)
+        self._rooms.update(rooms)
+
+    async def unsubscribe(self, rooms: Collection[str]) -> None:
+        self._rooms.difference_update(rooms)
+        await self._command(self._unsub_cmd, rooms, self._unconfirm)
+
+    async def _command(
+        self, command: bytes, rooms: Collection[str], table: dict[bytes, deque[_Batch]]
+    ) -> None:
+        conn = self._sub
+        if conn is None or not self._sub_ready:
+            raise BrokerUnavailable("Redis subscriber connection is down")
+        channels = [self._room_channel(r) for r in rooms]
+        if not channels:
+            return
+        batch = _Batch(len(channels))
+        for channel in channels:
+            table.setdefault(channel, deque()).append(batch)
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                await conn.send_command(command, *channels)
+                await batch.done.wait()
+        except _NETWORK_ERRORS as exc:
+            batch.fail(exc)
+            # The connection state is unknown now; drop it so the reader rebuilds a clean one
+            # from the rooms we hold (the failed batch is not among them).
+            await _quiet_disconnect(conn)
+            raise BrokerUnavailable(f"Redis {command.decode()} failed: {exc!r}") from exc
+        if batch.error is not None:
+            raise BrokerUnavailable(f"Redis {command.decode()} failed: {batch.error}")
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    async def publish(self, room: str, frame: bytes) -> None:
+        await self._enqueue(self._room_channel(room), frame)
+
+    async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
+        channel = self._control if to is None else self._prefix + b"d:" + to.encode()
+        return await self._enqueue(channel, frame)
+
+    async def _enqueue(self, channel: bytes, frame: bytes) -> int:
+        # Takes its place in the queue before the first await: call order is send order.
+        item = _Publish((self._pub_cmd, channel, frame))
+        self._queue.append(item)
+        self._flush_wake.set()
+        await item.done.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wake.wait()
+            self._flush_wake = anyio.Event()
+            while self._queue:
+                batch, self._queue = self._queue, []
+                await self._flush(batch)
+
+    async def _flush(self, batch: list[_Publish]) -> None:
+        try:
+            conn = await self._publisher()
+            with anyio.fail_after(self.operation_timeout):
+                await conn.send_packed_command(
+                    conn.pack_commands([item.args for item in batch]), check_health=False
+                )
+                for item in batch:
+                    reply = await conn.read_response()
+                    if isinstance(reply, Exception):
+                        item.error = BrokerUnavailable(f"Redis refused the publish: {reply}")
+                    else:
+                        item.result = int(reply)
+        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
+            if self._pub is not None:
+                await _quiet_disconnect(self._pub)
+                self._pub = None
+            error = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(
+                f"Redis publish failed: {exc!r}"
+            )
+            for item in batch:
+                if item.error is None:
+                    item.error = error
+        for item in batch:
+            item.done.set()
+
+    async def _publisher(self) -> Connection:
+        if self._closed:
+            raise BrokerUnavailable("broker closed")
+        if self._pub is None:
+            conn = self._new_connection("pub")
+            try:
+                with anyio.fail_after(self.operation_timeout):
+                    await conn.connect()  # type: ignore[no-untyped-call]
+            except _NETWORK_ERRORS as exc:
+                await _quiet_disconnect(conn)
+                raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+            self._pub = conn
+        return self._pub
+
+    def _fail_queue(self, error: BaseException) -> None:
+        batch, self._queue = self._queue, []
+        for item in batch:
+            item.error = error
+            item.done.set()
+
+    # -- introspection (tests, inspect) ---------------------------------------------------------
+
+    async def server_channels(self) -> dict[str, int]:
+        """Rooms of this namespace with subscribers, and how many, as Redis reports them
+        (``PUBSUB [SHARD]CHANNELS`` + ``[SHARD]NUMSUB``)."""
+        conn = self._new_connection("inspect")
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
+                pattern = _glob_escape(self._room_prefix) + b"*"
+                kind = b"SHARDCHANNELS" if self.sharded else b"CHANNELS"
+                await conn.send_command(b"PUBSUB", kind, pattern)
+                channels = await conn.read_response()
+                if not channels:
+                    return {}
+                kind = b"SHARDNUMSUB" if self.sharded else b"NUMSUB"
+                await conn.send_command(b"PUBSUB", kind, *channels)
+                flat = await conn.read_response()
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis PUBSUB failed: {exc!r}") from exc
+        finally:
+            await _quiet_disconnect(conn)
+        counts = dict(zip(flat[::2], flat[1::2], strict=True))
+        result: dict[str, int] = {}
+        for channel, count in counts.items():
+            room = self._room_of(channel)
+            if room is not None and count:
+                result[room] = int(count)
+        return result
+
+    async def server_subscription_count(self) -> int:
+        """Number of room channels this node's subscriber connection holds, per ``CLIENT LIST``
+        (the control channels are not counted)."""
+        conn = self._new_connection("inspect")
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                await conn.connect()  # type: ignore[no-untyped-call]
+                await conn.send_command(b"CLIENT", b"LIST", b"TYPE", b"pubsub")
+                listing = await conn.read_response()
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis CLIENT LIST failed: {exc!r}") from exc
+        finally:
+            await _quiet_disconnect(conn)
+        name = f"name={self._client_name}-sub".encode()
+        key = b"ssub=" if self.sharded else b"sub="
+        for line in listing.splitlines():
+            fields = line.split()
+            if name in fields:
+                for f in fields:
+                    if f.startswith(key):
+                        return int(f[len(key) :]) - 2
+        raise BrokerUnavailable("this node's subscriber connection is not connected")
+
+    def client_name(self, role: str = "sub") -> str:
+        """The ``CLIENT SETNAME`` of this node's connection (``sub`` or ``pub``)."""
+        return f"{self._client_name}-{role}"
+
+
+def _confirm(table: dict[bytes, deque[_Batch]], channel: bytes) -> None:
+    waiters = table.get(channel)
+    if waiters:
+        waiters.popleft().confirm()
+        if not waiters:
+            del table[channel]
+
+
+def _chunks(items: list[bytes], size: int) -> list[list[bytes]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _glob_escape(value: bytes) -> bytes:
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", value)
+
+
+async def _quiet_disconnect(conn: Connection) -> None:
+    try:
+        await conn.disconnect()
+    except _NETWORK_ERRORS:
+        pass

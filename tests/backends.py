@@ -1,0 +1,102 @@
+"""Backends the contract suite runs over, and how each one is checked against the broker itself.
+
+Each backend is a small class: ``broker()`` makes a fresh broker for one node (its own
+connections), ``check_subscriptions(routers)`` asserts DESIGN.md guarantee 4 by reading the
+broker's own state. A backend whose server is not reachable is skipped with the reason, except
+under CI (``CI`` set), where it fails: backend tests must run there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections import Counter
+from collections.abc import Sequence
+from typing import ClassVar
+
+import pytest
+
+from roomrouter import Broker, RoomRouter
+from roomrouter.brokers.memory import MemoryBroker
+
+__all__ = ["BACKENDS", "Backend", "require_tcp"]
+
+
+def require_tcp(host: str, port: int, what: str) -> None:
+    """Skip (locally) or fail (CI) if nothing listens on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return
+    except OSError as exc:
+        message = f"{what} not reachable at {host}:{port} ({exc})"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI requires every backend server", pytrace=False)
+    pytest.skip(message)
+
+
+class Backend:
+    name: ClassVar[str]
+    #: Options every router of this backend gets in tests (fast heartbeats, no linger).
+    router_options: ClassVar[dict[str, object]] = {}
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+
+    def available(self) -> None:
+        """Skip or fail if the server is not there."""
+
+    def broker(self) -> Broker:
+        raise NotImplementedError
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        """Assert each node is subscribed at the broker to exactly its rooms with members."""
+        for router in routers:
+            assert await router.broker.broker_subscriptions() == router.local_rooms, router
+
+    async def cleanup(self) -> None:
+        """Remove what the test left on the server (queues, topics)."""
+
+
+class MemoryBackend(Backend):
+    name = "memory"
+
+    def broker(self) -> Broker:
+        return MemoryBroker(f"test-{self.namespace}")
+
+
+class RedisBackend(Backend):
+    name = "redis"
+    sharded = False
+
+    def available(self) -> None:
+        require_tcp("127.0.0.1", 6379, "Redis")
+
+    def broker(self) -> Broker:
+        from roomrouter.brokers.redis import RedisBroker
+
+        return RedisBroker(host="127.0.0.1", port=6379, sharded=self.sharded)
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        # Redis cannot list one client's channels, but it reports, per channel, how many
+        # clients are subscribed (NUMSUB) and, per client, how many channels it holds: together
+        # with the union of channels this pins every node's set.
+        from roomrouter.brokers.redis import RedisBroker
+
+        expected = Counter(room for r in routers for room in r.local_rooms)
+        first = routers[0].broker
+        assert isinstance(first, RedisBroker)
+        assert await first.server_channels() == dict(expected)
+        for router in routers:
+            broker = router.broker
+            assert isinstance(broker, RedisBroker)
+            assert await broker.server_subscription_count() == len(router.local_rooms), router
+
+
+class ShardedRedisBackend(RedisBackend):
+    name = "redis-sharded"
+    sharded = True
+
+
+BACKENDS: dict[str, type[Backend]] = {
+    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend)
+}
