@@ -149,11 +149,16 @@ class ClusterView:
         self._states_seen: set[str] = set()
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
-        # Every control frame this node sends goes through one FIFO drained by one sender task,
-        # so frames leave in the order their generation numbers were taken (a State must never
-        # overtake an older Host, or a receiver would drop rooms). Replies are produced in the
-        # broker's reader callback, which must not block; the stream is bounded so a flood of
-        # Hellos cannot grow it.
+
+    def open(self) -> None:
+        """Create the outgoing queue (when the router starts; :meth:`close` disposes of it).
+
+        Every control frame this node sends goes through one FIFO drained by one sender task,
+        so frames leave in the order their generation numbers were taken (a State must never
+        overtake an older Host, or a receiver would drop rooms). Replies are produced in the
+        broker's reader callback, which must not block; the stream is bounded so a flood of
+        Hellos cannot grow it.
+        """
         self._out_send, self._out_recv = anyio.create_memory_object_stream[_Outgoing](
             max_buffer_size=10_000
         )
@@ -381,3 +386,4 @@ class ClusterView:
 
     def close(self) -> None:
         self._out_send.close()
+        self._out_recv.close()

@@ -156,6 +156,8 @@ class RoomRouter:
         try:
             # Exit runs in reverse: cancel the tasks, wait for them, then close connections.
             stack.push_async_callback(self._close_broker)
+            self._cluster.open()
+            stack.callback(self._cluster.close)
             tg = await stack.enter_async_context(anyio.create_task_group())
             stack.callback(tg.cancel_scope.cancel)
             await self.broker.start(
@@ -192,7 +194,6 @@ class RoomRouter:
         for member in list(self._members.values()):
             member._close("router closed")
         await self._cluster.leave_cluster()
-        self._cluster.close()
         await stack.__aexit__(exc_type, exc, tb)
 
     async def _close_broker(self) -> None:

@@ -1,0 +1,94 @@
+"""Shared fixtures: the backend parameter, a cluster factory, hypothesis profiles.
+
+``ROOMROUTER_BACKENDS=memory,redis pytest`` limits the backends; by default every registered
+backend runs. Tests run on asyncio through anyio's pytest plugin (async fixtures are set up and
+torn down in the test's own task, which routers — task groups — require).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+from roomrouter import RoomRouter
+
+from .backends import BACKENDS, Backend
+
+settings.register_profile(
+    "ci",
+    max_examples=12,
+    stateful_step_count=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.register_profile(
+    "thorough",
+    max_examples=60,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "thorough"))
+
+#: Router options for tests: no linger, fast heartbeats so fault tests finish quickly.
+TEST_ROUTER_OPTIONS: dict[str, Any] = {
+    "linger": 0.0,
+    "heartbeat_interval": 0.2,
+    "node_ttl": 1.5,
+}
+
+
+def selected_backends() -> list[str]:
+    wanted = os.environ.get("ROOMROUTER_BACKENDS")
+    if not wanted:
+        return list(BACKENDS)
+    names = [n.strip() for n in wanted.split(",") if n.strip()]
+    unknown = set(names) - set(BACKENDS)
+    if unknown:
+        raise pytest.UsageError(f"unknown backends in ROOMROUTER_BACKENDS: {sorted(unknown)}")
+    return names
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def unique_namespace() -> str:
+    return "t" + uuid.uuid4().hex[:12]
+
+
+@pytest.fixture(params=selected_backends())
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    instance = BACKENDS[request.param](unique_namespace())
+    instance.available()
+    try:
+        yield instance
+    finally:
+        await instance.cleanup()
+
+
+ClusterFactory = Callable[..., Awaitable[list[RoomRouter]]]
+
+
+@pytest.fixture
+async def cluster(backend: Backend) -> AsyncIterator[ClusterFactory]:
+    """``await cluster(3, **router_options)`` starts three nodes of one namespace; each has its
+    own broker instance (own connections). They are closed after the test."""
+    async with AsyncExitStack() as stack:
+
+        async def start(count: int = 3, **options: Any) -> list[RoomRouter]:
+            opts = {**TEST_ROUTER_OPTIONS, **backend.router_options, **options}
+            routers = []
+            for _ in range(count):
+                router = RoomRouter(backend.broker(), namespace=backend.namespace, **opts)
+                routers.append(await stack.enter_async_context(router))
+            return routers
+
+        yield start

@@ -1,0 +1,49 @@
+"""Small polling helpers: tests wait for conditions with a deadline instead of sleeping."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+from roomrouter import Envelope, Member
+
+__all__ = ["drain", "eventually", "receive_n"]
+
+
+async def eventually(
+    check: Callable[[], object | Awaitable[object]], timeout: float = 5.0, interval: float = 0.02
+) -> None:
+    """Retry ``check`` (sync or async; it asserts) until it passes or ``timeout`` expires; then
+    raise its last AssertionError."""
+    deadline = anyio.current_time() + timeout
+    while True:
+        try:
+            result = check()
+            if inspect.isawaitable(result):
+                await result
+            return
+        except AssertionError:
+            if anyio.current_time() >= deadline:
+                raise
+        await anyio.sleep(interval)
+
+
+async def receive_n(member: Member, count: int, timeout: float = 5.0) -> list[Envelope]:
+    """Receive exactly ``count`` envelopes within ``timeout``."""
+    got: list[Envelope] = []
+    with anyio.fail_after(timeout):
+        while len(got) < count:
+            got.append(await member.receive())
+    return got
+
+
+async def drain(member: Member, settle: float = 0.1) -> list[Envelope]:
+    """Everything that arrives until nothing more came for ``settle`` seconds."""
+    got: list[Envelope] = []
+    while True:
+        with anyio.move_on_after(settle) as scope:
+            got.append(await member.receive())
+        if scope.cancelled_caught:
+            return got
