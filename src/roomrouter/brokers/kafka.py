@@ -56,6 +56,13 @@ bounded; no idempotent or transactional producer (Tansu refuses them). :meth:`pu
 to a queue drained by one sender task, so call order is send order, and waits for the broker's
 acknowledgement; many publishes are in flight at once and travel in shared batches.
 
+**Latency.** ``fetch_max_wait_ms`` defaults to 10. Apache Kafka answers a fetch as soon as one
+byte is there (``fetch_min_bytes=1``), so on it the wait only bounds idle polling; Tansu 0.6
+holds every fetch for the full wait, so there it is the latency: measured on one host
+(``benchmarks/_kafka_probe.py``), 10 ms gives p50 ~5 ms publish-to-receive, 500 ms gives
+~250 ms. The price of 10 ms is ~100 fetch requests per second per idle node (~5% of a core
+with Tansu); on Apache Kafka ``?fetch_max_wait_ms=500`` keeps the latency and drops that cost.
+
 **Faults.** aiokafka reconnects sockets on its own but cannot tell a broker that restarted
 with an empty log (Tansu's memory storage, or topics deleted) from one that is merely quiet: a
 fetch beyond the end of a recreated partition just comes back empty. So every
