@@ -104,6 +104,7 @@ log = logging.getLogger("roomrouter.kafka")
 _ERRORS = (KafkaError, OSError, TimeoutError, AssertionError)
 _TOPIC_EXISTS = 36  # TOPIC_ALREADY_EXISTS
 _BROADCAST = b"*"
+_CONTROL_RETENTION_MS = 3_600_000
 _LEGAL_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,180}")
 
 
@@ -354,7 +355,14 @@ class KafkaBroker(Broker):
             response = await admin.create_topics(
                 [
                     NewTopic(self._data_topic, self.partitions, self.replication_factor),
-                    NewTopic(self._control_topic, 1, self.replication_factor),
+                    NewTopic(
+                        self._control_topic,
+                        1,
+                        self.replication_factor,
+                        # Control records matter only live (every node enters at a marker);
+                        # keep the partition from growing with heartbeats and probes.
+                        topic_configs={"retention.ms": str(_CONTROL_RETENTION_MS)},
+                    ),
                 ]
             )
             for topic, code, message in response.topic_errors:
