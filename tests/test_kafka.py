@@ -4,6 +4,7 @@ join never replays older records, and a broker restart is survived. Runs on Tans
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack
@@ -225,6 +226,18 @@ async def test_join_does_not_replay_a_backlog_in_an_assigned_partition(
 
 
 # -- faults -------------------------------------------------------------------------------------
+
+
+async def test_unreachable_broker_fails_start_within_the_timeout() -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    router = RoomRouter(KafkaBroker(f"127.0.0.1:{port}", operation_timeout=1.0), namespace="x")
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        async with router:
+            pass
+    assert time.monotonic() - started < 3
 
 
 @pytest.fixture

@@ -285,7 +285,19 @@ class KafkaBroker(Broker):
         self._direct_key = b"@" + context.node_id.encode()
         self._probe_key = b"#" + context.node_id.encode()
         self._client_id = "roomrouter-" + re.sub(r"[^A-Za-z0-9_.-]", "_", context.node_id)
-        await self._connect()
+        # A broker that just created the topics may refuse the first writes for a moment
+        # (Tansu answers UNKNOWN_SERVER_ERROR): retry within the operation timeout.
+        deadline = anyio.current_time() + self.operation_timeout
+        delay = 0.05
+        while True:
+            try:
+                await self._connect(deadline - anyio.current_time())
+                break
+            except BrokerUnavailable:
+                if anyio.current_time() + delay >= deadline:
+                    raise
+                await anyio.sleep(delay)
+                delay *= 2
         context.task_group.start_soon(self._supervise, name=f"kafka reader {context.node_id}")
         context.task_group.start_soon(self._send_loop, name=f"kafka sender {context.node_id}")
 
@@ -299,8 +311,9 @@ class KafkaBroker(Broker):
             with anyio.move_on_after(self.operation_timeout, shield=True):
                 await _close_session(session)
 
-    async def _connect(self) -> None:
-        """Open a session: topics, clients, control partition entered, rooms restored."""
+    async def _connect(self, limit: float | None = None) -> None:
+        """Open a session: topics, clients, control partition entered, rooms restored.
+        Takes at most ``limit`` seconds (default: the operation timeout)."""
         options = {
             "bootstrap_servers": self.bootstrap_servers,
             "client_id": self._client_id,
@@ -326,7 +339,7 @@ class KafkaBroker(Broker):
             raise ConfigurationError(f"bad Kafka client options: {exc}") from exc
         session: _Session | None = None
         try:
-            with anyio.fail_after(self.operation_timeout):
+            with anyio.fail_after(self.operation_timeout if limit is None else limit):
                 partitions = await self._ensure_topics(options)
                 await producer.start()
                 await consumer.start()
@@ -350,8 +363,8 @@ class KafkaBroker(Broker):
             **{k: v for k, v in options.items() if k != "client_id"},
             client_id=self._client_id + "-admin",
         )
-        await admin.start()
         try:
+            await admin.start()
             response = await admin.create_topics(
                 [
                     NewTopic(self._data_topic, self.partitions, self.replication_factor),
