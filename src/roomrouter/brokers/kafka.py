@@ -77,6 +77,7 @@ while the node was cut off are lost (live delivery is at-most-once).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import re
@@ -273,7 +274,7 @@ class KafkaBroker(Broker):
 
     def _partition_of(self, key: bytes) -> int:
         count = self._session.partitions if self._session is not None else self.partitions
-        return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
+        return _partition(key, count)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -401,7 +402,7 @@ class KafkaBroker(Broker):
         A reconnect may face recreated (empty) partitions, so old positions and thresholds are
         meaningless: everything restarts at a marker. Caller holds the lock.
         """
-        rooms = {key: self._partition_of_count(key, session.partitions) for key in self._rooms}
+        rooms = {key: _partition(key, session.partitions) for key in self._rooms}
         control_marker = await self._mark(session, control=True)
         markers = await self._mark(session, partitions=set(rooms.values()))
         # Synchronous from here: the reader sees the new assignment and thresholds together.
@@ -411,10 +412,6 @@ class KafkaBroker(Broker):
         }
         self._positions = {session.control_tp: control_marker[0] + 1}
         self._assign(session, {p: markers[p] + 1 for p in markers})
-
-    @staticmethod
-    def _partition_of_count(key: bytes, count: int) -> int:
-        return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
 
     async def _mark(
         self, session: _Session, *, control: bool = False, partitions: Iterable[int] = ()
@@ -468,11 +465,16 @@ class KafkaBroker(Broker):
         """Run the reader and the health probe; on failure reconnect and restore."""
         assert self._ctx is not None
         node_id = self._ctx.node_id
+        backoff = 0.0
         while not self._closed:
             session = self._session
             if session is None:
+                # A session that fails at once, again and again (a broker that accepts
+                # connections but not our records), must not turn into a reconnect storm.
+                await anyio.sleep(backoff)
                 await self._reconnect()
                 continue
+            began = anyio.current_time()
             reason: BaseException | None = None
             async with anyio.create_task_group() as tg:
 
@@ -492,6 +494,10 @@ class KafkaBroker(Broker):
             if self._closed:
                 return
             log.warning("node %s: Kafka session lost: %r", node_id, reason)
+            if anyio.current_time() - began < 10 * self.health_interval:
+                backoff = min(max(2 * backoff, 0.05), self.max_backoff)
+            else:
+                backoff = 0.0
             if self._session is session:
                 self._session = None
                 self._connected = anyio.Event()
@@ -666,7 +672,7 @@ class KafkaBroker(Broker):
                     topic, partition = self._control_topic, 0
                 else:
                     topic = self._data_topic
-                    partition = self._partition_of_count(item.key, session.partitions)
+                    partition = _partition(item.key, session.partitions)
                 future = await session.producer.send(
                     topic, item.value, key=item.key, partition=partition
                 )
@@ -696,6 +702,13 @@ class KafkaBroker(Broker):
         """Rooms this node hosts whose partition is in the consumer's real assignment."""
         assigned = self.assigned_partitions()
         return frozenset(key.decode() for key, (p, _) in self._rooms.items() if p in assigned)
+
+
+@functools.lru_cache(maxsize=65536)
+def _partition(key: bytes, count: int) -> int:
+    """Kafka's default partitioner (Java client): murmur2 of the key, sign bit cleared. Cached:
+    the pure-Python hash costs microseconds and a node publishes to few rooms repeatedly."""
+    return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
 
 
 def _call(handler: Any, value: bytes | None, ctx: BrokerContext) -> None:
