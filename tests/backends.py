@@ -103,6 +103,7 @@ class KafkaBackend(Backend):
 
     name = "kafka"
     topic_prefix = "rrtest"
+    _bootstrap: str | None = None
     #: Fast probes so a lost broker is noticed quickly; few partitions keep Tansu light.
     broker_options: ClassVar[dict[str, object]] = {
         "partitions": 8,
@@ -121,7 +122,22 @@ class KafkaBackend(Backend):
             pytest.skip(message)
         host, _, port = address.split(",")[0].rpartition(":")
         require_tcp(host, int(port), "Kafka")
-        self.bootstrap = address
+
+    @property
+    def bootstrap(self) -> str:
+        """The broker address: set explicitly (fault tests) or the shared test server."""
+        if self._bootstrap is None:
+            from . import kafka_server
+
+            address = kafka_server.bootstrap()
+            if address is None:
+                raise RuntimeError("no Kafka for the tests; available() says why")
+            self._bootstrap = address
+        return self._bootstrap
+
+    @bootstrap.setter
+    def bootstrap(self, address: str) -> None:
+        self._bootstrap = address
 
     def broker(self) -> Broker:
         from roomrouter.brokers.kafka import KafkaBroker
@@ -145,8 +161,6 @@ class KafkaBackend(Backend):
             assert await broker.broker_subscriptions() == router.local_rooms, router
 
     async def cleanup(self) -> None:
-        if not hasattr(self, "bootstrap"):
-            return
         from aiokafka.admin import AIOKafkaAdminClient
 
         from roomrouter.brokers.kafka import KafkaBroker
