@@ -42,8 +42,15 @@ class Backend:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
+    #: True if nodes of this backend can live in other processes (see :meth:`process_url`).
+    url_for_process: ClassVar[bool] = False
+
     def available(self) -> None:
         """Skip or fail if the server is not there."""
+
+    def process_url(self) -> str:
+        """A URL another process can pass to ``RoomRouter.from_url`` to join this cluster."""
+        raise NotImplementedError
 
     def broker(self) -> Broker:
         raise NotImplementedError
@@ -67,6 +74,10 @@ class MemoryBackend(Backend):
 class RedisBackend(Backend):
     name = "redis"
     sharded = False
+    url_for_process = True
+
+    def process_url(self) -> str:
+        return "redis://127.0.0.1:6379/0" + ("?sharded=1" if self.sharded else "")
 
     def available(self) -> None:
         require_tcp("127.0.0.1", 6379, "Redis")

@@ -36,7 +36,9 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "thorough"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "thorough")
+)
 
 #: Router options for tests: no linger, fast heartbeats so fault tests finish quickly.
 TEST_ROUTER_OPTIONS: dict[str, Any] = {

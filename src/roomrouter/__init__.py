@@ -5,8 +5,6 @@ used only when another node hosts the room), and a pluggable broker: memory, Red
 Kafka.
 """
 
-from __future__ import annotations
-
 from ._envelope import Envelope
 from ._errors import (
     BrokerError,

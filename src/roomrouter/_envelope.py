@@ -68,7 +68,7 @@ def decode_envelope(data: bytes) -> Envelope:
 class IdGenerator:
     """Makes UUIDv7 ids that strictly increase for the lifetime of the generator."""
 
-    __slots__ = ("_last_ms", "_counter")
+    __slots__ = ("_counter", "_last_ms")
 
     def __init__(self) -> None:
         self._last_ms = 0
@@ -105,7 +105,9 @@ def validate_room(room: object, max_length: int = MAX_ROOM_LENGTH) -> str:
     if not room:
         raise InvalidRoomName("room name must not be empty")
     if len(room) > max_length:
-        raise InvalidRoomName(f"room name is {len(room)} characters long; the limit is {max_length}")
+        raise InvalidRoomName(
+            f"room name is {len(room)} characters long; the limit is {max_length}"
+        )
     if not room.isprintable():
         for ch in room:
             category = unicodedata.category(ch)

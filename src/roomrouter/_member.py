@@ -32,15 +32,15 @@ class Member:
     """
 
     __slots__ = (
-        "id",
-        "_router",
-        "_rooms",
-        "_joining",
+        "_closed",
         "_inbox",
+        "_joining",
         "_maxlen",
         "_policy",
+        "_rooms",
+        "_router",
         "_waiter",
-        "_closed",
+        "id",
     )
 
     def __init__(

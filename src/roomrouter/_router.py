@@ -94,7 +94,9 @@ class RoomRouter:
         if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
             raise ConfigurationError(f"namespace must be a non-empty printable str: {namespace!r}")
         if overflow not in ("drop_oldest", "disconnect"):
-            raise ConfigurationError(f"overflow must be 'drop_oldest' or 'disconnect': {overflow!r}")
+            raise ConfigurationError(
+                f"overflow must be 'drop_oldest' or 'disconnect': {overflow!r}"
+            )
         if inbox_size < 1 or max_payload < 0 or linger < 0:
             raise ConfigurationError("inbox_size must be >= 1; max_payload and linger >= 0")
         if not 0 < heartbeat_interval < node_ttl:
@@ -215,7 +217,9 @@ class RoomRouter:
                     return
                 except Exception:
                     self._stats.task_restarts += 1
-                    log.exception("node %s: background task %r failed; restarting", self.node_id, name)
+                    log.exception(
+                        "node %s: background task %r failed; restarting", self.node_id, name
+                    )
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
 

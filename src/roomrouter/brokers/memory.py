@@ -9,6 +9,7 @@ no service) and the reference backend of the contract suite.
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import ClassVar
 from urllib.parse import urlsplit
 
 from .._errors import BrokerUnavailable, ConfigurationError
@@ -20,7 +21,7 @@ __all__ = ["MemoryBroker", "MemoryHub"]
 class MemoryHub:
     """The shared state of one in-memory cluster: who is subscribed to what, per namespace."""
 
-    _hubs: dict[str, MemoryHub] = {}
+    _hubs: ClassVar[dict[str, MemoryHub]] = {}
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -96,7 +96,11 @@ class RedisBroker(Broker):
         # would route them through redis-py's push handler).
         self._conn_kwargs["protocol"] = 2
         if sharded:
-            self._pub_cmd, self._sub_cmd, self._unsub_cmd = b"SPUBLISH", b"SSUBSCRIBE", b"SUNSUBSCRIBE"
+            self._pub_cmd, self._sub_cmd, self._unsub_cmd = (
+                b"SPUBLISH",
+                b"SSUBSCRIBE",
+                b"SUNSUBSCRIBE",
+            )
         else:
             self._pub_cmd, self._sub_cmd, self._unsub_cmd = b"PUBLISH", b"SUBSCRIBE", b"UNSUBSCRIBE"
         self._ctx: BrokerContext | None = None
@@ -169,7 +173,9 @@ class RedisBroker(Broker):
         self._fail_queue(BrokerUnavailable("broker closed"))
 
     def _new_connection(self, role: str) -> Connection:
-        return self._connection_class(client_name=f"{self._client_name}-{role}", **self._conn_kwargs)
+        return self._connection_class(
+            client_name=f"{self._client_name}-{role}", **self._conn_kwargs
+        )
 
     async def _connect_subscriber(self) -> None:
         """Connect the subscriber connection and subscribe control + every held room."""
@@ -191,9 +197,14 @@ class RedisBroker(Broker):
                 remaining = len(channels)
                 while remaining:
                     reply = await conn.read_response()
-                    if isinstance(reply, list) and reply and reply[0] in (
-                        b"subscribe",
-                        b"ssubscribe",
+                    if (
+                        isinstance(reply, list)
+                        and reply
+                        and reply[0]
+                        in (
+                            b"subscribe",
+                            b"ssubscribe",
+                        )
                     ):
                         remaining -= 1
         except _NETWORK_ERRORS as exc:
@@ -354,8 +365,10 @@ class RedisBroker(Broker):
             if self._pub is not None:
                 await _quiet_disconnect(self._pub)
                 self._pub = None
-            error = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(
-                f"Redis publish failed: {exc!r}"
+            error = (
+                exc
+                if isinstance(exc, BrokerUnavailable)
+                else BrokerUnavailable(f"Redis publish failed: {exc!r}")
             )
             for item in batch:
                 if item.error is None:
