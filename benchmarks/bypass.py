@@ -140,11 +140,15 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=2_000, help="latency samples")
     parser.add_argument("--publishers", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=120.0)
-    parser.add_argument("--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
     parser.add_argument(
         "--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     )
-    parser.add_argument("--kafka-url", default=os.environ.get("KAFKA_URL", "kafka://127.0.0.1:9092"))
+    parser.add_argument(
+        "--kafka-url", default=os.environ.get("KAFKA_URL", "kafka://127.0.0.1:9092")
+    )
     args = parser.parse_args()
     factories = _factories(args)
     rows = []

@@ -378,8 +378,10 @@ class RedisBroker(Broker):
             if self._pub is not None:
                 await _quiet_disconnect(self._pub)
                 self._pub = None
-            error = exc if isinstance(exc, BrokerUnavailable) else BrokerUnavailable(
-                f"Redis publish failed: {exc!r}"
+            error = (
+                exc
+                if isinstance(exc, BrokerUnavailable)
+                else BrokerUnavailable(f"Redis publish failed: {exc!r}")
             )
             results.extend([error] * (len(batch) - len(results)))
         for (_, future), result in zip(batch, results, strict=True):
