@@ -37,8 +37,10 @@ async def main() -> None:
         print(f"cluster rooms: {sorted(await node_b.rooms())}")
         for name, node in (("A", node_a), ("B", node_b)):
             s = node.stats()
-            print(f"node {name} ({node.node_id}): broker publishes {s['broker_publishes']}, "
-                  f"bypassed {s['bypassed_publishes']}, subscribed {sorted(node.subscribed_rooms)}")  # fmt: skip
+            print(
+                f"node {name} ({node.node_id}): broker publishes {s['broker_publishes']}, "
+                f"bypassed {s['bypassed_publishes']}, subscribed {sorted(node.subscribed_rooms)}"
+            )
 
 
 if __name__ == "__main__":
