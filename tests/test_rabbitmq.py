@@ -23,7 +23,12 @@ import pytest
 
 from roomrouter import BrokerUnavailable, Envelope, RoomRouter
 from roomrouter._envelope import encode_envelope
-from roomrouter.brokers.rabbitmq import RabbitMQBroker, _room_of_key, routing_key
+from roomrouter.brokers.rabbitmq import (
+    RabbitMQBroker,
+    _publish_frames,
+    _room_of_key,
+    routing_key,
+)
 
 from .backends import RabbitMQBackend
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
@@ -229,6 +234,23 @@ def test_routing_keys_are_single_literal_words() -> None:
             assert len(name.encode()) > 150 and _room_of_key(key) is None
         else:
             assert _room_of_key(key) == name
+
+
+@pytest.mark.parametrize("size", [0, 1, 100, 4088, 4089, 10_000])
+def test_publish_framing_matches_pamqp(size: int) -> None:
+    import pamqp.frame
+    from pamqp import commands
+    from pamqp.body import ContentBody
+    from pamqp.header import ContentHeader
+
+    body = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    exchange, key, max_body = "rr.ns.data", routing_key("room.*"), 4088
+    expected = [
+        commands.Basic.Publish(exchange=exchange, routing_key=key),
+        ContentHeader(0, len(body), commands.Basic.Properties()),
+    ] + [ContentBody(body[i : i + max_body]) for i in range(0, len(body), max_body)]
+    wire = b"".join(pamqp.frame.marshal(frame, 7) for frame in expected)
+    assert _publish_frames(7, exchange.encode(), key.encode(), body, max_body) == wire
 
 
 async def test_broker_syntax_names_reach_only_their_members(nodes: NodeFactory) -> None:
