@@ -21,7 +21,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from roomrouter import BrokerUnavailable, Envelope, RoomRouter
+from roomrouter import BrokerUnavailable, ConfigurationError, Envelope, RoomRouter
 from roomrouter._envelope import encode_envelope
 from roomrouter.brokers.rabbitmq import (
     RabbitMQBroker,
@@ -236,6 +236,20 @@ def test_routing_keys_are_single_literal_words() -> None:
             assert _room_of_key(key) == name
 
 
+def test_from_url_options() -> None:
+    broker = RabbitMQBroker.from_url(
+        "amqp://u%40x:p%3Aw@h:5673/v%2Fh?prefetch=256&operation_timeout=2.5&heartbeat=3"
+    )
+    assert (broker.prefetch, broker.operation_timeout, broker.vhost) == (256, 2.5, "v/h")
+    assert broker.management_url == "http://h:15672"
+    assert "heartbeat=3" in broker._url and "prefetch" not in broker._url
+    assert isinstance(RoomRouter.from_url(AMQP).broker, RabbitMQBroker)
+    with pytest.raises(ConfigurationError):
+        RabbitMQBroker.from_url(AMQP + "?prefetch=lots")
+    with pytest.raises(ConfigurationError):
+        RabbitMQBroker.from_url(AMQP + "?prefetch=0")
+
+
 @pytest.mark.parametrize("size", [0, 1, 100, 4088, 4089, 10_000])
 def test_publish_framing_matches_pamqp(size: int) -> None:
     import pamqp.frame
@@ -409,6 +423,19 @@ async def test_server_closes_a_nodes_connections(nodes: NodeFactory) -> None:
     assert b.stats()["reconnects"] == 1
     for router in (a, b, c):
         assert router.stats()["task_restarts"] == 0
+
+
+async def test_queue_deleted_under_the_node_is_rebuilt(nodes: NodeFactory) -> None:
+    ctl = _rabbitmqctl()  # the HTTP API refuses to delete another connection's exclusive queue
+    a, b = await nodes(2)
+    member = b.member("m")
+    await member.join("R")
+    old_queue = _broker(b).queue_name
+    await anyio.run_process([ctl, "delete_queue", old_queue])
+    await eventually(lambda: _assert(_broker(b).queue_name != old_queue), timeout=5)
+    await eventually(lambda: _bindings_match([a, b]), timeout=5)
+    await _delivery_resumes(a, member, "R")
+    assert b.stats()["reconnects"] == 1 and b.stats()["task_restarts"] == 0
 
 
 async def test_server_closes_every_connection(nodes: NodeFactory) -> None:

@@ -394,6 +394,8 @@ class RabbitMQBroker(Broker):
                         bound.discard(room)
             with anyio.fail_after(self.operation_timeout):
                 self._unacked = 0
+                # The server cancels the consumer if the queue is deleted under us: rebuild.
+                channel.on_consumer_cancel_callbacks.add(lambda _: self._break_subscriber())
                 await channel.basic_consume(queue, self._on_message, no_ack=False)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -615,8 +617,11 @@ class RabbitMQBroker(Broker):
                 await self._write(channel, payload)
 
     async def _write(self, channel: aiormq.Channel, payload: bytes) -> None:
+        # The connection's write queue is bounded and drained by its writer task; a dead or
+        # blocked connection would hold this put forever, and every later publish behind it.
         try:
-            await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+            with anyio.fail_after(self.operation_timeout):
+                await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
         except (*_ERRORS, asyncio.CancelledError):
             if _really_cancelled():
                 raise
