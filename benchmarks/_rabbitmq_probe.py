@@ -140,6 +140,21 @@ async def publisher(url: str, count: int, tasks: int, rate: float, paced: int) -
         with anyio.move_on_after(10, shield=True):
             await child.wait()
         await child.aclose()
+        if url.startswith(("amqp://", "amqps://")):
+            await _delete_exchanges(url, namespace)
+
+
+async def _delete_exchanges(url: str, namespace: str) -> None:
+    """The namespace's exchanges are durable: remove them after the probe."""
+    import aiormq
+
+    connection = await aiormq.connect(url)
+    try:
+        channel = await connection.channel()
+        for kind in ("data", "control", "direct"):
+            await channel.exchange_delete(f"rr.{namespace}.{kind}")
+    finally:
+        await connection.close()
 
 
 def main() -> None:
