@@ -108,6 +108,50 @@ class ShardedRedisBackend(RedisBackend):
     sharded = True
 
 
+class RabbitMQBackend(Backend):
+    name = "rabbitmq"
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    #: RabbitMQ cannot count who heard a broadcast, so a starting node listens for the others'
+    #: State for a window; a local broker answers within milliseconds.
+    router_options: ClassVar[dict[str, object]] = {"discovery_window": 0.3}
+
+    def available(self) -> None:
+        require_tcp("127.0.0.1", 5672, "RabbitMQ")
+        require_tcp("127.0.0.1", 15672, "RabbitMQ management API (rabbitmq_management plugin)")
+
+    def broker(self) -> Broker:
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+
+        return RabbitMQBroker.from_url(self.url)
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        # The bindings of this node's queue, read from RabbitMQ's management API. The router
+        # drops a room from ``subscribed_rooms`` when its unsubscribe *starts*, and queue.unbind
+        # costs one round trip per room (AMQP has no no-wait unbind), so allow the unbinds in
+        # flight to land.
+        from .helpers import eventually
+
+        async def check() -> None:
+            for router in routers:
+                bound = await router.broker.broker_subscriptions()
+                assert bound == router.local_rooms, (router, bound ^ router.local_rooms)
+
+        await eventually(check, timeout=5)
+
+    async def cleanup(self) -> None:
+        # Node queues are exclusive and auto-delete: they vanish with their connections. The
+        # namespace's exchanges are durable and stay unless deleted.
+        import aiormq
+
+        connection = await aiormq.connect(self.url)
+        try:
+            channel = await connection.channel()
+            for kind in ("data", "control", "direct"):
+                await channel.exchange_delete(f"rr.{self.namespace}.{kind}")
+        finally:
+            await connection.close()
+
+
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend)
+    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend, RabbitMQBackend)
 }
