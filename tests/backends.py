@@ -12,7 +12,8 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import pytest
 
@@ -42,13 +43,16 @@ class Backend:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
+    #: True if the backend has a storage queue and a recent cache (persistence tests run on it);
+    #: its ``broker(**options)`` then accepts ``recent_size`` and ``redelivery_after``.
+    supports_storage: ClassVar[bool] = False
     #: True if nodes of this backend can live in other processes (see :meth:`process_url`).
     url_for_process: ClassVar[bool] = False
 
     def available(self) -> None:
         """Skip or fail if the server is not there."""
 
-    def process_url(self) -> str:
+    def process_url(self, **query: object) -> str:
         """A URL another process can pass to ``RoomRouter.from_url`` to join this cluster."""
         raise NotImplementedError
 
@@ -66,26 +70,41 @@ class Backend:
 
 class MemoryBackend(Backend):
     name = "memory"
+    supports_storage = True
 
-    def broker(self) -> Broker:
-        return MemoryBroker(f"test-{self.namespace}")
+    def broker(self, **options: Any) -> Broker:
+        return MemoryBroker(f"test-{self.namespace}", **options)
 
 
 class RedisBackend(Backend):
     name = "redis"
     sharded = False
     url_for_process = True
+    supports_storage = True
 
-    def process_url(self) -> str:
-        return "redis://127.0.0.1:6379/0" + ("?sharded=1" if self.sharded else "")
+    def process_url(self, **query: object) -> str:
+        if self.sharded:
+            query["sharded"] = 1
+        return "redis://127.0.0.1:6379/0" + ("?" + urlencode(query) if query else "")
+
+    async def cleanup(self) -> None:
+        from redis.asyncio import Redis
+
+        client = Redis(host="127.0.0.1", port=6379)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"rr:{self.namespace}:*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
     def available(self) -> None:
         require_tcp("127.0.0.1", 6379, "Redis")
 
-    def broker(self) -> Broker:
+    def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.redis import RedisBroker
 
-        return RedisBroker(host="127.0.0.1", port=6379, sharded=self.sharded)
+        return RedisBroker(host="127.0.0.1", port=6379, sharded=self.sharded, **options)
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
         # Redis cannot list one client's channels, but it reports, per channel, how many

@@ -20,7 +20,7 @@ from ._errors import (
     RouterNotRunning,
     SinkError,
 )
-from ._member import Member, OverflowPolicy
+from ._member import Member, OverflowPolicy, Recovery
 from ._router import RoomRouter
 from .brokers._base import Broker, BrokerContext
 
@@ -39,6 +39,7 @@ __all__ = [
     "MissingDependency",
     "OverflowPolicy",
     "PayloadTooLarge",
+    "Recovery",
     "RoomRouter",
     "RoomRouterError",
     "RouterNotRunning",

@@ -17,6 +17,7 @@ class Stats:
     """
 
     published: int = 0
+    persisted: int = 0
     broker_publishes: int = 0
     bypassed_publishes: int = 0
     broker_received: int = 0

@@ -19,17 +19,17 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 from redis.asyncio.connection import Connection, parse_url
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError
-from ._base import Broker, BrokerContext
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RedisBroker"]
 
@@ -66,11 +66,32 @@ def _pack_publish(command: bytes, channel: bytes, frame: bytes) -> bytes:
     )  # fmt: skip
 
 
+def _pack(*args: bytes) -> bytes:
+    """RESP encoding of one command of byte-string arguments."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+    return b"".join(parts)
+
+
+class _Queued:
+    """One entry of the publisher queue: pre-encoded command(s), how many replies they produce,
+    and the future of the caller (resolved with the last reply)."""
+
+    __slots__ = ("future", "packed", "replies")
+
+    def __init__(self, packed: bytes, replies: int, future: asyncio.Future[Any]) -> None:
+        self.packed = packed
+        self.replies = replies
+        self.future = future
+
+
 class RedisBroker(Broker):
     """See the module docstring. ``connection_kwargs`` go to ``redis.asyncio.Connection``."""
 
     name = "redis"
     counts_receivers = True
+    supports_storage = True
 
     def __init__(
         self,
@@ -79,9 +100,15 @@ class RedisBroker(Broker):
         operation_timeout: float = 5.0,
         max_backoff: float = 5.0,
         health_interval: float = 5.0,
+        recent_size: int = 1000,
+        recent_ttl: int = 86_400,
+        redelivery_after: float = 30.0,
         **connection_kwargs: Any,
     ) -> None:
         self.sharded = sharded
+        self.recent_size = recent_size
+        self.recent_ttl = recent_ttl
+        self.redelivery_after = redelivery_after
         self.operation_timeout = operation_timeout
         self.max_backoff = max_backoff
         self.health_interval = health_interval
@@ -111,7 +138,7 @@ class RedisBroker(Broker):
         self._pub: Connection | None = None
         self._confirm: dict[bytes, deque[_Batch]] = {}
         self._unconfirm: dict[bytes, deque[_Batch]] = {}
-        self._queue: list[tuple[bytes, asyncio.Future[int]]] = []
+        self._queue: list[_Queued] = []
         self._flush_wake = anyio.Event()
         self._closed = False
         self._last_read = 0.0
@@ -126,6 +153,9 @@ class RedisBroker(Broker):
             ("operation_timeout", float),
             ("max_backoff", float),
             ("health_interval", float),
+            ("recent_size", int),
+            ("recent_ttl", int),
+            ("redelivery_after", float),
         ):
             if key in query:
                 try:
@@ -349,10 +379,52 @@ class RedisBroker(Broker):
     async def _enqueue(self, channel: bytes, frame: bytes) -> int:
         # Takes its place in the queue before the first await: call order is send order.
         # redis-py ties this backend to asyncio anyway; a bare future is the cheapest waiter.
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._queue.append((_pack_publish(self._pub_cmd, channel, frame), future))
+        return int(await self._submit(_pack_publish(self._pub_cmd, channel, frame), 1))
+
+    def _submit(self, packed: bytes, replies: int) -> asyncio.Future[Any]:
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Queued(packed, replies, future))
         self._flush_wake.set()
-        return await future
+        return future
+
+    # -- persistence ----------------------------------------------------------------------------
+    # Storage queue: the stream ``rr:{ns}:store`` read by a consumer group. Recent cache: the
+    # stream ``rr:{ns}:recent:{room}`` capped at ``recent_size`` entries and expiring
+    # ``recent_ttl`` seconds after the room's last message. Both are written in one MULTI/EXEC
+    # with the PUBLISH, so a frame is either stored, cached and published, or none of these.
+
+    def _store_key(self) -> bytes:
+        return self._prefix + b"store"
+
+    def _recent_key(self, room: str) -> bytes:
+        return self._prefix + b"recent:" + room.encode()
+
+    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+        recent = self._recent_key(room)
+        commands = [
+            _pack(b"MULTI"),
+            _pack(b"XADD", self._store_key(), b"*", b"f", frame),
+            _pack(b"XADD", recent, b"MAXLEN", b"%d" % self.recent_size, b"*", b"f", frame),
+            _pack(b"EXPIRE", recent, b"%d" % self.recent_ttl),
+        ]
+        if live:
+            commands.append(_pack_publish(self._pub_cmd, self._room_channel(room), frame))
+        commands.append(_pack(b"EXEC"))
+        await self._submit(b"".join(commands), len(commands))
+
+    async def recent(self, room: str) -> RecentFrames:
+        key = self._recent_key(room)
+        entries = await self._submit(_pack(b"XRANGE", key, b"-", b"+"), 1)
+        if not entries:
+            return RecentFrames([], truncated=False)
+        info = await self._submit(_pack(b"XINFO", b"STREAM", key), 1)
+        fields = dict(zip(info[::2], info[1::2], strict=False))
+        added = int(fields.get(b"entries-added", len(entries)))
+        frames = [dict(zip(f[::2], f[1::2], strict=False))[b"f"] for _, f in entries]
+        return RecentFrames(frames, truncated=added > len(frames))
+
+    def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
+        return _RedisConsumer(self, f"rr:{namespace}:store".encode(), consumer)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -362,18 +434,26 @@ class RedisBroker(Broker):
                 batch, self._queue = self._queue, []
                 await self._flush(batch)
 
-    async def _flush(self, batch: list[tuple[bytes, asyncio.Future[int]]]) -> None:
-        results: list[int | BaseException] = []
+    async def _flush(self, batch: list[_Queued]) -> None:
+        results: list[Any] = []
         try:
             conn = await self._publisher()
             with anyio.fail_after(self.operation_timeout):
-                await conn.send_packed_command(b"".join(p for p, _ in batch), check_health=False)
-                for _ in batch:
-                    reply = await conn.read_response()
+                await conn.send_packed_command(
+                    b"".join(q.packed for q in batch), check_health=False
+                )
+                for item in batch:
+                    reply: Any = None
+                    for _ in range(item.replies):
+                        try:
+                            reply = await conn.read_response()
+                        except ResponseError as exc:  # a refusal: the stream stays in sync
+                            reply = exc
+                    if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
+                        reply = next((r for r in reply if isinstance(r, Exception)), reply[-1])
                     if isinstance(reply, Exception):
-                        results.append(BrokerUnavailable(f"Redis refused the publish: {reply}"))
-                    else:
-                        results.append(int(reply))
+                        reply = BrokerUnavailable(f"Redis refused the command: {reply}")
+                    results.append(reply)
         except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
             if self._pub is not None:
                 await _quiet_disconnect(self._pub)
@@ -384,13 +464,13 @@ class RedisBroker(Broker):
                 else BrokerUnavailable(f"Redis publish failed: {exc!r}")
             )
             results.extend([error] * (len(batch) - len(results)))
-        for (_, future), result in zip(batch, results, strict=True):
-            if future.done():  # the publisher was cancelled meanwhile
+        for item, result in zip(batch, results, strict=True):
+            if item.future.done():  # the publisher was cancelled meanwhile
                 continue
             if isinstance(result, BaseException):
-                future.set_exception(result)
+                item.future.set_exception(result)
             else:
-                future.set_result(result)
+                item.future.set_result(result)
 
     async def _publisher(self) -> Connection:
         if self._closed:
@@ -408,9 +488,9 @@ class RedisBroker(Broker):
 
     def _fail_queue(self, error: BaseException) -> None:
         batch, self._queue = self._queue, []
-        for _, future in batch:
-            if not future.done():
-                future.set_exception(error)
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(error)
 
     # -- introspection (tests, inspect) ---------------------------------------------------------
 
@@ -468,6 +548,90 @@ class RedisBroker(Broker):
     def client_name(self, role: str = "sub") -> str:
         """The ``CLIENT SETNAME`` of this node's connection (``sub`` or ``pub``)."""
         return f"{self._client_name}-{role}"
+
+
+class _RedisConsumer(StorageConsumer):
+    """A member of the consumer group ``roomrouter-workers`` on the storage stream.
+
+    New entries come from XREADGROUP; entries another consumer fetched and did not acknowledge
+    for ``redelivery_after`` seconds (it crashed) are taken over with XAUTOCLAIM first.
+    Acknowledged entries are deleted from the stream (XACK + XDEL in one MULTI), so the stream
+    holds only what is not stored yet.
+    """
+
+    GROUP = b"roomrouter-workers"
+
+    def __init__(self, broker: RedisBroker, stream: bytes, name: str) -> None:
+        self._broker = broker
+        self._stream = stream
+        self._name = name.encode()
+        self._claim_cursor = b"0-0"
+        self._client: Any = None
+
+    async def start(self) -> None:
+        from redis.asyncio import ConnectionPool, Redis
+
+        pool = ConnectionPool(
+            connection_class=self._broker._connection_class,
+            client_name=f"roomrouter-worker-{self._name.decode(errors='replace')}",
+            **self._broker._conn_kwargs,
+        )
+        self._client = Redis(connection_pool=pool)
+        try:
+            await self._client.xgroup_create(self._stream, self.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise BrokerUnavailable(f"cannot create the consumer group: {exc}") from exc
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc!r}") from exc
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose(close_connection_pool=True)
+            self._client = None
+
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        min_idle = int(self._broker.redelivery_after * 1000)
+        try:
+            reply = await self._client.xautoclaim(
+                self._stream, self.GROUP, self._name, min_idle, self._claim_cursor,
+                count=max_frames,
+            )  # fmt: skip
+            self._claim_cursor = reply[0]
+            claimed = reply[1]
+            if claimed:
+                return _frames(claimed)
+            with anyio.fail_after(wait + self._broker.operation_timeout):
+                read = await self._client.xreadgroup(
+                    self.GROUP, self._name, {self._stream: b">"},
+                    count=max_frames, block=max(int(wait * 1000), 1),
+                )  # fmt: skip
+        except (*_NETWORK_ERRORS,) as exc:
+            raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
+        return _frames(read[0][1]) if read else []
+
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        ids = [f.token for f in frames]
+        if not ids:
+            return
+        try:
+            async with self._client.pipeline(transaction=True) as pipe:
+                pipe.xack(self._stream, self.GROUP, *ids)
+                pipe.xdel(self._stream, *ids)
+                await pipe.execute()
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis storage ack failed: {exc!r}") from exc
+
+    async def pending(self) -> int:
+        try:
+            return int(await self._client.xlen(self._stream))
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis XLEN failed: {exc!r}") from exc
+
+
+def _frames(entries: list[Any]) -> list[StoredFrame]:
+    # An entry whose fields were deleted meanwhile comes back as (id, None): nothing to store.
+    return [StoredFrame(fields[b"f"], entry_id) for entry_id, fields in entries if fields]
 
 
 def _confirm(table: dict[bytes, deque[_Batch]], channel: bytes) -> None:

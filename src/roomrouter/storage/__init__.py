@@ -1,4 +1,4 @@
-"""Persistence: sinks that store envelopes durably, and (later) the worker that feeds them.
+"""Persistence: sinks that store envelopes durably, and the worker that feeds them.
 
 ``PostgresSink`` is imported on first access, so ``import roomrouter.storage`` never imports
 asyncpg; without the ``roomrouter[postgres]`` extra that access raises
@@ -12,9 +12,7 @@ from typing import TYPE_CHECKING, Any
 from ._base import Sink
 from ._urls import sink_from_url
 from .sqlite import SQLiteSink
-
-# The storage worker (worker.py) is exported here as "StorageWorker" once it exists:
-# import it above and add its name to __all__ below.
+from .worker import StorageWorker, WorkerStats
 
 if TYPE_CHECKING:
     from .postgres import PostgresSink
@@ -23,6 +21,8 @@ __all__ = [
     "PostgresSink",
     "SQLiteSink",
     "Sink",
+    "StorageWorker",
+    "WorkerStats",
     "sink_from_url",
 ]
 
