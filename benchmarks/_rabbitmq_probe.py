@@ -87,7 +87,7 @@ async def publisher(url: str, count: int, tasks: int, rate: float, paced: int) -
         assert (await readline()).strip() == "ready"
         async with RoomRouter.from_url(url, namespace=namespace, discovery_window=0.3) as router:
             with anyio.fail_after(10):
-                while not router.remote_hosts(ROOM):  # noqa: ASYNC110 - polls the view
+                while not router.remote_hosts(ROOM):
                     await anyio.sleep(0.01)
             payload = b"x" * 100
 
