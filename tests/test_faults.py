@@ -61,7 +61,7 @@ async def test_killed_node_leaves_the_cluster_view_within_its_ttl(
             await eventually(lambda: _assert(node_id not in watcher.live_nodes()), timeout=5)
             gone_after = anyio.current_time() - killed_at
             # Within the TTL, plus one expiry tick of the watcher.
-            assert gone_after <= 1.5 + 0.2 + 0.3, gone_after
+            assert gone_after <= 1.5 + 0.2 + 0.5, gone_after  # TTL + expiry tick + load slack
             assert "doomed-room" not in await watcher.rooms()
             assert watcher.remote_hosts("doomed-room") == frozenset()
             # And the watcher publishes to that room locally again (no host left).
