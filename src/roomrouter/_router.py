@@ -335,6 +335,8 @@ class RoomRouter:
                 raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
             raise
         member._recovering.pop(room, None)
+        if room not in member._rooms:  # left (or closed) while the history was read
+            return _NOTHING_RECOVERED
         merged = {e.id: e for e in found}
         recovered = len(merged)
         for envelope in held:
