@@ -12,7 +12,8 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
+from urllib.parse import urlencode
 
 import pytest
 
@@ -42,8 +43,18 @@ class Backend:
     def __init__(self, namespace: str) -> None:
         self.namespace = namespace
 
+    #: True if the backend has a storage queue and a recent cache (persistence tests run on it);
+    #: its ``broker(**options)`` then accepts ``recent_size`` and ``redelivery_after``.
+    supports_storage: ClassVar[bool] = False
+    #: True if nodes of this backend can live in other processes (see :meth:`process_url`).
+    url_for_process: ClassVar[bool] = False
+
     def available(self) -> None:
         """Skip or fail if the server is not there."""
+
+    def process_url(self, **query: object) -> str:
+        """A URL another process can pass to ``RoomRouter.from_url`` to join this cluster."""
+        raise NotImplementedError
 
     def broker(self) -> Broker:
         raise NotImplementedError
@@ -59,22 +70,41 @@ class Backend:
 
 class MemoryBackend(Backend):
     name = "memory"
+    supports_storage = True
 
-    def broker(self) -> Broker:
-        return MemoryBroker(f"test-{self.namespace}")
+    def broker(self, **options: Any) -> Broker:
+        return MemoryBroker(f"test-{self.namespace}", **options)
 
 
 class RedisBackend(Backend):
     name = "redis"
     sharded = False
+    url_for_process = True
+    supports_storage = True
+
+    def process_url(self, **query: object) -> str:
+        if self.sharded:
+            query["sharded"] = 1
+        return "redis://127.0.0.1:6379/0" + ("?" + urlencode(query) if query else "")
+
+    async def cleanup(self) -> None:
+        from redis.asyncio import Redis
+
+        client = Redis(host="127.0.0.1", port=6379)
+        try:
+            keys = [k async for k in client.scan_iter(match=f"rr:{self.namespace}:*")]
+            if keys:
+                await client.delete(*keys)
+        finally:
+            await client.aclose()
 
     def available(self) -> None:
         require_tcp("127.0.0.1", 6379, "Redis")
 
-    def broker(self) -> Broker:
+    def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.redis import RedisBroker
 
-        return RedisBroker(host="127.0.0.1", port=6379, sharded=self.sharded)
+        return RedisBroker(host="127.0.0.1", port=6379, sharded=self.sharded, **options)
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
         # Redis cannot list one client's channels, but it reports, per channel, how many
@@ -97,12 +127,57 @@ class ShardedRedisBackend(RedisBackend):
     sharded = True
 
 
+class RabbitMQBackend(Backend):
+    name = "rabbitmq"
+    url = "amqp://guest:guest@127.0.0.1:5672/"
+    #: RabbitMQ cannot count who heard a broadcast, so a starting node listens for the others'
+    #: State for a window; a local broker answers within milliseconds.
+    router_options: ClassVar[dict[str, object]] = {"discovery_window": 0.3}
+
+    def available(self) -> None:
+        require_tcp("127.0.0.1", 5672, "RabbitMQ")
+        require_tcp("127.0.0.1", 15672, "RabbitMQ management API (rabbitmq_management plugin)")
+
+    def broker(self) -> Broker:
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+
+        return RabbitMQBroker.from_url(self.url)
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        # The bindings of this node's queue, read from RabbitMQ's management API. The router
+        # drops a room from ``subscribed_rooms`` when its unsubscribe *starts*, and queue.unbind
+        # costs one round trip per room (AMQP has no no-wait unbind), so allow the unbinds in
+        # flight to land.
+        from .helpers import eventually
+
+        async def check() -> None:
+            for router in routers:
+                bound = await router.broker.broker_subscriptions()
+                assert bound == router.local_rooms, (router, bound ^ router.local_rooms)
+
+        await eventually(check, timeout=5)
+
+    async def cleanup(self) -> None:
+        # Node queues are exclusive and auto-delete: they vanish with their connections. The
+        # namespace's exchanges are durable and stay unless deleted.
+        import aiormq
+
+        connection = await aiormq.connect(self.url)
+        try:
+            channel = await connection.channel()
+            for kind in ("data", "control", "direct"):
+                await channel.exchange_delete(f"rr.{self.namespace}.{kind}")
+        finally:
+            await connection.close()
+
+
 class KafkaBackend(Backend):
     """Kafka on a Tansu started by the tests (``tests/kafka_server.py``), or the broker named by
     ``ROOMROUTER_KAFKA_BOOTSTRAP``. Topics are ``rrtest.<namespace>.*`` and deleted afterwards."""
 
     name = "kafka"
     topic_prefix = "rrtest"
+    url_for_process = True
     _bootstrap: str | None = None
     #: Fast probes so a lost broker is noticed quickly; few partitions keep Tansu light.
     broker_options: ClassVar[dict[str, object]] = {
@@ -138,6 +213,10 @@ class KafkaBackend(Backend):
     @bootstrap.setter
     def bootstrap(self, address: str) -> None:
         self._bootstrap = address
+
+    def process_url(self, **query: object) -> str:
+        options = {"topic_prefix": self.topic_prefix, **self.broker_options, **query}
+        return f"kafka://{self.bootstrap}?{urlencode(options)}"
 
     def broker(self) -> Broker:
         from roomrouter.brokers.kafka import KafkaBroker
@@ -178,5 +257,6 @@ class KafkaBackend(Backend):
 
 
 BACKENDS: dict[str, type[Backend]] = {
-    b.name: b for b in (MemoryBackend, RedisBackend, ShardedRedisBackend, KafkaBackend)
+    b.name: b
+    for b in (MemoryBackend, RedisBackend, ShardedRedisBackend, RabbitMQBackend, KafkaBackend)
 }

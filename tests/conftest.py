@@ -14,17 +14,19 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from roomrouter import RoomRouter
 
 from .backends import BACKENDS, Backend
 
+# CI: bounded, and no shrinking (a failure fails fast; rerun locally to get it shrunk).
 settings.register_profile(
     "ci",
-    max_examples=12,
-    stateful_step_count=25,
+    max_examples=25,
+    stateful_step_count=30,
     deadline=None,
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],
     suppress_health_check=[HealthCheck.too_slow],
 )
 settings.register_profile(
@@ -34,7 +36,9 @@ settings.register_profile(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "thorough"))
+settings.load_profile(
+    os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "thorough")
+)
 
 #: Router options for tests: no linger, fast heartbeats so fault tests finish quickly.
 TEST_ROUTER_OPTIONS: dict[str, Any] = {

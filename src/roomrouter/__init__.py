@@ -5,8 +5,6 @@ used only when another node hosts the room), and a pluggable broker: memory, Red
 Kafka.
 """
 
-from __future__ import annotations
-
 from ._envelope import Envelope
 from ._errors import (
     BrokerError,
@@ -22,7 +20,7 @@ from ._errors import (
     RouterNotRunning,
     SinkError,
 )
-from ._member import Member, OverflowPolicy
+from ._member import Member, OverflowPolicy, Recovery
 from ._router import RoomRouter
 from .brokers._base import Broker, BrokerContext
 
@@ -41,6 +39,7 @@ __all__ = [
     "MissingDependency",
     "OverflowPolicy",
     "PayloadTooLarge",
+    "Recovery",
     "RoomRouter",
     "RoomRouterError",
     "RouterNotRunning",

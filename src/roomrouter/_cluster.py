@@ -329,7 +329,9 @@ class ClusterView:
         if expected is not None and len(self._states_seen) >= expected:
             self._hello_answered.set()
 
-    def _apply_delta(self, node_id: str, node: _Node, gen: int, rooms: list[str], add: bool) -> None:
+    def _apply_delta(
+        self, node_id: str, node: _Node, gen: int, rooms: list[str], add: bool
+    ) -> None:
         if gen <= node.gen:
             return  # already contained in a State we applied
         if node.gen >= 0 and gen != node.gen + 1:

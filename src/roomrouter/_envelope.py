@@ -12,7 +12,7 @@ the order of a node's ids is its publish order; the lowercase hex string sorts l
 
 from __future__ import annotations
 
-import os
+import random
 import time
 import unicodedata
 from typing import Final
@@ -65,10 +65,15 @@ def decode_envelope(data: bytes) -> Envelope:
     return _decoder.decode(data)
 
 
+# Uniqueness across nodes needs unpredictability of a statistical kind, not secrecy: a
+# per-process generator seeded from the OS is enough and avoids a system call per id.
+_random = random.Random()
+
+
 class IdGenerator:
     """Makes UUIDv7 ids that strictly increase for the lifetime of the generator."""
 
-    __slots__ = ("_last_ms", "_counter")
+    __slots__ = ("_counter", "_last_ms")
 
     def __init__(self) -> None:
         self._last_ms = 0
@@ -80,14 +85,14 @@ class IdGenerator:
             self._last_ms = ms
             # A random start leaves room to count within the millisecond while keeping ids
             # from different nodes in the same millisecond unordered-but-unique.
-            self._counter = int.from_bytes(os.urandom(2), "big") & 0x3FF
+            self._counter = _random.getrandbits(10)
         else:
             self._counter += 1
             if self._counter > 0xFFF:
                 self._last_ms += 1
                 self._counter = 0
         ms = self._last_ms
-        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        rand = _random.getrandbits(62)
         value = (ms << 80) | (0x7 << 76) | (self._counter << 64) | (0b10 << 62) | rand
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
@@ -105,7 +110,9 @@ def validate_room(room: object, max_length: int = MAX_ROOM_LENGTH) -> str:
     if not room:
         raise InvalidRoomName("room name must not be empty")
     if len(room) > max_length:
-        raise InvalidRoomName(f"room name is {len(room)} characters long; the limit is {max_length}")
+        raise InvalidRoomName(
+            f"room name is {len(room)} characters long; the limit is {max_length}"
+        )
     if not room.isprintable():
         for ch in room:
             category = unicodedata.category(ch)

@@ -50,8 +50,7 @@ class MissingDependency(ConfigurationError):
 
     def __init__(self, extra: str, module: str) -> None:
         super().__init__(
-            f"the {extra!r} backend needs the {module!r} package: "
-            f'pip install "roomrouter[{extra}]"'
+            f'the {extra!r} backend needs the {module!r} package: pip install "roomrouter[{extra}]"'
         )
         self.extra = extra
         self.module = module
@@ -70,7 +69,7 @@ class DuplicateMember(RoomRouterError, ValueError):
 
 
 class MemberClosed(RoomRouterError):
-    """The member is closed; ``reason`` says why (``"closed"``, ``"overflow"``, ``"router closed"``)."""
+    """The member is closed; ``reason`` is ``"closed"``, ``"overflow"`` or ``"router closed"``."""
 
     def __init__(self, member_id: str, reason: str) -> None:
         super().__init__(f"member {member_id!r} is closed: {reason}")

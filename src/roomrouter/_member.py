@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import anyio
@@ -14,12 +15,26 @@ from ._errors import MemberClosed
 if TYPE_CHECKING:
     from ._router import RoomRouter
 
-__all__ = ["Member", "OverflowPolicy"]
+__all__ = ["Member", "OverflowPolicy", "Recovery"]
 
 #: What a full inbox does with one more envelope: ``"drop_oldest"`` discards the oldest queued
 #: envelope (counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
 #: reason ``"overflow"`` (the app then closes the client's socket; it can recover by history).
 OverflowPolicy = Literal["drop_oldest", "disconnect"]
+
+
+@dataclass(frozen=True, slots=True)
+class Recovery:
+    """What a join delivered from history before live messages.
+
+    ``count`` envelopes were queued; ``complete`` is False if messages after ``since`` may be
+    missing (the window is older than what the sink and the recent cache can prove complete,
+    or it exceeded the router's ``max_recover``); ``last_id`` is the newest recovered id.
+    """
+
+    count: int = 0
+    complete: bool = True
+    last_id: str | None = None
 
 
 class Member:
@@ -32,15 +47,16 @@ class Member:
     """
 
     __slots__ = (
-        "id",
-        "_router",
-        "_rooms",
-        "_joining",
+        "_closed",
         "_inbox",
+        "_joining",
         "_maxlen",
         "_policy",
+        "_recovering",
+        "_rooms",
+        "_router",
         "_waiter",
-        "_closed",
+        "id",
     )
 
     def __init__(
@@ -50,6 +66,8 @@ class Member:
         self._router = router
         self._rooms: set[str] = set()
         self._joining: set[str] = set()
+        # room -> live envelopes held back while the room's history is being fetched
+        self._recovering: dict[str, list[Envelope]] = {}
         self._inbox: deque[Envelope] = deque()
         self._maxlen = inbox_size
         self._policy = policy
@@ -76,16 +94,23 @@ class Member:
         """Envelopes queued in the inbox."""
         return len(self._inbox)
 
-    async def join(self, room: str) -> None:
+    async def join(self, room: str, *, since: str | None = None, history: int = 0) -> Recovery:
         """Join ``room``. When this returns, every envelope published to ``room`` afterwards, on
         any node of a healthy cluster, is delivered to this member (DESIGN.md guarantee 2).
 
+        With ``since=<id of the last envelope the client saw>`` (a reconnect), the inbox first
+        receives every stored message of the room after that id, in id order, then live ones:
+        no gap, no duplicate. With ``history=N`` (a first join), the last N messages come first
+        instead. Both need persistence (a sink, or a backend with a recent-messages cache); the
+        returned :class:`Recovery` says how many came and whether the window was complete.
+
         Joining a room twice is a no-op. Raises :class:`~roomrouter.InvalidRoomName`,
         :class:`~roomrouter.MemberClosed`, or :class:`~roomrouter.BrokerUnavailable` (the join
-        did not happen).
+        did not happen), or :class:`~roomrouter.HistoryUnavailable` (the join happened, live
+        delivery runs, but the history could not be read).
         """
         self._check_open()
-        await self._router._join(self, room)
+        return await self._router._join(self, room, since=since, history=history)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``; nothing of it is delivered from now on. Leaving a room not joined is a
@@ -130,6 +155,11 @@ class Member:
 
     def _deliver(self, envelope: Envelope) -> bool:
         """Queue ``envelope``; False if it was not queued (closed, or closed by overflow)."""
+        if self._recovering:
+            held = self._recovering.get(envelope.room)
+            if held is not None:
+                held.append(envelope)
+                return True
         inbox = self._inbox
         if len(inbox) >= self._maxlen:
             if self._closed is not None:
@@ -146,6 +176,15 @@ class Member:
             self._waiter = None
             waiter.set()
         return True
+
+    def _deliver_recovered(self, envelopes: list[Envelope]) -> None:
+        """Queue a recovery batch in order. It may exceed ``inbox_size`` once (it is bounded by
+        the router's ``max_recover``): dropping recovered history would defeat the recovery."""
+        self._inbox.extend(envelopes)
+        waiter = self._waiter
+        if waiter is not None and envelopes:
+            self._waiter = None
+            waiter.set()
 
     def _close(self, reason: str) -> None:
         if self._closed is not None:

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -32,17 +33,49 @@ from ._envelope import (
 from ._errors import (
     ConfigurationError,
     DuplicateMember,
+    HistoryUnavailable,
     PayloadTooLarge,
+    RoomRouterError,
     RouterNotRunning,
 )
-from ._member import Member, OverflowPolicy
+from ._member import Member, OverflowPolicy, Recovery
 from ._stats import Stats
 from ._subscriptions import SubscriptionManager
 from .brokers._base import Broker, BrokerContext
+from .storage._base import Sink
 
 __all__ = ["RoomRouter"]
 
 log = logging.getLogger("roomrouter")
+
+_NOTHING_RECOVERED = Recovery()
+
+
+def _by_id(envelope: Envelope) -> str:
+    return envelope.id
+
+
+@dataclass(frozen=True, slots=True)
+class _Cached:
+    envelopes: list[Envelope]
+    truncated: bool
+
+
+def _check_headers(headers: Mapping[str, str]) -> None:
+    # Headers are stored by sinks as text: refuse what a database would refuse later, at the
+    # publish, where the caller can still act on it.
+    for key, value in headers.items():
+        for text in (key, value):
+            if not isinstance(text, str) or "\x00" in text or not _encodable(text):
+                raise ConfigurationError(f"header {key!r}: keys and values must be text")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class RoomRouter:
@@ -71,6 +104,10 @@ class RoomRouter:
             presuming it dead (defaults to ``node_ttl``).
         discovery_window: on brokers that cannot count receivers, how long a starting node
             listens for the others' state (defaults to ``2 * heartbeat_interval``).
+        sink: where history is read from (a :class:`~roomrouter.storage.Sink` or a URL such as
+            ``"sqlite:///chat.db"`` or ``"postgresql://user@host/db"``); the router opens and
+            closes it. Storage workers write it (``roomrouter worker``).
+        max_recover: most envelopes one join with ``since=`` or ``history=`` delivers.
     """
 
     def __init__(
@@ -88,18 +125,34 @@ class RoomRouter:
         node_ttl: float = 5.0,
         barrier_timeout: float | None = None,
         discovery_window: float | None = None,
+        sink: Sink | str | None = None,
+        max_recover: int = 10_000,
     ) -> None:
         if not isinstance(broker, Broker):
             raise ConfigurationError(f"broker must be a roomrouter Broker, not {broker!r}")
         if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
             raise ConfigurationError(f"namespace must be a non-empty printable str: {namespace!r}")
         if overflow not in ("drop_oldest", "disconnect"):
-            raise ConfigurationError(f"overflow must be 'drop_oldest' or 'disconnect': {overflow!r}")
+            raise ConfigurationError(
+                f"overflow must be 'drop_oldest' or 'disconnect': {overflow!r}"
+            )
         if inbox_size < 1 or max_payload < 0 or linger < 0:
             raise ConfigurationError("inbox_size must be >= 1; max_payload and linger >= 0")
         if not 0 < heartbeat_interval < node_ttl:
             raise ConfigurationError("need 0 < heartbeat_interval < node_ttl")
+        if isinstance(sink, str):
+            from .storage import sink_from_url
+
+            sink = sink_from_url(sink)
+        if sink is not None and not isinstance(sink, Sink):
+            raise ConfigurationError(f"sink must be a roomrouter Sink or a URL, not {sink!r}")
+        if node_id is not None and (
+            not node_id or len(node_id) > 128 or not node_id.isprintable() or " " in node_id
+        ):
+            raise ConfigurationError(f"node_id must be printable, without spaces: {node_id!r}")
         self.broker = broker
+        self.sink: Sink | None = sink
+        self.max_recover = max_recover
         self.namespace = namespace
         self.node_id = node_id or secrets.token_hex(6)
         self.inbox_size = inbox_size
@@ -154,6 +207,8 @@ class RoomRouter:
         stack = AsyncExitStack()
         await stack.__aenter__()
         try:
+            if self.sink is not None:
+                await stack.enter_async_context(self.sink)
             # Exit runs in reverse: cancel the tasks, wait for them, then close connections.
             stack.push_async_callback(self._close_broker)
             self._cluster.open()
@@ -215,7 +270,9 @@ class RoomRouter:
                     return
                 except Exception:
                     self._stats.task_restarts += 1
-                    log.exception("node %s: background task %r failed; restarting", self.node_id, name)
+                    log.exception(
+                        "node %s: background task %r failed; restarting", self.node_id, name
+                    )
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
 
@@ -242,9 +299,86 @@ class RoomRouter:
     def get_member(self, member_id: str) -> Member | None:
         return self._members.get(member_id)
 
-    async def _join(self, member: Member, room: str) -> None:
+    async def _join(
+        self, member: Member, room: str, *, since: str | None = None, history: int = 0
+    ) -> Recovery:
         self._check_running()
         validate_room(room, self.max_room_length)
+        if since is None and not history:
+            await self._join_live(member, room)
+            return _NOTHING_RECOVERED
+        if room in member._rooms:
+            return _NOTHING_RECOVERED
+        if history < 0 or history > self.max_recover:
+            raise ConfigurationError(
+                f"history must be between 0 and max_recover={self.max_recover}"
+            )
+        self._require_persistence()
+        # Live envelopes of the room are held back from the inbox while the history is read,
+        # then merged with it: the join comes first, so nothing published after it is missed,
+        # and the merge by id removes what both paths delivered.
+        held: list[Envelope] = []
+        member._recovering[room] = held
+        try:
+            await self._join_live(member, room)
+        except BaseException:
+            member._recovering.pop(room, None)
+            raise
+        try:
+            if since is not None:
+                found, complete = await self._recover_since(room, since)
+            else:
+                found, complete = await self.history(room, limit=history), True
+        except BaseException as exc:
+            member._deliver_recovered(member._recovering.pop(room, held))
+            if isinstance(exc, RoomRouterError):
+                raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
+            raise
+        member._recovering.pop(room, None)
+        if room not in member._rooms:  # left (or closed) while the history was read
+            return _NOTHING_RECOVERED
+        merged = {e.id: e for e in found}
+        recovered = len(merged)
+        for envelope in held:
+            merged.setdefault(envelope.id, envelope)
+        ordered = sorted(merged.values(), key=_by_id)
+        member._deliver_recovered(ordered)
+        last = max(found, key=_by_id).id if found else None
+        return Recovery(count=recovered, complete=complete, last_id=last)
+
+    async def _recover_since(self, room: str, since: str) -> tuple[list[Envelope], bool]:
+        """Stored messages of ``room`` after ``since`` (sink pages + recent cache), and whether
+        that is provably all of them."""
+        stored: list[Envelope] = []
+        if self.sink is not None:
+            cursor = since
+            while len(stored) < self.max_recover:
+                limit = min(1000, self.max_recover - len(stored))
+                page = await self.sink.history(room, after=cursor, limit=limit)
+                stored.extend(page)
+                if len(page) < limit:
+                    break
+                cursor = page[-1].id
+        complete = len(stored) < self.max_recover
+        cached = await self._recent(room)
+        recent = [e for e in cached.envelopes if e.id > since]
+        if cached.truncated and complete:
+            # The cache lost its oldest entries. It still proves the window complete if it
+            # reaches back to `since`, or if the sink already holds messages from inside it
+            # (the storage worker caught up past the cache's start).
+            oldest = cached.envelopes[0].id if cached.envelopes else None
+            complete = oldest is not None and (
+                oldest <= since or bool(stored and stored[-1].id >= oldest)
+            )
+        found = {e.id: e for e in stored}
+        for e in recent:
+            found.setdefault(e.id, e)
+        ordered = sorted(found.values(), key=_by_id)
+        if len(ordered) > self.max_recover:
+            ordered, complete = ordered[: self.max_recover], False
+        return ordered, complete
+
+    async def _join_live(self, member: Member, room: str) -> None:
         if room in member._rooms:
             return
         member._rooms.add(room)
@@ -280,6 +414,59 @@ class RoomRouter:
         if self._members.get(member.id) is member:
             del self._members[member.id]
 
+    # -- history --------------------------------------------------------------------------------
+
+    def _require_persistence(self) -> None:
+        if self.sink is None and not self.broker.supports_storage:
+            raise ConfigurationError(
+                f"history needs a sink (RoomRouter(..., sink='sqlite:///chat.db')) or a backend "
+                f"with a recent-messages cache; the {self.broker.name} backend has none"
+            )
+
+    async def _recent(self, room: str) -> _Cached:
+        if not self.broker.supports_storage:
+            return _Cached([], False)
+        cache = await self.broker.recent(room)
+        envelopes = []
+        for frame in cache.frames:
+            try:
+                envelopes.append(decode_envelope(frame))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self._stats.dropped_decode += 1
+        return _Cached(envelopes, cache.truncated)
+
+    async def history(
+        self,
+        room: str,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[Envelope]:
+        """Stored messages of ``room`` in id order: the last ``limit`` before ``before`` (or the
+        newest), or the first ``limit`` after ``after``.
+
+        Reads the sink and the backend's recent-messages cache and merges them, so messages
+        published a moment ago and not yet written by a storage worker are included.
+        """
+        self._check_running()
+        validate_room(room, self.max_room_length)
+        if not 1 <= limit <= 10_000:
+            raise ConfigurationError("limit must be between 1 and 10000")
+        self._require_persistence()
+        merged: dict[str, Envelope] = {}
+        if self.sink is not None:
+            try:
+                for e in await self.sink.history(room, before=before, after=after, limit=limit):
+                    merged[e.id] = e
+            except ValueError as exc:
+                raise ConfigurationError(str(exc)) from exc
+        for e in (await self._recent(room)).envelopes:
+            if (before is None or e.id < before) and (after is None or e.id > after):
+                merged.setdefault(e.id, e)
+        ordered = sorted(merged.values(), key=_by_id)
+        return ordered[:limit] if after is not None else ordered[-limit:]
+
     # -- publishing -----------------------------------------------------------------------------
 
     async def publish(
@@ -306,6 +493,10 @@ class RoomRouter:
             raise PayloadTooLarge(
                 f"payload is {len(payload)} bytes; this router's max_payload is {self.max_payload}"
             )
+        if persist and not self.broker.supports_storage:
+            raise ConfigurationError(f"the {self.broker.name} backend has no storage queue")
+        if headers:
+            _check_headers(headers)
         envelope = Envelope(
             id=self._ids.next(),
             room=room,
@@ -324,11 +515,17 @@ class RoomRouter:
             for member in tuple(members.values()):
                 if member.id != skip and member._deliver(envelope):
                     stats.local_deliveries += 1
-        if self._cluster.has_remote_host(room):
+        live = self._cluster.has_remote_host(room)
+        if live:
             stats.broker_publishes += 1
-            await self.broker.publish(room, encode_envelope(envelope))
         else:
             stats.bypassed_publishes += 1
+        if persist:
+            # Even a room hosted only here goes to the broker: the storage queue is there.
+            stats.persisted += 1
+            await self.broker.publish_persistent(room, encode_envelope(envelope), live=live)
+        elif live:
+            await self.broker.publish(room, encode_envelope(envelope))
         return envelope
 
     # -- broker callbacks -----------------------------------------------------------------------

@@ -11,12 +11,14 @@ __all__ = ["Stats"]
 class Stats:
     """Plain integer counters, bumped on the event loop (no locking needed).
 
-    ``broker_publishes`` counts data frames handed to the broker; ``bypassed_publishes`` the
-    publishes served locally with no broker traffic; ``broker_received`` every data frame the
+    ``broker_publishes`` counts publishes sent live through the broker; ``bypassed_publishes``
+    those served locally with no live broker publish (a persisted one still goes to the
+    storage queue, counted in ``persisted``); ``broker_received`` every data frame the
     broker delivered to this node (before echo and room filtering).
     """
 
     published: int = 0
+    persisted: int = 0
     broker_publishes: int = 0
     bypassed_publishes: int = 0
     broker_received: int = 0

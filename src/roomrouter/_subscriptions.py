@@ -69,8 +69,9 @@ class SubscriptionManager:
 
     @property
     def subscribed(self) -> frozenset[str]:
-        """Rooms whose broker subscription is confirmed (including lingering ones)."""
-        return frozenset(self._subscribed)
+        """Rooms subscribed at the broker: confirmed ones (lingering included) and those whose
+        unsubscribe is still on the wire."""
+        return frozenset(self._subscribed | self._unsubscribing)
 
     def hosted(self) -> set[str]:
         """Rooms this node announces to the cluster: subscribed ones."""

@@ -37,13 +37,13 @@ Guarantees a backend must give (the contract suite in ``tests/`` checks them):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 from anyio.abc import TaskGroup
 
-__all__ = ["Broker", "BrokerContext"]
+__all__ = ["Broker", "BrokerContext", "RecentFrames", "StorageConsumer", "StoredFrame"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +109,88 @@ class Broker(ABC):
         (:attr:`counts_receivers`), else ``None``.
         """
 
+    # -- persistence (optional capability; DESIGN.md section 1, points 3 and 4) -----------------
+
+    #: True if the backend has a durable storage queue and a recent-messages cache.
+    supports_storage: ClassVar[bool] = False
+
+    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+        """Append ``frame`` to the namespace's durable storage queue and to the room's recent
+        cache, and — if ``live`` — publish it on the data plane like :meth:`publish`.
+
+        Returns once the broker holds the frame durably; the three writes are atomic where the
+        backend allows (Redis: one MULTI/EXEC). Order: like :meth:`publish`, call order.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no storage queue")
+
+    async def recent(self, room: str) -> RecentFrames:
+        """The room's recent-messages cache, oldest first (for recovery after reconnect)."""
+        raise NotImplementedError(f"the {self.name} backend has no recent-messages cache")
+
+    def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
+        """A competing consumer of ``namespace``'s storage queue named ``consumer``; usable
+        without starting this broker (storage workers are not cluster nodes)."""
+        raise NotImplementedError(f"the {self.name} backend has no storage queue")
+
     async def broker_subscriptions(self) -> frozenset[str]:
         """The rooms this node is subscribed to, *as the broker itself reports them*.
 
         For tests and ``roomrouter inspect``; backends that cannot ask the broker raise
         ``NotImplementedError``.
         """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True, slots=True)
+class RecentFrames:
+    """What a room's recent cache holds. ``truncated`` is True if older frames were evicted
+    (the cache is capped), so the cache alone no longer reaches back to the room's start."""
+
+    frames: list[bytes]
+    truncated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFrame:
+    """One frame taken from the storage queue; ``token`` acknowledges it."""
+
+    frame: bytes
+    token: object
+
+
+class StorageConsumer(ABC):
+    """A competing consumer of a storage queue.
+
+    Guarantees: every frame appended to the queue is eventually handed to some consumer; it is
+    handed to another consumer again if the one holding it does not :meth:`ack` it within the
+    backend's redelivery time (the holder crashed); frames are removed only by :meth:`ack`.
+    Delivery is therefore at-least-once: the sink's idempotent write by id makes it
+    exactly-once in the sink.
+    """
+
+    async def __aenter__(self) -> StorageConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Connect (and create the queue or group if missing)."""
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Disconnect; frames fetched and not acknowledged will be redelivered."""
+
+    @abstractmethod
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        """Up to ``max_frames`` frames; waits at most ``wait`` seconds for the first one."""
+
+    @abstractmethod
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        """Acknowledge frames (after the sink committed them): they are not redelivered."""
+
+    async def pending(self) -> int:
+        """Frames in the queue not yet acknowledged (for tests and monitoring)."""
         raise NotImplementedError

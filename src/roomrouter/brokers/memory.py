@@ -8,19 +8,48 @@ no service) and the reference backend of the contract suite.
 
 from __future__ import annotations
 
-from collections.abc import Collection
-from urllib.parse import urlsplit
+from collections import deque
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, field
+from typing import ClassVar
+from urllib.parse import parse_qsl, urlsplit
+
+import anyio
 
 from .._errors import BrokerUnavailable, ConfigurationError
-from ._base import Broker, BrokerContext
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["MemoryBroker", "MemoryHub"]
+
+
+@dataclass(slots=True)
+class _StorageQueue:
+    """The in-process storage queue of one namespace: frames wait in ``ready``; a fetched frame
+    sits in ``pending`` (seq -> consumer, frame, fetched at) until acknowledged, and is handed
+    to another consumer once it was pending longer than the redelivery time."""
+
+    ready: deque[tuple[int, bytes]] = field(default_factory=deque)
+    pending: dict[int, tuple[str, bytes, float]] = field(default_factory=dict)
+    seq: int = 0
+    arrived: anyio.Event = field(default_factory=anyio.Event)
+
+    def put(self, frame: bytes) -> None:
+        self.seq += 1
+        self.ready.append((self.seq, frame))
+        self.arrived.set()
+        self.arrived = anyio.Event()
+
+
+@dataclass(slots=True)
+class _Recent:
+    frames: deque[bytes]
+    truncated: bool = False
 
 
 class MemoryHub:
     """The shared state of one in-memory cluster: who is subscribed to what, per namespace."""
 
-    _hubs: dict[str, MemoryHub] = {}
+    _hubs: ClassVar[dict[str, MemoryHub]] = {}
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -28,6 +57,22 @@ class MemoryHub:
         # order is deterministic.
         self._rooms: dict[tuple[str, str], dict[str, MemoryBroker]] = {}
         self._nodes: dict[str, dict[str, MemoryBroker]] = {}
+        self._stores: dict[str, _StorageQueue] = {}
+        self._recent: dict[tuple[str, str], _Recent] = {}
+
+    def store(self, namespace: str) -> _StorageQueue:
+        queue = self._stores.get(namespace)
+        if queue is None:
+            queue = self._stores[namespace] = _StorageQueue()
+        return queue
+
+    def _append_recent(self, key: tuple[str, str], frame: bytes, size: int) -> None:
+        recent = self._recent.get(key)
+        if recent is None:
+            recent = self._recent[key] = _Recent(deque(maxlen=size))
+        if len(recent.frames) == recent.frames.maxlen:
+            recent.truncated = True
+        recent.frames.append(frame)
 
     @classmethod
     def named(cls, name: str) -> MemoryHub:
@@ -54,7 +99,8 @@ class MemoryHub:
             self._nodes.pop(broker.namespace, None)
         for key in [k for k, v in self._rooms.items() if broker.node_id in v]:
             self._unsub(key, broker.node_id)
-        if not self._nodes:
+        # A hub lives while it has nodes or stored frames not yet taken by a storage worker.
+        if not self._nodes and not any(q.ready or q.pending for q in self._stores.values()):
             MemoryHub._hubs.pop(self.name, None)
 
     def _sub(self, key: tuple[str, str], broker: MemoryBroker) -> None:
@@ -90,17 +136,39 @@ class MemoryBroker(Broker):
 
     name = "memory"
     counts_receivers = True
+    supports_storage = True
 
-    def __init__(self, hub: str | MemoryHub = "") -> None:
+    def __init__(
+        self,
+        hub: str | MemoryHub = "",
+        *,
+        recent_size: int = 1000,
+        redelivery_after: float = 30.0,
+    ) -> None:
         self.hub = hub if isinstance(hub, MemoryHub) else MemoryHub.named(hub)
+        self.recent_size = recent_size
+        self.redelivery_after = redelivery_after
         self._context: BrokerContext | None = None
 
     @classmethod
     def from_url(cls, url: str) -> MemoryBroker:
+        """``memory://[name][?recent_size=1000&redelivery_after=30]``."""
         parts = urlsplit(url)
         if parts.scheme != "memory":
             raise ConfigurationError(f"not a memory:// URL: {url!r}")
-        return cls((parts.netloc + parts.path).strip("/"))
+        options: dict[str, float] = {}
+        for key, value in parse_qsl(parts.query):
+            if key not in ("recent_size", "redelivery_after"):
+                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+            try:
+                options[key] = float(value)
+            except ValueError as exc:
+                raise ConfigurationError(f"bad {key} in {url!r}") from exc
+        return cls(
+            (parts.netloc + parts.path).strip("/"),
+            recent_size=int(options.get("recent_size", 1000)),
+            redelivery_after=options.get("redelivery_after", 30.0),
+        )
 
     @property
     def node_id(self) -> str:
@@ -145,6 +213,22 @@ class MemoryBroker(Broker):
     async def broker_subscriptions(self) -> frozenset[str]:
         return self.hub.subscriptions(self._ctx.namespace, self._ctx.node_id)
 
+    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+        namespace = self._ctx.namespace
+        self.hub.store(namespace).put(frame)
+        self.hub._append_recent((namespace, room), frame, self.recent_size)
+        if live:
+            self.hub._publish((namespace, room), frame)
+
+    async def recent(self, room: str) -> RecentFrames:
+        recent = self.hub._recent.get((self._ctx.namespace, room))
+        if recent is None:
+            return RecentFrames([], truncated=False)
+        return RecentFrames(list(recent.frames), recent.truncated)
+
+    def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
+        return _MemoryConsumer(self.hub, namespace, consumer, self.redelivery_after)
+
     def _deliver_data(self, frame: bytes) -> None:
         if self._context is not None:
             self._context.on_data(frame)
@@ -152,3 +236,47 @@ class MemoryBroker(Broker):
     def _deliver_control(self, frame: bytes) -> None:
         if self._context is not None:
             self._context.on_control(frame)
+
+
+class _MemoryConsumer(StorageConsumer):
+    def __init__(self, hub: MemoryHub, namespace: str, name: str, redelivery_after: float) -> None:
+        self._hub = hub
+        self._queue = hub.store(namespace)
+        self._name = name
+        self._redelivery_after = redelivery_after
+
+    async def start(self) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass  # what this consumer holds is redelivered after the redelivery time, as on a crash
+
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        queue = self._queue
+        with anyio.move_on_after(wait):
+            while True:
+                now = anyio.current_time()
+                taken: list[StoredFrame] = []
+                for seq, (_, frame, since) in list(queue.pending.items()):
+                    if len(taken) >= max_frames:
+                        break
+                    if now - since >= self._redelivery_after:  # its holder is presumed dead
+                        queue.pending[seq] = (self._name, frame, now)
+                        taken.append(StoredFrame(frame, seq))
+                while queue.ready and len(taken) < max_frames:
+                    seq, frame = queue.ready.popleft()
+                    queue.pending[seq] = (self._name, frame, now)
+                    taken.append(StoredFrame(frame, seq))
+                if taken:
+                    return taken
+                arrived = queue.arrived
+                with anyio.move_on_after(self._redelivery_after if queue.pending else 3600):
+                    await arrived.wait()
+        return []
+
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        for item in frames:
+            self._queue.pending.pop(item.token, None)  # type: ignore[call-overload]
+
+    async def pending(self) -> int:
+        return len(self._queue.ready) + len(self._queue.pending)

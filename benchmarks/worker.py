@@ -1,0 +1,123 @@
+"""Storage worker throughput: messages/s from a backend's storage queue into a sink.
+
+    python benchmarks/worker.py
+    python benchmarks/worker.py --backends memory,redis --sinks sqlite,postgresql --n 20000
+
+For each backend and sink, ``--n`` persisted messages (100-byte payloads, 50 rooms) are
+published first (not timed); then ``--workers`` StorageWorkers (batch size ``--batch``) drain the
+queue, and the time from their start to an empty queue gives messages/s. Reported, not asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import anyio
+
+from roomrouter import Broker, RoomRouter
+from roomrouter.storage import Sink, StorageWorker, sink_from_url
+
+
+def _broker(name: str, args: argparse.Namespace) -> Broker:
+    from roomrouter._urls import broker_from_url
+
+    url = {"memory": "memory://bench-worker", "redis": args.redis_url, "rabbitmq": args.amqp_url}
+    return broker_from_url(url[name])
+
+
+def _sink(kind: str, args: argparse.Namespace, tag: str) -> Sink:
+    if kind == "sqlite":
+        return sink_from_url(f"sqlite:///{Path(args.tmp) / (tag + '.db')}")
+    return sink_from_url(f"{args.postgres_url}?table_prefix=bench_{tag}")
+
+
+async def run_one(backend: str, sink_kind: str, args: argparse.Namespace) -> float:
+    tag = uuid.uuid4().hex[:8]
+    namespace = f"bench-{tag}"
+    async with RoomRouter(_broker(backend, args), namespace=namespace, linger=0) as router:
+        rooms = [f"room-{i}" for i in range(50)]
+
+        async def publish(part: int) -> None:
+            for i in range(part, args.n, 32):
+                await router.publish(rooms[i % 50], b"p" * 100, persist=True)
+
+        async with anyio.create_task_group() as tg:
+            for part in range(32):
+                tg.start_soon(publish, part)
+        workers = [
+            StorageWorker(
+                _broker(backend, args).storage_consumer(namespace, f"w{i}"),
+                _sink(sink_kind, args, tag),
+                batch_size=args.batch,
+                max_delay=0.05,
+            )
+            for i in range(args.workers)
+        ]
+        probe = _broker(backend, args).storage_consumer(namespace, "probe")
+        async with probe:
+            t0 = time.perf_counter()
+            async with anyio.create_task_group() as tg:
+                for w in workers:
+                    tg.start_soon(w.run)
+                while await probe.pending() > 0:
+                    await anyio.sleep(0.01)
+                elapsed = time.perf_counter() - t0
+                for w in workers:
+                    w.stop()
+    written = sum(w.stats.written for w in workers)
+    if written != args.n:
+        print(f"    warning: {written} rows written for {args.n} messages")
+    if sink_kind == "postgresql":
+        await _drop_pg(args.postgres_url, f"bench_{tag}")
+    return args.n / elapsed
+
+
+async def _drop_pg(url: str, prefix: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        for table in ("messages", "meta"):
+            await conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table}")
+    finally:
+        await conn.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backends", default="memory,redis")
+    parser.add_argument("--sinks", default="sqlite,postgresql")
+    parser.add_argument("--n", type=int, default=20_000)
+    parser.add_argument("--batch", type=int, default=500)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--redis-url", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+    )
+    parser.add_argument(
+        "--amqp-url", default=os.environ.get("AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    )
+    parser.add_argument(
+        "--postgres-url",
+        default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        for backend in args.backends.split(","):
+            for sink in args.sinks.split(","):
+                print(f"running {backend} -> {sink} ...", flush=True)
+                rows.append((backend, sink, await run_one(backend, sink, args)))
+    print(f"\nn={args.n} batch={args.batch} workers={args.workers}")
+    print(f"{'backend':<10} {'sink':<11} {'msg/s':>10}")
+    for backend, sink, rate in rows:
+        print(f"{backend:<10} {sink:<11} {rate:>10,.0f}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)

@@ -1,0 +1,250 @@
+"""PostgreSQL sink, on an asyncpg connection pool (asyncio only: asyncpg has no trio support).
+
+A batch is written by one statement in one round trip: the columns travel as arrays and
+``INSERT ... SELECT FROM unnest(...) ON CONFLICT (id) DO NOTHING`` inserts the new ids. A single
+statement is its own transaction, so there is no ``BEGIN``/``COMMIT`` to pay for. The
+alternative, ``COPY`` into a temporary staging table and ``INSERT ... SELECT`` from it inside a
+transaction, was measured on loopback with 200-byte payloads: no faster for batches of 500
+(within noise, ~70k messages/s either way) and a quarter slower for batches of 100, with more
+moving parts, so unnest it is.
+
+Ids and rooms are stored with ``COLLATE "C"`` so that ``ORDER BY id`` and ``id > $1`` compare
+bytes, as the contract requires, instead of following the database's locale (under which, for
+instance, ``-`` may be ignored when comparing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import anyio
+
+from .._envelope import Envelope
+from .._errors import ConfigurationError, MissingDependency, SinkError
+from ._base import (
+    DEFAULT_TABLE_PREFIX,
+    SCHEMA_VERSION,
+    Sink,
+    check_history_limit,
+    check_schema_version,
+    check_table_prefix,
+    encode_headers,
+    row_to_envelope,
+)
+
+try:
+    import asyncpg
+except ImportError as exc:  # pragma: no cover - exercised in a test by hiding the module
+    raise MissingDependency("postgres", "asyncpg") from exc
+
+__all__ = ["PostgresSink"]
+
+_COLUMNS = "id, room, origin, ts, payload, headers"
+
+# Everything asyncpg raises: server errors, client/protocol errors, and the OSError /
+# TimeoutError of a connection that cannot be made or is lost. UnicodeError: a str holding a
+# lone surrogate cannot be encoded as UTF-8.
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+    UnicodeError,
+)
+
+
+class PostgresSink(Sink):
+    """Stores envelopes in PostgreSQL, in ``<table_prefix>_messages`` and ``<table_prefix>_meta``.
+
+    ``dsn`` is a libpq-style URL (``postgresql://user@host:5432/db``); the tables live in the
+    connection's current schema (set ``search_path`` through the DSN to choose another).
+    ``table_prefix`` isolates independent stores in one database, for instance one per test.
+    ``connect_timeout`` bounds each connection attempt and ``command_timeout`` each statement
+    (``None`` for no limit); the pool holds ``min_pool_size`` to ``max_pool_size`` connections.
+    """
+
+    name = "postgresql"
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        table_prefix: str = DEFAULT_TABLE_PREFIX,
+        min_pool_size: int = 1,
+        max_pool_size: int = 4,
+        connect_timeout: float = 10.0,
+        command_timeout: float | None = 30.0,
+    ) -> None:
+        if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
+            raise ConfigurationError(
+                f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
+                f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
+            )
+        self.dsn = dsn
+        self.table_prefix = check_table_prefix(table_prefix)
+        self.min_pool_size = min_pool_size
+        self.max_pool_size = max_pool_size
+        self.connect_timeout = connect_timeout
+        self.command_timeout = command_timeout
+        self._messages = f'"{self.table_prefix}_messages"'
+        self._meta = f'"{self.table_prefix}_meta"'
+        self._pool: Any = None
+        self._started = False
+        self._closed = False
+
+    async def start(self) -> None:
+        if self._closed or self._started:
+            raise SinkError("PostgresSink.start() may be called once, before aclose()")
+        self._started = True
+        try:
+            self._pool = await self._open()
+        finally:
+            self._started = self._pool is not None  # after a failure start() may try again
+
+    async def _open(self) -> Any:
+        try:
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=self.min_pool_size,
+                max_size=self.max_pool_size,
+                timeout=self.connect_timeout,
+                command_timeout=self.command_timeout,
+            )
+        except asyncpg.ClientConfigurationError as exc:
+            raise ConfigurationError(f"invalid PostgreSQL DSN: {exc}") from exc
+        except _DRIVER_ERRORS as exc:
+            raise SinkError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+        try:
+            async with pool.acquire() as conn, conn.transaction():
+                await self._ensure_schema(conn)
+        except BaseException as exc:
+            pool.terminate()  # not close(): it awaits, and this may be a cancellation
+            if isinstance(exc, _DRIVER_ERRORS):
+                raise SinkError(f"cannot set up PostgreSQL tables: {_describe(exc)}") from exc
+            raise
+        return pool
+
+    async def aclose(self) -> None:
+        self._closed = True
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        # Shielded: a cancelled aclose() must still release the server connections. close()
+        # waits for calls in flight to give their connection back.
+        with anyio.CancelScope(shield=True):
+            try:
+                await pool.close()
+            except _DRIVER_ERRORS as exc:
+                pool.terminate()
+                raise SinkError(f"error closing the PostgreSQL pool: {_describe(exc)}") from exc
+
+    async def write(self, envelopes: Sequence[Envelope]) -> int:
+        if not envelopes:
+            return 0
+        # Sorted by id: concurrent writers of overlapping batches then lock the conflicting
+        # index entries in the same order and cannot deadlock each other.
+        batch = sorted(envelopes, key=lambda e: e.id)
+        sql = (
+            f"INSERT INTO {self._messages} ({_COLUMNS}) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], "
+            "$5::bytea[], $6::text[]) ON CONFLICT (id) DO NOTHING"
+        )
+        status = await self._execute(
+            "execute",
+            sql,
+            [e.id for e in batch],
+            [e.room for e in batch],
+            [e.origin for e in batch],
+            [e.ts for e in batch],
+            [e.payload for e in batch],
+            [encode_headers(e.headers) for e in batch],
+        )
+        # The command tag of an INSERT is "INSERT <oid> <rows>".
+        return int(str(status).rsplit(" ", 1)[1])
+
+    async def history(
+        self,
+        room: str,
+        *,
+        before: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[Envelope]:
+        check_history_limit(limit)
+        where = ["room = $1"]
+        params: list[Any] = [room]
+        if after is not None:
+            params.append(after)
+            where.append(f"id > ${len(params)}")
+        if before is not None:
+            params.append(before)
+            where.append(f"id < ${len(params)}")
+        params.append(limit)
+        # Without `after` we want the newest `limit` rows: scan the index backwards, then put
+        # the page back in ascending order.
+        descending = after is None
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
+            f"ORDER BY id {'DESC' if descending else 'ASC'} LIMIT ${len(params)}"
+        )
+        rows = await self._execute("fetch", sql, *params)
+        if descending:
+            rows.reverse()
+        return [row_to_envelope(*row) for row in rows]
+
+    async def count(self, room: str | None = None) -> int:
+        if room is None:
+            value = await self._execute("fetchval", f"SELECT count(*) FROM {self._messages}")
+        else:
+            sql = f"SELECT count(*) FROM {self._messages} WHERE room = $1"
+            value = await self._execute("fetchval", sql, room)
+        return int(value)
+
+    async def latest_id(self, room: str) -> str | None:
+        sql = f"SELECT id FROM {self._messages} WHERE room = $1 ORDER BY id DESC LIMIT 1"
+        value = await self._execute("fetchval", sql, room)
+        return None if value is None else str(value)
+
+    async def _execute(self, method: str, sql: str, *args: Any) -> Any:
+        """Run ``pool.<method>(sql, *args)``, mapping driver errors to SinkError."""
+        pool = self._pool
+        if pool is None:
+            raise SinkError("the PostgreSQL sink is not started (or already closed)")
+        try:
+            return await getattr(pool, method)(sql, *args)
+        except _DRIVER_ERRORS as exc:
+            raise SinkError(f"PostgreSQL: {_describe(exc)}") from exc
+
+    async def _ensure_schema(self, conn: Any) -> None:
+        # The advisory lock serialises concurrent first starts: CREATE TABLE IF NOT EXISTS alone
+        # can still fail with a unique violation in pg_type when two sessions race.
+        await conn.execute(
+            "SELECT pg_advisory_xact_lock(hashtext($1))", f"roomrouter schema {self._meta}"
+        )
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._meta} (key text PRIMARY KEY, value text NOT NULL)"
+        )
+        value = await conn.fetchval(f"SELECT value FROM {self._meta} WHERE key = 'schema_version'")
+        if value is not None:
+            check_schema_version(value, f"PostgreSQL table {self._meta}")
+            return
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._messages} ("
+            'id text COLLATE "C" PRIMARY KEY, room text COLLATE "C" NOT NULL, '
+            "origin text NOT NULL, ts double precision NOT NULL, payload bytea NOT NULL, "
+            "headers text NOT NULL, stored_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await conn.execute(
+            f'CREATE INDEX IF NOT EXISTS "{self.table_prefix}_messages_room_id" '
+            f"ON {self._messages} (room, id)"
+        )
+        await conn.execute(
+            f"INSERT INTO {self._meta} (key, value) VALUES ('schema_version', $1)",
+            str(SCHEMA_VERSION),
+        )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
