@@ -13,7 +13,7 @@ import socket
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, ClassVar
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 
@@ -130,6 +130,8 @@ class ShardedRedisBackend(RedisBackend):
 class RabbitMQBackend(Backend):
     name = "rabbitmq"
     url = "amqp://guest:guest@127.0.0.1:5672/"
+    url_for_process = True
+    supports_storage = True
     #: RabbitMQ cannot count who heard a broadcast, so a starting node listens for the others'
     #: State for a window; a local broker answers within milliseconds.
     router_options: ClassVar[dict[str, object]] = {"discovery_window": 0.3}
@@ -138,10 +140,13 @@ class RabbitMQBackend(Backend):
         require_tcp("127.0.0.1", 5672, "RabbitMQ")
         require_tcp("127.0.0.1", 15672, "RabbitMQ management API (rabbitmq_management plugin)")
 
-    def broker(self) -> Broker:
+    def process_url(self, **query: object) -> str:
+        return self.url + ("?" + urlencode(query) if query else "")
+
+    def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.rabbitmq import RabbitMQBroker
 
-        return RabbitMQBroker.from_url(self.url)
+        return RabbitMQBroker.from_url(self.url, **options)
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
         # The bindings of this node's queue, read from RabbitMQ's management API. The router
@@ -159,12 +164,25 @@ class RabbitMQBackend(Backend):
 
     async def cleanup(self) -> None:
         # Node queues are exclusive and auto-delete: they vanish with their connections. The
-        # namespace's exchanges are durable and stay unless deleted.
+        # namespace's exchanges, its storage queue and its rooms' recent queues are durable and
+        # stay unless deleted. The management API lists queues as soon as they exist (only
+        # their message figures lag).
+        import re
+
         import aiormq
 
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+
+        prefix = f"rr.{self.namespace}."
+        listing = await RabbitMQBroker(self.url).management_request(
+            "/api/queues/%2F?columns=name&use_regex=true&name=" + quote("^" + re.escape(prefix))
+        )
+        queues = [q["name"] for q in listing if str(q.get("name", "")).startswith(prefix)]
         connection = await aiormq.connect(self.url)
         try:
             channel = await connection.channel()
+            for queue in queues:
+                await channel.queue_delete(queue)
             for kind in ("data", "control", "direct"):
                 await channel.exchange_delete(f"rr.{self.namespace}.{kind}")
         finally:

@@ -475,3 +475,131 @@ async def _delivery_resumes(publisher: RoomRouter, member: Any, room: str) -> No
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+# -- persistence ----------------------------------------------------------------------------------
+
+
+def test_persistent_properties_match_pamqp() -> None:
+    import pamqp.frame
+    from pamqp import commands
+    from pamqp.header import ContentHeader
+
+    from roomrouter.brokers.rabbitmq import _persistent_properties
+
+    body, key = b"x" * 10, routing_key("room")
+    bcc = ["~store", f"~recent.{key}"]
+    properties = commands.Basic.Properties(headers={"BCC": bcc}, delivery_mode=2)
+    expected = b"".join(
+        pamqp.frame.marshal(frame, 3)
+        for frame in (
+            commands.Basic.Publish(exchange="x", routing_key=key),
+            ContentHeader(0, len(body), properties),
+        )
+    )
+    wire = _publish_frames(
+        3, b"x", key.encode(), body, 4088, _persistent_properties([k.encode() for k in bcc])
+    )
+    assert wire.startswith(expected)
+
+
+async def _storage_ready(rabbit: RabbitMQBackend) -> int:
+    """Frames ready in the namespace's storage queue, read with a passive declare."""
+    connection = await aiormq.connect(AMQP)
+    try:
+        channel = await connection.channel()
+        ok = await channel.queue_declare(f"rr.{rabbit.namespace}.store", passive=True)
+        return int(ok.message_count or 0)
+    finally:
+        await connection.close()
+
+
+async def test_only_persisted_frames_reach_the_storage_queue(
+    rabbit: RabbitMQBackend, nodes: NodeFactory
+) -> None:
+    a, b = await nodes(2)
+    member = b.member("m")
+    await member.join("R")
+    await a.publish("R", b"live only")
+    await a.publish("R", b"live and kept", persist=True)
+    await a.publish("nobody-hosts-this", b"kept only", persist=True)
+    assert [e.payload for e in await receive_n(member, 2)] == [b"live only", b"live and kept"]
+    assert await _storage_ready(rabbit) == 2
+    assert a.stats()["broker_publishes"] == 2 and a.stats()["bypassed_publishes"] == 1
+    # The frame for a room nobody hosts went to no node queue at all.
+    assert b.stats()["broker_received"] == 2
+    assert await drain(member) == []
+    recent = await _broker(a).recent("nobody-hosts-this")
+    assert len(recent.frames) == 1 and not recent.truncated
+
+
+async def test_recent_is_not_consumed_by_reading_and_keeps_its_order(nodes: NodeFactory) -> None:
+    [a] = await nodes(1)
+    sent = [await a.publish("R", f"{i}".encode(), persist=True) for i in range(30)]
+    broker = _broker(a)
+    # Concurrent readers take turns on the exclusive consumer; each sees the whole cache.
+    results: list[list[bytes]] = []
+
+    async def read() -> None:
+        results.append((await broker.recent("R")).frames)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(read)
+    expected = [encode_envelope(e) for e in sent]
+    assert results == [expected] * 8
+    assert (await broker.recent("never-persisted")).frames == []
+
+
+async def test_recent_reports_truncation_once_the_cache_is_full(rabbit: RabbitMQBackend) -> None:
+    async with AsyncExitStack() as stack:
+        opts = {**TEST_ROUTER_OPTIONS, **rabbit.router_options}
+        a = await stack.enter_async_context(
+            RoomRouter(rabbit.broker(recent_size=5), namespace=rabbit.namespace, **opts)
+        )
+        broker = _broker(a)
+        for i in range(4):
+            await a.publish("R", f"{i}".encode(), persist=True)
+        assert not (await broker.recent("R")).truncated
+        for i in range(4, 9):
+            await a.publish("R", f"{i}".encode(), persist=True)
+        recent = await broker.recent("R")
+        assert recent.truncated and len(recent.frames) == 5
+        from roomrouter._envelope import decode_envelope
+
+        assert [decode_envelope(f).payload for f in recent.frames] == [
+            f"{i}".encode() for i in range(4, 9)
+        ]
+
+
+async def _fetch_n(consumer: Any, count: int) -> list[Any]:
+    """Exactly ``count`` frames: fetch hands out what has arrived once the first one is there."""
+    got: list[Any] = []
+    with anyio.fail_after(5):
+        while len(got) < count:
+            got += await consumer.fetch(count - len(got), wait=1)
+    assert len(got) == count
+    return got
+
+
+async def test_unacked_frames_are_redelivered_when_a_consumer_connection_closes(
+    rabbit: RabbitMQBackend, nodes: NodeFactory
+) -> None:
+    [a] = await nodes(1)
+    sent = [await a.publish("R", f"{i}".encode(), persist=True) for i in range(20)]
+    broker = rabbit.broker()
+    first = broker.storage_consumer(rabbit.namespace, "first")
+    second = broker.storage_consumer(rabbit.namespace, "second")
+    async with second:
+        async with first:
+            held = await _fetch_n(first, 20)
+            assert await second.fetch(20, wait=0.2) == []  # held by the first one
+        # The first consumer's connection closed without acking: RabbitMQ requeues at once.
+        got = await _fetch_n(second, 20)
+        assert sorted(f.frame for f in got) == sorted(encode_envelope(e) for e in sent)
+        await second.ack(got[:5])  # a contiguous prefix: one cumulative ack
+        await second.ack(got[10:])  # not contiguous: one ack each
+        await second.ack(got[5:10])
+        assert await second.pending() == 0
+        with pytest.raises(BrokerUnavailable):
+            await second.ack(held)  # from a connection that is gone

@@ -25,6 +25,33 @@ backoff; the subscriber side redeclares the queue (under a new name: the old exc
 linger until the server notices the dead connection), rebinds every held room and the control
 plane, consumes again, and only then calls ``on_reconnect``.
 
+Persistence. A persisted frame is *one* confirmed publish on the data exchange, with delivery
+mode 2 and a ``BCC`` header (RabbitMQ's sender-selected distribution: extra routing keys,
+stripped before delivery) naming ``~store`` and ``~recent.{room key}``. Its routing key is the
+room's key when other nodes host the room (their queues get it, as with ``publish``), else
+``~store``. RabbitMQ routes one message as a unit, so there is no state in which a frame was
+delivered live but not stored, and the publisher confirm comes only once every queue took it.
+Call order is send order, since it is the same confirm channel and outbox as ``publish``.
+
+* The *storage queue* ``rr.{ns}.store`` is a durable **quorum** queue bound to the data
+  exchange by ``~store`` (so it receives every persisted frame of every room, and no live-only
+  one). Quorum rather than classic: it is the one place a confirmed message must survive, and
+  a quorum queue replicates it across a RabbitMQ cluster, always writes to disk and confirms
+  only after a majority has it; classic queues are single-node (mirroring is deprecated). Nodes
+  declare it on every publisher (re)connect, workers on start.
+* The *recent cache* of a room is a durable classic queue ``rr.{ns}.recent.{room key}`` bound
+  by ``~recent.{room key}``, capped at ``recent_size + 1`` frames (``x-overflow: drop-head``)
+  and deleted after ``recent_ttl`` seconds unused. The publisher declares and binds it with
+  no-wait methods on its confirm channel just before the first persisted frame of the room
+  (and again every ``recent_ttl / 4``), so it costs no round trip and the frame behind it is
+  routed to it. It is read without being consumed; see :meth:`RabbitMQBroker.recent`. Classic,
+  not quorum: it is a cache, requeued frames must keep their places, and it is one per room.
+  (A stream per namespace would avoid a queue per room, but RabbitMQ < 3.13 cannot filter a
+  stream by room, so every read would scan the namespace's whole retained traffic.)
+* *Storage workers* consume the storage queue with manual acks (``_RabbitMQConsumer``). A dead
+  worker's unacknowledged frames are requeued by RabbitMQ the moment its connection closes, so
+  ``redelivery_after`` has nothing to do here.
+
 The client is aiormq, the AMQP layer under aio-pika (the ``rabbitmq`` extra). aio-pika's
 ``Exchange.publish`` holds the channel lock until each frame is written, and even aiormq's
 ``basic_publish`` costs one writer round and one ``send`` syscall per message; publishes are
@@ -42,7 +69,10 @@ import hashlib
 import json
 import logging
 import struct
-from collections.abc import Collection
+import time
+import uuid
+from collections import deque
+from collections.abc import Collection, Sequence
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
@@ -51,11 +81,20 @@ import anyio
 import anyio.abc
 import msgspec
 from aiormq.abc import AbstractChannel, AbstractConnection, ChannelFrame, DeliveredMessage
-from aiormq.exceptions import AMQPError, ChannelInvalidStateError, DeliveryError
+from aiormq.exceptions import (
+    AMQPError,
+    ChannelAccessRefused,
+    ChannelInvalidStateError,
+    ChannelLockedResource,
+    ChannelNotFoundEntity,
+    DeliveryError,
+)
+from pamqp import commands as pamqp_commands
+from pamqp import frame as pamqp_frame
 
 from .._envelope import decode_envelope
 from .._errors import BrokerUnavailable, ConfigurationError
-from ._base import Broker, BrokerContext
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RabbitMQBroker", "routing_key"]
 
@@ -65,6 +104,15 @@ _ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError, EOFError,
 _MAX_PLAIN_KEY = 200
 _MAX_WRITE = 256 * 1024
 _HASH_MARK = "~"
+# Persistence keys on the data exchange. Room keys are one word of base64url or ``~`` + 64 hex
+# digits, so neither of these can ever equal one.
+_STORE_KEY = b"~store"
+_SENTINEL = "roomrouter-recent-sentinel"
+
+
+def _recent_key(room_key: str) -> bytes:
+    """The binding key of a room's recent queue (two words: never a room key)."""
+    return b"~recent." + room_key.encode()
 
 
 def routing_key(name: str) -> str:
@@ -85,23 +133,45 @@ _CONTENT_HEADER = struct.Struct(">HHQH").pack  # class 60, weight 0, body size, 
 _PUBLISH_METHOD = b"\x00\x3c\x00\x28\x00\x00"  # class 60 (basic), method 40 (publish), ticket 0
 
 
-def _publish_frames(channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int) -> bytes:
-    """Wire bytes of one ``basic.publish`` (mandatory and immediate off, no properties)."""
+def _publish_frames(
+    channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int, properties: bytes = b""
+) -> bytes:
+    """Wire bytes of one ``basic.publish`` (mandatory and immediate off). ``properties`` is the
+    encoded property list after the flags (see :func:`_persistent_properties`); empty: none."""
     method = b"".join(
         (_PUBLISH_METHOD, bytes((len(exchange),)), exchange, bytes((len(key),)), key, b"\x00")
     )
+    if properties:
+        header = _CONTENT_HEADER(60, 0, len(body), _PERSISTENT_FLAGS) + properties
+    else:
+        header = _CONTENT_HEADER(60, 0, len(body), 0)
     parts = [
         _FRAME_HEAD(1, channel, len(method)),
         method,
         b"\xce",
-        _FRAME_HEAD(2, channel, 14),
-        _CONTENT_HEADER(60, 0, len(body), 0),
+        _FRAME_HEAD(2, channel, len(header)),
+        header,
         b"\xce",
     ]
     for start in range(0, len(body), max_body):
         chunk = body[start : start + max_body]
         parts += (_FRAME_HEAD(3, channel, len(chunk)), chunk, b"\xce")
     return b"".join(parts)
+
+
+# Persisted frames carry two properties: ``headers`` = {"BCC": [store key, recent key]} and
+# ``delivery-mode`` = 2 (persistent). Flags: bit 13 headers, bit 12 delivery mode.
+_PERSISTENT_FLAGS = 0x2000 | 0x1000
+_LONG = struct.Struct(">I").pack
+
+
+def _persistent_properties(bcc: list[bytes]) -> bytes:
+    """The property list of a persisted frame: a field table ``{"BCC": [keys...]}`` (RabbitMQ's
+    sender-selected distribution: extra routing keys, stripped before delivery), then delivery
+    mode 2. Tests compare it with pamqp's marshalling."""
+    items = b"".join(b"S" + _LONG(len(k)) + k for k in bcc)
+    entry = b"\x03BCC" + b"A" + _LONG(len(items)) + items
+    return _LONG(len(entry)) + entry + b"\x02"
 
 
 def _room_of_key(key: str) -> str | None:
@@ -141,12 +211,25 @@ class RabbitMQBroker(Broker):
         max_backoff: cap of the reconnect backoff, in seconds.
         queue_max_length: bound of the node's queue at RabbitMQ; when a node falls that far
             behind, the oldest frames are dropped (live delivery is at-most-once).
-        management_url: the management HTTP API (``broker_subscriptions``); defaults to
-            ``http://{host}:15672`` with the AMQP credentials.
+        management_url: the management HTTP API (``broker_subscriptions``, storage
+            ``pending``); defaults to ``http://{host}:15672`` with the AMQP credentials.
+        recent_size: frames kept per room in its recent-messages queue. Every node of a
+            namespace must use the same value (and ``recent_ttl``): RabbitMQ refuses to redeclare
+            a queue with other arguments.
+        recent_ttl: seconds after which an unused room's recent-messages queue is deleted
+            (``x-expires``; publishers redeclare it well before).
+        redelivery_after: accepted for symmetry with the other backends and ignored: RabbitMQ
+            hands a dead storage consumer's unacknowledged frames to another one as soon as its
+            connection closes (or its heartbeat times out).
+        storage_prefetch: unacknowledged frames one storage consumer may hold; it should be at
+            least the storage worker's batch size.
+        stats_interval: RabbitMQ's ``collect_statistics_interval`` in seconds (management API
+            figures are that old at most); see :meth:`StorageConsumer.pending`.
     """
 
     name = "rabbitmq"
     counts_receivers = False
+    supports_storage = True
 
     def __init__(
         self,
@@ -157,13 +240,22 @@ class RabbitMQBroker(Broker):
         max_backoff: float = 5.0,
         queue_max_length: int = 100_000,
         management_url: str | None = None,
+        recent_size: int = 1000,
+        recent_ttl: int = 86_400,
+        redelivery_after: float = 30.0,
+        storage_prefetch: int = 1000,
+        stats_interval: float = 5.0,
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps"):
             raise ConfigurationError(f"not an amqp:// or amqps:// URL: {url!r}")
-        if prefetch < 1 or operation_timeout <= 0 or max_backoff <= 0 or queue_max_length < 1:
+        if (
+            min(prefetch, queue_max_length, recent_size, recent_ttl, storage_prefetch) < 1
+            or min(operation_timeout, max_backoff, stats_interval) <= 0
+        ):
             raise ConfigurationError(
-                "prefetch and queue_max_length must be >= 1; timeouts must be > 0"
+                "prefetch, queue_max_length, recent_size, recent_ttl and storage_prefetch must "
+                "be >= 1; timeouts must be > 0"
             )
         query = dict(parse_qsl(parts.query))
         # A dead TCP connection is noticed after three missed heartbeats; aiormq's 60 s default
@@ -181,6 +273,11 @@ class RabbitMQBroker(Broker):
             management_url or f"http://{parts.hostname or '127.0.0.1'}:15672"
         ).rstrip("/")
         self.filtered = 0
+        self.recent_size = recent_size
+        self.recent_ttl = recent_ttl
+        self.redelivery_after = redelivery_after
+        self.storage_prefetch = storage_prefetch
+        self.stats_interval = stats_interval
 
         self._ctx: BrokerContext | None = None
         self._closed = False
@@ -206,11 +303,15 @@ class RabbitMQBroker(Broker):
         self._outbox: list[bytes] = []
         self._outbox_channel: aiormq.Channel | None = None
         self._flush_wake = anyio.Event()
+        # Recent-messages queues declared on ``_declared_channel``: room key -> when (monotonic).
+        self._declared: dict[str, float] = {}
+        self._declared_channel: aiormq.Channel | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
         """``amqp[s]://user:pass@host:port/vhost?prefetch=512&operation_timeout=5&max_backoff=5
-        &queue_max_length=100000&management_url=http://host:15672``."""
+        &queue_max_length=100000&management_url=http://host:15672&recent_size=1000
+        &recent_ttl=86400&redelivery_after=30&storage_prefetch=1000&stats_interval=5``."""
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         for key, convert in (
@@ -219,6 +320,11 @@ class RabbitMQBroker(Broker):
             ("max_backoff", float),
             ("queue_max_length", int),
             ("management_url", str),
+            ("recent_size", int),
+            ("recent_ttl", int),
+            ("redelivery_after", float),
+            ("storage_prefetch", int),
+            ("stats_interval", float),
         ):
             if key in query:
                 try:
@@ -251,6 +357,7 @@ class RabbitMQBroker(Broker):
         self._ctx = context
         ns = context.namespace
         self._data_x = _amqp_name("rr", ns, "data")
+        self._store_q = _amqp_name("rr", ns, "store")
         self._control_x = _amqp_name("rr", ns, "control")
         self._direct_x = _amqp_name("rr", ns, "direct")
         self._node_key = routing_key(context.node_id)
@@ -310,6 +417,9 @@ class RabbitMQBroker(Broker):
         try:
             with anyio.fail_after(self.operation_timeout):
                 channel = await conn.channel(publisher_confirms=True)
+                # The storage queue exists before the first persisted frame can be confirmed:
+                # a frame routed to no storage queue would be confirmed and lost.
+                await _declare_storage(channel, self._data_x, self._store_q)
             # The concrete class: _send registers confirmations on it directly.
             assert isinstance(channel, aiormq.Channel) and channel.publisher_confirms
         except BaseException as exc:
@@ -553,8 +663,10 @@ class RabbitMQBroker(Broker):
             await self._publish(self._direct_xb, routing_key(to), frame)
         return None
 
-    async def _publish(self, exchange: bytes, key: str, frame: bytes) -> None:
-        confirmation = self._send(exchange, key, frame)
+    async def _publish(
+        self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
+    ) -> None:
+        confirmation = self._send(exchange, key, frame, persist_key)
         try:
             async with asyncio.timeout(self.operation_timeout):
                 await confirmation
@@ -572,8 +684,14 @@ class RabbitMQBroker(Broker):
                 raise
             raise BrokerUnavailable(f"RabbitMQ publish failed: {exc!r}") from exc
 
-    def _send(self, exchange: bytes, key: str, frame: bytes) -> asyncio.Future[Any]:
+    def _send(
+        self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
+    ) -> asyncio.Future[Any]:
         """Register one publish on the confirm channel and queue its wire bytes; no await.
+
+        With ``persist_key`` (a room's routing key) the frame is persistent and also routed to
+        the storage queue and that room's recent-messages queue, which is declared and bound
+        first (no-wait, on this channel, so in order) if this channel has not done so lately.
 
         This is what aiormq's ``basic_publish`` does, minus its per-message channel lock and
         write round trip: the delivery tag is taken and the bytes are queued in call order, and
@@ -587,11 +705,17 @@ class RabbitMQBroker(Broker):
             # Bytes for an older channel must never reach a new connection (their delivery tags
             # belong to the old channel, whose close already failed their confirmations).
             self._outbox, self._outbox_channel = [], channel
+        properties = b""
+        if persist_key is not None:
+            self._outbox.extend(self._declare_recent(channel, persist_key))
+            properties = _persistent_properties([_STORE_KEY, _recent_key(persist_key)])
         confirmation = channel.create_future()
         channel.delivery_tag += 1
         channel.confirmations[channel.delivery_tag] = confirmation
         self._outbox.append(
-            _publish_frames(channel.number, exchange, key.encode(), frame, self._max_body)
+            _publish_frames(
+                channel.number, exchange, key.encode(), frame, self._max_body, properties
+            )
         )
         self._flush_wake.set()
         return confirmation
@@ -631,6 +755,146 @@ class RabbitMQBroker(Broker):
         if self._pub_broken is not None and not self._pub_broken.done():
             self._pub_broken.set_result(None)
 
+    # -- persistence ----------------------------------------------------------------------------
+    # See "Persistence" in the module docstring.
+
+    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+        """One confirmed, persistent publish on the data exchange: with the room's routing key
+        if ``live`` (node queues bound to the room get it), else with the storage key only;
+        either way its BCC header routes it to the storage queue and the room's recent queue.
+        RabbitMQ routes one message atomically, so the three deliveries happen together, and
+        the confirmation comes once every queue accepted it (the storage queue durably)."""
+        key = routing_key(room)
+        await self._publish(self._data_xb, key if live else _STORE_KEY.decode(), frame, key)
+
+    def _recent_queue(self, key: str) -> str:
+        assert self._ctx is not None
+        return _amqp_name("rr", self._ctx.namespace, "recent", key)
+
+    def _declare_recent(self, channel: aiormq.Channel, key: str) -> list[bytes]:
+        """Wire bytes of a no-wait declare and bind of the room's recent queue, unless this
+        channel did that less than a quarter of ``recent_ttl`` ago (redeclaring renews the
+        queue's ``x-expires`` lease; publishing alone does not)."""
+        if self._declared_channel is not channel:
+            self._declared, self._declared_channel = {}, channel
+        now = time.monotonic()
+        renew = self.recent_ttl / 4
+        last = self._declared.get(key)
+        if last is not None and now - last < renew:
+            return []
+        if len(self._declared) >= 100_000:  # bounded: forget rooms not published lately
+            self._declared = {k: t for k, t in self._declared.items() if now - t < renew}
+        self._declared[key] = now
+        queue = self._recent_queue(key)
+        arguments: dict[str, Any] = {
+            # One more than the cache size: see recent() for why this keeps truncation honest.
+            "x-max-length": self.recent_size + 1,
+            "x-overflow": "drop-head",
+            "x-expires": self.recent_ttl * 1000,
+        }
+        return [
+            pamqp_frame.marshal(
+                pamqp_commands.Queue.Declare(
+                    queue=queue, durable=True, nowait=True, arguments=arguments
+                ),
+                channel.number,
+            ),
+            pamqp_frame.marshal(
+                pamqp_commands.Queue.Bind(
+                    queue=queue,
+                    exchange=self._data_x,
+                    routing_key=_recent_key(key).decode(),
+                    nowait=True,
+                ),
+                channel.number,
+            ),
+        ]
+
+    async def recent(self, room: str) -> RecentFrames:
+        """Read the room's recent queue without consuming it.
+
+        The reader takes the queue as its *exclusive* consumer (RabbitMQ refuses a second one:
+        concurrent readers take turns, each retrying within the operation timeout), publishes a
+        sentinel into it, collects every frame delivered before the sentinel, acknowledges only
+        the sentinel and closes its channel: RabbitMQ puts the frames back in their places.
+
+        ``truncated``: the queue holds at most ``recent_size + 1`` frames and drops the oldest
+        beyond that. Holding ``recent_size`` or more therefore means older frames exist or were
+        dropped (the sentinel itself can push out one frame of a full queue), so the answer is
+        True then — conservatively when exactly ``recent_size`` were ever published.
+        """
+        if self._ctx is None:
+            raise BrokerUnavailable("RabbitMQ broker is not started")
+        queue = self._recent_queue(routing_key(room))
+        deadline = anyio.current_time() + self.operation_timeout
+        delay = 0.002
+        while True:
+            conn = self._sub_conn
+            if conn is None or conn.is_closed:
+                raise BrokerUnavailable("RabbitMQ subscriber connection is down")
+            try:
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0.001)):
+                    frames = await self._read_recent(conn, queue)
+            except ChannelNotFoundEntity:
+                return RecentFrames([], truncated=False)  # nothing persisted lately
+            except (ChannelAccessRefused, ChannelLockedResource) as exc:
+                if anyio.current_time() + delay >= deadline:
+                    raise BrokerUnavailable(f"recent queue of {room!r} stayed locked") from exc
+                await anyio.sleep(delay)  # another reader holds it for a few milliseconds
+                delay = min(delay * 2, 0.05)
+                continue
+            except (*_ERRORS, asyncio.CancelledError) as exc:
+                if _really_cancelled():
+                    raise
+                raise BrokerUnavailable(f"reading the recent queue failed: {exc!r}") from exc
+            return RecentFrames(
+                frames[-self.recent_size :], truncated=len(frames) >= self.recent_size
+            )
+
+    async def _read_recent(self, conn: AbstractConnection, queue: str) -> list[bytes]:
+        channel = await conn.channel(publisher_confirms=False)
+        try:
+            await channel.basic_qos(prefetch_count=self.recent_size + 16)
+            token = uuid.uuid4().hex
+            frames: list[bytes] = []
+            strays: list[int] = []
+            mine: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+            async def on_message(message: DeliveredMessage) -> None:
+                # Runs synchronously in delivery order (aiormq: one task each, in order).
+                props = message.header.properties
+                tag = getattr(message.delivery, "delivery_tag", 0)
+                if props.message_type == _SENTINEL:
+                    if props.message_id == token and not mine.done():
+                        mine.set_result(tag)
+                    elif not mine.done():
+                        strays.append(tag)  # a reader that died before acking its own
+                elif not mine.done():
+                    frames.append(message.body)
+
+            await channel.basic_consume(queue, on_message, exclusive=True, no_ack=False)
+            await channel.basic_publish(
+                b"",
+                routing_key=queue,
+                properties=pamqp_commands.Basic.Properties(
+                    message_id=token, message_type=_SENTINEL
+                ),
+            )
+            tag = await mine
+            for stray in strays:
+                await channel.basic_ack(stray)
+            await channel.basic_ack(tag)
+            return frames
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(self.operation_timeout):
+                try:
+                    await channel.close()  # the frames go back to their places
+                except (*_ERRORS, asyncio.CancelledError):
+                    pass
+
+    def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
+        return _RabbitMQConsumer(self, namespace, consumer)
+
     # -- introspection (tests, inspect) ---------------------------------------------------------
 
     async def broker_subscriptions(self) -> frozenset[str]:
@@ -658,6 +922,202 @@ class RabbitMQBroker(Broker):
                 )
         except TimeoutError as exc:
             raise BrokerUnavailable(f"RabbitMQ management API timed out on {path}") from exc
+
+
+async def _declare_storage(channel: AbstractChannel, exchange: str, queue: str) -> None:
+    """Declare the data exchange and the namespace's storage queue bound to it by the storage
+    key (idempotent; nodes and storage workers both do it, whoever comes first)."""
+    await channel.exchange_declare(exchange, exchange_type="topic", durable=True)
+    await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.queue_bind(queue, exchange, routing_key=_STORE_KEY.decode())
+
+
+class _RabbitMQConsumer(StorageConsumer):
+    """A competing consumer of the storage queue on its own connection, with manual acks.
+
+    It consumes lazily, on the first :meth:`fetch` (a consumer used only for :meth:`pending`
+    takes nothing). RabbitMQ pushes up to ``storage_prefetch`` frames ahead; they wait in a
+    local buffer until fetched. When the connection dies, RabbitMQ requeues everything this
+    consumer held unacknowledged and hands it to the others at once; the next ``fetch``
+    reconnects, and frames of the old connection are dropped from the buffer (they are
+    redelivered) and can no longer be acknowledged.
+    """
+
+    def __init__(self, broker: RabbitMQBroker, namespace: str, name: str) -> None:
+        self._broker = broker
+        self._name = name
+        self._queue = _amqp_name("rr", namespace, "store")
+        self._exchange = _amqp_name("rr", namespace, "data")
+        self._conn: AbstractConnection | None = None
+        self._ch: AbstractChannel | None = None
+        self._generation = 0
+        self._consuming = False
+        self._buffer: deque[tuple[bytes, int]] = deque()
+        self._fetched: list[int] = []  # delivery tags handed out and not acknowledged, in order
+        self._wake = asyncio.Event()
+
+    async def start(self) -> None:
+        await self._connect()
+
+    async def aclose(self) -> None:
+        conn, self._conn, self._ch = self._conn, None, None
+        self._consuming = False
+        if conn is not None:
+            await self._broker._quiet_close(conn)
+
+    async def _connect(self) -> None:
+        broker = self._broker
+        url = (
+            broker._url
+            + ("&" if "?" in broker._url else "?")
+            + urlencode({"name": f"roomrouter worker {self._name}"})
+        )
+        conn = aiormq.Connection(url)
+        try:
+            with anyio.fail_after(broker.operation_timeout):
+                await conn.connect()
+                channel = await conn.channel(publisher_confirms=False)
+                await channel.basic_qos(prefetch_count=broker.storage_prefetch)
+                await _declare_storage(channel, self._exchange, self._queue)
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await broker._quiet_close(conn)
+            if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
+                raise BrokerUnavailable(f"cannot reach the storage queue: {exc!r}") from exc
+            raise
+        # The server cancels the consumer if the queue is deleted: consume again next fetch.
+        channel.on_consumer_cancel_callbacks.add(lambda _: self._stop_consuming())
+        self._conn, self._ch = conn, channel
+        self._generation += 1
+        self._consuming = False
+        self._buffer.clear()
+        self._fetched.clear()
+
+    def _stop_consuming(self) -> None:
+        self._consuming = False
+        self._wake.set()
+
+    async def _channel(self) -> AbstractChannel:
+        conn, channel = self._conn, self._ch
+        if conn is None or channel is None or conn.is_closed or channel.is_closed:
+            if conn is not None:
+                await self._broker._quiet_close(conn)
+            self._conn = self._ch = None
+            await self._connect()
+            assert self._ch is not None
+            channel = self._ch
+        return channel
+
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        channel = await self._channel()
+        if not self._consuming:
+            generation = self._generation
+
+            async def on_message(message: DeliveredMessage) -> None:
+                if generation == self._generation:
+                    tag = getattr(message.delivery, "delivery_tag", 0)
+                    self._buffer.append((message.body, tag))
+                    self._wake.set()
+
+            try:
+                with anyio.fail_after(self._broker.operation_timeout):
+                    await channel.basic_consume(self._queue, on_message, no_ack=False)
+            except (*_ERRORS, asyncio.CancelledError) as exc:
+                if _really_cancelled():
+                    raise
+                raise BrokerUnavailable(f"cannot consume the storage queue: {exc!r}") from exc
+            self._consuming = True
+        if not self._buffer:
+            self._wake.clear()
+            # Until a frame arrives, the channel closes, or ``wait`` is over.
+            waiter = asyncio.ensure_future(self._wake.wait())
+            closing = channel.closing
+            try:
+                await asyncio.wait((waiter, closing), timeout=wait, return_when="FIRST_COMPLETED")
+            finally:
+                waiter.cancel()
+                closing.cancel()  # only stops this observer
+        out: list[StoredFrame] = []
+        token_of = self._generation
+        while self._buffer and len(out) < max_frames:
+            body, tag = self._buffer.popleft()
+            self._fetched.append(tag)
+            out.append(StoredFrame(body, (token_of, tag)))
+        return out
+
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        if not frames:
+            return
+        tokens = [f.token for f in frames]
+        channel = self._ch
+        if (
+            channel is None
+            or channel.is_closed
+            or any(not isinstance(t, tuple) or t[0] != self._generation for t in tokens)
+        ):
+            raise BrokerUnavailable(
+                "the storage queue connection these frames came from is gone; "
+                "RabbitMQ redelivers them"
+            )
+        tags = sorted(t[1] for t in tokens if isinstance(t, tuple))
+        try:
+            if tags == self._fetched[: len(tags)]:
+                # Everything handed out up to the highest tag: one cumulative ack.
+                await channel.basic_ack(tags[-1], multiple=True)
+                del self._fetched[: len(tags)]
+            else:
+                for tag in tags:
+                    await channel.basic_ack(tag)
+                acked = set(tags)
+                self._fetched = [t for t in self._fetched if t not in acked]
+        except _ERRORS as exc:
+            raise BrokerUnavailable(f"storage queue ack failed: {exc!r}") from exc
+
+    async def pending(self) -> int:
+        """Frames ready in the storage queue plus frames consumers hold unacknowledged.
+
+        AMQP reports only the ready count (exactly, from a passive declare), and what this
+        consumer holds is known here. What *other* consumers hold comes from the management
+        API, whose figures are up to one statistics interval old. A zero from it is therefore
+        believed only after watching it for longer than one interval while nothing is ready,
+        so an answer of 0 is never stale; such a call takes ``stats_interval`` seconds or more.
+        """
+        broker = self._broker
+        ready, consumers = await self._declare_passive()
+        own = len(self._buffer) + len(self._fetched)
+        others = consumers - (1 if self._consuming else 0)
+        if others <= 0:
+            return ready + own
+        path = f"/api/queues/{quote(broker.vhost, safe='')}/{quote(self._queue, safe='')}"
+        if ready > 0:
+            info = await broker.management_request(path)
+            return ready + own + int(info.get("messages_unacknowledged") or 0)
+        start = anyio.current_time()
+        seen = False
+        while True:
+            info = await broker.management_request(path)
+            if "messages" in info:
+                seen = True
+                if int(info["messages"]):
+                    return int(info["messages"]) + own
+            elapsed = anyio.current_time() - start
+            if seen and elapsed > broker.stats_interval * 1.5:
+                ready, _ = await self._declare_passive()
+                return ready + own
+            if elapsed > broker.stats_interval * 4:
+                raise BrokerUnavailable("the management API has no figures for the storage queue")
+            await anyio.sleep(0.25)
+
+    async def _declare_passive(self) -> tuple[int, int]:
+        channel = await self._channel()
+        try:
+            with anyio.fail_after(self._broker.operation_timeout):
+                ok = await channel.queue_declare(self._queue, passive=True)
+        except (*_ERRORS, asyncio.CancelledError) as exc:
+            if _really_cancelled():
+                raise
+            raise BrokerUnavailable(f"cannot inspect the storage queue: {exc!r}") from exc
+        return int(ok.message_count or 0), int(ok.consumer_count or 0)
 
 
 async def _bind(channel: AbstractChannel, queue: str, exchange: str, keys: list[str]) -> None:
