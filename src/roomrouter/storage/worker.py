@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 
 import anyio
@@ -35,6 +37,11 @@ class WorkerStats:
     dropped_decode: int = 0
     sink_errors: int = 0
     queue_errors: int = 0
+
+
+async def _shielded(close: Callable[[], Awaitable[None]]) -> None:
+    with anyio.CancelScope(shield=True):
+        await close()
 
 
 class StorageWorker:
@@ -94,7 +101,13 @@ class StorageWorker:
         self._stopping = True
 
     async def run(self) -> None:
-        async with self.consumer, self.sink:
+        async with AsyncExitStack() as stack:
+            # Closing is shielded: a cancelled (crashed-in-test, or shut-down) worker must still
+            # release its connections; what it held unacknowledged is redelivered anyway.
+            stack.push_async_callback(_shielded, self.consumer.aclose)
+            await self.consumer.start()
+            stack.push_async_callback(_shielded, self.sink.aclose)
+            await self.sink.start()
             while not self._stopping:
                 batch = await self._collect()
                 if batch:
