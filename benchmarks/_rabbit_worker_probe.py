@@ -75,7 +75,7 @@ async def main(n: int, batch_size: int, workers: int, concurrency: int) -> None:
             async with anyio.create_task_group() as tg:
                 for worker in running:
                     tg.start_soon(worker.run)
-                while _rows(path) < n:  # noqa: ASYNC110 (polls the SQLite file)
+                while _rows(path) < n:
                     await anyio.sleep(0.05)
                 elapsed = time.perf_counter() - start
                 for worker in running:
