@@ -46,6 +46,8 @@ class Backend:
     #: True if the backend has a storage queue and a recent cache (persistence tests run on it);
     #: its ``broker(**options)`` then accepts ``recent_size`` and ``redelivery_after``.
     supports_storage: ClassVar[bool] = False
+    #: Seconds before a dead storage worker's frames go to another worker, in tests.
+    redelivery_after: ClassVar[float] = 0.5
     #: True if nodes of this backend can live in other processes (see :meth:`process_url`).
     url_for_process: ClassVar[bool] = False
 
@@ -196,6 +198,9 @@ class KafkaBackend(Backend):
     name = "kafka"
     topic_prefix = "rrtest"
     url_for_process = True
+    supports_storage = True
+    #: The storage group's session timeout; Apache Kafka refuses less than 6 s by default.
+    redelivery_after: ClassVar[float] = 6.0
     _bootstrap: str | None = None
     #: Fast probes so a lost broker is noticed quickly; few partitions keep Tansu light.
     broker_options: ClassVar[dict[str, object]] = {
@@ -236,13 +241,13 @@ class KafkaBackend(Backend):
         options = {"topic_prefix": self.topic_prefix, **self.broker_options, **query}
         return f"kafka://{self.bootstrap}?{urlencode(options)}"
 
-    def broker(self) -> Broker:
+    def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.kafka import KafkaBroker
 
         return KafkaBroker(
             self.bootstrap,
             topic_prefix=self.topic_prefix,
-            **self.broker_options,  # type: ignore[arg-type]
+            **{**self.broker_options, **options},  # type: ignore[arg-type]
         )
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:

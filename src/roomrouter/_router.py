@@ -349,6 +349,9 @@ class RoomRouter:
     async def _recover_since(self, room: str, since: str) -> tuple[list[Envelope], bool]:
         """Stored messages of ``room`` after ``since`` (sink pages + recent cache), and whether
         that is provably all of them."""
+        # The cache is read first: what it no longer holds was stored by the time it was read
+        # (when the backend says it is not truncated), so the sink, read afterwards, has it.
+        cached = await self._recent(room)
         stored: list[Envelope] = []
         if self.sink is not None:
             cursor = since
@@ -360,7 +363,6 @@ class RoomRouter:
                     break
                 cursor = page[-1].id
         complete = len(stored) < self.max_recover
-        cached = await self._recent(room)
         recent = [e for e in cached.envelopes if e.id > since]
         if cached.truncated and complete:
             # The cache lost its oldest entries. It still proves the window complete if it

@@ -144,7 +144,11 @@ class Broker(ABC):
 @dataclass(frozen=True, slots=True)
 class RecentFrames:
     """What a room's recent cache holds. ``truncated`` is True if older frames were evicted
-    (the cache is capped), so the cache alone no longer reaches back to the room's start."""
+    (the cache is capped), so the cache alone no longer reaches back to the room's start.
+
+    A backend that knows what the storage workers have committed (Kafka: the group's offsets)
+    may say False when every evicted frame was stored *before* this read: the router reads the
+    sink after the cache, so cache and sink together are then complete."""
 
     frames: list[bytes]
     truncated: bool

@@ -63,6 +63,15 @@ holds every fetch for the full wait, so there it is the latency: measured on one
 ~250 ms. The price of 10 ms is ~100 fetch requests per second per idle node (~5% of a core
 with Tansu); on Apache Kafka ``?fetch_max_wait_ms=500`` keeps the latency and drops that cost.
 
+**Holes.** Tansu can serve records past an offset that is not readable yet (several producers
+appending to one partition). The reader accepts records only in offset order and seeks back to
+a hole until it fills (``_kafka_common.OffsetGuard``), so no live frame is skipped for good.
+
+**Storage** (``_kafka_storage``): the data topic is also the storage queue and the recent cache.
+A persisted frame is one record flagged with a header; storage workers are the consumer group
+``{prefix}.{namespace}.store`` and commit after the sink did; ``recent(room)`` reads the room's
+partition backwards from a fresh marker.
+
 **Faults.** aiokafka reconnects sockets on its own but cannot tell a broker that restarted
 with an empty log (Tansu's memory storage, or topics deleted) from one that is merely quiet: a
 fetch beyond the end of a recreated partition just comes back empty. So every
@@ -77,8 +86,6 @@ while the node was cut off are lost (live delivery is at-most-once).
 from __future__ import annotations
 
 import asyncio
-import functools
-import hashlib
 import logging
 import re
 from collections import deque
@@ -89,24 +96,28 @@ from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError
-from aiokafka.partitioner import murmur2
 
 from .._errors import BrokerUnavailable, ConfigurationError
-from ._base import Broker, BrokerContext
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
+from ._kafka_common import (
+    ERRORS,
+    LEGAL_TOPIC,
+    STORED_HEADERS,
+    OffsetGuard,
+    ensure_topics,
+    names,
+    partition,
+    quiet_stop,
+    retrieve,
+)
+from ._kafka_storage import KafkaStorageConsumer, open_admin, open_reader, scan_recent
 
 __all__ = ["KafkaBroker"]
 
 log = logging.getLogger("roomrouter.kafka")
 
-# aiokafka raises its own KafkaError tree, OSError from sockets, and AssertionError when asked
-# for a partition its metadata does not (yet) know.
-_ERRORS = (KafkaError, OSError, TimeoutError, AssertionError)
-_TOPIC_EXISTS = 36  # TOPIC_ALREADY_EXISTS
+_ERRORS = ERRORS
 _BROADCAST = b"*"
-_CONTROL_RETENTION_MS = 3_600_000
-_LEGAL_TOPIC = re.compile(r"[A-Za-z0-9_-]{1,180}")
 
 
 @dataclass(slots=True, eq=False)
@@ -117,6 +128,7 @@ class _Send:
     key: bytes
     value: bytes
     deadline: float
+    stored: bool = False  # also a storage-queue record (carries STORED_HEADERS)
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
     abandoned: bool = False  # the caller gave up: do not send it any more
@@ -143,6 +155,11 @@ class _Session:
     consumer: Any
     partitions: int  # of the data topic, as the broker reports it
     control_tp: TopicPartition
+    # Opened on first use by recent(): a second, group-less consumer that scans a partition
+    # backwards without disturbing the live reader's positions, and an admin client that reads
+    # the storage group's committed offsets.
+    history: Any = None
+    admin: Any = None
 
 
 class _SessionLost(Exception):
@@ -158,10 +175,17 @@ class KafkaBroker(Broker):
     call), ``max_backoff`` (reconnect), ``health_interval`` (seconds between probes),
     ``topic_prefix``, ``replication_factor`` (of created topics), ``client_options`` (extra
     keyword arguments for the aiokafka clients, e.g. security settings).
+
+    Persistence (see "Storage" in the module docstring): ``recent_size`` (frames per room the
+    recent-messages read returns at most), ``recent_scan`` (records per partition it reads at
+    most), ``redelivery_after`` (seconds: the storage group's session timeout, after which a
+    silent worker's partitions go to the others; brokers enforce a minimum, 6 s by default on
+    Apache Kafka).
     """
 
     name = "kafka"
     counts_receivers = False
+    supports_storage = True
 
     def __init__(
         self,
@@ -177,6 +201,9 @@ class KafkaBroker(Broker):
         topic_prefix: str = "roomrouter",
         replication_factor: int = 1,
         client_options: dict[str, Any] | None = None,
+        recent_size: int = 1000,
+        recent_scan: int = 10_000,
+        redelivery_after: float = 10.0,
     ) -> None:
         if acks not in ("all", 1, -1):
             raise ConfigurationError(
@@ -189,8 +216,10 @@ class KafkaBroker(Broker):
             raise ConfigurationError("need 0 <= linger_ms <= 1000 and 0 <= fetch_max_wait_ms")
         if operation_timeout <= 0 or health_interval <= 0 or max_backoff <= 0:
             raise ConfigurationError("timeouts and intervals must be > 0")
-        if not _LEGAL_TOPIC.fullmatch(topic_prefix):
-            raise ConfigurationError(f"topic_prefix must match {_LEGAL_TOPIC.pattern}")
+        if recent_size < 1 or recent_scan < 1 or redelivery_after <= 0:
+            raise ConfigurationError("recent_size, recent_scan and redelivery_after must be > 0")
+        if not LEGAL_TOPIC.fullmatch(topic_prefix):
+            raise ConfigurationError(f"topic_prefix must match {LEGAL_TOPIC.pattern}")
         if isinstance(bootstrap_servers, str):
             bootstrap_servers = [s for s in bootstrap_servers.split(",") if s]
         self.bootstrap_servers = list(bootstrap_servers)
@@ -204,8 +233,14 @@ class KafkaBroker(Broker):
         self.topic_prefix = topic_prefix
         self.replication_factor = replication_factor
         self.client_options = dict(client_options or {})
+        self.recent_size = recent_size
+        self.recent_scan = recent_scan
+        self.redelivery_after = redelivery_after
         #: Records of hosted rooms dropped because they were older than the room's join.
         self.skipped_before_join = 0
+        #: Keeps the live reader's partitions contiguous (its counters: holes waited for,
+        #: offsets given up on).
+        self.offset_guard = OffsetGuard(patience=operation_timeout)
 
         self._ctx: BrokerContext | None = None
         self._session: _Session | None = None
@@ -219,12 +254,14 @@ class KafkaBroker(Broker):
         self._send_wake = anyio.Event()
         self._probe_seen = 0
         self._probe_event = anyio.Event()
+        self._history_lock = anyio.Lock()  # one recent() scan at a time per node
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaBroker:
         """``kafka://host:port[,host:port][?partitions=16&acks=all&linger_ms=1&
         fetch_max_wait_ms=10&operation_timeout=5&max_backoff=5&health_interval=1&
-        topic_prefix=roomrouter&replication_factor=1]``; a host without port gets 9092."""
+        topic_prefix=roomrouter&replication_factor=1&recent_size=1000&recent_scan=10000&
+        redelivery_after=10]``; a host without port gets 9092."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "kafka":
             raise ConfigurationError(f"not a kafka:// URL: {url!r}")
@@ -246,6 +283,9 @@ class KafkaBroker(Broker):
             "health_interval": float,
             "topic_prefix": str,
             "replication_factor": int,
+            "recent_size": int,
+            "recent_scan": int,
+            "redelivery_after": float,
         }
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             convert = converters.get(key)
@@ -262,11 +302,13 @@ class KafkaBroker(Broker):
     @staticmethod
     def topic_names(namespace: str, topic_prefix: str = "roomrouter") -> tuple[str, str]:
         """The (data, control) topic names of ``namespace``."""
-        name = namespace
-        if not _LEGAL_TOPIC.fullmatch(namespace):
-            digest = hashlib.sha256(namespace.encode()).hexdigest()[:12]
-            name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:120] + "-" + digest
-        return f"{topic_prefix}.{name}.data", f"{topic_prefix}.{name}.control"
+        data, control, _ = names(namespace, topic_prefix)
+        return data, control
+
+    @staticmethod
+    def storage_group(namespace: str, topic_prefix: str = "roomrouter") -> str:
+        """The consumer group of ``namespace``'s storage workers."""
+        return names(namespace, topic_prefix)[2]
 
     def partition_for(self, room: str) -> int:
         """The data partition that holds ``room`` (as of the current connection)."""
@@ -274,13 +316,22 @@ class KafkaBroker(Broker):
 
     def _partition_of(self, key: bytes) -> int:
         count = self._session.partitions if self._session is not None else self.partitions
-        return _partition(key, count)
+        return partition(key, count)
+
+    def client_options_with(self, client_id: str) -> dict[str, Any]:
+        """Keyword arguments for one more aiokafka client of this broker's configuration."""
+        return {
+            "bootstrap_servers": self.bootstrap_servers,
+            "client_id": client_id,
+            "request_timeout_ms": int(self.operation_timeout * 1000),
+            **self.client_options,
+        }
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, context: BrokerContext) -> None:
         self._ctx = context
-        self._data_topic, self._control_topic = self.topic_names(
+        self._data_topic, self._control_topic, self._storage_group = names(
             context.namespace, self.topic_prefix
         )
         self._direct_key = b"@" + context.node_id.encode()
@@ -315,12 +366,7 @@ class KafkaBroker(Broker):
     async def _connect(self, limit: float | None = None) -> None:
         """Open a session: topics, clients, control partition entered, rooms restored.
         Takes at most ``limit`` seconds (default: the operation timeout)."""
-        options = {
-            "bootstrap_servers": self.bootstrap_servers,
-            "client_id": self._client_id,
-            "request_timeout_ms": int(self.operation_timeout * 1000),
-            **self.client_options,
-        }
+        options = self.client_options_with(self._client_id)
         try:
             producer = AIOKafkaProducer(
                 acks=self.acks,
@@ -341,7 +387,13 @@ class KafkaBroker(Broker):
         session: _Session | None = None
         try:
             with anyio.fail_after(self.operation_timeout if limit is None else limit):
-                partitions = await self._ensure_topics(options)
+                partitions = await ensure_topics(
+                    options,
+                    self._data_topic,
+                    self._control_topic,
+                    self.partitions,
+                    self.replication_factor,
+                )
                 await producer.start()
                 await consumer.start()
                 session = _Session(
@@ -351,50 +403,12 @@ class KafkaBroker(Broker):
                     await self._restore(session)
         except (*_ERRORS, BrokerUnavailable) as exc:
             with anyio.move_on_after(self.operation_timeout, shield=True):
-                await _quiet_stop(producer, consumer)
+                await quiet_stop(producer, consumer)
             raise BrokerUnavailable(
                 f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
             ) from exc
         self._session = session
         self._connected.set()
-
-    async def _ensure_topics(self, options: dict[str, Any]) -> int:
-        """Create the topics if missing; return the data topic's real partition count."""
-        admin = AIOKafkaAdminClient(
-            **{k: v for k, v in options.items() if k != "client_id"},
-            client_id=self._client_id + "-admin",
-        )
-        try:
-            await admin.start()
-            response = await admin.create_topics(
-                [
-                    NewTopic(self._data_topic, self.partitions, self.replication_factor),
-                    NewTopic(
-                        self._control_topic,
-                        1,
-                        self.replication_factor,
-                        # Control records matter only live (every node enters at a marker);
-                        # keep the partition from growing with heartbeats and probes.
-                        topic_configs={"retention.ms": str(_CONTROL_RETENTION_MS)},
-                    ),
-                ]
-            )
-            for topic, code, message in response.topic_errors:
-                if code not in (0, _TOPIC_EXISTS):
-                    raise BrokerUnavailable(f"cannot create topic {topic}: {code} {message}")
-            described = await admin.describe_topics([self._data_topic])
-        finally:
-            await admin.close()
-        data = described[0]
-        if data["error_code"] or not data["partitions"]:
-            raise BrokerUnavailable(f"topic {self._data_topic} is not available: {data}")
-        count = len(data["partitions"])
-        if count != self.partitions:
-            log.warning(
-                "topic %s has %d partitions, not %d; using %d",
-                self._data_topic, count, self.partitions, count,
-            )  # fmt: skip
-        return count
 
     async def _restore(self, session: _Session) -> None:
         """Enter the control partition and every room's partition at fresh markers.
@@ -402,7 +416,7 @@ class KafkaBroker(Broker):
         A reconnect may face recreated (empty) partitions, so old positions and thresholds are
         meaningless: everything restarts at a marker. Caller holds the lock.
         """
-        rooms = {key: _partition(key, session.partitions) for key in self._rooms}
+        rooms = {key: partition(key, session.partitions) for key in self._rooms}
         control_marker = await self._mark(session, control=True)
         markers = await self._mark(session, partitions=set(rooms.values()))
         # Synchronous from here: the reader sees the new assignment and thresholds together.
@@ -429,7 +443,7 @@ class KafkaBroker(Broker):
             results = await asyncio.gather(*futures.values(), return_exceptions=True)
         except BaseException:
             for future in futures.values():
-                future.add_done_callback(_retrieve)
+                future.add_done_callback(retrieve)
             raise
         offsets = {}
         for p, result in zip(futures, results, strict=True):
@@ -530,11 +544,15 @@ class KafkaBroker(Broker):
         consumer = session.consumer
         control_tp = session.control_tp
         direct_key, probe_key = self._direct_key, self._probe_key
+        guard = self.offset_guard
         while True:
             batches = await consumer.getmany(timeout_ms=1000)
             if self._session is not session:
                 return
-            for tp, records in batches.items():
+            for tp, fetched in batches.items():
+                # Contiguous or not at all: see OffsetGuard (Tansu serves past unreadable
+                # offsets; taking those would lose the hole's record for good).
+                records = guard.accept(consumer, tp, fetched, self._positions.get(tp))
                 if not records:
                     continue
                 if tp == control_tp:
@@ -574,7 +592,7 @@ class KafkaBroker(Broker):
                 try:
                     await future
                 finally:
-                    future.add_done_callback(_retrieve)
+                    future.add_done_callback(retrieve)
                 while self._probe_seen < seq:
                     self._probe_event = anyio.Event()
                     await self._probe_event.wait()
@@ -631,15 +649,23 @@ class KafkaBroker(Broker):
     async def publish(self, room: str, frame: bytes) -> None:
         await self._enqueue(False, room.encode(), frame)
 
+    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+        """One record, like :meth:`publish`, flagged for storage: the data topic is the storage
+        queue and the recent-messages cache at once. ``live`` changes nothing -- a node that
+        does not host the room drops the record by key, as it drops any foreign room's."""
+        await self._enqueue(False, room.encode(), frame, stored=True)
+
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
         await self._enqueue(True, _BROADCAST if to is None else b"@" + to.encode(), frame)
         return None
 
-    async def _enqueue(self, control: bool, key: bytes, value: bytes) -> None:
+    async def _enqueue(
+        self, control: bool, key: bytes, value: bytes, *, stored: bool = False
+    ) -> None:
         if self._closed:
             raise BrokerUnavailable("broker closed")
         # Takes its place in the queue before the first await: call order is send order.
-        item = _Send(control, key, value, anyio.current_time() + self.operation_timeout)
+        item = _Send(control, key, value, anyio.current_time() + self.operation_timeout, stored)
         self._queue.append(item)
         self._send_wake.set()
         try:
@@ -669,12 +695,16 @@ class KafkaBroker(Broker):
             try:
                 session = await self._wait_session()
                 if item.control:
-                    topic, partition = self._control_topic, 0
+                    topic, part = self._control_topic, 0
                 else:
                     topic = self._data_topic
-                    partition = _partition(item.key, session.partitions)
+                    part = partition(item.key, session.partitions)
                 future = await session.producer.send(
-                    topic, item.value, key=item.key, partition=partition
+                    topic,
+                    item.value,
+                    key=item.key,
+                    partition=part,
+                    headers=STORED_HEADERS if item.stored else None,
                 )
             except (*_ERRORS, BrokerUnavailable) as exc:
                 item.fail(
@@ -686,6 +716,47 @@ class KafkaBroker(Broker):
             item.fail(BrokerUnavailable("Kafka send timed out"))
         else:
             future.add_done_callback(item.acknowledged)
+
+    # -- persistence ----------------------------------------------------------------------------
+
+    async def recent(self, room: str) -> RecentFrames:
+        """The room's last ``recent_size`` stored frames, read back from its partition (see
+        ``_kafka_storage.scan_recent``). A marker appended first fixes the end: every frame
+        whose publish returned before this call sits below it. One scan at a time per node."""
+        key = room.encode()
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                session = await self._wait_session()
+            async with self._history_lock:
+                if session.history is None:
+                    options = self.client_options_with(self._client_id + "-history")
+                    with anyio.fail_after(self.operation_timeout):
+                        session.admin = await open_admin(options)
+                        session.history = await open_reader(options, self.fetch_max_wait_ms)
+                    if self._session is not session:  # replaced meanwhile: not closed by it
+                        await quiet_stop(session.history, session.admin)
+                        raise BrokerUnavailable("Kafka connection lost while reading history")
+                part = partition(key, session.partitions)
+                with anyio.fail_after(self.operation_timeout):
+                    end = (await self._mark(session, partitions=[part]))[part]
+                return await scan_recent(
+                    session.history,
+                    session.admin,
+                    group=self._storage_group,
+                    tp=TopicPartition(self._data_topic, part),
+                    key=key,
+                    end=end,
+                    size=self.recent_size,
+                    scan=self.recent_scan,
+                    step_timeout=self.operation_timeout,
+                )
+        except TimeoutError as exc:
+            raise BrokerUnavailable("Kafka history read timed out") from exc
+        except _ERRORS as exc:
+            raise BrokerUnavailable(f"Kafka history read failed: {exc!r}") from exc
+
+    def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
+        return KafkaStorageConsumer(self, namespace, consumer)
 
     # -- introspection (tests, inspect) ---------------------------------------------------------
 
@@ -704,13 +775,6 @@ class KafkaBroker(Broker):
         return frozenset(key.decode() for key, (p, _) in self._rooms.items() if p in assigned)
 
 
-@functools.lru_cache(maxsize=65536)
-def _partition(key: bytes, count: int) -> int:
-    """Kafka's default partitioner (Java client): murmur2 of the key, sign bit cleared. Cached:
-    the pure-Python hash costs microseconds and a node publishes to few rooms repeatedly."""
-    return (murmur2(key) & 0x7FFFFFFF) % count  # type: ignore[no-any-return]
-
-
 def _call(handler: Any, value: bytes | None, ctx: BrokerContext) -> None:
     try:
         handler(value if value is not None else b"")
@@ -725,22 +789,8 @@ def _int(value: bytes) -> int:
         return 0
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Mark a future's exception as retrieved (nobody waits for it any more)."""
-    if not future.cancelled():
-        future.exception()
-
-
-async def _quiet_stop(*clients: Any) -> None:
-    for client in clients:
-        try:
-            await client.stop()
-        except Exception:
-            log.debug("stopping %r failed", client, exc_info=True)
-
-
 async def _close_session(session: _Session) -> None:
-    await _quiet_stop(session.consumer, session.producer)
+    await quiet_stop(session.consumer, session.producer, session.history, session.admin)
 
 
 async def _close_session_quietly(session: _Session, limit: float) -> None:
