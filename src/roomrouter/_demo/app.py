@@ -1,0 +1,480 @@
+"""The demo chat server: a Starlette app on one :class:`~roomrouter.RoomRouter`.
+
+Each WebSocket connection is one :class:`~roomrouter.Member`. The page (``static/index.html``)
+and the server speak JSON text frames:
+
+client -> server::
+
+    {"type": "join", "room": "lobby", "name": "alice", "since": null}
+    {"type": "send", "text": "hello"}
+
+server -> client::
+
+    {"type": "hello", "node": "<node id>", "broker": "memory", "history": 50, "max_payload": 16384}
+    {"type": "joined", "room": "lobby", "mode": "history" | "since" | "live",
+     "recovered": 3, "complete": true}
+    {"type": "message", "id": "<envelope id>", "room": "lobby", "ts": 1730000000.0,
+     "node": "<origin node>", "name": "alice", "text": "hello"}
+    {"type": "error", "request": "join" | "send" | "frame", "error": "PayloadTooLarge",
+     "message": "..."}
+
+A ``join`` without ``since`` delivers the room's last ``history`` messages first (``mode``
+``"history"``); with ``since=<last id the client saw>`` (a reconnect) it delivers exactly the
+stored messages after that id (``mode`` ``"since"``), and ``complete`` False means some may be
+missing. ``joined`` is always sent before the history it announces. A new ``join`` switches
+rooms: one room per connection keeps the page simple, not the library.
+
+Messages are published with ``persist=True``: the router puts them on the broker's storage
+queue and recent cache, and a :class:`~roomrouter.storage.StorageWorker` running in this
+process (one per node; workers compete, writes are idempotent) moves them into the sink the
+router reads history from. On a broker without a storage queue the chat is live-only.
+
+Bad input never costs anything but an error frame to its sender: an oversize message
+(:class:`~roomrouter.PayloadTooLarge`), a bad room name (:class:`~roomrouter.InvalidRoomName`),
+a frame that is not a known request (``BadRequest``), a ``send`` before a ``join``
+(``NotJoined``). The connection and the member stay as they were.
+
+Slow clients: every member has a bounded inbox (``inbox_size``) with the ``"disconnect"``
+overflow policy. A client that reads too slowly to keep up (its socket stops draining, the
+inbox fills) is closed with code 4000; the page reconnects at once with ``since`` and gets
+what it missed from storage. Dropping the oldest messages instead would leave a silent gap in
+the middle of the conversation. A single send stalled for ``send_timeout`` closes the
+connection the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from importlib.resources import files
+
+import anyio
+import msgspec
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDisconnected
+
+from .._envelope import Envelope
+from .._errors import (
+    ConfigurationError,
+    HistoryUnavailable,
+    MemberClosed,
+    RoomRouterError,
+)
+from .._member import Member, Recovery
+from .._router import RoomRouter
+from .._urls import broker_from_url
+from ..storage import StorageWorker, sink_from_url
+
+__all__ = ["DemoSettings", "create_app"]
+
+log = logging.getLogger("roomrouter.demo")
+
+#: Close code for a client that could not keep up (application range 4000-4999).
+CLOSE_OVERFLOW = 4000
+#: Close code when the router is not running (starting or shutting down): try again.
+CLOSE_TRY_AGAIN = 1013
+
+MAX_NAME_LENGTH = 32
+MAX_ID_LENGTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    """What the demo runs on. The defaults need no service: the in-memory broker and a SQLite
+    file ``roomrouter-demo.db`` in the current directory (history survives a restart)."""
+
+    broker: str = "memory://"
+    sink: str = "sqlite:///roomrouter-demo.db"
+    namespace: str = "demo"
+    #: Messages a first join of a room shows.
+    history: int = 50
+    #: Run a storage worker in this process (turn off when ``roomrouter worker`` runs apart).
+    worker: bool = True
+    inbox_size: int = 256
+    max_payload: int = 16 * 1024
+    max_room_length: int = 64
+    send_timeout: float = 10.0
+
+
+# -- the wire format ----------------------------------------------------------------------------
+
+
+class _Join(msgspec.Struct, tag_field="type", tag="join", forbid_unknown_fields=True):
+    room: str
+    name: str
+    since: str | None = None
+
+
+class _Send(msgspec.Struct, tag_field="type", tag="send", forbid_unknown_fields=True):
+    text: str
+
+
+class _Chat(msgspec.Struct):
+    """The payload of a chat message: what the router carries, opaque to it."""
+
+    name: str
+    text: str
+
+
+_requests = msgspec.json.Decoder(_Join | _Send)
+_chat_payload = msgspec.json.Decoder(_Chat)
+_json = msgspec.json.Encoder()
+
+
+def _error(request: str, error: str, message: str) -> dict[str, object]:
+    return {"type": "error", "request": request, "error": error, "message": message}
+
+
+class _BadRequest(Exception):
+    """A request this server understands the shape of but refuses (not a roomrouter error)."""
+
+    def __init__(self, error: str, message: str) -> None:
+        super().__init__(message)
+        self.error = error
+
+
+def _check_name(name: str) -> str:
+    name = name.strip()
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise _BadRequest("BadRequest", f"a name is 1 to {MAX_NAME_LENGTH} printable characters")
+    return name
+
+
+# -- one connection -----------------------------------------------------------------------------
+
+
+class _Connection:
+    """One WebSocket and its member. Two tasks: ``read_loop`` handles requests, ``pump`` moves
+    the member's inbox to the socket. Every send goes through ``_send_lock``, so a ``joined``
+    frame and the history it announces cannot be interleaved."""
+
+    def __init__(
+        self, websocket: WebSocket, router: RoomRouter, member: Member, settings: DemoSettings
+    ) -> None:
+        self.websocket = websocket
+        self.router = router
+        self.member = member
+        self.settings = settings
+        self.room: str | None = None
+        self.name: str | None = None
+        self.persist = router.broker.supports_storage
+        self.has_history = router.sink is not None or router.broker.supports_storage
+        self._send_lock = anyio.Lock()
+
+    async def send(self, frame: dict[str, object]) -> None:
+        async with self._send_lock:
+            await self._send_unlocked(frame)
+
+    async def _send_unlocked(self, frame: dict[str, object]) -> None:
+        # A client that stops reading stalls the send (uvicorn waits for the transport to drain):
+        # bounded, so a stuck client cannot hold its connection and member forever.
+        with anyio.fail_after(self.settings.send_timeout):
+            await self.websocket.send_text(_json.encode(frame).decode())
+
+    async def read_loop(self) -> None:
+        """Handle requests until the client goes away (or a reply to it stalls)."""
+        try:
+            while True:
+                message = await self.websocket.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                await self._handle(message.get("text"))
+        except (WebSocketDisconnect, WebSocketDisconnected, TimeoutError, MemberClosed):
+            return  # gone, stuck, or closed for overflow: the pump closes the socket
+
+    async def _handle(self, text: str | None) -> None:
+        if text is None:
+            await self.send(_error("frame", "BadRequest", "send JSON text frames"))
+            return
+        try:
+            request = _requests.decode(text)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            await self.send(_error("frame", "BadRequest", str(exc)))
+            return
+        if isinstance(request, _Join):
+            await self.join(request)
+        else:
+            await self.publish(request)
+
+    async def join(self, request: _Join) -> None:
+        try:
+            name = _check_name(request.name)
+            if request.since is not None and not 0 < len(request.since) <= MAX_ID_LENGTH:
+                raise _BadRequest("BadRequest", "since must be a message id")
+        except _BadRequest as exc:
+            await self.send(_error("join", exc.error, str(exc)))
+            return
+        member, room, previous = self.member, request.room, self.room
+        # Held across the join: the history it queues must not overtake the `joined` frame.
+        async with self._send_lock:
+            if previous == room:
+                # Joining the room it is in again: a fresh start (new history), not a no-op.
+                await member.leave(room)
+                self.room = None
+            mode = "live"
+            recovery = Recovery()
+            try:
+                # Join the new room before leaving the old one, so a refused join (bad name,
+                # broker down) leaves the client where it was.
+                if request.since is not None and self.has_history:
+                    mode = "since"
+                    recovery = await member.join(room, since=request.since)
+                elif self.settings.history and self.has_history:
+                    mode = "history"
+                    recovery = await member.join(room, history=self.settings.history)
+                else:
+                    await member.join(room)
+            except MemberClosed:
+                raise
+            except HistoryUnavailable as exc:
+                # Joined and live, but the history could not be read: say so, carry on.
+                await self._send_unlocked(_error("join", type(exc).__name__, str(exc)))
+                recovery = Recovery(complete=False)
+            except RoomRouterError as exc:  # InvalidRoomName, BrokerUnavailable, ...
+                await self._send_unlocked(_error("join", type(exc).__name__, str(exc)))
+                return
+            if previous is not None and previous != room:
+                await member.leave(previous)
+            self.room, self.name = room, name
+            await self._send_unlocked(
+                {
+                    "type": "joined",
+                    "room": room,
+                    "mode": mode,
+                    "recovered": recovery.count,
+                    "complete": recovery.complete,
+                }
+            )
+
+    async def publish(self, request: _Send) -> None:
+        if self.room is None or self.name is None:
+            await self.send(_error("send", "NotJoined", "join a room first"))
+            return
+        payload = _json.encode(_Chat(name=self.name, text=request.text))
+        try:
+            # Not excluding the sender: its own message comes back through its inbox, in order
+            # with everyone else's and with its id, which the page needs for `since`.
+            await self.router.publish(self.room, payload, persist=self.persist)
+        except RoomRouterError as exc:
+            await self.send(_error("send", type(exc).__name__, str(exc)))
+
+    async def pump(self) -> None:
+        """Send what arrives in the member's inbox until the member or the socket closes; close
+        the socket with :data:`CLOSE_OVERFLOW` if the client did not keep up."""
+        member = self.member
+        try:
+            while True:
+                try:
+                    envelope = await member.receive()
+                except MemberClosed:
+                    break
+                if member.close_reason == "overflow":
+                    break  # the client recovers what is queued, and more, with `since`
+                frame = self._message_frame(envelope)
+                if frame is None:
+                    continue
+                async with self._send_lock:
+                    # Checked under the lock: a join in progress holds it and sets the room.
+                    if envelope.room == self.room:
+                        await self._send_unlocked(frame)
+        except TimeoutError:
+            log.info("member %s: a send stalled for %ss", member.id, self.settings.send_timeout)
+            await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")
+            return
+        except (WebSocketDisconnect, WebSocketDisconnected):
+            return
+        if member.close_reason == "overflow":
+            await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")
+        elif member.close_reason == "router closed":
+            await self._close(CLOSE_TRY_AGAIN, "server shutting down")
+
+    @staticmethod
+    def _message_frame(envelope: Envelope) -> dict[str, object] | None:
+        try:
+            chat = _chat_payload.decode(envelope.payload)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            # Someone else published to the room: not ours to show, not fatal either.
+            log.warning("dropped a message of %r that is not demo chat JSON", envelope.room)
+            return None
+        return {
+            "type": "message",
+            "id": envelope.id,
+            "room": envelope.room,
+            "ts": envelope.ts,
+            "node": envelope.origin,
+            "name": chat.name,
+            "text": chat.text,
+        }
+
+    async def _close(self, code: int, reason: str) -> None:
+        # The socket may be the stuck one: do not wait long for the close frame to go out.
+        with anyio.move_on_after(1.0):
+            try:
+                await self.websocket.close(code, reason)
+            except (WebSocketDisconnect, WebSocketDisconnected):
+                pass
+
+
+# -- the app ------------------------------------------------------------------------------------
+
+
+class _Server:
+    """The app's state: the router (while the app runs) and the storage worker."""
+
+    def __init__(self, settings: DemoSettings) -> None:
+        if settings.sink.partition("?")[0] in ("sqlite://:memory:", "sqlite:///:memory:"):
+            raise ConfigurationError(
+                "the demo's router and storage worker each open the sink: use a SQLite file "
+                "(sqlite:///chat.db) or PostgreSQL, not :memory:"
+            )
+        if not 0 <= settings.history <= 10_000:
+            raise ConfigurationError("history must be between 0 and 10000 messages")
+        # Fail on a bad URL or a missing extra now, with roomrouter's message, rather than in
+        # the server's startup (constructing opens nothing; the router is built in the lifespan).
+        broker_from_url(settings.broker)
+        sink_from_url(settings.sink)
+        self.settings = settings
+        self.router: RoomRouter | None = None
+        self.worker: StorageWorker | None = None
+        self._worker_done: anyio.Event | None = None  # made in the lifespan, in the event loop
+        self.connections = 0
+        # Read once, from the package (works from a wheel as well as from a checkout).
+        page = files("roomrouter._demo").joinpath("static/index.html")
+        self.page = page.read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        s = self.settings
+        router = RoomRouter.from_url(
+            s.broker,
+            namespace=s.namespace,
+            sink=s.sink,
+            inbox_size=s.inbox_size,
+            overflow="disconnect",
+            max_payload=s.max_payload,
+            max_room_length=s.max_room_length,
+        )
+        run_worker = s.worker and router.broker.supports_storage
+        if not router.broker.supports_storage:
+            log.warning("the %s backend has no storage queue: live chat only", router.broker.name)
+        self._worker_done = anyio.Event()
+        async with anyio.create_task_group() as tg:
+            try:
+                async with router:
+                    if run_worker:
+                        tg.start_soon(self._run_worker, router.node_id)
+                    self.router = router
+                    yield
+            finally:
+                self.router = None
+                # The router is closed: nothing more is published. Let the worker store what
+                # is queued first (the memory broker's queue dies with this process); shielded
+                # and bounded, so a cancelled shutdown still stores what it can.
+                with anyio.CancelScope(shield=True):
+                    await self._stop_worker()
+                tg.cancel_scope.cancel()
+
+    async def _run_worker(self, node_id: str) -> None:
+        """Run a storage worker; one that fails is logged and replaced after a capped backoff
+        (a sink cannot be started twice, so each attempt builds a new worker)."""
+        s = self.settings
+        delay = 0.5
+        try:
+            while True:
+                self.worker = StorageWorker.from_urls(
+                    s.broker, s.namespace, s.sink, name=f"demo-{node_id}", max_delay=0.05
+                )
+                try:
+                    await self.worker.run()
+                    return
+                except Exception:
+                    log.exception("storage worker failed; restarting in %.1fs", delay)
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+        finally:
+            assert self._worker_done is not None
+            self._worker_done.set()
+
+    async def _stop_worker(self, drain_timeout: float = 5.0) -> None:
+        worker, done = self.worker, self._worker_done
+        if worker is None or done is None:
+            return
+        with anyio.move_on_after(drain_timeout):
+            # Set when a fetch finds the queue empty, after the batches in hand were stored.
+            await worker.idle.wait()
+        worker.stop()  # returns after the batch in hand, if one arrived meanwhile
+        with anyio.move_on_after(2.0):
+            await done.wait()
+
+    async def index(self, request: Request) -> Response:
+        return HTMLResponse(self.page)
+
+    async def stats(self, request: Request) -> Response:
+        router = self.router
+        if router is None:
+            return JSONResponse({"running": False}, status_code=503)
+        return JSONResponse(
+            {
+                "running": True,
+                "node": router.node_id,
+                "broker": router.broker.name,
+                "connections": self.connections,
+                "router": router.stats(),
+                "worker": asdict(self.worker.stats) if self.worker is not None else None,
+            }
+        )
+
+    async def websocket(self, websocket: WebSocket) -> None:
+        router = self.router
+        if router is None:
+            await websocket.close(CLOSE_TRY_AGAIN, "server not running")
+            return
+        await websocket.accept()
+        member = router.member()
+        connection = _Connection(websocket, router, member, self.settings)
+        self.connections += 1
+        try:
+            await connection.send(
+                {
+                    "type": "hello",
+                    "node": router.node_id,
+                    "broker": router.broker.name,
+                    "history": self.settings.history if connection.has_history else 0,
+                    "max_payload": router.max_payload,
+                }
+            )
+            async with anyio.create_task_group() as tg:
+                # Whichever ends first (client gone, or member closed) ends the other.
+
+                async def pump_then_stop() -> None:
+                    await connection.pump()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(pump_then_stop)
+                await connection.read_loop()
+                tg.cancel_scope.cancel()
+        except (WebSocketDisconnect, WebSocketDisconnected, TimeoutError):
+            pass  # the hello frame could not be sent: the client is gone already
+        finally:
+            self.connections -= 1
+            await member.close()
+
+
+def create_app(settings: DemoSettings | None = None) -> Starlette:
+    """The demo chat app: ``GET /`` the page, ``/ws`` the WebSocket, ``GET /stats`` the node's
+    counters as JSON. The router starts and stops with the app's lifespan, so serve it with
+    lifespan events on (uvicorn does by default)."""
+    server = _Server(settings or DemoSettings())
+    return Starlette(
+        routes=[
+            Route("/", server.index),
+            Route("/stats", server.stats),
+            WebSocketRoute("/ws", server.websocket),
+        ],
+        lifespan=server.lifespan,
+    )

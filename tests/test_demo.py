@@ -1,0 +1,411 @@
+"""The demo chat server (``roomrouter demo``), end to end: a real uvicorn server on a loopback
+port, real WebSocket clients, the memory broker, a storage worker and a SQLite file.
+
+Most tests serve the app in the test's event loop (on asyncio, the conftest's anyio backend:
+uvicorn needs it), so several nodes can share one in-process memory hub; the two-node test runs
+on every selected backend; one test runs the ``roomrouter demo`` command as a subprocess, as the
+README does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from roomrouter._demo import DemoSettings, bind, server_for
+from roomrouter._urls import broker_from_url
+
+from .backends import Backend
+from .helpers import eventually
+
+pytestmark = pytest.mark.anyio
+
+Frame = dict[str, Any]
+
+
+@dataclass
+class Node:
+    """One running demo server."""
+
+    host: str  # "127.0.0.1:port"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.host}/ws"
+
+    async def get(self, path: str) -> tuple[int, str, str]:
+        """Status, content type and body of ``GET path``."""
+
+        def fetch() -> tuple[int, str, str]:
+            try:
+                with urllib.request.urlopen(f"http://{self.host}{path}", timeout=5) as response:
+                    return (
+                        response.status,
+                        response.headers["content-type"],
+                        response.read().decode(),
+                    )
+            except urllib.error.HTTPError as exc:
+                with exc:
+                    return exc.code, exc.headers["content-type"], exc.read().decode()
+
+        return await anyio.to_thread.run_sync(fetch)
+
+    async def stats(self) -> Frame:
+        status, _, body = await self.get("/stats")
+        assert status == 200, body
+        result: Frame = json.loads(body)
+        return result
+
+
+class Client:
+    """A WebSocket client of the demo that speaks its JSON frames."""
+
+    def __init__(self, connection: ClientConnection) -> None:
+        self.connection = connection
+
+    async def recv(self, timeout: float = 5.0) -> Frame:
+        with anyio.fail_after(timeout):
+            frame: Frame = json.loads(await self.connection.recv())
+        return frame
+
+    async def send(self, frame: Frame | str | bytes) -> None:
+        await self.connection.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+
+    async def join(self, room: str, name: str, since: str | None = None) -> Frame:
+        await self.send({"type": "join", "room": room, "name": name, "since": since})
+        frame = await self.recv()
+        assert frame["type"] == "joined", frame
+        return frame
+
+    async def say(self, text: str) -> None:
+        await self.send({"type": "send", "text": text})
+
+    async def messages(self, count: int) -> list[Frame]:
+        """The next ``count`` frames, which must all be chat messages."""
+        frames = [await self.recv() for _ in range(count)]
+        assert [f["type"] for f in frames] == ["message"] * count, frames
+        return frames
+
+
+@asynccontextmanager
+async def client(node: Node) -> AsyncIterator[Client]:
+    async with connect(node.ws_url, open_timeout=5, close_timeout=2) as connection:
+        c = Client(connection)
+        hello = await c.recv()
+        assert hello["type"] == "hello", hello
+        yield c
+
+
+@asynccontextmanager
+async def serve(settings: DemoSettings) -> AsyncIterator[Node]:
+    """Serve the demo in this event loop on a free loopback port, until the block ends."""
+    sock = bind("127.0.0.1", 0)
+    server = server_for(settings, log_level="warning")
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(server.serve, [sock])
+            await eventually(lambda: _check(server.started), timeout=10)
+            try:
+                yield Node(f"127.0.0.1:{sock.getsockname()[1]}")
+            finally:
+                server.should_exit = True
+    finally:
+        sock.close()
+
+
+def _check(condition: object) -> None:
+    assert condition
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> DemoSettings:
+    # A hub of its own per test: the memory broker's hubs are process-wide.
+    return DemoSettings(
+        broker=f"memory://demo-{uuid.uuid4().hex[:8]}",
+        sink=f"sqlite:///{tmp_path / 'chat.db'}",
+        history=20,
+    )
+
+
+def texts(frames: list[Frame]) -> list[str]:
+    return [f["text"] for f in frames]
+
+
+async def test_page_and_stats_are_served(settings: DemoSettings) -> None:
+    async with serve(settings) as node:
+        status, content_type, body = await node.get("/")
+        assert status == 200 and content_type.startswith("text/html")
+        assert "<title>roomrouter demo chat</title>" in body and "new WebSocket(" in body
+        stats = await node.stats()
+        assert stats["running"] and stats["broker"] == "memory" and stats["worker"] is not None
+
+
+async def test_two_clients_chat_with_history_and_recovery(settings: DemoSettings) -> None:
+    async with serve(settings) as node, client(node) as alice:
+        joined = await alice.join("lobby", "alice")
+        assert joined == {
+            "type": "joined", "room": "lobby", "mode": "history", "recovered": 0, "complete": True
+        }  # fmt: skip
+        await alice.say("one")
+        await alice.say("two")
+        own = await alice.messages(2)  # the sender gets its own messages, with their ids
+        assert texts(own) == ["one", "two"] and own[0]["name"] == "alice"
+
+        async with client(node) as bob:
+            joined = await bob.join("lobby", "bob")
+            assert joined["mode"] == "history" and joined["recovered"] == 2
+            assert (await bob.messages(2)) == own  # history on join, in order
+            await bob.say("hi")
+            (hi,) = await alice.messages(1)
+            assert (await bob.messages(1)) == [hi] and hi["name"] == "bob"
+
+        # Bob's connection is gone; what Alice says now is missed by him, and stored.
+        await alice.say("m1")
+        await alice.say("m2")
+        await alice.say("m3")
+        missed = await alice.messages(3)
+
+        async with client(node) as bob:
+            joined = await bob.join("lobby", "bob", since=hi["id"])
+            assert joined["mode"] == "since"
+            assert (joined["recovered"], joined["complete"]) == (3, True)
+            assert (await bob.messages(3)) == missed  # exactly the missed ones, in order
+            await alice.say("live")
+            # The next frame Bob gets is the live one: nothing was recovered twice.
+            assert texts(await bob.messages(1)) == ["live"]
+            assert texts(await alice.messages(1)) == ["live"]
+
+
+async def test_bad_input_gets_an_error_frame_and_loses_nothing(settings: DemoSettings) -> None:
+    async with serve(settings) as node, client(node) as alice, client(node) as bob:
+        await bob.say("too early")
+        error = await bob.recv()
+        assert (error["type"], error["error"]) == ("error", "NotJoined")
+        await alice.join("lobby", "alice")
+        await bob.join("lobby", "bob")
+
+        await bob.say("x" * (settings.max_payload + 1))
+        error = await bob.recv()
+        assert (error["request"], error["error"]) == ("send", "PayloadTooLarge"), error
+
+        for room in ("bad\x07room", "", "r" * (settings.max_room_length + 1)):
+            await bob.send({"type": "join", "room": room, "name": "bob"})
+            error = await bob.recv()
+            assert (error["request"], error["error"]) == ("join", "InvalidRoomName"), error
+
+        for garbage in ("not json", '{"type": "dance"}', '{"type": "send"}', b"\x00binary"):
+            await bob.send(garbage)
+            error = await bob.recv()
+            assert (error["type"], error["error"]) == ("error", "BadRequest"), error
+        await bob.send({"type": "join", "room": "lobby", "name": " "})
+        assert (await bob.recv())["error"] == "BadRequest"
+
+        # Bob is still connected and still in the lobby; Alice saw none of it.
+        await bob.say("still here")
+        assert texts(await bob.messages(1)) == ["still here"]
+        assert texts(await alice.messages(1)) == ["still here"]
+        stats = await node.stats()
+        assert stats["router"]["published"] == 1 and stats["connections"] == 2
+
+
+async def test_switching_rooms_shows_only_the_new_room(settings: DemoSettings) -> None:
+    async with serve(settings) as node, client(node) as alice, client(node) as bob:
+        await alice.join("a", "alice")
+        await alice.say("in a")
+        await alice.messages(1)
+        await bob.join("b", "bob")
+        await bob.say("in b")
+        await bob.messages(1)
+
+        joined = await alice.join("b", "alice")
+        assert (joined["room"], joined["recovered"]) == ("b", 1)
+        assert texts(await alice.messages(1)) == ["in b"]
+        await bob.join("a", "bob")  # Bob left b: Alice alone there now
+        assert texts(await bob.messages(1)) == ["in a"]
+        await alice.say("only alice in b")
+        await bob.say("bob in a")
+        assert texts(await alice.messages(1)) == ["only alice in b"]
+        assert texts(await bob.messages(1)) == ["bob in a"]
+
+
+async def test_history_is_stored_in_sqlite_and_survives_a_restart(
+    settings: DemoSettings, tmp_path: Path
+) -> None:
+    async with serve(settings) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        for i in range(5):
+            await alice.say(f"kept {i}")
+        sent = await alice.messages(5)
+    # The worker stored everything before the server finished shutting down.
+    with sqlite3.connect(tmp_path / "chat.db") as db:
+        rows = db.execute("SELECT id FROM roomrouter_messages ORDER BY id").fetchall()
+    db.close()
+    assert [r[0] for r in rows] == [f["id"] for f in sent]
+
+    # A new process would have a new memory hub: only the SQLite file connects the two runs.
+    restarted = replace(settings, broker=f"memory://demo-{uuid.uuid4().hex[:8]}", history=3)
+    async with serve(restarted) as node, client(node) as bob:
+        joined = await bob.join("lobby", "bob")
+        assert joined["recovered"] == 3
+        assert (await bob.messages(3)) == sent[-3:]
+        joined = await bob.join("lobby", "bob", since=sent[1]["id"])
+        assert (joined["mode"], joined["recovered"]) == ("since", 3)
+        assert (await bob.messages(3)) == sent[2:]
+
+
+async def test_two_nodes_share_rooms_and_history(backend: Backend, tmp_path: Path) -> None:
+    """Two demo servers on one broker and one SQLite file, as `roomrouter demo --broker URL
+    --port N` twice: clients on different nodes talk, each node runs a storage worker, and
+    history reads the shared file. Runs on every selected backend."""
+    # Memory: the two servers share a named hub of this process.
+    memory = f"memory://demo-{backend.namespace}"
+    url = backend.process_url() if backend.url_for_process else memory
+    persistent = broker_from_url(url).supports_storage
+    settings = DemoSettings(
+        broker=url, namespace=backend.namespace, sink=f"sqlite:///{tmp_path / 'chat.db'}"
+    )
+    async with serve(settings) as node_a, serve(settings) as node_b:
+        async with client(node_a) as alice, client(node_b) as bob:
+            await alice.join("lobby", "alice")
+            await bob.join("lobby", "bob")
+            await alice.say("from a")
+            await bob.say("from b")
+            got_alice = await alice.messages(2)
+            got_bob = await bob.messages(2)
+            assert sorted(texts(got_alice)) == sorted(texts(got_bob)) == ["from a", "from b"]
+            stats_a, stats_b = await node_a.stats(), await node_b.stats()
+            assert stats_a["node"] != stats_b["node"]
+            assert {m["node"] for m in got_alice} == {stats_a["node"], stats_b["node"]}
+            assert stats_a["router"]["broker_publishes"] >= 1  # a remote host: not bypassed
+
+            async def stored() -> None:
+                a, b = (await node_a.stats())["worker"], (await node_b.stats())["worker"]
+                assert a["acked"] + b["acked"] >= 2
+
+            if persistent:
+                await eventually(stored)
+        async with client(node_b) as carol:
+            joined = await carol.join("lobby", "carol")
+            if persistent:
+                assert joined["recovered"] == 2
+                assert {m["id"] for m in await carol.messages(2)} == {m["id"] for m in got_alice}
+            else:  # a broker without a storage queue: live only
+                assert joined["recovered"] == 0
+
+
+async def test_a_slow_client_is_disconnected_and_recovers_everything(
+    settings: DemoSettings,
+) -> None:
+    """A client that stops reading fills its socket, then its bounded inbox; the server closes
+    it (policy "disconnect") instead of dropping messages, and a reconnect with ``since``
+    recovers exactly what it did not get."""
+    settings = replace(settings, inbox_size=8, history=0)
+    text = "x" * 8000
+    async with serve(settings) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        # The slow client: a small receive buffer, a client library that stops reading the
+        # socket after one unread frame, and no compression (which would shrink the repetitive
+        # text a thousandfold and let the socket hold thousands of messages).
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", int(node.host.rsplit(":", 1)[1])))
+        async with connect(
+            node.ws_url, sock=sock, max_queue=1, open_timeout=5, compression=None
+        ) as raw:
+            slow = Client(raw)
+            assert (await slow.recv())["type"] == "hello"
+            await slow.join("lobby", "slow")
+            sent: list[str] = []
+            with anyio.fail_after(60):
+                while (await node.stats())["router"]["members_disconnected"] == 0:
+                    for _ in range(20):
+                        await alice.say(text)
+                        sent.append((await alice.messages(1))[0]["id"])
+            got: list[str] = []
+            close_code = None
+            with anyio.fail_after(20):
+                try:
+                    while True:
+                        got.append((await slow.recv())["id"])
+                except ConnectionClosed as exc:
+                    close_code = exc.rcvd.code if exc.rcvd else None
+        assert close_code in (4000, None)  # None: the close frame itself could not be sent
+        assert got == sent[: len(got)] and len(got) < len(sent)
+
+        async with client(node) as slow_again:
+            joined = await slow_again.join("lobby", "slow", since=got[-1])
+            assert (joined["recovered"], joined["complete"]) == (len(sent) - len(got), True)
+            recovered = await slow_again.messages(joined["recovered"])
+            assert got + [m["id"] for m in recovered] == sent  # everything, once, in order
+
+
+async def test_roomrouter_demo_command(tmp_path: Path) -> None:
+    """The README's command, as a subprocess: it prints its URL, serves the chat, stores the
+    history in the SQLite file named by --sink, and shuts down gracefully on Ctrl-C (exit
+    status 130, as for any interrupted command: uvicorn re-raises the signal it handled)."""
+    command = Path(sys.executable).with_name("roomrouter")
+    db = tmp_path / "cmd.db"
+    async with await anyio.open_process(
+        [str(command), "demo", "--port", "0", "--sink", f"sqlite:///{db}"],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as process:
+        assert process.stdout is not None
+        try:
+            first_line = b""
+            with anyio.fail_after(20):
+                while b"\n" not in first_line:
+                    first_line += await process.stdout.receive()
+            line = first_line.decode().splitlines()[0]
+            assert line.startswith("roomrouter demo on http://127.0.0.1:"), line
+            assert str(db) in line
+            url = line.split()[3]
+            node = Node(url.removeprefix("http://"))
+            async with client(node) as alice, client(node) as bob:
+                await alice.join("lobby", "alice")
+                await bob.join("lobby", "bob")
+                await alice.say("hello from the command")
+                assert texts(await bob.messages(1)) == ["hello from the command"]
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGINT)
+        with anyio.fail_after(20):
+            assert await process.wait() == 130
+        assert process.stderr is not None
+        errors = b""
+        with anyio.fail_after(5):
+            async for chunk in process.stderr:
+                errors += chunk
+        assert b"Application shutdown complete" in errors
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM roomrouter_messages").fetchone() == (1,)
+    conn.close()
+
+
+async def test_demo_command_without_the_extra_names_it() -> None:
+    # Starlette hidden from the import system: the command says which extra to install.
+    code = (
+        "import sys; sys.modules['starlette'] = None; "
+        "from roomrouter.cli import main; sys.exit(main(['demo']))"
+    )
+    result = await anyio.run_process([sys.executable, "-c", code], check=False)
+    assert result.returncode == 1
+    assert b'pip install "roomrouter[demo]"' in result.stderr
