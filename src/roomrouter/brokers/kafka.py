@@ -729,13 +729,7 @@ class KafkaBroker(Broker):
                 session = await self._wait_session()
             async with self._history_lock:
                 if session.history is None:
-                    options = self.client_options_with(self._client_id + "-history")
-                    with anyio.fail_after(self.operation_timeout):
-                        session.admin = await open_admin(options)
-                        session.history = await open_reader(options, self.fetch_max_wait_ms)
-                    if self._session is not session:  # replaced meanwhile: not closed by it
-                        await quiet_stop(session.history, session.admin)
-                        raise BrokerUnavailable("Kafka connection lost while reading history")
+                    await self._open_history(session)
                 part = partition(key, session.partitions)
                 with anyio.fail_after(self.operation_timeout):
                     end = (await self._mark(session, partitions=[part]))[part]
@@ -754,6 +748,22 @@ class KafkaBroker(Broker):
             raise BrokerUnavailable("Kafka history read timed out") from exc
         except _ERRORS as exc:
             raise BrokerUnavailable(f"Kafka history read failed: {exc!r}") from exc
+
+    async def _open_history(self, session: _Session) -> None:
+        """Open the session's history reader and admin client (both or neither)."""
+        options = self.client_options_with(self._client_id + "-history")
+        admin = reader = None
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                admin = await open_admin(options)
+                reader = await open_reader(options, self.fetch_max_wait_ms)
+            if self._session is not session:  # replaced meanwhile: it would never close them
+                raise BrokerUnavailable("Kafka connection lost while reading history")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await quiet_stop(reader, admin)
+            raise
+        session.admin, session.history = admin, reader
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return KafkaStorageConsumer(self, namespace, consumer)
