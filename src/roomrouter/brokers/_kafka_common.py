@@ -148,6 +148,12 @@ class OffsetGuard:
         if expected is None:
             self._holes.pop(tp, None)
             return list(records)
+        if records and records[0].offset == expected:
+            last = records[-1].offset
+            if last - expected == len(records) - 1:  # offsets rise, so: exactly contiguous
+                if self._holes:
+                    self._holes.pop(tp, None)
+                return list(records)
         out: list[Any] = []
         for record in records:
             offset = record.offset

@@ -53,32 +53,31 @@ _IDLE_COMMIT_INTERVAL = 1.0
 async def open_reader(options: dict[str, Any], fetch_max_wait_ms: int) -> Any:
     """A group-less consumer positioned only by explicit seeks (``auto_offset_reset="none"``:
     reading below the log start raises instead of jumping elsewhere)."""
-    reader = AIOKafkaConsumer(
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="none",
-        fetch_max_wait_ms=fetch_max_wait_ms,
-        isolation_level="read_uncommitted",
-        **options,
+    return await _started(
+        AIOKafkaConsumer(
+            group_id=None,
+            enable_auto_commit=False,
+            auto_offset_reset="none",
+            fetch_max_wait_ms=fetch_max_wait_ms,
+            isolation_level="read_uncommitted",
+            **options,
+        )
     )
-    try:
-        await reader.start()
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            await quiet_stop(reader)
-        raise
-    return reader
 
 
 async def open_admin(options: dict[str, Any]) -> Any:
-    admin = AIOKafkaAdminClient(**options)
+    return await _started(AIOKafkaAdminClient(**options))
+
+
+async def _started(client: Any) -> Any:
+    """``client`` started, or stopped again (half-started clients hold sockets) and raised."""
     try:
-        await admin.start()
+        await client.start()
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await quiet_stop(admin)
+            await quiet_stop(client)
         raise
-    return admin
+    return client
 
 
 async def committed_offsets(
@@ -241,14 +240,9 @@ class KafkaStorageConsumer(StorageConsumer):
             isolation_level="read_uncommitted",
             **options,
         )
-        try:
-            with anyio.fail_after(self._broker.operation_timeout):
-                await consumer.start()
-            consumer.subscribe([self._data_topic], listener=_Rebalance(self, consumer))
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await quiet_stop(consumer)
-            raise
+        with anyio.fail_after(self._broker.operation_timeout):
+            await _started(consumer)
+        consumer.subscribe([self._data_topic], listener=_Rebalance(self, consumer))
         self._consumer = consumer
         return consumer
 
