@@ -45,8 +45,8 @@ _CONTROL_RETENTION_MS = 3_600_000
 #: The header of a record that is also meant for the storage queue (``persist=True``). The
 #: data topic *is* the storage queue; storage workers and the recent-messages scan keep only
 #: records carrying it, without decoding anything.
-STORED_HEADERS = [("rr-store", b"1")]
 _STORED = ("rr-store", b"1")
+STORED_HEADERS = [_STORED]
 
 
 def is_stored(record: Any) -> bool:

@@ -116,7 +116,6 @@ __all__ = ["KafkaBroker"]
 
 log = logging.getLogger("roomrouter.kafka")
 
-_ERRORS = ERRORS
 _BROADCAST = b"*"
 
 
@@ -401,7 +400,7 @@ class KafkaBroker(Broker):
                 )
                 async with self._lock:
                     await self._restore(session)
-        except (*_ERRORS, BrokerUnavailable) as exc:
+        except (*ERRORS, BrokerUnavailable) as exc:
             with anyio.move_on_after(self.operation_timeout, shield=True):
                 await quiet_stop(producer, consumer)
             raise BrokerUnavailable(
@@ -496,7 +495,7 @@ class KafkaBroker(Broker):
                     nonlocal reason
                     try:
                         await loop(session)
-                    except (*_ERRORS, _SessionLost, BrokerUnavailable) as exc:
+                    except (*ERRORS, _SessionLost, BrokerUnavailable) as exc:
                         reason = exc
                     except Exception as exc:  # unexpected: log it, but keep the node alive
                         reason = exc
@@ -624,7 +623,7 @@ class KafkaBroker(Broker):
                         return
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka subscribe timed out") from exc
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise BrokerUnavailable(f"Kafka subscribe failed: {exc!r}") from exc
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
@@ -634,7 +633,7 @@ class KafkaBroker(Broker):
         if session is not None:
             try:
                 self._assign(session, {})
-            except _ERRORS as exc:
+            except ERRORS as exc:
                 raise BrokerUnavailable(f"Kafka unassign failed: {exc!r}") from exc
 
     async def _wait_session(self) -> _Session:
@@ -706,7 +705,7 @@ class KafkaBroker(Broker):
                     partition=part,
                     headers=STORED_HEADERS if item.stored else None,
                 )
-            except (*_ERRORS, BrokerUnavailable) as exc:
+            except (*ERRORS, BrokerUnavailable) as exc:
                 item.fail(
                     exc if isinstance(exc, BrokerUnavailable)
                     else BrokerUnavailable(f"Kafka send failed: {exc!r}")
@@ -746,7 +745,7 @@ class KafkaBroker(Broker):
                 )
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka history read timed out") from exc
-        except _ERRORS as exc:
+        except ERRORS as exc:
             raise BrokerUnavailable(f"Kafka history read failed: {exc!r}") from exc
 
     async def _open_history(self, session: _Session) -> None:
