@@ -397,3 +397,51 @@ async def test_sigkilled_worker_process_loses_nothing(
     stored = await _stored(sink_path)
     assert len(stored) == 10_000
     assert sorted(e.id for e in stored) == sorted(e.id for e in sent)
+
+
+async def test_live_copies_of_recovered_messages_are_not_delivered_twice(tmp_path: Path) -> None:
+    """The history read can overtake the live path: a message recovered from history may
+    still arrive live afterwards. The member receives it once, and later ones normally."""
+    from roomrouter.brokers.memory import MemoryBroker
+
+    class LateLive(MemoryBroker):
+        """A real memory broker whose live frames to this node wait while ``late`` is set."""
+
+        late = False
+        waiting: list[bytes]
+
+        def _deliver_data(self, frame: bytes) -> None:
+            if self.late:
+                self.waiting.append(frame)
+            else:
+                super()._deliver_data(frame)
+
+        def catch_up(self) -> None:
+            self.late = False
+            for frame in self.waiting:
+                super()._deliver_data(frame)
+            self.waiting.clear()
+
+    hub = f"late-{unique_namespace()}"
+    slow = LateLive(hub)
+    slow.waiting = []
+    opts = {**TEST_ROUTER_OPTIONS}
+    async with (
+        RoomRouter(MemoryBroker(hub), namespace="ns", **opts) as a,
+        RoomRouter(slow, namespace="ns", **opts) as b,
+    ):
+        first = b.member("first")
+        await first.join("R")
+        seen = await a.publish("R", b"seen", persist=True)
+        await receive_n(first, 1)
+        slow.late = True  # node b's live path falls behind
+        late = [await a.publish("R", f"late {i}".encode(), persist=True) for i in range(3)]
+        again = b.member("again")
+        recovery = await again.join("R", since=seen.id)
+        assert recovery.count == 3 and recovery.complete
+        slow.catch_up()  # the live copies of the three recovered ones arrive now
+        after = await a.publish("R", b"after", persist=True)
+        got = await drain(again)
+        assert [e.id for e in got] == [e.id for e in late] + [after.id]
+        assert [e.id for e in await drain(first)] == [e.id for e in late] + [after.id]
+        assert b.stats()["dropped_duplicate"] == 3

@@ -51,6 +51,7 @@ class Member:
         "_inbox",
         "_joining",
         "_maxlen",
+        "_overlap",
         "_policy",
         "_recovering",
         "_rooms",
@@ -68,6 +69,9 @@ class Member:
         self._joining: set[str] = set()
         # room -> live envelopes held back while the room's history is being fetched
         self._recovering: dict[str, list[Envelope]] = {}
+        # room -> origin node -> (ids delivered from history, the highest of them): the live
+        # copies of those may still be on their way after a recovery (see _expect_overlap).
+        self._overlap: dict[str, dict[str, tuple[set[str], str]]] = {}
         self._inbox: deque[Envelope] = deque()
         self._maxlen = inbox_size
         self._policy = policy
@@ -160,6 +164,9 @@ class Member:
             if held is not None:
                 held.append(envelope)
                 return True
+        if self._overlap and self._recovered_already(envelope):
+            self._router._stats.dropped_duplicate += 1
+            return False
         inbox = self._inbox
         if len(inbox) >= self._maxlen:
             if self._closed is not None:
@@ -176,6 +183,39 @@ class Member:
             self._waiter = None
             waiter.set()
         return True
+
+    def _expect_overlap(self, room: str, recovered: list[Envelope]) -> None:
+        """After a recovery of ``room``: drop the live copies of ``recovered`` still to come.
+
+        The history read may hold messages published after the join whose live copy has not
+        arrived yet. Each origin's live envelopes arrive in id order (one node's ids grow with
+        its publishes, and per publisher and room order is kept), so once an origin's live
+        envelope reaches the highest id recovered from it, nothing recovered from it can follow
+        and its entry goes. Exact, and bounded by the router's ``max_recover``.
+        """
+        by_origin: dict[str, tuple[set[str], str]] = {}
+        for envelope in recovered:
+            ids, high = by_origin.get(envelope.origin, (set(), envelope.id))
+            ids.add(envelope.id)
+            by_origin[envelope.origin] = (ids, max(high, envelope.id))
+        if by_origin:
+            self._overlap[room] = by_origin
+        else:
+            self._overlap.pop(room, None)
+
+    def _recovered_already(self, envelope: Envelope) -> bool:
+        by_origin = self._overlap.get(envelope.room)
+        if by_origin is None:
+            return False
+        entry = by_origin.get(envelope.origin)
+        if entry is None:
+            return False
+        ids, high = entry
+        if envelope.id >= high:  # this origin's live stream has passed its recovered part
+            del by_origin[envelope.origin]
+            if not by_origin:
+                del self._overlap[envelope.room]
+        return envelope.id in ids
 
     def _deliver_recovered(self, envelopes: list[Envelope]) -> None:
         """Queue a recovery batch in order. It may exceed ``inbox_size`` once (it is bounded by

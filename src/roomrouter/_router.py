@@ -343,6 +343,10 @@ class RoomRouter:
             merged.setdefault(envelope.id, envelope)
         ordered = sorted(merged.values(), key=_by_id)
         member._deliver_recovered(ordered)
+        # Recovered ones published after the join may still arrive live (the history read can
+        # outrun the live path): the member drops those copies.
+        arrived = {e.id for e in held}
+        member._expect_overlap(room, [e for e in found if e.id not in arrived])
         last = max(found, key=_by_id).id if found else None
         return Recovery(count=recovered, complete=complete, last_id=last)
 
@@ -401,6 +405,7 @@ class RoomRouter:
         if room not in member._rooms:
             return
         member._rooms.discard(room)
+        member._overlap.pop(room, None)
         if room in member._joining:
             return  # the pending join sees this and gives its reference back
         members = self._local.get(room)

@@ -28,6 +28,8 @@ class Stats:
     dropped_not_hosted: int = 0
     dropped_decode: int = 0
     dropped_overflow: int = 0
+    #: Live envelopes a member had already received from history (a recovery overlap).
+    dropped_duplicate: int = 0
     members_disconnected: int = 0
     subscribe_batches: int = 0
     unsubscribe_batches: int = 0
