@@ -2,16 +2,21 @@
 waits (at most ``--lifetime`` seconds) to be killed.
 
     python -m tests.node_process URL NAMESPACE ROOM [ROOM ...]
+        [--print-received]          print "got ROOM PAYLOAD" for every envelope received
+        [--stall ROOM:SECONDS]      on the line "stall" on stdin: leave ROOM, then block the
+                                    event loop for SECONDS (a synchronous sleep, like a GC
+                                    pause or a blocking call), then print "resumed"
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 import anyio
 
-from roomrouter import RoomRouter
+from roomrouter import Member, RoomRouter
 
 
 async def main() -> None:
@@ -20,17 +25,39 @@ async def main() -> None:
     parser.add_argument("namespace")
     parser.add_argument("rooms", nargs="+")
     parser.add_argument("--lifetime", type=float, default=60.0)
+    parser.add_argument("--print-received", action="store_true")
+    parser.add_argument("--stall", default=None)
     args = parser.parse_args()
     router = RoomRouter.from_url(
         args.url, namespace=args.namespace, linger=0, heartbeat_interval=0.2, node_ttl=1.5
     )
-    async with router:
+    async with router, anyio.create_task_group() as tg:
         member = router.member("in-child")
         for room in args.rooms:
             await member.join(room)
         print(router.node_id, flush=True)
+        if args.print_received:
+            tg.start_soon(_print_received, member)
+        if args.stall:
+            room, _, seconds = args.stall.rpartition(":")
+            tg.start_soon(_stall_on_request, member, room, float(seconds))
         await anyio.sleep(args.lifetime)  # bounded: the process ends by itself
+        tg.cancel_scope.cancel()
     sys.exit(0)
+
+
+async def _print_received(member: Member) -> None:
+    async for envelope in member:
+        print(f"got {envelope.room} {envelope.payload.decode()}", flush=True)
+
+
+async def _stall_on_request(member: Member, room: str, seconds: float) -> None:
+    line = await anyio.to_thread.run_sync(sys.stdin.readline)
+    if line.strip() != "stall":
+        return
+    await member.leave(room)
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops for this long
+    print("resumed", flush=True)
 
 
 if __name__ == "__main__":

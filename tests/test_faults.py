@@ -77,3 +77,58 @@ async def test_killed_node_leaves_the_cluster_view_within_its_ttl(
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+async def test_node_stalled_past_its_ttl_is_known_again_after_it_resumes(
+    process_backend: Backend,
+) -> None:
+    """A node blocks its event loop (a synchronous sleep) for longer than its TTL right after
+    leaving one of its rooms. The others drop it; once it resumes, the first frame they hear
+    from it is that leave's Unhost, not a heartbeat. They must ask it for its whole state: its
+    other rooms are still hosted there, and publishes to them must reach it again."""
+    import threading
+
+    from roomrouter import RoomRouter
+
+    backend = process_backend
+    opts = {"linger": 0, "heartbeat_interval": 0.2, "node_ttl": 1.5, **backend.router_options}
+    async with RoomRouter(backend.broker(), namespace=backend.namespace, **opts) as watcher:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.node_process", backend.process_url(),
+             backend.namespace, "left-room", "kept-room", "--lifetime", "60",
+             "--print-received", "--stall", "left-room:3.5"],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+        )  # fmt: skip
+        lines: list[str] = []
+
+        def read() -> None:
+            assert child.stdout is not None
+            for line in child.stdout:
+                lines.append(line.strip())
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        try:
+            await eventually(lambda: _assert(bool(lines)), timeout=20)
+            node_id = lines[0]
+            await eventually(lambda: _assert(watcher.remote_hosts("kept-room") == {node_id}))
+            assert child.stdin is not None
+            child.stdin.write("stall\n")
+            child.stdin.flush()
+            await eventually(lambda: _assert(node_id not in watcher.live_nodes()), timeout=5)
+            await eventually(lambda: _assert("resumed" in lines), timeout=10)
+            await eventually(lambda: _assert(node_id in watcher.live_nodes()), timeout=5)
+            await eventually(
+                lambda: _assert(watcher.remote_hosts("kept-room") == {node_id}), timeout=5
+            )
+            assert watcher.remote_hosts("left-room") == frozenset()
+            await watcher.publish("kept-room", b"after-the-stall")
+            await eventually(lambda: _assert("got kept-room after-the-stall" in lines), timeout=5)
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+            reader.join(timeout=5)
+            for stream in (child.stdin, child.stdout):
+                if stream is not None:
+                    stream.close()

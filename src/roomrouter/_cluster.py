@@ -18,7 +18,14 @@ argument is written out in docs/architecture.md):
   heard the ``Hello`` (or, on a broker that cannot count receivers, after a discovery window).
 * Control frames of one node arrive in the order it sent them (broker guarantee 3) and carry a
   generation number, so a receiver detects a gap (after a reconnect) and asks for a full
-  ``State`` (``Sync``).
+  ``State`` (``Sync``). A node first heard through anything but ``Hello`` or ``State`` — one
+  that was presumed dead and speaks again after a stall, say — is asked for its ``State`` too:
+  a delta alone says nothing of its other rooms.
+* A peer that says ``Hello`` while a barrier waits for its ``Ack`` may have missed the
+  ``Host`` (it reconnected): the ``Host`` is sent again, to it alone, after the ``State``.
+* A starting node knows it has heard everyone once every node the broker counted answered, or
+  once every node named in the answers' live lists answered: the broker counts connections,
+  and a subscriber that is no node (a monitor) never answers.
 
 Nodes heartbeat every ``heartbeat_interval``; a node not heard from within ``node_ttl`` is
 dropped with its rooms, and pending barriers stop waiting for it.
@@ -112,6 +119,7 @@ class _Outgoing:
 @dataclass(slots=True)
 class _Barrier:
     waiting: set[str]
+    frame: bytes  # the Host frame, to send again to a peer that reconnected meanwhile
     done: anyio.Event = field(default_factory=anyio.Event)
 
     def release(self, node: str) -> None:
@@ -147,6 +155,7 @@ class ClusterView:
         self._barrier_seq = 0
         self._barriers: dict[int, _Barrier] = {}
         self._states_seen: set[str] = set()
+        self._states_named: set[str] = set()  # nodes named live by the States seen
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
 
@@ -189,11 +198,13 @@ class ClusterView:
         """
         self._gen += 1
         self._barrier_seq += 1
-        barrier = _Barrier(set(self._nodes))
+        host = Host(self.node_id, self._gen, rooms, self._barrier_seq)
+        frame = _encoder.encode(host)
+        barrier = _Barrier(set(self._nodes), frame)
         if barrier.waiting:
             self._barriers[self._barrier_seq] = barrier
         try:
-            await self._send(Host(self.node_id, self._gen, rooms, self._barrier_seq))
+            await self._send_frame(frame)
             if barrier.waiting:
                 with anyio.move_on_after(self.barrier_timeout):
                     await barrier.done.wait()
@@ -215,6 +226,7 @@ class ClusterView:
     async def join_cluster(self, discovery_window: float) -> None:
         """Say Hello and wait until every node that heard it answered with its State."""
         self._states_seen.clear()
+        self._states_named.clear()
         self._hello_answered = anyio.Event()
         receivers = await self._send(Hello(self.node_id, self._gen, self._hosted()))
         if receivers is not None:
@@ -222,6 +234,17 @@ class ClusterView:
             self._check_hello_done()
             with anyio.move_on_after(self.node_ttl):
                 await self._hello_answered.wait()
+            if not self._hello_answered.is_set():
+                self._stats.discovery_timeouts += 1
+                silent = self._states_named - self._states_seen
+                log.warning(
+                    "node %s: %d of %d other subscriber(s) of the control channel did not "
+                    "answer within %.1fs%s; starting anyway",
+                    self.node_id, self._hello_expected - len(self._states_seen),
+                    self._hello_expected, self.node_ttl,
+                    f" (silent nodes: {sorted(silent)})" if silent else
+                    " (no node named them: subscribers that are no node, e.g. a monitor?)",
+                )  # fmt: skip
         else:
             # The broker cannot count who heard us: give everyone a window to answer.
             self._hello_expected = None
@@ -290,6 +313,11 @@ class ClusterView:
         node = self._nodes.get(msg.node)
         if node is None:
             node = self._nodes[msg.node] = _Node()
+            if not isinstance(msg, Hello | State | Heartbeat):
+                # A node first heard mid-stream (it was presumed dead, or we reconnected): a
+                # delta says nothing of its other rooms. Ask for all of them. (A heartbeat's
+                # generation never matches an unknown node's: that branch asks.)
+                self._request_sync(msg.node)
         node.last_seen = now
 
         if isinstance(msg, Host):
@@ -303,16 +331,23 @@ class ClusterView:
                 barrier.release(msg.node)
         elif isinstance(msg, Heartbeat):
             if msg.gen != node.gen:
-                self._reply(Sync(self.node_id), msg.node)
+                self._request_sync(msg.node)
         elif isinstance(msg, Hello):
             self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             self._reply(
                 State(self.node_id, self._gen, self._hosted(), sorted(self._nodes)), msg.node
             )
+            # It may have missed the Host of a join that waits for it (it reconnected): send
+            # those again, after the State, so it acknowledges instead of timing out.
+            for barrier in self._barriers.values():
+                if msg.node in barrier.waiting:
+                    self._stats.barrier_resends += 1
+                    self._reply_frame(barrier.frame, msg.node)
         elif isinstance(msg, State):
             if msg.gen >= node.gen:
                 self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             self._states_seen.add(msg.node)
+            self._states_named.update(n for n in msg.live if n != self.node_id)
             self._check_hello_done()
         elif isinstance(msg, Sync):
             self._reply(
@@ -326,8 +361,18 @@ class ClusterView:
 
     def _check_hello_done(self) -> None:
         expected = self._hello_expected
-        if expected is not None and len(self._states_seen) >= expected:
+        if expected is None:
+            return
+        seen = self._states_seen
+        # Every subscriber the broker counted answered; or every node the answers know of did
+        # (the count may include subscribers that are no node). A node unknown to all who
+        # answered is starting itself: it hosts nothing yet and has our Hello.
+        if len(seen) >= expected or (seen and self._states_named <= seen):
             self._hello_answered.set()
+
+    def _request_sync(self, node_id: str) -> None:
+        self._stats.syncs_requested += 1
+        self._reply(Sync(self.node_id), node_id)
 
     def _apply_delta(
         self, node_id: str, node: _Node, gen: int, rooms: list[str], add: bool
@@ -336,7 +381,7 @@ class ClusterView:
             return  # already contained in a State we applied
         if node.gen >= 0 and gen != node.gen + 1:
             # We missed frames of this node (a reconnect): ask for the whole picture.
-            self._reply(Sync(self.node_id), node_id)
+            self._request_sync(node_id)
         node.gen = gen
         for room in rooms:
             if add:
@@ -371,14 +416,20 @@ class ClusterView:
             barrier.release(node_id)
 
     def _reply(self, msg: _Frame, to: str | None) -> None:
+        self._reply_frame(_encoder.encode(msg), to)
+
+    def _reply_frame(self, frame: bytes, to: str | None) -> None:
         try:
-            self._out_send.send_nowait(_Outgoing(_encoder.encode(msg), to))
+            self._out_send.send_nowait(_Outgoing(frame, to))
         except anyio.WouldBlock:
             self._stats.dropped_control_overflow += 1
 
     async def _send(self, msg: _Frame) -> int | None:
         """Broadcast ``msg`` in FIFO order with the replies; return the receiver count."""
-        item = _Outgoing(_encoder.encode(msg), None, anyio.Event())
+        return await self._send_frame(_encoder.encode(msg))
+
+    async def _send_frame(self, frame: bytes) -> int | None:
+        item = _Outgoing(frame, None, anyio.Event())
         await self._out_send.send(item)
         assert item.done is not None
         await item.done.wait()

@@ -40,6 +40,13 @@ class Stats:
     dropped_control_decode: int = 0
     dropped_control_overflow: int = 0
     barrier_timeouts: int = 0
+    #: Host frames sent again to a peer that said Hello while a join waited for its Ack.
+    barrier_resends: int = 0
+    #: Full states asked of a peer whose frames this node missed, or first heard mid-stream.
+    syncs_requested: int = 0
+    #: Starts that gave up waiting for some node's State (a silent node, or a subscriber of
+    #: the control channel that is no node, such as a monitor).
+    discovery_timeouts: int = 0
     nodes_expired: int = 0
     reconnects: int = 0
     task_restarts: int = 0
