@@ -1,10 +1,18 @@
 """A hypothesis state machine drives join / leave / publish / close over three nodes and checks
 every member's deliveries against a model.
 
+Operations run **concurrently**, as users make them: each step is a batch of lanes that run at
+once, each lane a short sequence of operations (program order within a lane is a
+happens-before; operations of different lanes are concurrent). One node hears control frames
+late (a slow link), so joins on the others really wait in their barrier while other lanes
+join, leave and publish.
+
 The routers live on an event loop in a portal thread; the rules call into it. After each step
 batch (``settle``) and at teardown, every member must have received exactly the messages the
-model says it must, possibly some it *may* receive (published to a room it left afterwards,
-still in flight), nothing else, nothing twice, and per publisher and room in publish order.
+model says it must, possibly some it *may* receive (published concurrently with a join or a
+leave of it, or to a room it left afterwards while still in flight), nothing else, nothing
+twice, and per publisher and room in publish order. Membership must be what the operations
+imply, and every node's subscriptions must equal its rooms with members.
 """
 
 from __future__ import annotations
@@ -27,23 +35,50 @@ from hypothesis.stateful import (
     rule,
 )
 
-from roomrouter import Envelope, Member, RoomRouter
+from roomrouter import Envelope, Member, MemberClosed, RoomRouter
 
 from .backends import BACKENDS, Backend
 from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
+from .faulty import ControlFault
+from .helpers import eventually
 
 ROOMS = ["r0", "r1", "r2", "r.*", "#"]
 NODES = 3
 SLOTS = 6
+#: Node 0 hears control frames this late, so barriers of joins on nodes 1 and 2 stay open.
+SLOW_LINK = 0.03
+
+Op = tuple[Any, ...]  # ("join", slot, room) | ("leave", slot, room) | ("close", slot)
+#                       | ("publish", node, room)
+KINDS = ["join", "join", "leave", "publish", "publish", "close"]
 
 
-@dataclass
+@st.composite
+def lanes_of_ops(draw: st.DrawFn) -> list[list[Op]]:
+    """One to three lanes of one to three operations. Each batch draws its operations from one
+    or two rooms and members, so operations collide (the races under test) instead of
+    spreading thin over every pair."""
+    rooms = draw(st.lists(st.sampled_from(ROOMS), min_size=1, max_size=2, unique=True))
+    slots = draw(st.lists(st.integers(0, SLOTS - 1), min_size=1, max_size=2, unique=True))
+
+    def op(kind: str) -> st.SearchStrategy[Op]:
+        if kind == "publish":
+            return st.tuples(st.just(kind), st.integers(0, NODES - 1), st.sampled_from(rooms))
+        if kind == "close":
+            return st.tuples(st.just(kind), st.sampled_from(slots))
+        return st.tuples(st.just(kind), st.sampled_from(slots), st.sampled_from(rooms))
+
+    ops = st.sampled_from(KINDS).flatmap(op)
+    return draw(st.lists(st.lists(ops, min_size=1, max_size=3), min_size=1, max_size=3))
+
+
+@dataclass(eq=False)
 class _ModelMember:
     node: int
     member: Member
     rooms: set[str] = field(default_factory=set)
     must: set[str] = field(default_factory=set)  # ids it must receive
-    may: set[str] = field(default_factory=set)  # ids it may receive (left the room after)
+    may: set[str] = field(default_factory=set)  # ids it may receive (raced, or left after)
     got: list[Envelope] = field(default_factory=list)
     closed: bool = False
 
@@ -66,6 +101,7 @@ class RouterMachine(RuleBasedStateMachine):
         try:
             if self.routers:
                 self.settle()
+                self.portal.call(self.backend.check_subscriptions, self.routers)
         finally:
             for cm in reversed(self._contexts):
                 cm.__exit__(None, None, None)
@@ -82,8 +118,11 @@ class RouterMachine(RuleBasedStateMachine):
     @initialize()
     def start_nodes(self) -> None:
         opts = {**TEST_ROUTER_OPTIONS, **self.backend.router_options}
-        for _ in range(NODES):
-            router = RoomRouter(self.backend.broker(), namespace=self.backend.namespace, **opts)
+        for i in range(NODES):
+            broker = self.backend.broker()
+            if i == 0:
+                broker = ControlFault(broker, delay=SLOW_LINK)
+            router = RoomRouter(broker, namespace=self.backend.namespace, **opts)
             cm = self.portal.wrap_async_context_manager(router)
             cm.__enter__()
             self._contexts.append(cm)
@@ -91,43 +130,117 @@ class RouterMachine(RuleBasedStateMachine):
         self.slots = [self._new_member(i % NODES) for i in range(SLOTS)]
         self.model.extend(self.slots)
 
-    @rule(slot=st.integers(0, SLOTS - 1), room=st.sampled_from(ROOMS))
-    def join(self, slot: int, room: str) -> None:
-        m = self.slots[slot]
-        self.portal.call(m.member.join, room)
-        if room not in m.rooms:
-            # A message published to the room just before the join may still be on its way
-            # to this node; delivered after the join it is legal (guarantee 1 judges at
-            # delivery). Older ones — from before the last settle — must not appear.
-            m.may |= self.in_flight.get(room, set())
-        m.rooms.add(room)
+    @rule(lanes=lanes_of_ops())
+    def concurrently(self, lanes: list[list[Op]]) -> None:
+        members = list(self.slots)  # the members the slots hold as the batch starts
+        results = self.portal.call(self._run_lanes, lanes, members)
+        closed = {op[1] for lane in lanes for op in lane if op[0] == "close"}
+        # -- which member must / may receive each publish of the batch
+        for li, lane in enumerate(lanes):
+            for oi, op in enumerate(lane):
+                if op[0] != "publish":
+                    continue
+                env: Envelope = results[li][oi]
+                self.sent[env.id] = env
+                room = op[2]
+                for slot, m in enumerate(members):
+                    verdict = self._verdict(lanes, li, oi, slot, m, room, slot in closed)
+                    if verdict == "must":
+                        m.must.add(env.id)
+                    elif verdict == "may":
+                        m.may.add(env.id)
+                self.in_flight.setdefault(room, set()).add(env.id)
+        # -- joins that raised: only a member closed in the same batch may refuse a join
+        for li, lane in enumerate(lanes):
+            for oi, op in enumerate(lane):
+                if op[0] == "join" and isinstance(results[li][oi], BaseException):
+                    assert isinstance(results[li][oi], MemberClosed) and op[1] in closed
+        # -- membership after the batch
+        for slot, m in enumerate(members):
+            if slot in closed:
+                self._left(m, set(m.rooms))
+                m.closed = True
+                new = self._new_member(m.node)
+                self.slots[slot] = new
+                self.model.append(new)
+                continue
+            actual = self.portal.call(lambda m=m: m.member.rooms)
+            for room in ROOMS:
+                touched = [
+                    (li, op[0])
+                    for li, lane in enumerate(lanes)
+                    for op in lane
+                    if op[0] in ("join", "leave") and op[1] == slot and op[2] == room
+                ]
+                if not touched:
+                    assert (room in actual) == (room in m.rooms), (m.member, room)
+                    continue
+                kinds = {kind for _, kind in touched}
+                if len({li for li, _ in touched}) == 1 or len(kinds) == 1:
+                    want = touched[-1][1] == "join" if len(kinds) > 1 else "join" in kinds
+                    assert (room in actual) == want, (m.member, room, touched)
+                # else: a join and a leave raced in different lanes; either order is right.
+                if room in actual and room not in m.rooms:
+                    m.may |= self.in_flight.get(room, set())
+                    m.rooms.add(room)
+                elif room not in actual and room in m.rooms:
+                    self._left(m, {room})
+                elif "leave" in kinds:
+                    self._left(m, {room})  # a leave raced: in-flight ones may or may not come
+                    if room in actual:
+                        m.rooms.add(room)
 
-    @rule(slot=st.integers(0, SLOTS - 1), room=st.sampled_from(ROOMS))
-    def leave(self, slot: int, room: str) -> None:
-        m = self.slots[slot]
-        self.portal.call(m.member.leave, room)
-        self._left(m, {room})
+    @staticmethod
+    def _verdict(
+        lanes: list[list[Op]], li: int, oi: int, slot: int, m: _ModelMember, room: str,
+        closed: bool,
+    ) -> str:  # fmt: skip
+        """Must, may or must not member ``m`` (slot ``slot``) receive the publish at lane
+        ``li``, position ``oi``, to ``room``?"""
 
-    @rule(slot=st.integers(0, SLOTS - 1))
-    def close_and_reconnect(self, slot: int) -> None:
-        """The connection drops: the member closes; a new one takes the slot."""
-        m = self.slots[slot]
-        self.portal.call(m.member.close)
-        self._left(m, set(m.rooms))
-        m.closed = True
-        new = self._new_member(m.node)
-        self.slots[slot] = new
-        self.model.append(new)
+        def on_it(op: Op) -> bool:
+            return (op[0] in ("join", "leave") and op[1] == slot and op[2] == room) or (
+                op[0] == "close" and op[1] == slot
+            )
 
-    @rule(node=st.integers(0, NODES - 1), room=st.sampled_from(ROOMS), n=st.integers(1, 3))
-    def publish(self, node: int, room: str, n: int) -> None:
-        for _ in range(n):
-            env = self.portal.call(self.routers[node].publish, room, b"p")
-            self.sent[env.id] = env
-            self.in_flight.setdefault(room, set()).add(env.id)
-            for m in self.model:
-                if room in m.rooms and not m.closed:
-                    m.must.add(env.id)
+        mine = [op for op in lanes[li][:oi] if on_it(op)]
+        later = [op for op in lanes[li][oi + 1 :] if on_it(op)]
+        others = [op for j, lane in enumerate(lanes) if j != li for op in lane if on_it(op)]
+        if mine:
+            surely_in = mine[-1][0] == "join" and not any(op[0] == "close" for op in mine)
+        else:
+            surely_in = room in m.rooms
+        can_be_in = room in m.rooms or any(
+            op[0] == "join" for op in lanes[li][: oi + 1] + later + others if on_it(op)
+        )
+        if surely_in and not closed and not any(op[0] != "join" for op in later + others):
+            return "must"
+        return "may" if can_be_in or surely_in else "no"
+
+    async def _run_lanes(self, lanes: list[list[Op]], members: list[_ModelMember]) -> list[Any]:
+        results: list[list[Any]] = [[None] * len(lane) for lane in lanes]
+
+        async def run(li: int, lane: list[Op]) -> None:
+            for oi, op in enumerate(lane):
+                if op[0] == "publish":
+                    results[li][oi] = await self.routers[op[1]].publish(op[2], b"p")
+                    continue
+                member = members[op[1]].member
+                if op[0] == "join":
+                    try:
+                        await member.join(op[2])
+                    except MemberClosed as exc:
+                        results[li][oi] = exc
+                elif op[0] == "leave":
+                    await member.leave(op[2])
+                else:
+                    await member.close()
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for li, lane in enumerate(lanes):
+                    tg.start_soon(run, li, lane)
+        return results
 
     @precondition(lambda self: any(m.must for m in self.model))
     @rule()
@@ -152,6 +265,19 @@ class RouterMachine(RuleBasedStateMachine):
                 assert seq == sorted(seq), f"{m.member.id}: out of order"
             m.must.clear()
             m.got.clear()  # `may` stays: such a message can still be in flight
+        self.portal.call(self._check_subscriptions)
+
+    async def _check_subscriptions(self) -> None:
+        """Guarantee 4 as the routers see it (linger is 0 in tests): each node's subscriptions
+        are its rooms with members, once the unsubscribes in flight landed."""
+        for node, router in enumerate(self.routers):
+            rooms = {r for m in self.model if m.node == node and not m.closed for r in m.rooms}
+            assert router.local_rooms == rooms, (router, router.local_rooms ^ rooms)
+
+            def check(router: RoomRouter = router) -> None:
+                assert router.subscribed_rooms == router.local_rooms, router
+
+            await eventually(check, timeout=5)
 
     @invariant()
     def bypass_counts_add_up(self) -> None:

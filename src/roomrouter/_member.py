@@ -5,17 +5,16 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import anyio
+import anyio.lowlevel
 
 from ._envelope import Envelope
 from ._errors import MemberClosed
+from ._stats import Stats
 
-if TYPE_CHECKING:
-    from ._router import RoomRouter
-
-__all__ = ["Member", "OverflowPolicy", "Recovery"]
+__all__ = ["Member", "Membership", "OverflowPolicy", "Recovery"]
 
 #: What a full inbox does with one more envelope: ``"drop_oldest"`` discards the oldest queued
 #: envelope (counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
@@ -37,6 +36,22 @@ class Recovery:
     last_id: str | None = None
 
 
+class Membership(Protocol):
+    """What a member asks of its router. Which rooms a member is in, or is joining, is known
+    there alone (``RoomRouter`` implements this); the member keeps only its inbox and the
+    delivery state of its recoveries."""
+
+    async def _join(
+        self, member: Member, room: str, *, since: str | None, history: int
+    ) -> Recovery: ...
+
+    def _leave(self, member: Member, room: str) -> None: ...
+
+    def _forget(self, member: Member) -> None: ...
+
+    def _rooms_of(self, member: Member) -> frozenset[str]: ...
+
+
 class Member:
     """One local member of a :class:`RoomRouter`: joins rooms and receives their envelopes.
 
@@ -49,24 +64,27 @@ class Member:
     __slots__ = (
         "_closed",
         "_inbox",
-        "_joining",
         "_maxlen",
         "_overlap",
         "_policy",
         "_recovering",
-        "_rooms",
         "_router",
+        "_stats",
         "_waiter",
         "id",
     )
 
     def __init__(
-        self, router: RoomRouter, member_id: str, inbox_size: int, policy: OverflowPolicy
+        self,
+        router: Membership,
+        stats: Stats,
+        member_id: str,
+        inbox_size: int,
+        policy: OverflowPolicy,
     ) -> None:
         self.id = member_id
         self._router = router
-        self._rooms: set[str] = set()
-        self._joining: set[str] = set()
+        self._stats = stats
         # room -> live envelopes held back while the room's history is being fetched
         self._recovering: dict[str, list[Envelope]] = {}
         # room -> origin node -> (ids delivered from history, the highest of them): the live
@@ -79,12 +97,13 @@ class Member:
         self._closed: str | None = None
 
     def __repr__(self) -> str:
-        state = f"closed: {self._closed}" if self._closed else f"{len(self._rooms)} room(s)"
+        state = f"closed: {self._closed}" if self._closed else f"{len(self.rooms)} room(s)"
         return f"<Member {self.id!r} {state}>"
 
     @property
     def rooms(self) -> frozenset[str]:
-        return frozenset(self._rooms)
+        """Rooms this member is in (joins still in progress are not counted yet)."""
+        return self._router._rooms_of(self)
 
     @property
     def closed(self) -> bool:
@@ -108,7 +127,9 @@ class Member:
         instead. Both need persistence (a sink, or a backend with a recent-messages cache); the
         returned :class:`Recovery` says how many came and whether the window was complete.
 
-        Joining a room twice is a no-op. Raises :class:`~roomrouter.InvalidRoomName`,
+        Joining a room twice is a no-op; a second join while the first is in progress waits for
+        it and returns when the room is ready. A :meth:`leave` during a join wins: the member is
+        then not in the room, and the join returns. Raises :class:`~roomrouter.InvalidRoomName`,
         :class:`~roomrouter.MemberClosed`, or :class:`~roomrouter.BrokerUnavailable` (the join
         did not happen), or :class:`~roomrouter.HistoryUnavailable` (the join happened, live
         delivery runs, but the history could not be read).
@@ -118,8 +139,9 @@ class Member:
 
     async def leave(self, room: str) -> None:
         """Leave ``room``; nothing of it is delivered from now on. Leaving a room not joined is a
-        no-op."""
+        no-op; leaving a room whose join is in progress ends that join."""
         self._router._leave(self, room)
+        await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> Envelope:
         """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty."""
@@ -165,18 +187,18 @@ class Member:
                 held.append(envelope)
                 return True
         if self._overlap and self._recovered_already(envelope):
-            self._router._stats.dropped_duplicate += 1
+            self._stats.dropped_duplicate += 1
             return False
         inbox = self._inbox
         if len(inbox) >= self._maxlen:
             if self._closed is not None:
                 return False
             if self._policy == "disconnect":
-                self._router._stats.members_disconnected += 1
+                self._stats.members_disconnected += 1
                 self._close("overflow")
                 return False
             inbox.popleft()
-            self._router._stats.dropped_overflow += 1
+            self._stats.dropped_overflow += 1
         inbox.append(envelope)
         waiter = self._waiter
         if waiter is not None:

@@ -13,11 +13,13 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from contextlib import AsyncExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
@@ -38,6 +40,7 @@ from ._errors import (
     RoomRouterError,
     RouterNotRunning,
 )
+from ._host import spawn_detached
 from ._member import Member, OverflowPolicy, Recovery
 from ._stats import Stats
 from ._subscriptions import SubscriptionManager
@@ -53,6 +56,27 @@ _NOTHING_RECOVERED = Recovery()
 
 def _by_id(envelope: Envelope) -> str:
     return envelope.id
+
+
+@dataclass(slots=True, eq=False)
+class _Join:
+    """One member's join of one room: in flight until ``done``; ``joined`` while the member
+    is in the room (receiving); ``active`` until a leave or a close ended it."""
+
+    done: anyio.Event = field(default_factory=anyio.Event)
+    joined: bool = False
+    active: bool = True
+    error: RoomRouterError | None = None
+
+
+@dataclass(slots=True, eq=False)
+class _Host:
+    """What the caller of start/aclose and the host task tell each other."""
+
+    started: anyio.Event = field(default_factory=anyio.Event)
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    stopped: anyio.Event = field(default_factory=anyio.Event)
+    error: Exception | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,8 +105,10 @@ def _encodable(text: str) -> bool:
 class RoomRouter:
     """Routes room messages between local members and the other nodes of a namespace.
 
-    Use it as an async context manager; it runs background tasks (broker reader, subscription
-    reconciler, heartbeats) while inside and stops them on exit::
+    Use it as an async context manager, or call :meth:`start` and :meth:`aclose` (e.g. from a
+    framework's startup and shutdown hooks). It runs background tasks (broker reader,
+    subscription reconciler, heartbeats) in a task of its own, so routers can be opened and
+    closed in any order and from any task::
 
         async with RoomRouter.from_url("redis://127.0.0.1:6379/0", namespace="chat") as router:
             member = router.member("alice")
@@ -182,8 +208,9 @@ class RoomRouter:
             on_subscribed=self._cluster.announce_host,
             on_unsubscribing=self._cluster.announce_unhost,
         )
+        self._joins: dict[Member, dict[str, _Join]] = {}
         self._running = False
-        self._exit_stack: AsyncExitStack | None = None
+        self._host: _Host | None = None
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RoomRouter:
@@ -200,40 +227,46 @@ class RoomRouter:
         return f"<RoomRouter node={self.node_id} broker={self.broker.name} ns={self.namespace!r}>"
 
     # -- lifecycle ------------------------------------------------------------------------------
+    # The router's background work runs in a host task of its own, not in the caller's task:
+    # routers then open and close in any order, from any task, inside any framework's lifespan
+    # (see _host.py). The caller only waits for the host task to say "started" or "stopped".
+
+    async def start(self) -> None:
+        """Connect, join the cluster and start the background tasks; return once the router is
+        usable. For frameworks with startup/shutdown hooks; ``async with router:`` does the same.
+
+        Raises what made the start fail (e.g. :class:`~roomrouter.BrokerUnavailable`); nothing
+        is left running then. A router starts once; :meth:`aclose` stops it.
+        """
+        if self._host is not None:
+            raise RuntimeError("this router was already started (a router starts once)")
+        host = self._host = _Host()
+        spawn_detached(partial(self._host_main, host), f"roomrouter host {self.node_id}")
+        try:
+            await host.started.wait()
+        except BaseException:
+            # The caller gave up (cancelled): stop what started, then let the cancellation on.
+            host.stop.set()
+            with anyio.CancelScope(shield=True):
+                await host.stopped.wait()
+            raise
+        if host.error is not None:
+            with anyio.CancelScope(shield=True):
+                await host.stopped.wait()
+            raise host.error
+
+    async def aclose(self) -> None:
+        """Close every member, leave the cluster, stop the background tasks and close the
+        connections. Idempotent, and callable from any task; returns once all is closed."""
+        host = self._host
+        if host is None:
+            return
+        host.stop.set()
+        with anyio.CancelScope(shield=True):
+            await host.stopped.wait()
 
     async def __aenter__(self) -> RoomRouter:
-        if self._exit_stack is not None:
-            raise RuntimeError("this router is already running")
-        stack = AsyncExitStack()
-        await stack.__aenter__()
-        try:
-            if self.sink is not None:
-                await stack.enter_async_context(self.sink)
-            # Exit runs in reverse: cancel the tasks, wait for them, then close connections.
-            stack.push_async_callback(self._close_broker)
-            self._cluster.open()
-            stack.callback(self._cluster.close)
-            tg = await stack.enter_async_context(anyio.create_task_group())
-            stack.callback(tg.cancel_scope.cancel)
-            await self.broker.start(
-                BrokerContext(
-                    node_id=self.node_id,
-                    namespace=self.namespace,
-                    on_data=self._on_data,
-                    on_control=self._cluster.on_control,
-                    on_reconnect=self._on_reconnect,
-                    task_group=tg,
-                )
-            )
-            self._spawn(tg, "control sender", self._cluster.run_sender)
-            self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
-            self._spawn(tg, "subscriptions", self._subs.run)
-            await self._cluster.join_cluster(self._discovery_window)
-        except BaseException:
-            await stack.__aexit__(None, None, None)
-            raise
-        self._exit_stack = stack
-        self._running = True
+        await self.start()
         return self
 
     async def __aexit__(
@@ -242,14 +275,62 @@ class RoomRouter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        stack, self._exit_stack = self._exit_stack, None
-        if stack is None:
-            return
+        await self.aclose()
+
+    async def _host_main(self, host: _Host) -> None:
+        """The host task: everything the router runs lives in here, from start to close."""
+        try:
+            async with AsyncExitStack() as stack:
+                if self.sink is not None:
+                    await stack.enter_async_context(self.sink)
+                # Exit runs in reverse: the task group ends first, then connections close.
+                stack.push_async_callback(self._close_broker)
+                self._cluster.open()
+                stack.callback(self._cluster.close)
+                async with anyio.create_task_group() as tg:
+                    try:
+                        await self._start_in(tg)
+                    except Exception as exc:
+                        host.error = exc
+                    else:
+                        self._running = True
+                    host.started.set()
+                    if host.error is None:
+                        await host.stop.wait()
+                        await self._stop()
+                    tg.cancel_scope.cancel()
+        except Exception as exc:
+            if not host.started.is_set():
+                host.error = exc
+            else:
+                log.exception("node %s: the router stopped on an error", self.node_id)
+        finally:
+            self._running = False
+            host.started.set()
+            host.stopped.set()
+
+    async def _start_in(self, tg: TaskGroup) -> None:
+        await self.broker.start(
+            BrokerContext(
+                node_id=self.node_id,
+                namespace=self.namespace,
+                on_data=self._on_data,
+                on_control=self._cluster.on_control,
+                on_reconnect=self._on_reconnect,
+                task_group=tg,
+            )
+        )
+        self._spawn(tg, "control sender", self._cluster.run_sender)
+        self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
+        self._spawn(tg, "subscriptions", self._subs.run)
+        await self._cluster.join_cluster(self._discovery_window)
+
+    async def _stop(self) -> None:
         self._running = False
+        self._subs.close()
         for member in list(self._members.values()):
             member._close("router closed")
         await self._cluster.leave_cluster()
-        await stack.__aexit__(exc_type, exc, tb)
 
     async def _close_broker(self) -> None:
         with anyio.CancelScope(shield=True):
@@ -292,12 +373,24 @@ class RoomRouter:
             member_id = secrets.token_hex(8)
         if member_id in self._members:
             raise DuplicateMember(f"member {member_id!r} already exists on node {self.node_id}")
-        member = Member(self, member_id, self.inbox_size, self.overflow)
+        member = Member(self, self._stats, member_id, self.inbox_size, self.overflow)
         self._members[member_id] = member
         return member
 
     def get_member(self, member_id: str) -> Member | None:
         return self._members.get(member_id)
+
+    # Join state lives here, one _Join per (member, room), and members ask for it through the
+    # narrow interface of _member.Membership. A join is in flight until its room is ready (the
+    # subscription manager's one readiness state per room); a second join of the same member
+    # waits for the first; a leave ends the join whatever its stage, and the join that is still
+    # on the wire gives its reference back itself, so every acquire has exactly one release.
+
+    def _rooms_of(self, member: Member) -> frozenset[str]:
+        joins = self._joins.get(member)
+        if not joins:
+            return frozenset()
+        return frozenset(room for room, join in joins.items() if join.joined)
 
     async def _join(
         self, member: Member, room: str, *, since: str | None = None, history: int = 0
@@ -307,13 +400,14 @@ class RoomRouter:
         if since is None and not history:
             await self._join_live(member, room)
             return _NOTHING_RECOVERED
-        if room in member._rooms:
-            return _NOTHING_RECOVERED
         if history < 0 or history > self.max_recover:
             raise ConfigurationError(
                 f"history must be between 0 and max_recover={self.max_recover}"
             )
         self._require_persistence()
+        if room in self._joins.get(member, ()):  # joined or joining: like a second join
+            await self._join_live(member, room)
+            return _NOTHING_RECOVERED
         # Live envelopes of the room are held back from the inbox while the history is read,
         # then merged with it: the join comes first, so nothing published after it is missed,
         # and the merge by id removes what both paths delivered.
@@ -335,7 +429,7 @@ class RoomRouter:
                 raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
             raise
         member._recovering.pop(room, None)
-        if room not in member._rooms:  # left (or closed) while the history was read
+        if room not in self._rooms_of(member):  # left (or closed) while the history was read
             return _NOTHING_RECOVERED
         merged = {e.id: e for e in found}
         recovered = len(merged)
@@ -385,41 +479,66 @@ class RoomRouter:
         return ordered, complete
 
     async def _join_live(self, member: Member, room: str) -> None:
-        if room in member._rooms:
-            return
-        member._rooms.add(room)
-        member._joining.add(room)
+        """Return once ``member`` is in ``room`` and the room is ready (or the member left it
+        again meanwhile: a leave that came later wins)."""
+        while True:
+            member._check_open()
+            joins = self._joins.setdefault(member, {})
+            current = joins.get(room)
+            if current is None:
+                break
+            if current.joined:
+                await anyio.lowlevel.checkpoint()
+                return
+            await current.done.wait()
+            if current.error is not None:
+                raise current.error
+            if current.joined or not current.active:
+                return
+            # That join was cancelled (its caller's business, not ours): make our own.
+        join = joins[room] = _Join()
         try:
             await self._subs.acquire(room)
-        except BaseException:
-            member._rooms.discard(room)
+        except BaseException as exc:
+            if joins.get(room) is join:
+                del joins[room]
+            if isinstance(exc, RoomRouterError):
+                join.error = exc
+            join.done.set()
             raise
-        finally:
-            member._joining.discard(room)
-        if room not in member._rooms or member.closed:
-            self._subs.release(room)  # left or closed while the join was on the wire
+        if not join.active:  # left, or the member closed, while the join was on the wire
+            self._subs.release(room)
+            join.done.set()
+            member._check_open()
             return
+        join.joined = True
         self._local.setdefault(room, {})[member.id] = member
+        join.done.set()
 
     def _leave(self, member: Member, room: str) -> None:
-        if room not in member._rooms:
-            return
-        member._rooms.discard(room)
+        joins = self._joins.get(member)
+        join = joins.pop(room, None) if joins else None
+        if join is not None:
+            self._end_join(member, room, join)
+
+    def _forget(self, member: Member) -> None:
+        for room, join in self._joins.pop(member, {}).items():
+            self._end_join(member, room, join)
+        if self._members.get(member.id) is member:
+            del self._members[member.id]
+
+    def _end_join(self, member: Member, room: str, join: _Join) -> None:
+        join.active = False
         member._overlap.pop(room, None)
-        if room in member._joining:
-            return  # the pending join sees this and gives its reference back
+        if not join.joined:
+            return  # still on the wire: that join sees `active` gone and releases its reference
+        join.joined = False
         members = self._local.get(room)
         if members is not None:
             members.pop(member.id, None)
             if not members:
                 del self._local[room]
         self._subs.release(room)
-
-    def _forget(self, member: Member) -> None:
-        for room in list(member._rooms):
-            self._leave(member, room)
-        if self._members.get(member.id) is member:
-            del self._members[member.id]
 
     # -- history --------------------------------------------------------------------------------
 
