@@ -3,6 +3,7 @@ waits (at most ``--lifetime`` seconds) to be killed.
 
     python -m tests.node_process URL NAMESPACE ROOM [ROOM ...]
         [--print-received]          print "got ROOM PAYLOAD" for every envelope received
+        [--presence URL]            keep presence in that store
         [--stall ROOM:SECONDS]      on the line "stall" on stdin: leave ROOM, then block the
                                     event loop for SECONDS (a synchronous sleep, like a GC
                                     pause or a blocking call), then print "resumed"
@@ -27,12 +28,14 @@ async def main() -> None:
     parser.add_argument("--lifetime", type=float, default=60.0)
     parser.add_argument("--print-received", action="store_true")
     parser.add_argument("--stall", default=None)
+    parser.add_argument("--presence", default=None, help="presence store URL")
     args = parser.parse_args()
     router = RoomRouter.from_url(
-        args.url, namespace=args.namespace, linger=0, heartbeat_interval=0.2, node_ttl=1.5
-    )
+        args.url, namespace=args.namespace, linger=0, heartbeat_interval=0.2, node_ttl=1.5,
+        presence=args.presence,
+    )  # fmt: skip
     async with router, anyio.create_task_group() as tg:
-        member = router.member("in-child")
+        member = router.member("in-child", info={"name": "child"})
         for room in args.rooms:
             await member.join(room)
         print(router.node_id, flush=True)

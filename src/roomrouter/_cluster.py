@@ -141,6 +141,7 @@ class ClusterView:
         heartbeat_interval: float,
         node_ttl: float,
         barrier_timeout: float,
+        on_node_dropped: Callable[[str], None] | None = None,
     ) -> None:
         self.node_id = node_id
         self._broker = broker
@@ -149,6 +150,7 @@ class ClusterView:
         self.heartbeat_interval = heartbeat_interval
         self.node_ttl = node_ttl
         self.barrier_timeout = barrier_timeout
+        self._on_node_dropped = on_node_dropped
         self._nodes: dict[str, _Node] = {}
         self._hosts: dict[str, set[str]] = {}  # room -> remote nodes hosting it
         self._gen = 0
@@ -412,6 +414,8 @@ class ClusterView:
         if node is not None:
             for room in node.rooms:
                 self._unhost(room, node_id)
+            if self._on_node_dropped is not None:
+                self._on_node_dropped(node_id)
         for barrier in list(self._barriers.values()):
             barrier.release(node_id)
 

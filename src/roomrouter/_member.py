@@ -72,6 +72,7 @@ class Member:
         "_stats",
         "_waiter",
         "id",
+        "info",
     )
 
     def __init__(
@@ -81,8 +82,11 @@ class Member:
         member_id: str,
         inbox_size: int,
         policy: OverflowPolicy,
+        info: dict[str, str] | None = None,
     ) -> None:
         self.id = member_id
+        #: The app's data about this member, shown by presence (``router.member(id, info=)``).
+        self.info: dict[str, str] = info or {}
         self._router = router
         self._stats = stats
         # room -> live envelopes held back while the room's history is being fetched

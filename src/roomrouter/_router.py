@@ -8,11 +8,12 @@ once and handed to the broker. No task is spawned per message or per member.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -42,9 +43,11 @@ from ._errors import (
 )
 from ._host import spawn_detached
 from ._member import Member, OverflowPolicy, Recovery
+from ._presence import PresenceKeeper
 from ._stats import Stats
 from ._subscriptions import SubscriptionManager
 from .brokers._base import Broker, BrokerContext
+from .presence._base import Presence, PresenceEntry, PresenceEvent
 from .storage._base import Sink
 
 __all__ = ["RoomRouter"]
@@ -67,6 +70,7 @@ class _Join:
     joined: bool = False
     active: bool = True
     error: RoomRouterError | None = None
+    entry: PresenceEntry | None = None  # what the presence store holds for it, if any
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +106,56 @@ def _encodable(text: str) -> bool:
     return True
 
 
+def _check_info(info: Mapping[str, str] | None) -> dict[str, str]:
+    if not info:
+        return {}
+    _check_headers(info)
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in info.items())
+    if size > 4096:
+        raise ConfigurationError(f"member info is {size} bytes; at most 4096")
+    return dict(info)
+
+
+def _rendezvous(node: str, room: str) -> int:
+    digest = hashlib.blake2b(f"{node}\x00{room}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def _presence_store(broker: Broker, presence: Presence | str | bool | None) -> Presence | None:
+    if presence is None or presence is False:
+        return None
+    from .presence import presence_from_url
+    from .presence.memory import MemoryPresence
+
+    if isinstance(presence, Presence):
+        return presence
+    if isinstance(presence, str):
+        return presence_from_url(presence)
+    if presence is True:
+        from .brokers.memory import MemoryBroker
+
+        if isinstance(broker, MemoryBroker):
+            return MemoryPresence(broker.hub.name)
+        raise ConfigurationError(
+            f"presence=True needs RoomRouter.from_url (or a memory broker); for the "
+            f"{broker.name} backend pass presence='redis://...'"
+        )
+    raise ConfigurationError(f"presence must be a Presence, a URL or a bool, not {presence!r}")
+
+
+def _presence_url_of(url: str) -> str:
+    """The presence store on the broker's own server: the broker URL without its options."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("memory", "redis", "rediss", "unix"):
+        raise ConfigurationError(
+            f"presence=True: the {parts.scheme} backend keeps no presence; pass "
+            "presence='redis://...'"
+        )
+    return urlunsplit(parts._replace(query="", fragment=""))
+
+
 class RoomRouter:
     """Routes room messages between local members and the other nodes of a namespace.
 
@@ -134,6 +188,10 @@ class RoomRouter:
             ``"sqlite:///chat.db"`` or ``"postgresql://user@host/db"``); the router opens and
             closes it. Storage workers write it (``roomrouter worker``).
         max_recover: most envelopes one join with ``since=`` or ``history=`` delivers.
+        presence: where presence (:meth:`presence`, :meth:`watch_presence`) is kept: a
+            :class:`~roomrouter.presence.Presence`, a URL (``"redis://host/0"``,
+            ``"memory://"``) — it may differ from the broker — or ``True`` for the broker's own
+            server (memory; Redis with :meth:`from_url`). Off by default.
     """
 
     def __init__(
@@ -153,6 +211,7 @@ class RoomRouter:
         discovery_window: float | None = None,
         sink: Sink | str | None = None,
         max_recover: int = 10_000,
+        presence: Presence | str | bool | None = None,
     ) -> None:
         if not isinstance(broker, Broker):
             raise ConfigurationError(f"broker must be a roomrouter Broker, not {broker!r}")
@@ -176,6 +235,7 @@ class RoomRouter:
             not node_id or len(node_id) > 128 or not node_id.isprintable() or " " in node_id
         ):
             raise ConfigurationError(f"node_id must be printable, without spaces: {node_id!r}")
+        store = _presence_store(broker, presence)
         self.broker = broker
         self.sink: Sink | None = sink
         self.max_recover = max_recover
@@ -200,6 +260,7 @@ class RoomRouter:
             heartbeat_interval=heartbeat_interval,
             node_ttl=node_ttl,
             barrier_timeout=barrier_timeout if barrier_timeout is not None else node_ttl,
+            on_node_dropped=self._on_node_dropped,
         )
         self._subs = SubscriptionManager(
             broker,
@@ -209,6 +270,18 @@ class RoomRouter:
             on_unsubscribing=self._cluster.announce_unhost,
         )
         self._joins: dict[Member, dict[str, _Join]] = {}
+        self._presence = (
+            None
+            if store is None
+            else PresenceKeeper(
+                store,
+                self.node_id,
+                self._stats,
+                local_entries=self._presence_entries,
+                heartbeat_interval=heartbeat_interval,
+                ttl=node_ttl,
+            )
+        )
         self._running = False
         self._host: _Host | None = None
 
@@ -217,10 +290,13 @@ class RoomRouter:
         """Build a router on the broker named by ``url`` (``memory://``, ``redis://``, ...).
 
         ``options`` are the router's keyword options; the URL's query string configures the
-        broker (e.g. ``redis://host/0?sharded=1``).
+        broker (e.g. ``redis://host/0?sharded=1``). ``presence=True`` keeps presence on the
+        broker's server (memory, Redis).
         """
         from ._urls import broker_from_url
 
+        if options.get("presence") is True:
+            options["presence"] = _presence_url_of(url)
         return cls(broker_from_url(url), **options)
 
     def __repr__(self) -> str:
@@ -323,6 +399,10 @@ class RoomRouter:
         self._spawn(tg, "control sender", self._cluster.run_sender)
         self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
         self._spawn(tg, "subscriptions", self._subs.run)
+        if self._presence is not None:
+            await self._presence.start(self.namespace, tg)
+            self._spawn(tg, "presence writer", self._presence.run_writer)
+            self._spawn(tg, "presence refresh", self._presence.run_refresh)
         await self._cluster.join_cluster(self._discovery_window)
 
     async def _stop(self) -> None:
@@ -330,6 +410,8 @@ class RoomRouter:
         self._subs.close()
         for member in list(self._members.values()):
             member._close("router closed")
+        if self._presence is not None:
+            await self._presence.close()
         await self._cluster.leave_cluster()
 
     async def _close_broker(self) -> None:
@@ -365,15 +447,21 @@ class RoomRouter:
 
     # -- members --------------------------------------------------------------------------------
 
-    def member(self, member_id: str | None = None) -> Member:
+    def member(
+        self, member_id: str | None = None, *, info: Mapping[str, str] | None = None
+    ) -> Member:
         """Create a local member (one client connection). Ids are unique per router while open;
-        a random id is chosen if none is given."""
+        a random id is chosen if none is given. ``info`` is the app's data about it that
+        presence shows (e.g. ``{"name": "Alice"}``; text, at most 4 KiB in all)."""
         self._check_running()
         if member_id is None:
             member_id = secrets.token_hex(8)
+        if not isinstance(member_id, str) or not member_id or not member_id.isprintable():
+            raise ConfigurationError(f"member id must be a non-empty printable str: {member_id!r}")
         if member_id in self._members:
             raise DuplicateMember(f"member {member_id!r} already exists on node {self.node_id}")
-        member = Member(self, self._stats, member_id, self.inbox_size, self.overflow)
+        details = _check_info(info)
+        member = Member(self, self._stats, member_id, self.inbox_size, self.overflow, details)
         self._members[member_id] = member
         return member
 
@@ -513,6 +601,9 @@ class RoomRouter:
             return
         join.joined = True
         self._local.setdefault(room, {})[member.id] = member
+        if self._presence is not None:
+            join.entry = PresenceEntry(member.id, self.node_id, time.time(), member.info)
+            self._presence.add(room, join.entry)
         join.done.set()
 
     def _leave(self, member: Member, room: str) -> None:
@@ -538,7 +629,65 @@ class RoomRouter:
             members.pop(member.id, None)
             if not members:
                 del self._local[room]
+        if self._presence is not None and join.entry is not None:
+            self._presence.remove(room, join.entry)
         self._subs.release(room)
+
+    # -- presence and affinity ------------------------------------------------------------------
+
+    def _presence_entries(self) -> Iterator[tuple[str, PresenceEntry]]:
+        for joins in self._joins.values():
+            for room, join in joins.items():
+                if join.joined and join.entry is not None:
+                    yield room, join.entry
+
+    def _on_node_dropped(self, node_id: str) -> None:
+        if self._presence is not None:
+            self._presence.forget_node(node_id)
+
+    def _require_presence(self) -> PresenceKeeper:
+        self._check_running()
+        if self._presence is None:
+            raise ConfigurationError(
+                "presence is off: RoomRouter(..., presence='redis://...' or 'memory://'), or "
+                "presence=True for the broker's own server"
+            )
+        return self._presence
+
+    async def presence(self, room: str) -> list[PresenceEntry]:
+        """Who is in ``room`` on every live node, oldest join first: member id, node, join
+        time and the member's ``info``. This node's own joins and leaves are included as soon
+        as they returned; other nodes' a store round trip later. Members of a node that died
+        vanish within its TTL."""
+        keeper = self._require_presence()
+        validate_room(room, self.max_room_length)
+        await keeper.flush()
+        return await keeper.store.members(room)
+
+    def watch_presence(
+        self, room: str
+    ) -> AbstractAsyncContextManager[AsyncIterator[PresenceEvent]]:
+        """Join and leave events of ``room`` on every node::
+
+            async with router.watch_presence("lecture-42") as events:
+                async for event in events:      # PresenceEvent(kind, room, entry)
+                    ...
+
+        Live and at-most-once like messages: read :meth:`presence` after subscribing for the
+        state, then follow the events."""
+        keeper = self._require_presence()
+        validate_room(room, self.max_room_length)
+        return keeper.store.watch(room)
+
+    def preferred_node(self, room: str) -> str:
+        """The live node (this one included) that ``room``'s clients should connect to, by
+        rendezvous hashing: every node with the same view of live nodes names the same one,
+        and a node joining or leaving moves only the rooms that node wins or held. A load
+        balancer (or a redirect) that sends a room's clients there lets the local bypass serve
+        the whole room without the broker (docs/affinity.md)."""
+        validate_room(room, self.max_room_length)
+        nodes = self._cluster.live_nodes() | {self.node_id}
+        return max(nodes, key=lambda node: (_rendezvous(node, room), node))
 
     # -- history --------------------------------------------------------------------------------
 

@@ -49,6 +49,10 @@ class Stats:
     discovery_timeouts: int = 0
     nodes_expired: int = 0
     reconnects: int = 0
+    #: Presence writes applied, failed attempts (retried), and writes dropped (queue full).
+    presence_writes: int = 0
+    presence_errors: int = 0
+    presence_dropped: int = 0
     task_restarts: int = 0
 
     def snapshot(self) -> dict[str, int]:

@@ -1,0 +1,346 @@
+"""Redis presence store.
+
+Keys of namespace ``ns`` start with ``rr:{<ns>}:`` (the brokers' naming, so one Redis serves
+broker and presence without collisions, and the hash tag keeps one namespace's keys in one
+Redis Cluster slot):
+
+* ``p:{room}`` — hash: member id -> entry (msgpack). Empty hashes vanish in Redis, so a room's
+  state goes with its last member (room lifecycle).
+* ``pn:{node}`` — the node's liveness: set with a TTL, refreshed every heartbeat.
+* ``pr:{node}`` — the rooms the node wrote entries to, so a dead node's entries can be found.
+* ``pe:{room}`` — pub/sub channel of the room's join and leave events.
+
+A removal deletes the entry and publishes its leave event in one script, only if the entry was
+there: when several nodes clean up a dead node at once, each leave is published once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.connection import parse_url
+from redis.exceptions import RedisError
+
+from .._errors import BrokerUnavailable, ConfigurationError
+from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
+
+__all__ = ["RedisPresence"]
+
+log = logging.getLogger("roomrouter.presence")
+
+WATCH_BUFFER = 1000
+
+_NS_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+# KEYS: room hash, event channel. ARGV: member, encoded leave event.
+_REMOVE = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('PUBLISH', KEYS[2], ARGV[2])
+  return 1
+end
+return 0
+"""
+
+_entry_decoder = msgspec.msgpack.Decoder(PresenceEntry)
+_event_decoder = msgspec.msgpack.Decoder(PresenceEvent)
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def _prefix(namespace: str) -> bytes:
+    return b"rr:{" + namespace.translate(_NS_ESCAPES).encode() + b"}:"
+
+
+class RedisPresence(Presence):
+    """``RedisPresence.from_url("redis://127.0.0.1:6379/0")``; connection keyword arguments
+    are redis-py's. ``operation_timeout`` bounds every call."""
+
+    name = "redis"
+
+    def __init__(self, *, operation_timeout: float = 5.0, **connection_kwargs: Any) -> None:
+        self.operation_timeout = operation_timeout
+        connection_kwargs.setdefault("socket_connect_timeout", operation_timeout)
+        connection_kwargs.setdefault("socket_timeout", operation_timeout)
+        self._kwargs = connection_kwargs
+        self._client: Redis | None = None
+        self._pubsub: PubSub | None = None
+        self._watchers: dict[bytes, set[MemoryObjectSendStream[PresenceEvent]]] = {}
+        self._tg: TaskGroup | None = None
+        self._reader_running = False
+        self._ttl_ms = 5000
+        self._node = ""
+        self._p = b""
+        self.events_lost = 0
+        self.dropped_decode = 0
+
+    @classmethod
+    def from_url(cls, url: str) -> RedisPresence:
+        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5]``."""
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        options: dict[str, Any] = {}
+        if "operation_timeout" in query:
+            try:
+                options["operation_timeout"] = float(query.pop("operation_timeout"))
+            except ValueError as exc:
+                raise ConfigurationError("bad operation_timeout in the presence URL") from exc
+        rest = urlunsplit(parts._replace(query=urlencode(query)))
+        try:
+            kwargs = parse_url(rest)
+        except ValueError as exc:
+            raise ConfigurationError(f"bad Redis presence URL: {exc}") from exc
+        return cls(**kwargs, **options)
+
+    # -- names ------------------------------------------------------------------------------------
+
+    def _room_key(self, room: str) -> bytes:
+        return self._p + b"p:" + room.encode()
+
+    def _events(self, room: str) -> bytes:
+        return self._p + b"pe:" + room.encode()
+
+    def _alive_key(self, node: str) -> bytes:
+        return self._p + b"pn:" + node.encode()
+
+    def _rooms_key(self, node: str) -> bytes:
+        return self._p + b"pr:" + node.encode()
+
+    @property
+    def _r(self) -> Redis:
+        if self._client is None:
+            raise BrokerUnavailable("Redis presence store is not started")
+        return self._client
+
+    # -- lifecycle --------------------------------------------------------------------------------
+
+    async def start(
+        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskGroup
+    ) -> None:
+        self._p = _prefix(namespace)
+        self._node = node_id
+        self._ttl_ms = max(int(ttl * 1000), 1)
+        self._tg = task_group
+        self._client = Redis(**self._kwargs, protocol=2)
+        try:
+            await self.refresh()
+        except BaseException:
+            await self._disconnect()
+            raise
+
+    async def aclose(self) -> None:
+        if self._client is None:
+            return
+        with anyio.move_on_after(self.operation_timeout, shield=True):
+            try:
+                await self.forget_node(self._node)
+                await self._r.delete(self._alive_key(self._node))
+            except BrokerUnavailable as exc:
+                log.info("presence: could not remove this node's entries on close: %s", exc)
+            except RedisError as exc:
+                log.info("presence: could not remove this node's entries on close: %r", exc)
+        await self._disconnect()
+
+    async def _disconnect(self) -> None:
+        with anyio.CancelScope(shield=True):
+            if self._pubsub is not None:
+                try:
+                    await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+                except (RedisError, OSError):
+                    pass
+                self._pubsub = None
+            if self._client is not None:
+                try:
+                    await self._client.aclose()
+                except (RedisError, OSError):
+                    pass
+                self._client = None
+        for streams in self._watchers.values():
+            for stream in streams:
+                stream.close()
+        self._watchers.clear()
+
+    async def _call(self, what: str, coro: Any) -> Any:
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                return await coro
+        except TimeoutError as exc:
+            raise BrokerUnavailable(f"presence {what}: no answer from Redis in time") from exc
+        except (RedisError, OSError) as exc:
+            raise BrokerUnavailable(f"presence {what} failed: {exc!r}") from exc
+
+    # -- entries ----------------------------------------------------------------------------------
+
+    async def write(self, changes: Sequence[PresenceWrite]) -> None:
+        r = self._r
+        pipe = r.pipeline(transaction=True)
+        rooms_key = self._rooms_key(self._node)
+        for change in changes:
+            if change.add:
+                pipe.hset(self._room_key(change.room), change.entry.member, _encode(change.entry))
+                pipe.sadd(rooms_key, change.room)
+                event = PresenceEvent("join", change.room, change.entry)
+                pipe.publish(self._events(change.room), _encode(event))
+            else:
+                event = PresenceEvent("leave", change.room, change.entry)
+                pipe.eval(
+                    _REMOVE, 2, self._room_key(change.room), self._events(change.room),
+                    change.entry.member, _encode(event),
+                )  # fmt: skip
+        pipe.set(self._alive_key(self._node), b"1", px=self._ttl_ms)
+        pipe.pexpire(rooms_key, 10 * self._ttl_ms)
+        await self._call("write", pipe.execute())
+
+    async def members(self, room: str) -> list[PresenceEntry]:
+        raw: dict[bytes, bytes] = await self._call("read", self._r.hgetall(self._room_key(room)))
+        entries: list[PresenceEntry] = []
+        for value in raw.values():
+            try:
+                entries.append(_entry_decoder.decode(value))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                self.dropped_decode += 1
+        nodes = sorted({e.node for e in entries})
+        if not nodes:
+            return []
+        flags = await self._call("read", self._r.mget([self._alive_key(n) for n in nodes]))
+        dead = {node for node, flag in zip(nodes, flags, strict=True) if flag is None}
+        if dead:
+            # Their node died: nobody else may have noticed yet. Remove them (leave events).
+            gone = [PresenceWrite(False, room, e) for e in entries if e.node in dead]
+            await self._remove(gone)
+        alive = [e for e in entries if e.node not in dead]
+        alive.sort(key=lambda e: (e.since, e.member))
+        return alive
+
+    async def _remove(self, changes: Sequence[PresenceWrite]) -> None:
+        if not changes:
+            return
+        pipe = self._r.pipeline(transaction=False)
+        for change in changes:
+            event = PresenceEvent("leave", change.room, change.entry)
+            pipe.eval(
+                _REMOVE, 2, self._room_key(change.room), self._events(change.room),
+                change.entry.member, _encode(event),
+            )  # fmt: skip
+        await self._call("remove", pipe.execute())
+
+    async def refresh(self) -> bool:
+        """Mark this node alive; True if it had been presumed dead (its key had expired), so
+        the router writes its entries again."""
+        old = await self._call(
+            "refresh", self._r.set(self._alive_key(self._node), b"1", px=self._ttl_ms, get=True)
+        )
+        return old is None
+
+    async def forget_node(self, node_id: str) -> None:
+        rooms_key = self._rooms_key(node_id)
+        rooms: set[bytes] = await self._call("read", self._r.smembers(rooms_key))
+        gone: list[PresenceWrite] = []
+        for raw_room in rooms:
+            room = raw_room.decode(errors="replace")
+            raw = await self._call("read", self._r.hgetall(self._room_key(room)))
+            for value in raw.values():
+                try:
+                    entry = _entry_decoder.decode(value)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.dropped_decode += 1
+                    continue
+                if entry.node == node_id:
+                    gone.append(PresenceWrite(False, room, entry))
+        await self._remove(gone)
+        await self._call("forget", self._r.delete(rooms_key))
+
+    async def rooms(self) -> frozenset[str]:
+        found: set[str] = set()
+        pattern = _glob_escape(self._p + b"p:") + b"*"
+        async for key in self._r.scan_iter(match=pattern, count=1000):
+            found.add(key[len(self._p) + 2 :].decode(errors="replace"))
+        return frozenset(found)
+
+    # -- events -----------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def watch(self, room: str) -> AsyncIterator[AsyncIterator[PresenceEvent]]:
+        channel = self._events(room)
+        send, receive = anyio.create_memory_object_stream[PresenceEvent](WATCH_BUFFER)
+        watchers = self._watchers.setdefault(channel, set())
+        watchers.add(send)
+        try:
+            if len(watchers) == 1:
+                await self._subscribe(channel)
+            async with receive:
+                yield receive
+        finally:
+            watchers.discard(send)
+            send.close()
+            if not watchers and self._watchers.get(channel) is watchers:
+                del self._watchers[channel]
+                if self._pubsub is not None:
+                    with anyio.move_on_after(self.operation_timeout, shield=True):
+                        try:
+                            await self._pubsub.unsubscribe(channel)
+                        except (RedisError, OSError):
+                            pass
+
+    async def _subscribe(self, channel: bytes) -> None:
+        if self._pubsub is None:
+            self._pubsub = self._r.pubsub(ignore_subscribe_messages=True)
+        await self._call("watch", self._pubsub.subscribe(channel))
+        if not self._reader_running and self._tg is not None:
+            self._reader_running = True
+            self._tg.start_soon(self._read_events, name="roomrouter presence events")
+
+    async def _read_events(self) -> None:
+        """Dispatch events to watchers. A lost connection is retried with backoff; redis-py
+        subscribes again to every channel when it reconnects."""
+        delay = 0.1
+        try:
+            while self._pubsub is not None:
+                pubsub = self._pubsub
+                if not pubsub.subscribed:
+                    await anyio.sleep(0.1)
+                    continue
+                try:
+                    message = await pubsub.get_message(timeout=1.0)
+                    delay = 0.1
+                except (RedisError, OSError) as exc:
+                    log.info("presence events: connection lost (%r); retrying", exc)
+                    await anyio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
+                    continue
+                if message is None or message.get("type") != "message":
+                    continue
+                self._dispatch(message["channel"], message["data"])
+        finally:
+            self._reader_running = False
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        try:
+            event = _event_decoder.decode(data)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            self.dropped_decode += 1
+            return
+        for stream in list(self._watchers.get(channel, ())):
+            try:
+                stream.send_nowait(event)
+            except anyio.WouldBlock:
+                self.events_lost += 1
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass
+
+
+def _glob_escape(value: bytes) -> bytes:
+    out = bytearray()
+    for byte in value:
+        if byte in b"*?[]\\":
+            out += b"\\"
+        out.append(byte)
+    return bytes(out)
