@@ -25,10 +25,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import msgspec
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, StorageQueueLost
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RedisBroker"]
@@ -557,6 +558,12 @@ class _RedisConsumer(StorageConsumer):
     for ``redelivery_after`` seconds (it crashed) are taken over with XAUTOCLAIM first.
     Acknowledged entries are deleted from the stream (XACK + XDEL in one MULTI), so the stream
     holds only what is not stored yet.
+
+    A stream or group that vanished (Redis restarted without persistence, FLUSHALL, expiry)
+    answers NOGROUP; the consumer then recreates the group (MKSTREAM, from id 0, so entries
+    published since are read) and raises :class:`~roomrouter.StorageQueueLost` once, if it was
+    the one that recreated it (a competing worker that finds it done already just goes on).
+    An entry without the frame field is handed on with a ``defect``, to be dead-lettered.
     """
 
     GROUP = b"roomrouter-workers"
@@ -606,9 +613,31 @@ class _RedisConsumer(StorageConsumer):
                     self.GROUP, self._name, {self._stream: b">"},
                     count=max_frames, block=max(int(wait * 1000), 1),
                 )  # fmt: skip
-        except (*_NETWORK_ERRORS,) as exc:
+        except ResponseError as exc:
+            if str(exc).startswith("NOGROUP"):
+                await self._recreate(str(exc))
+                return []
+            raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
+        except _NETWORK_ERRORS as exc:
             raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
         return _frames(read[0][1]) if read else []
+
+    async def _recreate(self, answer: str) -> None:
+        self._claim_cursor = b"0-0"
+        try:
+            await self._client.xgroup_create(self._stream, self.GROUP, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" in str(exc):
+                return  # another worker recreated it, and reports the loss
+            raise BrokerUnavailable(f"cannot recreate the consumer group: {exc}") from exc
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot reach Redis: {exc!r}") from exc
+        stream = self._stream.decode(errors="replace")
+        raise StorageQueueLost(
+            f"storage stream {stream!r} or its consumer group vanished ({answer}): frames it "
+            "held that no worker had stored yet are lost (Redis restarted without persistence, "
+            "flushed, or the key expired?); recreated it, storing what is published from now on"
+        )
 
     async def ack(self, frames: Sequence[StoredFrame]) -> None:
         ids = [f.token for f in frames]
@@ -631,7 +660,20 @@ class _RedisConsumer(StorageConsumer):
 
 def _frames(entries: list[Any]) -> list[StoredFrame]:
     # An entry whose fields were deleted meanwhile comes back as (id, None): nothing to store.
-    return [StoredFrame(fields[b"f"], entry_id) for entry_id, fields in entries if fields]
+    out = []
+    for entry_id, fields in entries:
+        if not fields:
+            continue
+        frame = fields.get(b"f")
+        if frame is None:
+            # Not written by a roomrouter node: keep what it held, for the dead letter.
+            held = msgspec.msgpack.encode({bytes(k): bytes(v) for k, v in fields.items()})
+            names = sorted(bytes(k) for k in fields)[:8]
+            defect = f"stream entry {entry_id!r} has no frame field b'f' (fields {names})"
+            out.append(StoredFrame(held, entry_id, defect))
+        else:
+            out.append(StoredFrame(frame, entry_id))
+    return out
 
 
 def _confirm(table: dict[bytes, deque[_Batch]], channel: bytes) -> None:
