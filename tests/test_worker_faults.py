@@ -508,12 +508,15 @@ async def test_redis_storage_stream_lost_is_recreated_counted_and_reported(
     assert sorted(await _stored_ids(sink_path)) == sorted(e.id for e in before + after)
 
 
+@pytest.mark.parametrize("late_starter", [False, True], ids=["alone", "late-starter"])
 async def test_redis_frames_in_the_lost_stream_are_the_reported_window(
-    private_redis: PrivateRedis, tmp_path: Path
+    private_redis: PrivateRedis, tmp_path: Path, late_starter: bool
 ) -> None:
     """Frames waiting in the stream (the worker's sink is down, it holds one batch) are
     flushed: they are gone, and the worker says so once its sink is back, instead of retrying
-    NOGROUP forever; what it held and what came after the flush is stored."""
+    NOGROUP forever; what it held and what came after the flush is stored. With a consumer
+    that starts after the flush (and so recreates the group before the worker sees NOGROUP),
+    the loss is still reported, from the group's changed epoch."""
     from redis.asyncio import Redis
 
     from roomrouter.brokers.redis import RedisBroker
@@ -535,6 +538,10 @@ async def test_redis_frames_in_the_lost_stream_are_the_reported_window(
         client = Redis(host="127.0.0.1", port=port)
         await client.flushall()
         await client.aclose()
+        if late_starter:
+            late = RedisBroker(host="127.0.0.1", port=port).storage_consumer(ns, "late")
+            async with late:
+                assert await late.pending() == 0  # it recreated the group, and saw no loss
         kept = [await router.publish("R", b"kept", persist=True) for _ in range(5)]
         sink.down = False
 
