@@ -591,3 +591,14 @@ async def test_rabbitmq_storage_queue_deleted_is_redeclared_counted_and_reported
         await backend.cleanup()
     errors = [r for r in caplog.records if "was deleted" in r.getMessage()]
     assert len(errors) == 1 and errors[0].levelno == logging.ERROR
+
+
+async def test_a_sink_that_cannot_start_raises_its_own_error(tmp_path: Path) -> None:
+    """run() raises the SinkError itself (no ExceptionGroup), so `roomrouter worker` can
+    print it and exit 1."""
+    from roomrouter.brokers.memory import MemoryBroker
+
+    consumer = MemoryBroker(unique_namespace()).storage_consumer("ns", "w")
+    worker = StorageWorker(consumer, SQLiteSink(tmp_path / "no" / "such" / "dir.db"))
+    with anyio.fail_after(10), pytest.raises(SinkError, match="cannot open"):
+        await worker.run()

@@ -95,6 +95,7 @@ class StorageWorker:
         self.stats = WorkerStats()
         self._stopping = False
         self._stop_event: anyio.Event | None = None
+        self._scope: anyio.CancelScope | None = None
         self.idle = anyio.Event()  # set whenever a fetch found the queue empty
 
     @classmethod
@@ -120,42 +121,47 @@ class StorageWorker:
 
     def stop(self) -> None:
         """Finish the batch in hand if the sink takes it, then return from :meth:`run` (within
-        ``stop_timeout`` seconds whatever happens)."""
+        ``stop_timeout`` seconds whatever happens). Call it from the worker's event loop."""
         self._stopping = True
         if self._stop_event is not None:
             self._stop_event.set()
+        if self._scope is not None:
+            # A deadline rather than a watchdog task: a task group would wrap what run()
+            # raises in an ExceptionGroup, and callers catch RoomRouterError.
+            deadline = anyio.current_time() + self.stop_timeout
+            self._scope.deadline = min(self._scope.deadline, deadline)
 
     async def run(self) -> None:
         self._stop_event = anyio.Event()
-        if self._stopping:
-            self._stop_event.set()
+        with anyio.CancelScope() as scope:
+            self._scope = scope
+            if self._stopping:
+                self.stop()
+            try:
+                await self._run()
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            log.warning(
+                "still busy %.1fs after stop(); left what is not acknowledged to be redelivered",
+                self.stop_timeout,
+            )
+
+    async def _run(self) -> None:
         async with AsyncExitStack() as stack:
             # Closing is shielded (and bounded): a cancelled (crashed-in-test, or shut-down)
             # worker must still release its connections; what it held unacknowledged is
             # redelivered anyway.
             stack.push_async_callback(self._close, self.consumer.aclose)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._stop_deadline, tg.cancel_scope)
-                await self.consumer.start()
-                stack.push_async_callback(self._close, self.sink.aclose)
-                await self.sink.start()
-                while not self._stopping:
-                    batch = await self._collect()
-                    if batch:
-                        # Cancelled here, the batch is simply redelivered later (it is not
-                        # acked); stop() instead lets it finish if the sink is healthy.
-                        await self._store(batch)
-                tg.cancel_scope.cancel()
-
-    async def _stop_deadline(self, scope: anyio.CancelScope) -> None:
-        assert self._stop_event is not None
-        await self._stop_event.wait()
-        await anyio.sleep(self.stop_timeout)
-        log.warning(
-            "still busy %.1fs after stop(); leaving what is not acknowledged to be redelivered",
-            self.stop_timeout,
-        )
-        scope.cancel()
+            await self.consumer.start()
+            stack.push_async_callback(self._close, self.sink.aclose)
+            await self.sink.start()
+            while not self._stopping:
+                batch = await self._collect()
+                if batch:
+                    # Cancelled here, the batch is simply redelivered later (it is not
+                    # acked); stop() instead lets it finish if the sink is healthy.
+                    await self._store(batch)
 
     async def _close(self, close: Callable[[], Awaitable[None]]) -> None:
         with anyio.move_on_after(max(self.stop_timeout, 1.0), shield=True) as scope:
