@@ -632,7 +632,7 @@ class _RedisConsumer(StorageConsumer):
             if isinstance(reply, Exception):
                 raise reply
             if epoch != self._epoch:
-                await self._replaced("recreated by another consumer meanwhile", epoch)
+                await self._replaced("its epoch changed: another consumer recreated it", epoch)
                 return []
             self._claim_cursor = reply[0]
             claimed = reply[1]
