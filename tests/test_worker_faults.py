@@ -602,3 +602,33 @@ async def test_a_sink_that_cannot_start_raises_its_own_error(tmp_path: Path) -> 
     worker = StorageWorker(consumer, SQLiteSink(tmp_path / "no" / "such" / "dir.db"))
     with anyio.fail_after(10), pytest.raises(SinkError, match="cannot open"):
         await worker.run()
+
+
+async def test_a_value_error_from_the_sink_is_a_refusal_not_an_outage(tmp_path: Path) -> None:
+    """A sink that raises ValueError (here InvalidRoomName, also a RoomRouterError) for one
+    row has that row dead-lettered; the rest of the batch is stored, nothing is retried."""
+    from roomrouter import InvalidRoomName
+
+    class PickySink(SQLiteSink):
+        async def write(self, envelopes: Sequence[Envelope]) -> int:
+            if any(e.payload == b"bad" for e in envelopes):
+                raise InvalidRoomName("this sink refuses payload b'bad'")
+            return await super().write(envelopes)
+
+    backend = BACKENDS["memory"](unique_namespace())
+    sink_path = tmp_path / "s.db"
+    async with AsyncExitStack() as stack:
+        router = await _router(stack, backend)
+        sent = [
+            await router.publish("R", b"bad" if i == 13 else b"%d" % i, persist=True)
+            for i in range(40)
+        ]
+        worker = _worker(backend, PickySink(sink_path), batch_size=64, max_delay=0.2)
+
+        async def stored() -> None:
+            assert len(await _stored_ids(sink_path)) == 39
+            assert await _pending(backend) == 0
+
+        await _run_until(worker, stored)
+    assert set(await _stored_ids(sink_path)) == {e.id for e in sent if e.payload != b"bad"}
+    assert worker.stats.refused == 1 and worker.stats.dead_lettered == 1

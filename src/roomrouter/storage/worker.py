@@ -261,8 +261,8 @@ class StorageWorker:
         """Write ``pairs``; return the dead letters of the rows the sink refused, or ``None``
         if stopping while the sink was unavailable (nothing written is then acknowledged).
 
-        A refused batch is split in halves until the refused rows are alone: log2 of the batch
-        size extra writes per bad row, and every good row is stored.
+        A refused batch is split in halves until the refused rows are alone: about twice log2
+        of the batch size extra writes per bad row, and every good row is stored.
         """
         if not pairs:
             return []
@@ -283,14 +283,15 @@ class StorageWorker:
 
     async def _write_retrying(self, envelopes: list[Envelope]) -> bool:
         """True once the sink committed ``envelopes``; False if stop() came while it failed.
-        A refusal (:class:`SinkRefused`) is raised to the caller: retrying cannot help."""
+        A refusal (:class:`SinkRefused`, ``ValueError``) is raised to the caller: retrying
+        cannot help."""
         backoff = 0.1
         while True:
             try:
                 self.stats.written += await self.sink.write(envelopes)
                 return True
-            except SinkRefused:
-                raise
+            except (SinkRefused, ValueError):
+                raise  # about the rows (InvalidRoomName is a RoomRouterError too)
             except RoomRouterError as exc:
                 self.stats.sink_errors += 1
                 if self._stopping:
