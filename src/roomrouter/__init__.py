@@ -19,6 +19,8 @@ from ._errors import (
     RoomRouterError,
     RouterNotRunning,
     SinkError,
+    SinkRefused,
+    StorageQueueLost,
 )
 from ._member import Member, OverflowPolicy, Recovery
 from ._router import RoomRouter
@@ -44,6 +46,8 @@ __all__ = [
     "RoomRouterError",
     "RouterNotRunning",
     "SinkError",
+    "SinkRefused",
+    "StorageQueueLost",
 ]
 
 __version__ = "0.1.0.dev0"

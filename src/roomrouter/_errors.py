@@ -11,8 +11,10 @@
     ├── MemberClosed                the member was closed (by the app or by its overflow policy)
     ├── RouterNotRunning            used outside ``async with router``
     ├── BrokerError                 anything the broker client raised, mapped with ``from exc``
-    │   └── BrokerUnavailable       no connection, timeout, nack: the operation did not happen
+    │   ├── BrokerUnavailable       no connection, timeout, nack: the operation did not happen
+    │   └── StorageQueueLost        the storage queue vanished and was recreated (a loss window)
     ├── SinkError                   a persistence sink failed
+    │   └── SinkRefused             the sink refuses rows of this batch (bad data, not an outage)
     └── HistoryUnavailable          the requested recovery window is no longer available
 
 No exception of redis, aio-pika, aiokafka or a database driver reaches the caller: every backend
@@ -34,6 +36,8 @@ __all__ = [
     "RoomRouterError",
     "RouterNotRunning",
     "SinkError",
+    "SinkRefused",
+    "StorageQueueLost",
 ]
 
 
@@ -91,6 +95,21 @@ class BrokerUnavailable(BrokerError):
 
 class SinkError(RoomRouterError):
     """A persistence sink failed to read or write."""
+
+
+class StorageQueueLost(BrokerError):
+    """The storage queue (or its consumer group) was gone and has been recreated.
+
+    Frames the broker held in it when it vanished are lost; :meth:`StorageConsumer.fetch`
+    raises this once per loss it repaired, so the worker can count and report the window.
+    The next fetch goes on normally.
+    """
+
+
+class SinkRefused(SinkError):
+    """The sink refuses the data of at least one row of the batch (an invalid character, a
+    value out of range): writing the same batch again cannot succeed, unlike a plain
+    :class:`SinkError` (sink unavailable), which is worth retrying."""
 
 
 class HistoryUnavailable(RoomRouterError):

@@ -39,7 +39,12 @@ async def _run_worker(args: argparse.Namespace) -> None:
         await worker.run()
         tg.cancel_scope.cancel()
     s = worker.stats
-    print(f"stored {s.written} new, {s.acked} acknowledged, {s.batches} batches", flush=True)
+    print(
+        f"stored {s.written} new, {s.acked} acknowledged, {s.batches} batches, "
+        f"{s.dead_lettered} dead-lettered, {s.queue_recreated} queue losses, "
+        f"{s.abandoned} left to redeliver",
+        flush=True,
+    )
 
 
 def _run_demo(args: argparse.Namespace) -> None:

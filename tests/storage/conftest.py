@@ -116,7 +116,7 @@ async def pg_fetch(sql: str, *args: object) -> list[dict[str, Any]]:
 
 
 async def drop_postgres_tables(prefix: str) -> None:
-    await pg_fetch(f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta")
+    await pg_fetch(f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters")
 
 
 @pytest.fixture

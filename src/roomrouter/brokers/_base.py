@@ -156,10 +156,16 @@ class RecentFrames:
 
 @dataclass(frozen=True, slots=True)
 class StoredFrame:
-    """One frame taken from the storage queue; ``token`` acknowledges it."""
+    """One frame taken from the storage queue; ``token`` acknowledges it.
+
+    ``defect`` is set when the backend found an entry that cannot hold a frame at all (a Redis
+    stream entry without the frame field): ``frame`` is then what the entry held, and the
+    worker sets it aside as a dead letter with that reason.
+    """
 
     frame: bytes
     token: object
+    defect: str | None = None
 
 
 class StorageConsumer(ABC):
@@ -170,6 +176,11 @@ class StorageConsumer(ABC):
     backend's redelivery time (the holder crashed); frames are removed only by :meth:`ack`.
     Delivery is therefore at-least-once: the sink's idempotent write by id makes it
     exactly-once in the sink.
+
+    Loss of the queue itself (Redis restarted without persistence, the key flushed or expired,
+    the RabbitMQ queue deleted) is repaired by the consumer: it recreates the queue (or group)
+    and raises :class:`~roomrouter.StorageQueueLost` from that one :meth:`fetch`, so the loss
+    is counted and reported rather than retried in silence; the next fetch goes on normally.
     """
 
     async def __aenter__(self) -> StorageConsumer:
@@ -189,7 +200,10 @@ class StorageConsumer(ABC):
 
     @abstractmethod
     async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
-        """Up to ``max_frames`` frames; waits at most ``wait`` seconds for the first one."""
+        """Up to ``max_frames`` frames; waits at most ``wait`` seconds for the first one.
+
+        Raises :class:`~roomrouter.BrokerUnavailable` (retry later) or
+        :class:`~roomrouter.StorageQueueLost` (repaired; report it, then fetch again)."""
 
     @abstractmethod
     async def ack(self, frames: Sequence[StoredFrame]) -> None:

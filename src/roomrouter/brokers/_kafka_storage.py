@@ -263,7 +263,10 @@ class KafkaStorageConsumer(StorageConsumer):
                     held = self._held.setdefault(tp, set())
                     for record in records:
                         if is_stored(record):
-                            out.append(StoredFrame(record.value, (tp, record.offset)))
+                            # A flagged record without a value (a tombstone) is handed on as
+                            # empty: the worker dead-letters it instead of choking on None.
+                            value = record.value if record.value is not None else b""
+                            out.append(StoredFrame(value, (tp, record.offset)))
                             held.add(record.offset)
                     self._next[tp] = records[-1].offset + 1
                 if out or anyio.current_time() >= deadline:

@@ -93,7 +93,7 @@ from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
 from .._envelope import decode_envelope
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, StorageQueueLost
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RabbitMQBroker", "routing_key"]
@@ -941,6 +941,10 @@ class _RabbitMQConsumer(StorageConsumer):
     consumer held unacknowledged and hands it to the others at once; the next ``fetch``
     reconnects, and frames of the old connection are dropped from the buffer (they are
     redelivered) and can no longer be acknowledged.
+
+    If the queue is deleted, RabbitMQ cancels the consumer; the next :meth:`fetch` redeclares
+    the queue (and its binding) and raises :class:`~roomrouter.StorageQueueLost`: what the
+    deleted queue held, and what nodes published while no queue was bound, is lost.
     """
 
     def __init__(self, broker: RabbitMQBroker, namespace: str, name: str) -> None:
@@ -955,6 +959,7 @@ class _RabbitMQConsumer(StorageConsumer):
         self._buffer: deque[tuple[bytes, int]] = deque()
         self._fetched: list[int] = []  # delivery tags handed out and not acknowledged, in order
         self._wake = asyncio.Event()
+        self._queue_deleted = False
 
     async def start(self) -> None:
         await self._connect()
@@ -985,17 +990,35 @@ class _RabbitMQConsumer(StorageConsumer):
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
                 raise BrokerUnavailable(f"cannot reach the storage queue: {exc!r}") from exc
             raise
-        # The server cancels the consumer if the queue is deleted: consume again next fetch.
-        channel.on_consumer_cancel_callbacks.add(lambda _: self._stop_consuming())
+        # The server cancels the consumer if the queue is deleted: redeclare it and consume
+        # again on the next fetch.
+        channel.on_consumer_cancel_callbacks.add(lambda _: self._cancelled_by_server())
         self._conn, self._ch = conn, channel
         self._generation += 1
         self._consuming = False
         self._buffer.clear()
         self._fetched.clear()
 
-    def _stop_consuming(self) -> None:
+    def _cancelled_by_server(self) -> None:
+        self._queue_deleted = True
         self._consuming = False
         self._wake.set()
+
+    async def _redeclare(self, channel: AbstractChannel) -> None:
+        self._queue_deleted = False
+        try:
+            with anyio.fail_after(self._broker.operation_timeout):
+                await _declare_storage(channel, self._exchange, self._queue)
+        except (*_ERRORS, asyncio.CancelledError) as exc:
+            if _really_cancelled():
+                raise
+            self._queue_deleted = True  # try again on the next fetch
+            raise BrokerUnavailable(f"cannot redeclare the storage queue: {exc!r}") from exc
+        raise StorageQueueLost(
+            f"storage queue {self._queue!r} was deleted (RabbitMQ cancelled its consumer): the "
+            "frames it held that no worker had stored, and those published while it was gone, "
+            "are lost; redeclared it, storing what is published from now on"
+        )
 
     async def _channel(self) -> AbstractChannel:
         conn, channel = self._conn, self._ch
@@ -1010,6 +1033,8 @@ class _RabbitMQConsumer(StorageConsumer):
 
     async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
         channel = await self._channel()
+        if self._queue_deleted:
+            await self._redeclare(channel)
         if not self._consuming:
             generation = self._generation
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 from collections import deque
 from collections.abc import Collection, Sequence
@@ -25,10 +26,11 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
+import msgspec
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, StorageQueueLost
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RedisBroker"]
@@ -557,6 +559,15 @@ class _RedisConsumer(StorageConsumer):
     for ``redelivery_after`` seconds (it crashed) are taken over with XAUTOCLAIM first.
     Acknowledged entries are deleted from the stream (XACK + XDEL in one MULTI), so the stream
     holds only what is not stored yet.
+
+    A stream or group that vanished (Redis restarted without persistence, FLUSHALL, expiry)
+    answers NOGROUP; the consumer then recreates the group (MKSTREAM, from id 0, so entries
+    published since are read). The group's *epoch* (``rr:{ns}:store:epoch``, a random token
+    set by whoever creates the group, read with every XAUTOCLAIM) also shows a replacement
+    made by a consumer that started after the loss. The first consumer to notice a loss marks
+    the old epoch lost (``SET NX``) and raises :class:`~roomrouter.StorageQueueLost`; the
+    others adopt the new group silently, so one loss is one report.
+    An entry without the frame field is handed on with a ``defect``, to be dead-lettered.
     """
 
     GROUP = b"roomrouter-workers"
@@ -564,9 +575,11 @@ class _RedisConsumer(StorageConsumer):
     def __init__(self, broker: RedisBroker, stream: bytes, name: str) -> None:
         self._broker = broker
         self._stream = stream
+        self._epoch_key = stream + b":epoch"
         self._name = name.encode()
         self._claim_cursor = b"0-0"
         self._client: Any = None
+        self._epoch: bytes | None = None
 
     async def start(self) -> None:
         from redis.asyncio import ConnectionPool, Redis
@@ -578,12 +591,27 @@ class _RedisConsumer(StorageConsumer):
         )
         self._client = Redis(connection_pool=pool)
         try:
-            await self._client.xgroup_create(self._stream, self.GROUP, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise BrokerUnavailable(f"cannot create the consumer group: {exc}") from exc
+            self._epoch = await self._create_group()
         except _NETWORK_ERRORS as exc:
             raise BrokerUnavailable(f"cannot reach Redis: {exc!r}") from exc
+
+    async def _create_group(self) -> bytes | None:
+        """Create the group (and the stream) if missing; return the group's *epoch*.
+
+        The epoch is a random token set, in the same atomic step, by whoever creates the group.
+        A consumer that finds it changed knows that the group it read was lost and replaced,
+        even when a consumer that started later (which cannot tell a loss from a new
+        namespace) replaced it. A group without an epoch (made by an older roomrouter) gets
+        one here.
+        """
+        try:
+            _, epoch = await self._client.eval(
+                _CREATE_GROUP, 2, self._stream, self._epoch_key, self.GROUP,
+                os.urandom(8).hex().encode(),
+            )  # fmt: skip
+        except ResponseError as exc:
+            raise BrokerUnavailable(f"cannot create the consumer group: {exc}") from exc
+        return epoch  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -593,10 +621,19 @@ class _RedisConsumer(StorageConsumer):
     async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
         min_idle = int(self._broker.redelivery_after * 1000)
         try:
-            reply = await self._client.xautoclaim(
-                self._stream, self.GROUP, self._name, min_idle, self._claim_cursor,
-                count=max_frames,
-            )  # fmt: skip
+            # The epoch rides along with XAUTOCLAIM: the check costs no round trip.
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.get(self._epoch_key)
+                pipe.xautoclaim(
+                    self._stream, self.GROUP, self._name, min_idle, self._claim_cursor,
+                    count=max_frames,
+                )  # fmt: skip
+                epoch, reply = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+            if epoch != self._epoch:
+                await self._replaced("its epoch changed: another consumer recreated it", epoch)
+                return []
             self._claim_cursor = reply[0]
             claimed = reply[1]
             if claimed:
@@ -606,9 +643,33 @@ class _RedisConsumer(StorageConsumer):
                     self.GROUP, self._name, {self._stream: b">"},
                     count=max_frames, block=max(int(wait * 1000), 1),
                 )  # fmt: skip
-        except (*_NETWORK_ERRORS,) as exc:
+        except ResponseError as exc:
+            if str(exc).startswith("NOGROUP"):
+                try:
+                    epoch = await self._create_group()
+                    await self._replaced(str(exc), epoch)
+                except _NETWORK_ERRORS as again:
+                    raise BrokerUnavailable(f"cannot reach Redis: {again!r}") from again
+                return []
+            raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
+        except _NETWORK_ERRORS as exc:
             raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
         return _frames(read[0][1]) if read else []
+
+    async def _replaced(self, answer: str, epoch: bytes | None) -> None:
+        """The group this consumer read is gone (and now recreated with ``epoch``): adopt the
+        new one, and raise StorageQueueLost if this is the first consumer to notice."""
+        old, self._epoch, self._claim_cursor = self._epoch, epoch, b"0-0"
+        # One report per loss across all workers: the first to mark the old epoch lost.
+        lost_key = self._stream + b":lost:" + (old or b"-")
+        if not await self._client.set(lost_key, b"1", nx=True, ex=86_400):
+            return
+        stream = self._stream.decode(errors="replace")
+        raise StorageQueueLost(
+            f"storage stream {stream!r} or its consumer group vanished ({answer}): frames it "
+            "held that no worker had stored yet are lost (Redis restarted without persistence, "
+            "flushed, or the key expired?); recreated it, storing what is published from now on"
+        )
 
     async def ack(self, frames: Sequence[StoredFrame]) -> None:
         ids = [f.token for f in frames]
@@ -629,9 +690,39 @@ class _RedisConsumer(StorageConsumer):
             raise BrokerUnavailable(f"Redis XLEN failed: {exc!r}") from exc
 
 
+# KEYS: stream, epoch key; ARGV: group, a new epoch. Returns {created (0/1), epoch}. One
+# script, so the group and its epoch appear together: no consumer can see the one without
+# the other (except a group made by an older roomrouter, which gets an epoch here).
+_CREATE_GROUP = """
+local ok = redis.pcall('XGROUP', 'CREATE', KEYS[1], ARGV[1], '0', 'MKSTREAM')
+if type(ok) == 'table' and ok.err then
+    if string.find(ok.err, 'BUSYGROUP') then
+        redis.call('SET', KEYS[2], ARGV[2], 'NX')
+        return {0, redis.call('GET', KEYS[2])}
+    end
+    return redis.error_reply(ok.err)
+end
+redis.call('SET', KEYS[2], ARGV[2])
+return {1, ARGV[2]}
+"""
+
+
 def _frames(entries: list[Any]) -> list[StoredFrame]:
     # An entry whose fields were deleted meanwhile comes back as (id, None): nothing to store.
-    return [StoredFrame(fields[b"f"], entry_id) for entry_id, fields in entries if fields]
+    out = []
+    for entry_id, fields in entries:
+        if not fields:
+            continue
+        frame = fields.get(b"f")
+        if frame is None:
+            # Not written by a roomrouter node: keep what it held, for the dead letter.
+            held = msgspec.msgpack.encode({bytes(k): bytes(v) for k, v in fields.items()})
+            names = sorted(bytes(k) for k in fields)[:8]
+            defect = f"stream entry {entry_id!r} has no frame field b'f' (fields {names})"
+            out.append(StoredFrame(held, entry_id, defect))
+        else:
+            out.append(StoredFrame(frame, entry_id))
+    return out
 
 
 def _confirm(table: dict[bytes, deque[_Batch]], channel: bytes) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from ._base import Sink
+from ._base import DeadLetter, Sink
 from ._urls import sink_from_url
 from .sqlite import SQLiteSink
 from .worker import StorageWorker, WorkerStats
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .postgres import PostgresSink
 
 __all__ = [
+    "DeadLetter",
     "PostgresSink",
     "SQLiteSink",
     "Sink",

@@ -16,7 +16,13 @@ Guarantees every backend gives (``tests/storage/test_sinks.py`` checks them for 
 3. **Order.** Messages of a room are ordered by id, compared as plain strings (code point /
    byte order, never a locale collation): for UUIDv7 ids that is time order.
 4. **Errors.** Every driver failure is raised as :class:`~roomrouter.SinkError` with the driver's
-   exception as ``__cause__``; bad arguments raise ``ValueError``.
+   exception as ``__cause__``; bad arguments raise ``ValueError``. :meth:`Sink.write` raises
+   the subclass :class:`~roomrouter.SinkRefused` when the database refuses the *data* of some
+   row (retrying the same batch cannot help; a smaller one without that row can), and plain
+   ``SinkError`` when it is unavailable (worth retrying as is).
+5. **Dead letters.** Frames a worker cannot store (undecodable, wrong shape, refused) are kept
+   by :meth:`Sink.write_dead_letters` in a table beside the messages, ``<prefix>_dead_letters``,
+   as raw bytes with their reason, to be inspected and replayed (:meth:`Sink.dead_letters`).
 
 Stored envelopes keep every field except ``persist``: what comes back from :meth:`Sink.history`
 was persisted, so it comes back with ``persist=True``.
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
 
@@ -38,12 +45,14 @@ __all__ = [
     "DEFAULT_TABLE_PREFIX",
     "MAX_HISTORY_LIMIT",
     "SCHEMA_VERSION",
+    "DeadLetter",
     "Sink",
     "check_history_limit",
     "check_schema_version",
     "check_table_prefix",
     "decode_headers",
     "encode_headers",
+    "printable_reason",
     "row_to_envelope",
 ]
 
@@ -57,6 +66,20 @@ DEFAULT_TABLE_PREFIX: Final = "roomrouter"
 # Lowercase only, so the name means the same quoted and unquoted; 40 characters leaves room for
 # the longest suffix this package appends ("_messages_room_id") within PostgreSQL's 63 bytes.
 _MAX_PREFIX_LENGTH: Final = 40
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A storage-queue frame that could not be stored, as the worker found it.
+
+    ``frame`` is the raw bytes from the queue (an envelope's wire form if it decodes);
+    ``reason`` says why it was set aside; ``worker`` names the worker; ``at`` is Unix time.
+    """
+
+    frame: bytes
+    reason: str
+    worker: str = ""
+    at: float = 0.0
 
 
 class Sink(ABC):
@@ -127,6 +150,16 @@ class Sink(ABC):
     async def latest_id(self, room: str) -> str | None:
         """The highest stored id of ``room``, or ``None`` if the room has no stored message."""
 
+    async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Keep ``letters`` (one transaction). Raises :class:`~roomrouter.SinkError` if the
+        sink is unavailable. A sink without a dead-letter table raises ``NotImplementedError``;
+        the worker then logs the frame instead."""
+        raise NotImplementedError(f"the {self.name} sink keeps no dead letters")
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """The oldest ``limit`` dead letters kept, oldest first."""
+        raise NotImplementedError(f"the {self.name} sink keeps no dead letters")
+
     async def __aenter__(self) -> Self:
         await self.start()
         return self
@@ -138,6 +171,13 @@ class Sink(ABC):
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+def printable_reason(reason: str, limit: int = 2000) -> str:
+    """``reason`` made safe for any text column: no NUL or surrogates (PostgreSQL refuses
+    them, and a refused row's reason often quotes the offending value), bounded in length."""
+    cleaned = reason.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode()
+    return cleaned[:limit]
 
 
 def check_history_limit(limit: object) -> int:

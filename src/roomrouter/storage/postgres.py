@@ -21,15 +21,17 @@ from typing import Any
 import anyio
 
 from .._envelope import Envelope
-from .._errors import ConfigurationError, MissingDependency, SinkError
+from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused
 from ._base import (
     DEFAULT_TABLE_PREFIX,
     SCHEMA_VERSION,
+    DeadLetter,
     Sink,
     check_history_limit,
     check_schema_version,
     check_table_prefix,
     encode_headers,
+    printable_reason,
     row_to_envelope,
 )
 
@@ -51,6 +53,18 @@ _DRIVER_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InternalClientError,
     OSError,
     TimeoutError,
+    UnicodeError,
+)
+
+# What the server (or asyncpg encoding the arguments) raises about the *values* of a row:
+# class 22 (data exception: NUL or an untranslatable character in text, a number out of
+# range), class 23 (a constraint), 54 (a value too large for an index row). Retrying the
+# same rows cannot succeed; a batch without them can.
+_REFUSED: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.exceptions._base.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+    asyncpg.ProgramLimitExceededError,
     UnicodeError,
 )
 
@@ -90,6 +104,7 @@ class PostgresSink(Sink):
         self.command_timeout = command_timeout
         self._messages = f'"{self.table_prefix}_messages"'
         self._meta = f'"{self.table_prefix}_meta"'
+        self._dead = f'"{self.table_prefix}_dead_letters"'
         self._pool: Any = None
         self._started = False
         self._closed = False
@@ -164,6 +179,28 @@ class PostgresSink(Sink):
         # The command tag of an INSERT is "INSERT <oid> <rows>".
         return int(str(status).rsplit(" ", 1)[1])
 
+    async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        if not letters:
+            return
+        sql = (
+            f"INSERT INTO {self._dead} (frame, reason, worker, dead_at) "
+            "SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::float8[])"
+        )
+        await self._execute(
+            "execute",
+            sql,
+            [d.frame for d in letters],
+            [printable_reason(d.reason) for d in letters],
+            [printable_reason(d.worker, 200) for d in letters],
+            [d.at for d in letters],
+        )
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        check_history_limit(limit)
+        sql = f"SELECT frame, reason, worker, dead_at FROM {self._dead} ORDER BY seq LIMIT $1"
+        rows = await self._execute("fetch", sql, limit)
+        return [DeadLetter(bytes(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+
     async def history(
         self,
         room: str,
@@ -214,6 +251,8 @@ class PostgresSink(Sink):
             raise SinkError("the PostgreSQL sink is not started (or already closed)")
         try:
             return await getattr(pool, method)(sql, *args)
+        except _REFUSED as exc:
+            raise SinkRefused(f"PostgreSQL refused the data: {_describe(exc)}") from exc
         except _DRIVER_ERRORS as exc:
             raise SinkError(f"PostgreSQL: {_describe(exc)}") from exc
 
@@ -225,6 +264,13 @@ class PostgresSink(Sink):
         )
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self._meta} (key text PRIMARY KEY, value text NOT NULL)"
+        )
+        # Outside the versioned layout: added after version 1, created on every start so older
+        # databases get it too (older code ignores it).
+        await conn.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._dead} (seq bigserial PRIMARY KEY, "
+            "frame bytea NOT NULL, reason text NOT NULL, worker text NOT NULL, "
+            "dead_at double precision NOT NULL)"
         )
         value = await conn.fetchval(f"SELECT value FROM {self._meta} WHERE key = 'schema_version'")
         if value is not None:

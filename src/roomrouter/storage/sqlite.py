@@ -27,15 +27,17 @@ import anyio
 import anyio.to_thread
 
 from .._envelope import Envelope
-from .._errors import SinkError
+from .._errors import SinkError, SinkRefused
 from ._base import (
     DEFAULT_TABLE_PREFIX,
     SCHEMA_VERSION,
+    DeadLetter,
     Sink,
     check_history_limit,
     check_schema_version,
     check_table_prefix,
     encode_headers,
+    printable_reason,
     row_to_envelope,
 )
 
@@ -66,6 +68,7 @@ class SQLiteSink(Sink):
         self.busy_timeout = busy_timeout
         self._messages = f"{self.table_prefix}_messages"
         self._meta = f"{self.table_prefix}_meta"
+        self._dead = f"{self.table_prefix}_dead_letters"
         self._conn: sqlite3.Connection | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._closed = False
@@ -98,7 +101,32 @@ class SQLiteSink(Sink):
     async def write(self, envelopes: Sequence[Envelope]) -> int:
         if not envelopes:
             return 0
-        return await self._run(lambda conn: self._insert(conn, envelopes))
+        try:
+            return await self._run(lambda conn: self._insert(conn, envelopes))
+        except SinkError as exc:
+            # Errors about the values bound (a lone surrogate, a value SQLite cannot take)
+            # belong to a row; locks, I/O and a full disk (OperationalError) are the
+            # database's state and worth retrying.
+            if isinstance(exc.__cause__, _REFUSED):
+                raise SinkRefused(str(exc)) from exc.__cause__
+            raise
+
+    async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
+        rows = [(d.frame, printable_reason(d.reason), d.worker, d.at) for d in letters]
+        sql = f"INSERT INTO {self._dead} (frame, reason, worker, dead_at) VALUES (?, ?, ?, ?)"
+
+        def insert(conn: sqlite3.Connection) -> None:
+            with _transaction(conn):
+                conn.executemany(sql, rows)
+
+        if rows:
+            await self._run(insert)
+
+    async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        check_history_limit(limit)
+        sql = f"SELECT frame, reason, worker, dead_at FROM {self._dead} ORDER BY seq LIMIT ?"
+        rows = await self._run(lambda conn: conn.execute(sql, (limit,)).fetchall())
+        return [DeadLetter(bytes(f), str(r), str(w), float(t)) for f, r, w, t in rows]
 
     async def history(
         self,
@@ -191,6 +219,13 @@ class SQLiteSink(Sink):
         # IMMEDIATE takes the write lock up front, so two processes starting on a fresh file
         # cannot both decide the schema is missing.
         with _transaction(conn):
+            # Outside the versioned layout: a table added later than version 1, created on
+            # every start so databases made before it get it too (older code ignores it).
+            conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {self._dead} (seq INTEGER PRIMARY KEY, "
+                "frame BLOB NOT NULL, reason TEXT NOT NULL, worker TEXT NOT NULL, "
+                "dead_at REAL NOT NULL)"
+            )
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._meta} "
                 "(key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL)"
@@ -232,6 +267,17 @@ class SQLiteSink(Sink):
         with _transaction(conn):
             conn.executemany(sql, rows)
         return conn.total_changes - changes
+
+
+# What sqlite3 raises for a value it cannot bind or store (wrong type, too big, a str that
+# cannot be encoded): the row's fault, not the database's.
+_REFUSED: tuple[type[BaseException], ...] = (
+    sqlite3.DataError,
+    sqlite3.IntegrityError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    UnicodeError,
+)
 
 
 @contextmanager
