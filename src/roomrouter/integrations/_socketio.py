@@ -434,8 +434,11 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         if kwargs.get("ignore_queue"):
             await super().disconnect(sid, namespace)
             await self._close_released()
-        elif self.eio_sid_from_sid(sid, namespace) is not None:
+        elif self.is_connected(sid, namespace):
             await self.server.disconnect(sid, namespace=namespace, ignore_queue=True)
+        elif self.eio_sid_from_sid(sid, namespace) is not None:  # connecting or disconnecting
+            await super().disconnect(sid, namespace)
+            await self._close_released()
         else:
             await self._publish(namespace, [sid], _Disconnect(sid))
 
