@@ -8,15 +8,19 @@ the test's event loop, so memory-backend nodes share one in-process hub.
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import pytest
 import socketio
 import uvicorn
@@ -98,7 +102,13 @@ async def serve(manager: RoomRouterManager) -> AsyncIterator[Node]:
     """Serve a Socket.IO server on ``manager`` with uvicorn on a free loopback port. Its
     lifespan shutdown calls ``sio.shutdown()``, which closes the manager."""
     sio = make_server(manager)
-    app = socketio.ASGIApp(sio, on_shutdown=sio.shutdown)
+    async with serve_asgi(socketio.ASGIApp(sio, on_shutdown=sio.shutdown)) as url:
+        yield Node(sio, manager, url)
+
+
+@asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[str]:
+    """Serve ``app`` with uvicorn in this event loop on a free loopback port; yield its URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -111,7 +121,7 @@ async def serve(manager: RoomRouterManager) -> AsyncIterator[Node]:
             tg.start_soon(server.serve, [sock])
             await eventually(lambda: _check(server.started), timeout=10)
             try:
-                yield Node(sio, manager, f"http://127.0.0.1:{sock.getsockname()[1]}")
+                yield f"http://127.0.0.1:{sock.getsockname()[1]}"
             finally:
                 server.should_exit = True
     finally:
@@ -155,7 +165,7 @@ class Clients:
     def __init__(self, stack: AsyncExitStack) -> None:
         self._stack = stack
 
-    async def connect(self, node: Node) -> Client:
+    async def connect(self, node: Node | str) -> Client:
         client = Client(socketio.AsyncClient(reconnection=False))
 
         @client.sio.on("*")
@@ -166,7 +176,8 @@ class Clients:
         async def ask(question: Any) -> Any:
             return {"answer": question, "by": client.sid}
 
-        await client.sio.connect(node.url, transports=["websocket"], wait_timeout=10)
+        url = node if isinstance(node, str) else node.url
+        await client.sio.connect(url, transports=["websocket"], wait_timeout=10)
         self._stack.push_async_callback(client.sio.disconnect)
         return client
 
@@ -486,6 +497,59 @@ async def test_undecodable_messages_are_dropped_and_counted(
     await a.sio.emit("m", "still fine", to="r")
     assert await bob.wait_for("m", 1) == ["still fine"]
     assert b.manager.undecodable == 1
+
+
+def load_example() -> Any:
+    """examples/socketio/server.py as a module (examples are not a package)."""
+    path = Path(__file__).parents[1] / "examples" / "socketio" / "server.py"
+    spec = importlib.util.spec_from_file_location("roomrouter_socketio_example", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+async def test_the_example_chat_on_two_nodes(sio_backend: Backend, clients: Clients) -> None:
+    """examples/socketio/server.py as two nodes on one broker: python-socketio clients on
+    different nodes chat in one room; a client in another room hears nothing."""
+    example = load_example()
+    options = router_options(sio_backend)
+    namespace = options.pop("namespace")
+    url = broker_url(sio_backend)
+    async with AsyncExitStack() as stack:
+        urls = []
+        for _ in range(2):
+            app, _sio = example.create_app(url, namespace, **options)
+            urls.append(await stack.enter_async_context(serve_asgi(app)))
+        status, body = await http_get(urls[0] + "/")
+        assert status == 200 and "/static/socket.io.min.js" in body
+        status, script = await http_get(urls[1] + "/static/socket.io.min.js")
+        assert status == 200 and "Socket.IO v4.8" in script
+
+        alice, bob, carol = [await clients.connect(u) for u in (urls[0], urls[1], urls[0])]
+        replies = {}
+        for client, room, name in ((alice, "x", "alice"), (bob, "x", "bob"), (carol, "y", "c")):
+            replies[name] = await client.sio.call("join", {"room": room, "name": name}, timeout=10)
+            assert replies[name]["room"] == room
+        assert replies["alice"]["node"] != replies["bob"]["node"]
+        assert await alice.wait_for("system", 1) == [f"bob joined (node {replies['bob']['node']})"]
+        assert (await alice.sio.call("say", "hi bob", timeout=10)) == {"ok": True}
+        assert (await bob.sio.call("say", "hi alice", timeout=10)) == {"ok": True}
+        for client in (alice, bob):
+            got = await client.wait_for("message", 2)
+            assert sorted((m["name"], m["text"], m["node"]) for m in got) == [
+                ("alice", "hi bob", replies["alice"]["node"]),
+                ("bob", "hi alice", replies["bob"]["node"]),
+            ]
+        assert carol.received("message") == [] and carol.received("system") == []
+
+
+async def http_get(url: str) -> tuple[int, str]:
+    def fetch() -> tuple[int, str]:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+
+    return await anyio.to_thread.run_sync(fetch)
 
 
 def test_importing_roomrouter_does_not_import_socketio() -> None:
