@@ -568,3 +568,25 @@ def test_the_missing_extra_names_it() -> None:
         [sys.executable, "-c", code], check=True, timeout=60, capture_output=True, text=True
     )
     assert 'pip install "roomrouter[socketio]"' in result.stdout
+
+
+async def test_a_room_member_closed_by_overflow_is_replaced(clients: Clients) -> None:
+    """With the router option overflow="disconnect", a burst that fills a room's inbox closes
+    the node's member of it; the room still has clients there, so the node joins it again."""
+    url = f"memory://sio-{unique_namespace()}"
+    options = {**TEST_ROUTER_OPTIONS, "inbox_size": 2, "overflow": "disconnect"}
+    async with (
+        serve(RoomRouterManager(url, namespace="t", **options)) as a,
+        serve(RoomRouterManager(url, namespace="t", **options)) as b,
+    ):
+        await a.manager.start()
+        bob = await clients.connect(b)
+        await bob.join("r")
+        for k in range(50):  # the memory hub delivers in the publisher's call: no reader runs
+            await a.sio.emit("burst", k, to="r")
+        assert b.router.stats()["members_disconnected"] == 1
+        await eventually(lambda: _check(b.router.node_id in a.router.remote_hosts(b.name("r"))))
+        await eventually(lambda: _check(b.manager._links[b.name("r")].member.closed is False))
+        await a.sio.emit("after", "heard again", to="r")
+        assert await bob.wait_for("after", 1) == ["heard again"]
+        assert len(bob.received("burst")) <= 2

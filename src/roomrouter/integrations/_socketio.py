@@ -513,6 +513,14 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
                 self._get_logger().exception(
                     "roomrouter manager: handling a message of %s failed", link.name
                 )
+        if link.member.close_reason == "overflow" and self._links.get(link.name) is link:
+            # The router's overflow="disconnect" policy closed the member of a room that still
+            # has local clients: what overflowed is lost, but the room must be heard again.
+            del self._links[link.name]
+            try:
+                await self._host(link.name, link.namespace, link.room)
+            except Exception:
+                self._get_logger().exception("roomrouter manager: cannot rejoin %s", link.name)
 
     async def _handle(self, link: _Link, envelope: Envelope, message: _Message) -> None:
         namespace = link.namespace
