@@ -9,6 +9,7 @@ the test's event loop, so memory-backend nodes share one in-process hub.
 from __future__ import annotations
 
 import importlib.util
+import os
 import socket
 import subprocess
 import sys
@@ -590,3 +591,106 @@ async def test_a_room_member_closed_by_overflow_is_replaced(clients: Clients) ->
         await a.sio.emit("after", "heard again", to="r")
         assert await bob.wait_for("after", 1) == ["heard again"]
         assert len(bob.received("burst")) <= 2
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def require_chromium() -> None:
+    """Skip (locally) or fail (CI) without Debian's chromium and Playwright for Python."""
+    missing = []
+    if not os.path.exists(CHROMIUM):
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if importlib.util.find_spec("playwright") is None:
+        missing.append("playwright (pip install playwright)")
+    if not missing:
+        return
+    message = "the browser test needs " + " and ".join(missing)
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI requires it", pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.mark.slow
+async def test_the_example_page_chats_across_nodes_in_chromium(
+    tmp_path: Path, clients: Clients
+) -> None:
+    """The example's page and its vendored Socket.IO client in headless Chromium: two pages on
+    two nodes (Redis) chat in one room; a page in another room sees none of it."""
+    require_chromium()
+    backend = BACKENDS["redis"](unique_namespace())
+    backend.available()
+    from playwright.async_api import async_playwright
+
+    example = load_example()
+    options = router_options(backend)
+    namespace = options.pop("namespace")
+    try:
+        async with AsyncExitStack() as stack:
+            urls = []
+            for _ in range(2):
+                app, _sio = example.create_app(backend.process_url(), namespace, **options)
+                urls.append(await stack.enter_async_context(serve_asgi(app)))
+            playwright = await stack.enter_async_context(async_playwright())
+            browser = await playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"),
+                executable_path=CHROMIUM,
+                args=CHROMIUM_ARGS,
+                headless=True,
+            )
+            stack.push_async_callback(browser.close)
+
+            async def open_page(url: str, name: str, room: str) -> Any:
+                page = await browser.new_page()
+                await page.goto(url + "/")
+                await page.wait_for_function(
+                    "document.getElementById('status').textContent.startsWith('connected')"
+                )
+                await page.fill("#name", name)
+                await page.fill("#room", room)
+                await page.click("#join button")
+                await page.wait_for_selector(f"body[data-joined='{room}']", state="attached")
+                return page
+
+            alice = await open_page(urls[0], "alice", "lecture")
+            bob = await open_page(urls[1], "bob", "lecture")
+            carol = await open_page(urls[0], "carol", "elsewhere")
+            status_a = await alice.inner_text("#status")
+            status_b = await bob.inner_text("#status")
+            assert status_a.split()[-1] != status_b.split()[-1]  # two different nodes
+
+            async def say(page: Any, text: str) -> None:
+                await page.fill("#text", text)
+                await page.press("#text", "Enter")
+
+            async def messages(page: Any, count: int) -> list[str]:
+                await page.wait_for_function(
+                    f"document.querySelectorAll('#log .message').length >= {count}",
+                    timeout=10_000,
+                )
+                await anyio.sleep(SETTLE)
+                lines: list[str] = await page.locator("#log .message").all_inner_texts()
+                assert len(lines) == count, lines
+                return lines
+
+            await say(alice, "hello from node a")
+            await messages(bob, 1)
+            await say(bob, "hello from node b")
+            for page in (alice, bob):
+                lines = await messages(page, 2)
+                assert lines[0].startswith("alice: hello from node a")
+                assert lines[1].startswith("bob: hello from node b")
+            assert await carol.locator("#log .message").count() == 0
+            assert "bob joined" in await alice.inner_text("#log")
+    finally:
+        await backend.cleanup()
