@@ -13,16 +13,19 @@ and ``close_room`` is a coroutine that upstream's test forgets to await.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import anyio
 import pytest
 import socketio
 
 from roomrouter.integrations.socketio import RoomRouterManager
 
 from .conftest import TEST_ROUTER_OPTIONS
+from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
@@ -397,3 +400,58 @@ async def test_emit_binary(bm: RoomRouterManager) -> None:
     assert [e for e, _ in eio_sent(bm)] == ["123", "123"]
     assert eio_sent(bm)[0][1].encode() == '451-["my event",{"_placeholder":true,"num":0}]'
     assert eio_sent(bm)[1][1].encode() == b"my binary data"
+
+
+# -- beyond upstream: two nodes ----------------------------------------------------------------
+
+
+class GatedServer(RecordingServer):
+    """Holds the sending of event ``slow`` until ``gate`` is set: the room reader that
+    handles it is then busy, and the next envelopes of that room wait in its inbox."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.gate = asyncio.Event()
+
+    async def _send_eio_packet(self, eio_sid: str, eio_pkt: Any) -> None:
+        await super()._send_eio_packet(eio_sid, eio_pkt)
+        if '"slow"' in str(eio_pkt.data):
+            await self.gate.wait()
+
+
+async def test_a_multi_room_emit_reaches_a_client_once_while_it_moves() -> None:
+    """An emit to [r1, r2] arrives at the client's node as one envelope per room, handled by
+    each room's reader; the client leaves r1 after r1's envelope served it and before r2's is
+    handled. It gets the event once (a rule based on the rooms' members at the time each
+    envelope is handled would serve it again from r2's)."""
+    url = f"memory://sio-manager-{uuid.uuid4().hex[:8]}"
+    a = RoomRouterManager(url, namespace="t", **TEST_ROUTER_OPTIONS)
+    b = RoomRouterManager(url, namespace="t", **TEST_ROUTER_OPTIONS)
+    server_a = RecordingServer(client_manager=a, async_mode="asgi")
+    server_b = GatedServer(client_manager=b, async_mode="asgi")
+
+    def sent(event: str) -> int:
+        return sum(f'"{event}"' in str(pkt.data) for _, pkt in server_b.eio_sent)
+
+    try:
+        await a.start()
+        sid = await b.connect("eio-bob", "/")
+        await b.enter_room(sid, "/", "r1")
+        await b.enter_room(sid, "/", "r2")
+        await a.emit("slow", 0, namespace="/", to="r2")  # r2's reader is stuck on this
+        await eventually(lambda: _check(sent("slow") == 1))
+        await a.emit("once", 1, namespace="/", to=["r1", "r2"])
+        await eventually(lambda: _check(sent("once") == 1))  # from r1's envelope
+        await b.leave_room(sid, "/", "r1")
+        server_b.gate.set()  # now r2's reader handles its envelope of the emit
+        await anyio.sleep(0.3)
+        assert sent("once") == 1
+        assert b.get_rooms(sid, "/") == [sid, "r2"]
+    finally:
+        server_b.gate.set()
+        await server_a.shutdown()
+        await server_b.shutdown()
+
+
+def _check(condition: object) -> None:
+    assert condition

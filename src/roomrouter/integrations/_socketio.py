@@ -34,6 +34,8 @@ import asyncio
 import functools
 import json
 import logging
+import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -71,12 +73,14 @@ RoomKey = str | int | None
 class _Emit(msgspec.Struct, array_like=True, tag=1):
     event: str
     args: list[Any]
-    #: The emit's whole ``to``: a client in several of these rooms is served by the first one,
-    #: so it gets the event once, as from python-socketio's own managers.
+    #: The emit's whole ``to`` (the first one keys the ack at the emitting node).
     rooms: list[RoomKey]
     skip: list[str]
     #: The ack id at the emitting node, whose node room the client's answer goes back to.
     ack: int | None = None
+    #: For an emit to several rooms (one envelope per room): its id, so that a receiving node
+    #: serves a client in several of the rooms once, as python-socketio's managers do.
+    multi: str | None = None
 
 
 class _Disconnect(msgspec.Struct, array_like=True, tag=2):
@@ -104,6 +108,10 @@ class _Ack(msgspec.Struct, array_like=True, tag=6):
 
 
 _Message = _Emit | _Disconnect | _EnterRoom | _LeaveRoom | _CloseRoom | _Ack
+
+#: Multi-room emits a node remembers whom it served for: far more than can be in flight at
+#: once; an older one evicted would at worst serve a client in several of its rooms twice.
+_SERVED_EMITS: Final = 4096
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(_Message)
@@ -210,6 +218,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         self._readers: set[asyncio.Task[None]] = set()
         self._starting: asyncio.Future[None] | None = None
         self._closed = False
+        # Multi-room emit id -> sids served for it here, oldest first (bounded, see _Emit.multi).
+        self._served: OrderedDict[str, set[str]] = OrderedDict()
         #: Messages from the broker that could not be decoded (dropped), and messages whose
         #: handling raised (logged); for monitoring.
         self.undecodable = 0
@@ -469,7 +479,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         remote = not (callback is not None and self.is_sid_room(namespace, rooms[0]))
         if remote:
             await self._ready()
-            payload = _encode(_Emit(event, _as_args(data), rooms, _skips(skip_sid)))
+            multi = secrets.token_hex(8) if len(rooms) > 1 else None
+            payload = _encode(_Emit(event, _as_args(data), rooms, _skips(skip_sid), None, multi))
         # Local clients first, in process: the broker is for the other nodes only.
         await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback)
         if not remote:
@@ -543,12 +554,16 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
     async def _handle_emit(self, link: _Link, envelope: Envelope, message: _Emit) -> None:
         namespace = link.namespace
         skip = set(message.skip)
-        local = self.rooms.get(namespace, {})
-        # A client in several rooms of the emit is served by the first of them it is in.
-        for earlier in message.rooms:
-            if self.room_name(namespace, earlier) == link.name:
-                break
-            skip.update(local.get(earlier, ()))
+        if message.multi is not None:
+            # The clients this node already served from another room's envelope of the same
+            # emit. Remembered rather than computed from the other rooms' members now, which
+            # may have changed since that envelope was handled.
+            served = self._served.pop(message.multi, set())
+            skip |= served
+            served.update(sid for sid in self.rooms.get(namespace, {}).get(link.room, ()))
+            self._served[message.multi] = served
+            if len(self._served) > _SERVED_EMITS:
+                self._served.popitem(last=False)
         callback = None
         if message.ack is not None:
             callback = functools.partial(
