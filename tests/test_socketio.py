@@ -1,6 +1,6 @@
 """RoomRouterManager end to end: python-socketio ``AsyncServer``s on real uvicorn servers on
-loopback ports, python-socketio ``AsyncClient``s over WebSocket, on the memory, Redis and
-RabbitMQ backends (``ROOMROUTER_BACKENDS`` selects among them).
+loopback ports, python-socketio ``AsyncClient``s over WebSocket, on the memory, Redis, RabbitMQ
+and Kafka backends (``ROOMROUTER_BACKENDS`` selects among them).
 
 Each node is its own server, manager and router (own broker connections); the servers run in
 the test's event loop, so memory-backend nodes share one in-process hub.
@@ -35,8 +35,10 @@ from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
 
-#: The backends the manager is tested on (Kafka works the same way but is not run here).
-SIO_BACKENDS = [name for name in ("memory", "redis", "rabbitmq") if name in selected_backends()]
+#: The backends the manager is tested on (sharded Redis is Redis's data plane again).
+SIO_BACKENDS = [
+    name for name in ("memory", "redis", "rabbitmq", "kafka") if name in selected_backends()
+]
 
 #: How long "nothing more arrives" is watched for after the expected events came.
 SETTLE = 0.3
