@@ -696,3 +696,55 @@ async def test_the_example_page_chats_across_nodes_in_chromium(
             assert "bob joined" in await alice.inner_text("#log")
     finally:
         await backend.cleanup()
+
+
+async def test_a_failed_start_is_retried_by_the_next_connection(clients: Clients) -> None:
+    """The broker is down when the first client comes: that client is refused; once the broker
+    is back, the next client's connection starts a new router and is served."""
+    redis = BACKENDS["redis"](unique_namespace())
+    redis.available()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()  # nothing listens there until the forwarder below starts
+    options = {**router_options(redis), "namespace": redis.namespace}
+    manager = RoomRouterManager(f"redis://127.0.0.1:{port}/0", **options)
+    first_router = manager.router
+
+    async def forward(client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_tcp("127.0.0.1", 6379) as upstream:
+
+            async def pipe(source: anyio.abc.SocketStream, sink: anyio.abc.SocketStream) -> None:
+                try:
+                    async for chunk in source:
+                        await sink.send(chunk)
+                except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    pass
+                finally:
+                    await sink.send_eof()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pipe, client, upstream)
+                tg.start_soon(pipe, upstream, client)
+
+    try:
+        async with serve(manager) as node:
+            with pytest.raises(socketio.exceptions.ConnectionError):
+                await clients.connect(node)
+            assert manager.router is not first_router  # renewed, not started yet
+            async with (
+                await anyio.create_tcp_listener(
+                    local_host="127.0.0.1", local_port=port
+                ) as listener,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(listener.serve, forward)
+                bob = await clients.connect(node)
+                await bob.join("r")
+                await node.sio.emit("m", "back", to="r")
+                assert await bob.wait_for("m", 1) == ["back"]
+                await bob.sio.disconnect()
+                await manager.aclose()  # its connections through the forwarder end first
+                tg.cancel_scope.cancel()
+    finally:
+        await redis.cleanup()

@@ -203,6 +203,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             assert url is not None
             router = RoomRouter.from_url(url, **router_options)
             self._owns_router = True
+            # Kept to build a new router after a failed start (a router starts once).
+            self._url, self._router_options = url, router_options
         elif not isinstance(router, RoomRouter):
             raise ConfigurationError(f"router must be a RoomRouter, not {router!r}")
         elif router_options:
@@ -271,7 +273,7 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             try:
                 await asyncio.shield(self._starting)
             except Exception:
-                pass  # a failed start was logged; there is nothing to close but what it left
+                pass  # a failed start was logged and left nothing running
             await self.router.aclose()
 
     def _start_task(self) -> asyncio.Future[None]:
@@ -297,8 +299,29 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
     async def _ready(self) -> None:
         if self._closed:
             raise RouterNotRunning("this RoomRouterManager was closed")
-        # Shielded: the start is shared; a caller that gives up must not cancel it for others.
-        await asyncio.shield(self._start_task())
+        starting = self._start_task()
+        if self._failed(starting):
+            self._renew()
+            starting = self._start_task()
+        try:
+            # Shielded: the start is shared; a caller that gives up must not cancel it.
+            await asyncio.shield(starting)
+        except RoomRouterError:
+            if self._starting is starting:
+                self._renew()
+            raise
+
+    @staticmethod
+    def _failed(starting: asyncio.Future[None]) -> bool:
+        return starting.done() and not starting.cancelled() and starting.exception() is not None
+
+    def _renew(self) -> None:
+        """After a failed start of a router this manager built: build a new one, started by
+        the next use. The broker may have been down only for a while (a cluster booting);
+        a start that failed left nothing running to close."""
+        if self._owns_router and not self._closed:
+            self.router = RoomRouter.from_url(self._url, **self._router_options)
+            self._starting = None
 
     # -- room names ------------------------------------------------------------------------------
 
