@@ -182,8 +182,10 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
       it waits for remote acks). ``get_participants`` and ``get_rooms`` are local, as in
       python-socketio.
     * Every room name is a roomrouter room (see :meth:`room_name`); an unusable one raises
-      :class:`~roomrouter.InvalidRoomName`; broker failures raise roomrouter's errors
-      (:class:`~roomrouter.BrokerUnavailable`, ...), after local clients were served.
+      :class:`~roomrouter.InvalidRoomName` and data msgpack cannot carry ``TypeError``, both
+      before anything is sent; data larger than the router's ``max_payload`` raises
+      :class:`~roomrouter.PayloadTooLarge` and broker failures roomrouter's errors
+      (:class:`~roomrouter.BrokerUnavailable`, ...), after this node's clients were served.
     """
 
     name = "roomrouter"
@@ -439,6 +441,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             raise
 
     async def leave_room(self, sid: Any, namespace: Any, room: Any) -> None:
+        """Remove a client of this node from ``room`` (the node leaves the roomrouter room with
+        the room's last local client), or ask the node of a remote client to."""
         namespace = namespace or "/"
         if not self._is_local(sid, namespace):
             (room,) = _rooms_of([room])
@@ -456,6 +460,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         await self._publish(namespace, [room], _CloseRoom(room))
 
     async def can_disconnect(self, sid: Any, namespace: Any) -> bool:
+        """True if ``sid`` is a client of this node (the server disconnects it); otherwise the
+        request goes to the client's node, and False."""
         namespace = namespace or "/"
         if self._is_local(sid, namespace):
             return bool(await super().can_disconnect(sid, namespace))
@@ -463,6 +469,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         return False
 
     async def disconnect(self, sid: Any, namespace: Any, **kwargs: Any) -> None:
+        """Forget a client of this node (the server calls it so, with ``ignore_queue=True``),
+        or, called by the application, disconnect a client of any node."""
         namespace = namespace or "/"
         if kwargs.get("ignore_queue"):
             await super().disconnect(sid, namespace)
