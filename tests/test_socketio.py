@@ -26,7 +26,13 @@ import pytest
 import socketio
 import uvicorn
 
-from roomrouter import ConfigurationError, InvalidRoomName, RoomRouter, RouterNotRunning
+from roomrouter import (
+    ConfigurationError,
+    InvalidRoomName,
+    PayloadTooLarge,
+    RoomRouter,
+    RouterNotRunning,
+)
 from roomrouter.integrations.socketio import RoomRouterManager
 
 from .backends import BACKENDS, Backend
@@ -461,8 +467,14 @@ async def test_lifecycle_owned_and_injected_routers(sio_backend: Backend, client
         assert not any(room.startswith("sio") for room in router.local_rooms)
 
 
-async def test_bad_rooms_data_and_options_raise_roomrouter_errors(nodes: list[Node]) -> None:
+async def test_bad_rooms_data_and_options_raise_roomrouter_errors(
+    nodes: list[Node], clients: Clients
+) -> None:
     a, _ = nodes
+    alice = await clients.connect(a)
+    await alice.join("r")
+    with pytest.raises(PayloadTooLarge):
+        await a.sio.emit("m", b"x" * (a.router.max_payload + 1), to="r")
     with pytest.raises(InvalidRoomName):
         await a.sio.emit("m", 1, to="r" * 2000)
     with pytest.raises(InvalidRoomName):
@@ -479,6 +491,8 @@ async def test_bad_rooms_data_and_options_raise_roomrouter_errors(nodes: list[No
         RoomRouterManager(router=a.router, linger=1)
     with pytest.raises(ConfigurationError):
         RoomRouterManager("nosuch://x")
+    await anyio.sleep(SETTLE)
+    assert alice.events == []  # refused before anything was sent, here too
     # Names stay distinct across namespaces, None, ints, and odd characters.
     names = {
         RoomRouterManager.room_name(ns, room)

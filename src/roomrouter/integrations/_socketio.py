@@ -47,6 +47,7 @@ from .._errors import (
     InvalidRoomName,
     MemberClosed,
     MissingDependency,
+    PayloadTooLarge,
     RoomRouterError,
     RouterNotRunning,
 )
@@ -182,9 +183,9 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
       it waits for remote acks). ``get_participants`` and ``get_rooms`` are local, as in
       python-socketio.
     * Every room name is a roomrouter room (see :meth:`room_name`); an unusable one raises
-      :class:`~roomrouter.InvalidRoomName` and data msgpack cannot carry ``TypeError``, both
-      before anything is sent; data larger than the router's ``max_payload`` raises
-      :class:`~roomrouter.PayloadTooLarge` and broker failures roomrouter's errors
+      :class:`~roomrouter.InvalidRoomName`, data msgpack cannot carry ``TypeError``, and data
+      larger than the router's ``max_payload`` :class:`~roomrouter.PayloadTooLarge`, all
+      before anything is sent; broker failures raise roomrouter's errors
       (:class:`~roomrouter.BrokerUnavailable`, ...), after this node's clients were served.
     """
 
@@ -512,6 +513,12 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             await self._ready()
             multi = secrets.token_hex(8) if len(rooms) > 1 else None
             payload = _encode(_Emit(event, _as_args(data), rooms, _skips(skip_sid), None, multi))
+            if len(payload) > self.router.max_payload:
+                # Refused before anyone is served: not only the emitting node's clients.
+                raise PayloadTooLarge(
+                    f"the emit is {len(payload)} bytes encoded; the router's max_payload is "
+                    f"{self.router.max_payload}"
+                )
         # Local clients first, in process: the broker is for the other nodes only.
         await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback)
         if not remote:
