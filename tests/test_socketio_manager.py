@@ -9,6 +9,11 @@ writing them to Engine.IO clients (there are none), and the manager runs a real 
 memory broker. Upstream's mock callbacks are plain recording functions. Differences, each noted
 at its test: an emit with a callback needs a room (as with python-socketio's pub/sub managers),
 and ``close_room`` is a coroutine that upstream's test forgets to await.
+
+At the end: a few of upstream's tests/async/test_pubsub_manager.py (ignore_queue, can_disconnect,
+enter/leave_room of a remote sid, close_room) on two nodes, checked by their effect on the other
+node rather than on the messages published (this manager's wire format is its own), and a
+two-node test of a multi-room emit upstream has no counterpart for.
 """
 
 from __future__ import annotations
@@ -455,3 +460,64 @@ async def test_a_multi_room_emit_reaches_a_client_once_while_it_moves() -> None:
 
 def _check(condition: object) -> None:
     assert condition
+
+
+# -- from python-socketio's tests/async/test_pubsub_manager.py, on two real nodes --------------
+# Upstream asserts on the message dicts its pub/sub managers publish; here the same operations
+# are checked by their effect on the other node.
+
+
+@pytest.fixture
+async def two() -> AsyncIterator[tuple[RoomRouterManager, RoomRouterManager]]:
+    url = f"memory://sio-manager-{uuid.uuid4().hex[:8]}"
+    managers = [RoomRouterManager(url, namespace="t", **TEST_ROUTER_OPTIONS) for _ in range(2)]
+    servers = [RecordingServer(client_manager=m, async_mode="asgi") for m in managers]
+    try:
+        for manager in managers:
+            await manager.start()
+        yield managers[0], managers[1]
+    finally:
+        for server in servers:
+            await server.shutdown()
+
+
+async def test_emit_with_ignore_queue(two: tuple[RoomRouterManager, RoomRouterManager]) -> None:
+    a, b = two
+    sid = await b.connect("123", "/")
+    await a.emit("foo", "bar", namespace="/", room=sid, ignore_queue=True)
+    await anyio.sleep(0.2)
+    assert eio_sent(b) == [] and a.router.stats()["broker_publishes"] == 0
+    await a.emit("foo", "bar", namespace="/", room=sid)
+    await eventually(lambda: _check(eio_sent(b)))
+    assert eio_sent(b)[0][1].encode() == '42["foo","bar"]'
+
+
+async def test_can_disconnect(two: tuple[RoomRouterManager, RoomRouterManager]) -> None:
+    a, b = two
+    sid = await b.connect("123", "/")
+    assert await b.can_disconnect(sid, "/") is True
+    assert await a.can_disconnect(sid, "/") is False  # not here: asked of its node
+    await eventually(lambda: _check(not b.is_connected(sid, "/")))
+    assert b.server.sent[0][1].encode() == "1"  # b sent the client a DISCONNECT packet
+
+
+async def test_enter_and_leave_room_of_a_remote_sid(
+    two: tuple[RoomRouterManager, RoomRouterManager],
+) -> None:
+    a, b = two
+    sid = await b.connect("123", "/")
+    await a.enter_room(sid, "/", "foo")
+    await eventually(lambda: _check(b.get_rooms(sid, "/") == [sid, "foo"]))
+    await a.leave_room(sid, "/", "foo")
+    await eventually(lambda: _check(b.get_rooms(sid, "/") == [sid]))
+
+
+async def test_close_room_on_every_node(two: tuple[RoomRouterManager, RoomRouterManager]) -> None:
+    a, b = two
+    sid_a = await a.connect("123", "/")
+    sid_b = await b.connect("456", "/")
+    await a.enter_room(sid_a, "/", "foo")
+    await b.enter_room(sid_b, "/", "foo")
+    await a.close_room("foo", "/")
+    assert a.get_rooms(sid_a, "/") == [sid_a]
+    await eventually(lambda: _check(b.get_rooms(sid_b, "/") == [sid_b]))
