@@ -1,0 +1,11 @@
+"""python-socketio on roomrouter: :class:`RoomRouterManager` is a client manager for
+``socketio.AsyncServer`` that routes each Socket.IO room through a roomrouter room, so a node
+receives only the messages of rooms it has clients in.
+
+Needs the ``socketio`` extra: ``pip install "roomrouter[socketio]"``; importing this module
+without it raises :class:`~roomrouter.MissingDependency`.
+"""
+
+from ._socketio import RoomRouterManager
+
+__all__ = ["RoomRouterManager"]
