@@ -184,6 +184,7 @@ async def test_page_and_stats_are_served(settings: DemoSettings) -> None:
 async def test_two_clients_chat_with_history_and_recovery(settings: DemoSettings) -> None:
     async with serve(settings) as node, client(node) as alice:
         joined = await alice.join("lobby", "alice")
+        assert joined.pop("member")
         assert joined == {
             "type": "joined", "room": "lobby", "mode": "history", "recovered": 0, "complete": True
         }  # fmt: skip

@@ -13,7 +13,7 @@ server -> client::
     {"type": "hello", "node": "<node id>", "broker": "memory", "history": 50,
      "max_payload": 16384, "presence": true}
     {"type": "joined", "room": "lobby", "mode": "history" | "since" | "live",
-     "recovered": 3, "complete": true}
+     "recovered": 3, "complete": true, "member": "<member id>"}
     {"type": "message", "id": "<envelope id>", "room": "lobby", "ts": 1730000000.0,
      "node": "<origin node>", "name": "alice", "text": "hello"}
     {"type": "presence", "room": "lobby", "members": [<member>, ...]}
@@ -326,6 +326,7 @@ class _Connection:
                     "mode": mode,
                     "recovered": recovery.count,
                     "complete": recovery.complete,
+                    "member": member.id,  # so the page can tell itself in the presence list
                 }
             )
             self._watch(room)
