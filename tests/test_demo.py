@@ -537,3 +537,16 @@ async def test_metrics_are_served_for_prometheus(settings: DemoSettings) -> None
             assert family.type == "gauge" and family.samples[0].value == value, family
         worker = families["roomrouter_worker_acked"]
         assert worker.type == "counter" and worker.samples[0].labels == {"node": node_id}
+
+
+async def test_the_library_never_imports_the_demo() -> None:
+    """The demo ships in the wheel (examples/chat/README.md says why) on one condition: the
+    library does not load it, nor what it needs, unless `roomrouter demo` runs."""
+    code = (
+        "import sys, roomrouter, roomrouter.presence, roomrouter.storage, roomrouter.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'uvicorn', 'websockets', 'prometheus_client') or "
+        "m.startswith('roomrouter._demo') or m.startswith('roomrouter.integrations')))"
+    )
+    result = await anyio.run_process([sys.executable, "-c", code])
+    assert result.stdout.decode().strip() == "[]"
