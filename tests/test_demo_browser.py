@@ -4,7 +4,9 @@ user in another room sees nothing, a late joiner gets the history and the who-is
 reload comes back to the room and recovers what it missed, a message over the limit gets a
 clear error, the room field follows the room actually joined.
 
-It takes the screenshot shown in the README (docs/demo.png). Chromium is the system's
+It takes the screenshot shown in the README: ``ROOMROUTER_SCREENSHOT=1 pytest
+tests/test_demo_browser.py`` writes it to docs/demo.png (otherwise to the test's temporary
+directory, so a test run leaves the checkout as it was). Chromium is the system's
 (``/usr/bin/chromium``; ``.ci/run`` installs it): never ``playwright install``.
 """
 
@@ -82,6 +84,7 @@ async def test_the_chat_in_a_browser_on_two_redis_nodes(tmp_path: Path) -> None:
     _require_browser()
     from playwright.async_api import async_playwright
 
+    screenshot = SCREENSHOT if os.environ.get("ROOMROUTER_SCREENSHOT") else tmp_path / "demo.png"
     redis = BACKENDS["redis"](f"browser-{uuid.uuid4().hex[:8]}")
     redis.available()
     settings = DemoSettings(
@@ -104,14 +107,14 @@ async def test_the_chat_in_a_browser_on_two_redis_nodes(tmp_path: Path) -> None:
                 viewport={"width": 960, "height": 600},
             )
             try:
-                await _scenario(context, node_a, node_b)
+                await _scenario(context, node_a, node_b, screenshot)
             finally:
                 await context.close()
     finally:
         await redis.cleanup()
 
 
-async def _scenario(context: BrowserContext, node_a: Node, node_b: Node) -> None:
+async def _scenario(context: BrowserContext, node_a: Node, node_b: Node, screenshot: Path) -> None:
     from playwright.async_api import expect
 
     # Users on different nodes talk; each sees the other arrive.
@@ -195,4 +198,5 @@ async def _scenario(context: BrowserContext, node_a: Node, node_b: Node) -> None
     await expect(alice.locator("#log li.message").last).to_contain_text("welcome back, bob")
     await alice.evaluate("() => document.getElementById('notes').replaceChildren()")
     await alice.fill("#text", "see you on node B")
-    await alice.screenshot(path=str(SCREENSHOT))
+    png = await alice.screenshot(path=str(screenshot))
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000  # a picture, not a blank page

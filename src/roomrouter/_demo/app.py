@@ -361,30 +361,30 @@ class _Connection:
     async def _watch_task(self, room: str, scope: anyio.CancelScope) -> None:
         with scope:
             try:
-                # Watch first, then read the list: nothing falls between the two (an event may
-                # repeat the list; the page keys both by member id).
-                async with self.router.watch_presence(room) as events:
-                    entries = await self.router.presence(room)
-                    members = [_member_frame(e) for e in entries]
-                    state: dict[str, object] = {
-                        "type": "presence",
-                        "room": room,
-                        "members": members,
-                    }
-                    await self._send_if_in(room, state)
-                    async for event in events:
-                        frame: dict[str, object] = {
-                            "type": "presence_event",
-                            "kind": event.kind,
-                            "room": room,
-                            "member": _member_frame(event.entry),
-                        }
-                        await self._send_if_in(room, frame)
-            except RoomRouterError as exc:  # the store is down: the chat goes on without it
-                log.warning("presence of %r: %s", room, exc)
-                await self._send_if_in(room, _error("presence", type(exc).__name__, str(exc)))
+                try:
+                    await self._follow_presence(room)
+                except RoomRouterError as exc:  # the store is down: the chat goes on without it
+                    log.warning("presence of %r: %s", room, exc)
+                    await self._send_if_in(room, _error("presence", type(exc).__name__, str(exc)))
             except (WebSocketDisconnect, WebSocketDisconnected, TimeoutError):
                 self.task_group.cancel_scope.cancel()  # the client is gone or stuck
+
+    async def _follow_presence(self, room: str) -> None:
+        # Watch first, then read the list: nothing falls between the two (an event may repeat
+        # the list; the page keys both by member id).
+        async with self.router.watch_presence(room) as events:
+            entries = await self.router.presence(room)
+            members = [_member_frame(e) for e in entries]
+            state: dict[str, object] = {"type": "presence", "room": room, "members": members}
+            await self._send_if_in(room, state)
+            async for event in events:
+                frame: dict[str, object] = {
+                    "type": "presence_event",
+                    "kind": event.kind,
+                    "room": room,
+                    "member": _member_frame(event.entry),
+                }
+                await self._send_if_in(room, frame)
 
     async def _send_if_in(self, room: str, frame: dict[str, object]) -> None:
         async with self._send_lock:
