@@ -552,3 +552,36 @@ async def test_the_library_never_imports_the_demo() -> None:
     )
     result = await anyio.run_process([sys.executable, "-c", code])
     assert result.stdout.decode().strip() == "[]"
+
+
+async def test_presence_beside_a_broker_that_keeps_none(tmp_path: Path) -> None:
+    """RabbitMQ between the nodes, Redis for the who-is-here list (``presence=URL``): a tab on
+    one node sees who is on the other, and sees them leave."""
+    from .backends import BACKENDS
+
+    rabbit, redis = BACKENDS["rabbitmq"](f"demo-{uuid.uuid4().hex[:8]}"), BACKENDS["redis"]("")
+    rabbit.available()
+    redis.available()
+    redis.namespace = rabbit.namespace  # its cleanup removes this test's presence keys
+    settings = DemoSettings(
+        broker=rabbit.process_url(),
+        namespace=rabbit.namespace,
+        sink=f"sqlite:///{tmp_path / 'chat.db'}",
+        presence="redis://127.0.0.1:6379/0",
+    )
+    try:
+        async with serve(settings) as node_a, serve(settings) as node_b, client(node_a) as alice:
+            await alice.join("lobby", "alice")
+            assert who(await alice.presence_frame()) == ["alice"]
+            async with client(node_b) as bob:
+                await bob.join("lobby", "bob")
+                assert who(await bob.presence_frame()) == ["alice", "bob"]
+                while (event := await alice.presence_frame())["member"]["name"] != "bob":
+                    assert event["member"]["name"] == "alice", event  # her own join, again
+                assert event["kind"] == "join"
+                assert event["member"]["node"] == (await node_b.stats())["node"]
+            event = await alice.presence_frame()
+            assert (event["kind"], event["member"]["name"]) == ("leave", "bob")
+    finally:
+        await rabbit.cleanup()
+        await redis.cleanup()

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.anyio
 
 async def test_counters_and_gauges_follow_the_router_and_worker() -> None:
     url = f"memory://prom-{uuid.uuid4().hex[:8]}"
-    registry = CollectorRegistry(auto_describe=False)
+    # As prometheus_client's global REGISTRY: it asks collectors to describe themselves at
+    # registration, before the router exists here.
+    registry = CollectorRegistry(auto_describe=True)
     current: list[RoomRouter] = []
     worker = StorageWorker.from_urls(url, "prom", "sqlite:///:memory:", name="w1")
     registry.register(RoomRouterCollector(lambda: current[0] if current else None, worker=worker))
