@@ -30,6 +30,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from roomrouter import ConfigurationError
 from roomrouter._demo import DemoSettings, bind, server_for
 from roomrouter._urls import broker_from_url
 
@@ -80,11 +81,33 @@ class Client:
 
     def __init__(self, connection: ClientConnection) -> None:
         self.connection = connection
+        #: Presence frames received and not read yet: they interleave with the rest at the
+        #: store's pace, so ``recv`` sets them aside and ``presence_frame`` reads them.
+        self.presence: list[Frame] = []
 
-    async def recv(self, timeout: float = 5.0) -> Frame:
+    async def _recv_any(self, timeout: float) -> Frame:
         with anyio.fail_after(timeout):
             frame: Frame = json.loads(await self.connection.recv())
         return frame
+
+    async def recv(self, timeout: float = 5.0) -> Frame:
+        """The next frame that is not about presence."""
+        with anyio.fail_after(timeout):
+            while True:
+                frame = await self._recv_any(timeout)
+                if frame["type"] not in ("presence", "presence_event"):
+                    return frame
+                self.presence.append(frame)
+
+    async def presence_frame(self, timeout: float = 5.0) -> Frame:
+        """The next presence frame (set aside by ``recv`` or still to come); other frames
+        arriving meanwhile must not be there."""
+        with anyio.fail_after(timeout):
+            while not self.presence:
+                frame = await self._recv_any(timeout)
+                assert frame["type"] in ("presence", "presence_event"), frame
+                self.presence.append(frame)
+        return self.presence.pop(0)
 
     async def send(self, frame: Frame | str | bytes) -> None:
         await self.connection.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
@@ -161,6 +184,7 @@ async def test_page_and_stats_are_served(settings: DemoSettings) -> None:
 async def test_two_clients_chat_with_history_and_recovery(settings: DemoSettings) -> None:
     async with serve(settings) as node, client(node) as alice:
         joined = await alice.join("lobby", "alice")
+        assert joined.pop("member")
         assert joined == {
             "type": "joined", "room": "lobby", "mode": "history", "recovered": 0, "complete": True
         }  # fmt: skip
@@ -400,12 +424,164 @@ async def test_roomrouter_demo_command(tmp_path: Path) -> None:
     conn.close()
 
 
-async def test_demo_command_without_the_extra_names_it() -> None:
-    # Starlette hidden from the import system: the command says which extra to install.
+@pytest.mark.parametrize("module", ["starlette", "prometheus_client"])
+async def test_demo_command_without_the_extra_names_it(module: str) -> None:
+    # A package of the extra hidden from the import system: the command says which extra to
+    # install (the demo's, not the prometheus one it pulls in).
     code = (
-        "import sys; sys.modules['starlette'] = None; "
+        f"import sys; sys.modules[{module!r}] = None; "
         "from roomrouter.cli import main; sys.exit(main(['demo']))"
     )
     result = await anyio.run_process([sys.executable, "-c", code], check=False)
     assert result.returncode == 1
     assert b'pip install "roomrouter[demo]"' in result.stderr
+
+
+def who(frame: Frame) -> list[str]:
+    return [m["name"] for m in frame["members"]]
+
+
+async def test_presence_list_and_join_leave_events(settings: DemoSettings) -> None:
+    """The who-is-here list: the whole list after `joined`, then join and leave events; a
+    join under another name replaces the member (the old name leaves); another room's
+    comings and goings are not shown."""
+    async with serve(settings) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        state = await alice.presence_frame()
+        assert (state["type"], state["room"], who(state)) == ("presence", "lobby", ["alice"])
+        # Alice's own join may also come as an event (the watch began before it was written).
+        async with client(node) as bob:
+            await bob.join("lobby", "bob")
+            assert who(await bob.presence_frame()) == ["alice", "bob"]
+            while (event := await alice.presence_frame())["member"]["name"] != "bob":
+                assert event["member"]["name"] == "alice", event
+            assert event["kind"] == "join"
+            assert event["member"]["node"] == (await node.stats())["node"]
+
+            async with client(node) as carol:
+                await carol.join("elsewhere", "carol")  # not Alice's room: she sees nothing
+                await carol.presence_frame()
+                await bob.join("lobby", "robert")  # a new name: a new member, the old one leaves
+                events = [await alice.presence_frame() for _ in range(2)]
+                assert sorted((e["kind"], e["member"]["name"]) for e in events) == [
+                    ("join", "robert"),
+                    ("leave", "bob"),
+                ]
+        # Robert's connection closed: he left.
+        event = await alice.presence_frame()
+        assert (event["kind"], event["member"]["name"]) == ("leave", "robert")
+        assert alice.presence == []
+
+
+async def test_presence_can_be_turned_off_and_set_apart(
+    settings: DemoSettings, tmp_path: Path
+) -> None:
+    off = replace(settings, presence=False)
+    async with serve(off) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        await alice.say("hi")
+        assert texts(await alice.messages(1)) == ["hi"]  # no presence frame came first
+    with pytest.raises(ConfigurationError, match="keeps no presence"):
+        server_for(replace(settings, broker="amqp://guest:guest@127.0.0.1/", presence=True))
+    # A store of its own beside the broker (as redis beside amqp): here a separate memory one.
+    apart = replace(settings, presence=f"memory://presence-{uuid.uuid4().hex[:8]}")
+    async with serve(apart) as node, client(node) as alice:
+        await alice.join("other", "alice")  # (the lobby's history is in the shared file)
+        assert who(await alice.presence_frame()) == ["alice"]
+
+
+async def test_oversize_and_empty_messages_get_error_frames(settings: DemoSettings) -> None:
+    """A message well over the limit (that the old frame limit closed with 1009) and an empty
+    one are answered with error frames; the connection stays, nothing is published."""
+    async with serve(settings) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        await alice.say("x" * (10 * settings.max_payload))
+        error = await alice.recv()
+        assert (error["request"], error["error"]) == ("send", "PayloadTooLarge"), error
+        for empty in ("", "   ", "\n\t"):
+            await alice.say(empty)
+            error = await alice.recv()
+            assert (error["request"], error["error"]) == ("send", "EmptyMessage"), error
+        await alice.say("fine")
+        assert texts(await alice.messages(1)) == ["fine"]
+        assert (await node.stats())["router"]["published"] == 1
+
+
+async def test_metrics_are_served_for_prometheus(settings: DemoSettings) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with serve(settings) as node, client(node) as alice:
+        await alice.join("lobby", "alice")
+        await alice.say("counted")
+        await alice.messages(1)
+        node_id = (await node.stats())["node"]
+
+        families: dict[str, Any] = {}
+
+        async def scrape() -> None:
+            status, content_type, body = await node.get("/metrics")
+            assert status == 200 and content_type.startswith("text/plain"), content_type
+            families.clear()
+            families.update((f.name, f) for f in text_string_to_metric_families(body))
+            assert families["roomrouter_worker_acked"].samples[0].value >= 1  # stored
+
+        await eventually(scrape)
+        published = families["roomrouter_published"]
+        assert published.type == "counter"
+        (sample,) = published.samples
+        assert (sample.name, sample.labels, sample.value) == (
+            "roomrouter_published_total",
+            {"node": node_id},
+            1.0,
+        )
+        for gauge, value in (("members", 1), ("local_rooms", 1), ("live_nodes", 0)):
+            family = families[f"roomrouter_{gauge}"]
+            assert family.type == "gauge" and family.samples[0].value == value, family
+        worker = families["roomrouter_worker_acked"]
+        assert worker.type == "counter" and worker.samples[0].labels == {"node": node_id}
+
+
+async def test_the_library_never_imports_the_demo() -> None:
+    """The demo ships in the wheel (examples/chat/README.md says why) on one condition: the
+    library does not load it, nor what it needs, unless `roomrouter demo` runs."""
+    code = (
+        "import sys, roomrouter, roomrouter.presence, roomrouter.storage, roomrouter.cli\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('starlette', 'uvicorn', 'websockets', 'prometheus_client') or "
+        "m.startswith('roomrouter._demo') or m.startswith('roomrouter.integrations')))"
+    )
+    result = await anyio.run_process([sys.executable, "-c", code])
+    assert result.stdout.decode().strip() == "[]"
+
+
+async def test_presence_beside_a_broker_that_keeps_none(tmp_path: Path) -> None:
+    """RabbitMQ between the nodes, Redis for the who-is-here list (``presence=URL``): a tab on
+    one node sees who is on the other, and sees them leave."""
+    from .backends import BACKENDS
+
+    rabbit, redis = BACKENDS["rabbitmq"](f"demo-{uuid.uuid4().hex[:8]}"), BACKENDS["redis"]("")
+    rabbit.available()
+    redis.available()
+    redis.namespace = rabbit.namespace  # its cleanup removes this test's presence keys
+    settings = DemoSettings(
+        broker=rabbit.process_url(),
+        namespace=rabbit.namespace,
+        sink=f"sqlite:///{tmp_path / 'chat.db'}",
+        presence="redis://127.0.0.1:6379/0",
+    )
+    try:
+        async with serve(settings) as node_a, serve(settings) as node_b, client(node_a) as alice:
+            await alice.join("lobby", "alice")
+            assert who(await alice.presence_frame()) == ["alice"]
+            async with client(node_b) as bob:
+                await bob.join("lobby", "bob")
+                assert who(await bob.presence_frame()) == ["alice", "bob"]
+                while (event := await alice.presence_frame())["member"]["name"] != "bob":
+                    assert event["member"]["name"] == "alice", event  # her own join, again
+                assert event["kind"] == "join"
+                assert event["member"]["node"] == (await node_b.stats())["node"]
+            event = await alice.presence_frame()
+            assert (event["kind"], event["member"]["name"]) == ("leave", "bob")
+    finally:
+        await rabbit.cleanup()
+        await redis.cleanup()

@@ -2,7 +2,9 @@
 :class:`~roomrouter.Member` per WebSocket, a static page, history and recovery.
 
 It lives in the package (not only in ``examples/``) so that the command works from an
-installed package; it needs the ``roomrouter[demo]`` extra (Starlette, uvicorn, websockets).
+installed package (examples/chat/README.md, "Why it ships in the wheel"); nothing but the
+command imports it. It needs the ``roomrouter[demo]`` extra (Starlette, uvicorn, websockets,
+prometheus_client for ``/metrics``).
 """
 
 from __future__ import annotations

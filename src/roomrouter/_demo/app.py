@@ -10,13 +10,19 @@ client -> server::
 
 server -> client::
 
-    {"type": "hello", "node": "<node id>", "broker": "memory", "history": 50, "max_payload": 16384}
+    {"type": "hello", "node": "<node id>", "broker": "memory", "history": 50,
+     "max_payload": 16384, "presence": true}
     {"type": "joined", "room": "lobby", "mode": "history" | "since" | "live",
-     "recovered": 3, "complete": true}
+     "recovered": 3, "complete": true, "member": "<member id>"}
     {"type": "message", "id": "<envelope id>", "room": "lobby", "ts": 1730000000.0,
      "node": "<origin node>", "name": "alice", "text": "hello"}
-    {"type": "error", "request": "join" | "send" | "frame", "error": "PayloadTooLarge",
-     "message": "..."}
+    {"type": "presence", "room": "lobby", "members": [<member>, ...]}
+    {"type": "presence_event", "kind": "join" | "leave", "room": "lobby", "member": <member>}
+    {"type": "error", "request": "join" | "send" | "frame" | "presence",
+     "error": "PayloadTooLarge", "message": "..."}
+
+where ``<member>`` is ``{"id": "<member id>", "name": "alice", "node": "<node id>",
+"since": 1730000000.0}``.
 
 A ``join`` without ``since`` delivers the room's last ``history`` messages first (``mode``
 ``"history"``); with ``since=<last id the client saw>`` (a reconnect) it delivers exactly the
@@ -24,15 +30,25 @@ stored messages after that id (``mode`` ``"since"``), and ``complete`` False mea
 missing. ``joined`` is always sent before the history it announces. A new ``join`` switches
 rooms: one room per connection keeps the page simple, not the library.
 
+Presence (on when the broker is memory or Redis, or with ``DemoSettings.presence``): after
+``joined``, the connection watches the room's presence, sends the whole list once
+(``presence``), then every join and leave (``presence_event``). The list is read after the
+watch began, so an event may repeat what the list already says: the page treats both as a set
+keyed by member id. A member's name is its presence ``info``, fixed when the member is made, so
+a join under another name makes a new member (and the old one leaves).
+
 Messages are published with ``persist=True``: the router puts them on the broker's storage
 queue and recent cache, and a :class:`~roomrouter.storage.StorageWorker` running in this
 process (one per node; workers compete, writes are idempotent) moves them into the sink the
 router reads history from. On a broker without a storage queue the chat is live-only.
 
 Bad input never costs anything but an error frame to its sender: an oversize message
-(:class:`~roomrouter.PayloadTooLarge`), a bad room name (:class:`~roomrouter.InvalidRoomName`),
-a frame that is not a known request (``BadRequest``), a ``send`` before a ``join``
-(``NotJoined``). The connection and the member stay as they were.
+(:class:`~roomrouter.PayloadTooLarge`), an empty one (``EmptyMessage``), a bad room name
+(:class:`~roomrouter.InvalidRoomName`), a frame that is not a known request (``BadRequest``),
+a ``send`` before a ``join`` (``NotJoined``). The connection and the member stay as they were.
+The server's WebSocket frame limit (``server.py``) is far above ``max_payload`` so that an
+oversize message reaches this code and gets its error frame, instead of the transport closing
+the connection with 1009; the page also checks the size before sending.
 
 Slow clients: every member has a bounded inbox (``inbox_size``) with the ``"disconnect"``
 overflow policy. A client that reads too slowly to keep up (its socket stops draining, the
@@ -49,9 +65,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from importlib.resources import files
+from urllib.parse import urlsplit
 
 import anyio
 import msgspec
+from anyio.abc import TaskGroup
+
+# Imported before roomrouter's integration so a missing package is an ImportError, which the
+# command turns into 'pip install "roomrouter[demo]"' (the demo extra pulls it in).
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -68,6 +90,8 @@ from .._errors import (
 from .._member import Member, Recovery
 from .._router import RoomRouter
 from .._urls import broker_from_url
+from ..integrations.prometheus import RoomRouterCollector
+from ..presence import PresenceEntry, presence_from_url
 from ..storage import StorageWorker, sink_from_url
 
 __all__ = ["DemoSettings", "create_app"]
@@ -99,6 +123,20 @@ class DemoSettings:
     max_payload: int = 16 * 1024
     max_room_length: int = 64
     send_timeout: float = 10.0
+    #: Where the who-is-here list is kept: ``None`` (the default) for the broker's own server
+    #: when it is memory or Redis and no list otherwise; a URL (``"redis://127.0.0.1/0"``, say
+    #: beside an ``amqp://`` broker); ``False`` for none.
+    presence: str | bool | None = None
+
+
+#: Broker schemes whose server can keep presence too (``presence=True``).
+_PRESENCE_SCHEMES = ("memory", "redis", "rediss", "unix")
+
+
+def _presence_option(settings: DemoSettings) -> str | bool:
+    if settings.presence is None:
+        return urlsplit(settings.broker).scheme.lower() in _PRESENCE_SCHEMES
+    return settings.presence
 
 
 # -- the wire format ----------------------------------------------------------------------------
@@ -130,6 +168,15 @@ def _error(request: str, error: str, message: str) -> dict[str, object]:
     return {"type": "error", "request": request, "error": error, "message": message}
 
 
+def _member_frame(entry: PresenceEntry) -> dict[str, object]:
+    return {
+        "id": entry.member,
+        "name": entry.info.get("name", entry.member),
+        "node": entry.node,
+        "since": entry.since,
+    }
+
+
 class _BadRequest(Exception):
     """A request this server understands the shape of but refuses (not a roomrouter error)."""
 
@@ -149,22 +196,33 @@ def _check_name(name: str) -> str:
 
 
 class _Connection:
-    """One WebSocket and its member. Two tasks: ``read_loop`` handles requests, ``pump`` moves
-    the member's inbox to the socket. Every send goes through ``_send_lock``, so a ``joined``
-    frame and the history it announces cannot be interleaved."""
+    """One WebSocket and its member. Tasks in the connection's task group: ``read_loop``
+    handles requests, one ``pump`` per member moves its inbox to the socket, one watcher
+    follows the room's presence. Every send goes through ``_send_lock``, so a ``joined`` frame
+    and the history it announces cannot be interleaved. The member is made at the first join
+    (its presence info holds the name); a join under another name replaces it."""
 
     def __init__(
-        self, websocket: WebSocket, router: RoomRouter, member: Member, settings: DemoSettings
+        self,
+        websocket: WebSocket,
+        router: RoomRouter,
+        settings: DemoSettings,
+        task_group: TaskGroup,
+        *,
+        presence: bool,
     ) -> None:
         self.websocket = websocket
         self.router = router
-        self.member = member
         self.settings = settings
+        self.task_group = task_group
+        self.presence = presence
+        self.member: Member | None = None
         self.room: str | None = None
         self.name: str | None = None
         self.persist = router.broker.supports_storage
         self.has_history = router.sink is not None or router.broker.supports_storage
         self._send_lock = anyio.Lock()
+        self._watch_scope: anyio.CancelScope | None = None
 
     async def send(self, frame: dict[str, object]) -> None:
         async with self._send_lock:
@@ -175,6 +233,12 @@ class _Connection:
         # bounded, so a stuck client cannot hold its connection and member forever.
         with anyio.fail_after(self.settings.send_timeout):
             await self.websocket.send_text(_json.encode(frame).decode())
+
+    async def close_member(self) -> None:
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+        if self.member is not None:
+            await self.member.close()
 
     async def read_loop(self) -> None:
         """Handle requests until the client goes away (or a reply to it stalls)."""
@@ -209,16 +273,21 @@ class _Connection:
         except _BadRequest as exc:
             await self.send(_error("join", exc.error, str(exc)))
             return
-        member, room, previous = self.member, request.room, self.room
+        room, previous, old = request.room, self.room, self.member
         # Held across the join: the history it queues must not overtake the `joined` frame.
         async with self._send_lock:
-            if previous == room:
-                # Joining the room it is in again: a fresh start (new history), not a no-op.
-                await member.leave(room)
-                self.room = None
+            fresh: Member | None = None
             mode = "live"
             recovery = Recovery()
             try:
+                if old is not None and name == self.name:
+                    member = old
+                    if previous == room:
+                        # Joining the room it is in again: a fresh start (new history).
+                        await member.leave(room)
+                        self.room = None
+                else:
+                    member = fresh = self.router.member(info={"name": name})
                 # Join the new room before leaving the old one, so a refused join (bad name,
                 # broker down) leaves the client where it was.
                 if request.since is not None and self.has_history:
@@ -230,15 +299,24 @@ class _Connection:
                 else:
                     await member.join(room)
             except MemberClosed:
+                if fresh is not None:
+                    await fresh.close()
                 raise
             except HistoryUnavailable as exc:
                 # Joined and live, but the history could not be read: say so, carry on.
                 await self._send_unlocked(_error("join", type(exc).__name__, str(exc)))
                 recovery = Recovery(complete=False)
             except RoomRouterError as exc:  # InvalidRoomName, BrokerUnavailable, ...
+                if fresh is not None:
+                    await fresh.close()
                 await self._send_unlocked(_error("join", type(exc).__name__, str(exc)))
                 return
-            if previous is not None and previous != room:
+            if fresh is not None:
+                self.member = fresh
+                self.task_group.start_soon(self._pump_task, fresh)
+                if old is not None:
+                    await old.close()  # leaves its room: the others see the old name go
+            elif previous is not None and previous != room:
                 await member.leave(previous)
             self.room, self.name = room, name
             await self._send_unlocked(
@@ -248,12 +326,17 @@ class _Connection:
                     "mode": mode,
                     "recovered": recovery.count,
                     "complete": recovery.complete,
+                    "member": member.id,  # so the page can tell itself in the presence list
                 }
             )
+            self._watch(room)
 
     async def publish(self, request: _Send) -> None:
         if self.room is None or self.name is None:
             await self.send(_error("send", "NotJoined", "join a room first"))
+            return
+        if not request.text.strip():
+            await self.send(_error("send", "EmptyMessage", "a message needs some text"))
             return
         payload = _json.encode(_Chat(name=self.name, text=request.text))
         try:
@@ -263,10 +346,62 @@ class _Connection:
         except RoomRouterError as exc:
             await self.send(_error("send", type(exc).__name__, str(exc)))
 
-    async def pump(self) -> None:
-        """Send what arrives in the member's inbox until the member or the socket closes; close
-        the socket with :data:`CLOSE_OVERFLOW` if the client did not keep up."""
-        member = self.member
+    # -- presence -------------------------------------------------------------------------------
+
+    def _watch(self, room: str) -> None:
+        """Follow ``room``'s presence from now on (and stop following the previous room)."""
+        if self._watch_scope is not None:
+            self._watch_scope.cancel()
+            self._watch_scope = None
+        if not self.presence:
+            return
+        scope = self._watch_scope = anyio.CancelScope()
+        self.task_group.start_soon(self._watch_task, room, scope)
+
+    async def _watch_task(self, room: str, scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                try:
+                    await self._follow_presence(room)
+                except RoomRouterError as exc:  # the store is down: the chat goes on without it
+                    log.warning("presence of %r: %s", room, exc)
+                    await self._send_if_in(room, _error("presence", type(exc).__name__, str(exc)))
+            except (WebSocketDisconnect, WebSocketDisconnected, TimeoutError):
+                self.task_group.cancel_scope.cancel()  # the client is gone or stuck
+
+    async def _follow_presence(self, room: str) -> None:
+        # Watch first, then read the list: nothing falls between the two (an event may repeat
+        # the list; the page keys both by member id).
+        async with self.router.watch_presence(room) as events:
+            entries = await self.router.presence(room)
+            members = [_member_frame(e) for e in entries]
+            state: dict[str, object] = {"type": "presence", "room": room, "members": members}
+            await self._send_if_in(room, state)
+            async for event in events:
+                frame: dict[str, object] = {
+                    "type": "presence_event",
+                    "kind": event.kind,
+                    "room": room,
+                    "member": _member_frame(event.entry),
+                }
+                await self._send_if_in(room, frame)
+
+    async def _send_if_in(self, room: str, frame: dict[str, object]) -> None:
+        async with self._send_lock:
+            # Checked under the lock: a join that moved to another room holds it.
+            if self.room == room:
+                await self._send_unlocked(frame)
+
+    # -- the inbox ------------------------------------------------------------------------------
+
+    async def _pump_task(self, member: Member) -> None:
+        if await self.pump(member):
+            self.task_group.cancel_scope.cancel()
+
+    async def pump(self, member: Member) -> bool:
+        """Send what arrives in ``member``'s inbox until the member or the socket closes; close
+        the socket with :data:`CLOSE_OVERFLOW` if the client did not keep up. True if the
+        connection is over (False: the member was replaced, or closed with the connection)."""
         try:
             while True:
                 try:
@@ -279,19 +414,23 @@ class _Connection:
                 if frame is None:
                     continue
                 async with self._send_lock:
-                    # Checked under the lock: a join in progress holds it and sets the room.
-                    if envelope.room == self.room:
+                    # Checked under the lock: a join in progress holds it and sets the room
+                    # (and the member, whose replaced predecessor may still hold messages).
+                    if member is self.member and envelope.room == self.room:
                         await self._send_unlocked(frame)
         except TimeoutError:
             log.info("member %s: a send stalled for %ss", member.id, self.settings.send_timeout)
             await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")
-            return
+            return True
         except (WebSocketDisconnect, WebSocketDisconnected):
-            return
+            return True
         if member.close_reason == "overflow":
             await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")
-        elif member.close_reason == "router closed":
+            return True
+        if member.close_reason == "router closed":
             await self._close(CLOSE_TRY_AGAIN, "server shutting down")
+            return True
+        return False
 
     @staticmethod
     def _message_frame(envelope: Envelope) -> dict[str, object] | None:
@@ -338,6 +477,14 @@ class _Server:
         # the server's startup (constructing opens nothing; the router is built in the lifespan).
         broker_from_url(settings.broker)
         sink_from_url(settings.sink)
+        self.presence = _presence_option(settings)
+        if isinstance(self.presence, str):
+            presence_from_url(self.presence)
+        elif self.presence and urlsplit(settings.broker).scheme.lower() not in _PRESENCE_SCHEMES:
+            raise ConfigurationError(
+                f"the {urlsplit(settings.broker).scheme} broker keeps no presence: give "
+                "presence a URL (redis://...)"
+            )
         self.settings = settings
         self.router: RoomRouter | None = None
         self.worker: StorageWorker | None = None
@@ -346,6 +493,10 @@ class _Server:
         # Read once, from the package (works from a wheel as well as from a checkout).
         page = files("roomrouter._demo").joinpath("static/index.html")
         self.page = page.read_text(encoding="utf-8")
+        # Its own registry, not prometheus_client's global one: several demo apps can run in
+        # one process (the tests do), each with its own router.
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(RoomRouterCollector(lambda: self.router, worker=lambda: self.worker))
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -358,6 +509,7 @@ class _Server:
             overflow="disconnect",
             max_payload=s.max_payload,
             max_room_length=s.max_room_length,
+            presence=self.presence,
         )
         run_worker = s.worker and router.broker.supports_storage
         if not router.broker.supports_storage:
@@ -429,51 +581,57 @@ class _Server:
             }
         )
 
+    async def metrics(self, request: Request) -> Response:
+        return Response(
+            generate_latest(self.registry), headers={"content-type": CONTENT_TYPE_LATEST}
+        )
+
     async def websocket(self, websocket: WebSocket) -> None:
         router = self.router
         if router is None:
             await websocket.close(CLOSE_TRY_AGAIN, "server not running")
             return
         await websocket.accept()
-        member = router.member()
-        connection = _Connection(websocket, router, member, self.settings)
         self.connections += 1
+        connection: _Connection | None = None
         try:
-            await connection.send(
-                {
-                    "type": "hello",
-                    "node": router.node_id,
-                    "broker": router.broker.name,
-                    "history": self.settings.history if connection.has_history else 0,
-                    "max_payload": router.max_payload,
-                }
-            )
             async with anyio.create_task_group() as tg:
-                # Whichever ends first (client gone, or member closed) ends the other.
-
-                async def pump_then_stop() -> None:
-                    await connection.pump()
-                    tg.cancel_scope.cancel()
-
-                tg.start_soon(pump_then_stop)
+                connection = _Connection(
+                    websocket, router, self.settings, tg, presence=self.presence is not False
+                )
+                await connection.send(
+                    {
+                        "type": "hello",
+                        "node": router.node_id,
+                        "broker": router.broker.name,
+                        "history": self.settings.history if connection.has_history else 0,
+                        "max_payload": router.max_payload,
+                        "presence": connection.presence,
+                    }
+                )
+                # The read loop ends with the client; a pump or the watcher cancels the group
+                # when the member overflowed, the router closed, or the client stalled.
                 await connection.read_loop()
                 tg.cancel_scope.cancel()
         except (WebSocketDisconnect, WebSocketDisconnected, TimeoutError):
             pass  # the hello frame could not be sent: the client is gone already
         finally:
             self.connections -= 1
-            await member.close()
+            if connection is not None:
+                with anyio.CancelScope(shield=True):
+                    await connection.close_member()
 
 
 def create_app(settings: DemoSettings | None = None) -> Starlette:
     """The demo chat app: ``GET /`` the page, ``/ws`` the WebSocket, ``GET /stats`` the node's
-    counters as JSON. The router starts and stops with the app's lifespan, so serve it with
-    lifespan events on (uvicorn does by default)."""
+    counters as JSON, ``GET /metrics`` the same for Prometheus. The router starts and stops
+    with the app's lifespan, so serve it with lifespan events on (uvicorn does by default)."""
     server = _Server(settings or DemoSettings())
     return Starlette(
         routes=[
             Route("/", server.index),
             Route("/stats", server.stats),
+            Route("/metrics", server.metrics),
             WebSocketRoute("/ws", server.websocket),
         ],
         lifespan=server.lifespan,

@@ -39,9 +39,11 @@ def server_for(settings: DemoSettings, *, log_level: str = "info") -> uvicorn.Se
         # The sans-I/O protocol on `websockets` (the "auto" choice of older uvicorn versions is
         # its deprecated legacy implementation).
         ws="websockets-sansio",
-        # A frame a little over max_payload still reaches the router, which answers it with
-        # PayloadTooLarge; a far larger one is refused by the transport (close code 1009).
-        ws_max_size=4 * settings.max_payload + 4096,
+        # Far above max_payload, so that an oversize message reaches the app, which answers it
+        # with a PayloadTooLarge error frame and keeps the connection; only a frame beyond this
+        # (64 x, 1 MiB by default: a bound on what one frame may cost the server) is refused
+        # by the transport with close code 1009. The page checks the size before sending.
+        ws_max_size=64 * settings.max_payload + 4096,
         lifespan="on",
         access_log=False,
         log_level=log_level,

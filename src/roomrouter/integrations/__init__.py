@@ -1,8 +1,9 @@
-"""Integrations of roomrouter with application frameworks.
+"""Integrations with other libraries and frameworks.
 
-Each integration is a submodule that imports its framework only when it is imported itself, so
-``import roomrouter`` never pulls a framework in: ``roomrouter.integrations.socketio`` needs the
-``socketio`` extra (``pip install "roomrouter[socketio]"``).
+Each submodule imports its library only when it is imported itself, and raises
+:class:`~roomrouter.MissingDependency` (with the ``pip install`` line) when it is missing, so
+``import roomrouter`` never pulls any of them in: ``roomrouter.integrations.socketio`` needs the
+``socketio`` extra, ``roomrouter.integrations.prometheus`` the ``prometheus`` extra.
 """
 
 __all__: list[str] = []
