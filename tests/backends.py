@@ -69,6 +69,11 @@ class Backend:
     async def cleanup(self) -> None:
         """Remove what the test left on the server (queues, topics)."""
 
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        """Put ``frame`` on ``room``'s data channel with a raw client of the broker (not through
+        roomrouter's publish), as a foreign or forged publisher would."""
+        raise NotImplementedError
+
 
 class MemoryBackend(Backend):
     name = "memory"
@@ -76,6 +81,11 @@ class MemoryBackend(Backend):
 
     def broker(self, **options: Any) -> Broker:
         return MemoryBroker(f"test-{self.namespace}", **options)
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        broker = router.broker
+        assert isinstance(broker, MemoryBroker)
+        broker.hub._publish((router.namespace, room), frame)
 
 
 class RedisBackend(Backend):
@@ -102,6 +112,20 @@ class RedisBackend(Backend):
 
     def available(self) -> None:
         require_tcp("127.0.0.1", 6379, "Redis")
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from redis.asyncio import Redis
+
+        from roomrouter.brokers.redis import RedisBroker
+
+        broker = router.broker
+        assert isinstance(broker, RedisBroker)
+        client = Redis(host="127.0.0.1", port=6379)
+        try:
+            command = "SPUBLISH" if self.sharded else "PUBLISH"
+            assert await client.execute_command(command, broker._room_channel(room), frame) >= 1
+        finally:
+            await client.aclose()
 
     def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.redis import RedisBroker
@@ -144,6 +168,22 @@ class RabbitMQBackend(Backend):
 
     def process_url(self, **query: object) -> str:
         return self.url + ("?" + urlencode(query) if query else "")
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        import aiormq
+
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+
+        broker = router.broker
+        assert isinstance(broker, RabbitMQBroker)
+        connection = await aiormq.connect(self.url)
+        try:
+            channel = await connection.channel()
+            await channel.basic_publish(
+                frame, exchange=broker.data_exchange, routing_key=routing_key(room)
+            )
+        finally:
+            await connection.close()
 
     def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.rabbitmq import RabbitMQBroker
@@ -249,6 +289,23 @@ class KafkaBackend(Backend):
             topic_prefix=self.topic_prefix,
             **{**self.broker_options, **options},  # type: ignore[arg-type]
         )
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        broker = router.broker
+        assert isinstance(broker, KafkaBroker)
+        data_topic = broker.topic_names(self.namespace, self.topic_prefix)[0]
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                data_topic, frame, key=room.encode(), partition=broker.partition_for(room)
+            )
+        finally:
+            await producer.stop()
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
         # The truth on Kafka is the consumer's own assignment (manual, no group): it must be

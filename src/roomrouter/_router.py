@@ -537,13 +537,19 @@ class RoomRouter:
 
     # -- broker callbacks -----------------------------------------------------------------------
 
-    def _on_data(self, frame: bytes) -> None:
+    def _on_data(self, room: str, frame: bytes) -> None:
         stats = self._stats
         stats.broker_received += 1
         try:
             envelope = decode_envelope(frame)
         except (msgspec.DecodeError, msgspec.ValidationError):
             stats.dropped_decode += 1
+            return
+        # The channel is what this node subscribed to and what the broker filtered by; the
+        # envelope's own claim is just bytes anyone with publish rights on *some* room could
+        # write. Routing by the claim would let them reach any room's members.
+        if envelope.room != room:
+            stats.dropped_room_mismatch += 1
             return
         if envelope.origin == self.node_id:
             stats.dropped_echo += 1

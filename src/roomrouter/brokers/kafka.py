@@ -574,7 +574,7 @@ class KafkaBroker(Broker):
                         elif record.offset < room[1]:
                             self.skipped_before_join += 1
                         else:
-                            _call(ctx.on_data, record.value, ctx)
+                            _call_data(key, record.value, ctx)
                 self._positions[tp] = records[-1].offset + 1
 
     async def _probe_loop(self, session: _Session) -> None:
@@ -787,6 +787,15 @@ class KafkaBroker(Broker):
 def _call(handler: Any, value: bytes | None, ctx: BrokerContext) -> None:
     try:
         handler(value if value is not None else b"")
+    except Exception:  # a handler bug must not kill the reader
+        log.exception("node %s: message handler raised", ctx.node_id)
+
+
+def _call_data(key: bytes, value: bytes | None, ctx: BrokerContext) -> None:
+    # The record key is the room (it chose the partition, and it is what the node filters by):
+    # the router checks the envelope against it.
+    try:
+        ctx.on_data(key.decode(errors="replace"), value if value is not None else b"")
     except Exception:  # a handler bug must not kill the reader
         log.exception("node %s: message handler raised", ctx.node_id)
 

@@ -115,7 +115,7 @@ class MemoryHub:
 
     def _publish(self, key: tuple[str, str], frame: bytes) -> None:
         for broker in list(self._rooms.get(key, {}).values()):
-            broker._deliver_data(frame)
+            broker._deliver_data(key[1], frame)
 
     def _control(self, namespace: str, frame: bytes, to: str | None) -> int:
         nodes = self._nodes.get(namespace, {})
@@ -229,9 +229,9 @@ class MemoryBroker(Broker):
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _MemoryConsumer(self.hub, namespace, consumer, self.redelivery_after)
 
-    def _deliver_data(self, frame: bytes) -> None:
+    def _deliver_data(self, room: str, frame: bytes) -> None:
         if self._context is not None:
-            self._context.on_data(frame)
+            self._context.on_data(room, frame)
 
     def _deliver_control(self, frame: bytes) -> None:
         if self._context is not None:

@@ -12,8 +12,10 @@ Routing keys. A topic exchange reads ``.`` as a word separator and ``*``/``#`` a
 and keys are at most 255 bytes. A room's key is therefore one word: the unpadded base64url of
 its UTF-8 name (alphabet ``A-Za-z0-9-_``), or, when that would exceed 200 bytes, ``~`` followed
 by the hex SHA-256 of the name (``~`` is outside the base64url alphabet, so the two forms never
-collide). Bindings are always exact keys, never patterns. For hashed keys the node checks the
-envelope's room against the rooms it holds and counts mismatches in :attr:`filtered`.
+collide). Bindings are always exact keys, never patterns. The node maps the routing key a frame
+arrived with back to the held room it was bound for, and hands that room to the router (which
+drops an envelope claiming another room); a key it holds no room for (a frame still queued
+from a room just unbound) is counted in :attr:`filtered`.
 
 Two connections per node, as RabbitMQ recommends (flow control throttles a publishing
 connection, which must not stall consumption): the *subscriber* connection holds the queue, its
@@ -79,7 +81,6 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import aiormq
 import anyio
 import anyio.abc
-import msgspec
 from aiormq.abc import AbstractChannel, AbstractConnection, ChannelFrame, DeliveredMessage
 from aiormq.exceptions import (
     AMQPError,
@@ -92,7 +93,6 @@ from aiormq.exceptions import (
 from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
-from .._envelope import decode_envelope
 from .._errors import BrokerUnavailable, ConfigurationError
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
@@ -282,7 +282,7 @@ class RabbitMQBroker(Broker):
         self._ctx: BrokerContext | None = None
         self._closed = False
         self._rooms: set[str] = set()
-        self._hashed: dict[str, str] = {}  # hashed routing key -> room, for held rooms only
+        self._key_rooms: dict[str, str] = {}  # routing key -> room, for held rooms only
         # Subscriber side. ``_epoch`` changes the moment a loss is noticed, so a subscribe that
         # straddles it knows its bindings died with the old queue.
         self._sub_conn: AbstractConnection | None = None
@@ -572,11 +572,11 @@ class RabbitMQBroker(Broker):
         body = message.body
         try:
             if message.exchange == self._data_x:
-                key = message.routing_key or ""
-                if key.startswith(_HASH_MARK) and not self._accept_hashed(key, body):
+                room = self._key_rooms.get(message.routing_key or "")
+                if room is None:
                     self.filtered += 1
                 else:
-                    ctx.on_data(body)
+                    ctx.on_data(room, body)
             else:
                 ctx.on_control(body)
         except Exception:  # a handler bug must not kill the consumer
@@ -594,16 +594,6 @@ class RabbitMQBroker(Broker):
                     if _really_cancelled():
                         raise
                     # The channel is gone; the watcher rebuilds it.
-
-    def _accept_hashed(self, key: str, body: bytes) -> bool:
-        room = self._hashed.get(key)
-        if room is None:
-            return False
-        try:
-            envelope = decode_envelope(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return True  # the router counts undecodable frames itself
-        return envelope.room == room
 
     # -- subscriptions --------------------------------------------------------------------------
 
@@ -627,14 +617,13 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable("RabbitMQ connection lost while subscribing")
         self._rooms.update(new)
         for room, key in zip(new, keys, strict=True):
-            if key.startswith(_HASH_MARK):
-                self._hashed[key] = room
+            self._key_rooms[key] = room
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         gone = [r for r in rooms if r in self._rooms]
         self._rooms.difference_update(gone)
         for room in gone:
-            self._hashed.pop(routing_key(room), None)
+            self._key_rooms.pop(routing_key(room), None)
         channel = self._sub_ch
         if not gone or channel is None or not self._sub_ready:
             return  # not restored on reconnect: forgotten either way
@@ -909,7 +898,7 @@ class RabbitMQBroker(Broker):
             if binding.get("source") != self._data_x:
                 continue
             key = str(binding.get("routing_key", ""))
-            room = self._hashed.get(key) if key.startswith(_HASH_MARK) else _room_of_key(key)
+            room = self._key_rooms.get(key) if key.startswith(_HASH_MARK) else _room_of_key(key)
             rooms.add(room if room is not None else f"<unknown key {key}>")
         return frozenset(rooms)
 

@@ -175,6 +175,7 @@ class RedisBroker(Broker):
         return self._prefix + b"r:" + room.encode()
 
     def _room_of(self, channel: bytes) -> str | None:
+        # Channels come from _room_channel (UTF-8 of a str), so the decode is exact.
         if channel.startswith(self._room_prefix):
             return channel[len(self._room_prefix) :].decode(errors="replace")
         return None
@@ -299,8 +300,10 @@ class RedisBroker(Broker):
             try:
                 if channel == self._control or channel == self._direct:
                     ctx.on_control(data)
-                else:
-                    ctx.on_data(data)
+                elif (room := self._room_of(channel)) is not None:
+                    ctx.on_data(room, data)
+                else:  # not a channel of this node's namespace: never subscribed, or stale
+                    self.filtered += 1
             except Exception:  # a handler bug must not kill the reader
                 log.exception("node %s: message handler raised", ctx.node_id)
         elif kind in (b"subscribe", b"ssubscribe"):
