@@ -9,6 +9,7 @@ under CI (``CI`` set), where it fails: backend tests must run there.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Sequence
@@ -102,9 +103,12 @@ class RedisBackend(Backend):
     async def cleanup(self) -> None:
         from redis.asyncio import Redis
 
+        from roomrouter.brokers.redis import key_prefix
+
         client = Redis(host="127.0.0.1", port=6379)
         try:
-            keys = [k async for k in client.scan_iter(match=f"rr:{self.namespace}:*")]
+            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", key_prefix(self.namespace)) + b"*"
+            keys = [k async for k in client.scan_iter(match=pattern)]
             if keys:
                 await client.delete(*keys)
         finally:
@@ -209,13 +213,11 @@ class RabbitMQBackend(Backend):
         # namespace's exchanges, its storage queue and its rooms' recent queues are durable and
         # stay unless deleted. The management API lists queues as soon as they exist (only
         # their message figures lag).
-        import re
-
         import aiormq
 
-        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker, amqp_name
 
-        prefix = f"rr.{self.namespace}."
+        prefix = amqp_name(self.namespace) + "."
         listing = await RabbitMQBroker(self.url).management_request(
             "/api/queues/%2F?columns=name&use_regex=true&name=" + quote("^" + re.escape(prefix))
         )
@@ -226,7 +228,7 @@ class RabbitMQBackend(Backend):
             for queue in queues:
                 await channel.queue_delete(queue)
             for kind in ("data", "control", "direct"):
-                await channel.exchange_delete(f"rr.{self.namespace}.{kind}")
+                await channel.exchange_delete(amqp_name(self.namespace, kind, exchange=True))
         finally:
             await connection.close()
 

@@ -95,6 +95,10 @@ def test_topic_names_are_legal_and_distinct() -> None:
     assert plain == ("roomrouter.chat.data", "roomrouter.chat.control")
     odd1, odd2 = KafkaBroker.topic_names("a/b"), KafkaBroker.topic_names("a:b")
     assert odd1 != odd2
+    # No legal namespace, not even one spelled like a sanitised one, gets an odd one's topics.
+    sanitised = odd2[0].removeprefix("roomrouter.").removesuffix(".data").replace(".", "-")
+    for legal in ("a-b", sanitised):
+        assert not set(KafkaBroker.topic_names(legal)) & {*odd1, *odd2}
     for name in (*odd1, *odd2):
         assert all(c.isalnum() or c in "._-" for c in name), name
 

@@ -55,11 +55,18 @@ def is_stored(record: Any) -> bool:
 
 
 def names(namespace: str, topic_prefix: str) -> tuple[str, str, str]:
-    """The (data topic, control topic, storage group) of ``namespace``."""
+    """The (data topic, control topic, storage group) of ``namespace``.
+
+    A namespace that is a legal topic name without dots is used as it is; any other one
+    becomes its sanitised form, a ``.`` and 32 hex digits of its SHA-256. Names of the first
+    kind have two dots and names of the second three (the prefix has none), so the two kinds
+    never meet, and the digest keeps the second kind apart among themselves (a sanitised form
+    alone would let ``a:b`` and ``a-b`` share topics).
+    """
     name = namespace
     if not LEGAL_TOPIC.fullmatch(namespace):
-        digest = hashlib.sha256(namespace.encode()).hexdigest()[:12]
-        name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:120] + "-" + digest
+        digest = hashlib.sha256(namespace.encode()).hexdigest()[:32]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:80] + "." + digest
     base = f"{topic_prefix}.{name}"
     return f"{base}.data", f"{base}.control", f"{base}.store"
 

@@ -2,7 +2,8 @@
 group) exactly the partitions that hold its rooms.
 
 Topics (``{prefix}`` is ``roomrouter`` unless ``topic_prefix`` says otherwise, and the
-namespace is kept if it is a legal topic name, else sanitised and suffixed with a hash):
+namespace is kept if it is a legal topic name without dots, else sanitised and followed by
+``.`` and a hash, so no two namespaces share a topic; see ``_kafka_common.names``):
 
 * ``{prefix}.{namespace}.data`` -- ``partitions`` partitions (default 16). A frame of room R is
   a record with key ``R`` (UTF-8) in partition ``murmur2(key) % partitions``, the partitioner

@@ -1,12 +1,19 @@
 """RabbitMQ broker: one topic exchange per namespace, one exclusive queue per node, bound per room.
 
-Exchanges (durable, declared by every node): ``rr.{namespace}.data`` (topic) carries room
-frames with the room's *routing key*; ``rr.{namespace}.control`` (fanout) carries control
-broadcasts; ``rr.{namespace}.direct`` (direct) carries control frames to one node, keyed by
-node id. Each node declares one exclusive, auto-delete queue, binds it to the control and
-direct exchanges, and binds/unbinds it on the data exchange per room: dynamic subscription is
-RabbitMQ's own routing, and ``broker_subscriptions`` reads the bindings back through the
-management HTTP API.
+Exchanges (durable, declared by every node): ``rr.{ns}.data`` (topic) carries room frames
+with the room's *routing key*; ``rr.{ns}.control`` (fanout) carries control broadcasts;
+``rr.{ns}.direct`` (direct) carries control frames to one node, keyed by node id. Each node
+declares one exclusive, auto-delete queue, binds it to the control and direct exchanges, and
+binds/unbinds it on the data exchange per room: dynamic subscription is RabbitMQ's own routing,
+and ``broker_subscriptions`` reads the bindings back through the management HTTP API.
+
+Names (:func:`amqp_name`). Exchange and queue names are ``rr.`` and dot-separated parts: the
+namespace, a kind (``data``, ``store``, ``node``, ...) and, for some, a node id or a room key.
+Every part keeps ``A-Za-z0-9_-`` and writes any other byte of its UTF-8 as ``+`` and two hex
+digits, so no part holds a ``.``, a namespace can never pose as another namespace plus a
+kind, and every name uses only what AMQP clients accept in names. A name longer than the limit
+(127 bytes for exchanges, 255 for queues) becomes ``rr.#`` + the hex SHA-256 of the long name
+(``#`` never occurs in an encoded name).
 
 Routing keys. A topic exchange reads ``.`` as a word separator and ``*``/``#`` as wildcards,
 and keys are at most 255 bytes. A room's key is therefore one word: the unpadded base64url of
@@ -96,7 +103,7 @@ from pamqp import frame as pamqp_frame
 from .._errors import BrokerUnavailable, ConfigurationError
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
-__all__ = ["RabbitMQBroker", "routing_key"]
+__all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
 
 log = logging.getLogger("roomrouter.rabbitmq")
 
@@ -184,12 +191,25 @@ def _room_of_key(key: str) -> str | None:
         return None
 
 
-def _amqp_name(*parts: str) -> str:
-    """Exchange/queue names are short strings (255 bytes): hash an overlong one."""
-    name = ".".join(parts)
-    if len(name.encode()) <= 255:
+_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _name_part(part: str) -> str:
+    if _NAME_SAFE.issuperset(part):
+        return part
+    return "".join(
+        ch if ch in _NAME_SAFE else "".join(f"+{b:02x}" for b in ch.encode()) for ch in part
+    )
+
+
+def amqp_name(namespace: str, *parts: str, exchange: bool = False) -> str:
+    """The exchange (``exchange=True``) or queue name of ``namespace`` made of ``parts``; see
+    "Names" in the module docstring. The nodes and the storage consumers use only this."""
+    name = ".".join(["rr", _name_part(namespace), *(_name_part(p) for p in parts)])
+    # pamqp refuses exchange names over 127 characters and queue names over 256.
+    if len(name) <= (127 if exchange else 255):
         return name
-    return f"{parts[0]}.{_HASH_MARK}{hashlib.sha256(name.encode()).hexdigest()}"
+    return "rr.#" + hashlib.sha256(name.encode()).hexdigest()
 
 
 def _really_cancelled() -> bool:
@@ -356,10 +376,10 @@ class RabbitMQBroker(Broker):
     async def start(self, context: BrokerContext) -> None:
         self._ctx = context
         ns = context.namespace
-        self._data_x = _amqp_name("rr", ns, "data")
-        self._store_q = _amqp_name("rr", ns, "store")
-        self._control_x = _amqp_name("rr", ns, "control")
-        self._direct_x = _amqp_name("rr", ns, "direct")
+        self._data_x = amqp_name(ns, "data", exchange=True)
+        self._store_q = amqp_name(ns, "store")
+        self._control_x = amqp_name(ns, "control", exchange=True)
+        self._direct_x = amqp_name(ns, "direct", exchange=True)
         self._node_key = routing_key(context.node_id)
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
@@ -467,7 +487,7 @@ class RabbitMQBroker(Broker):
         assert self._ctx is not None
         conn = await self._open("sub")
         self._epoch += 1
-        queue = _amqp_name("rr", self._ctx.namespace, "node", self._ctx.node_id, str(self._epoch))
+        queue = amqp_name(self._ctx.namespace, "node", self._ctx.node_id, str(self._epoch))
         try:
             with anyio.fail_after(self.operation_timeout):
                 channel = await conn.channel(publisher_confirms=False)
@@ -758,7 +778,7 @@ class RabbitMQBroker(Broker):
 
     def _recent_queue(self, key: str) -> str:
         assert self._ctx is not None
-        return _amqp_name("rr", self._ctx.namespace, "recent", key)
+        return amqp_name(self._ctx.namespace, "recent", key)
 
     def _declare_recent(self, channel: aiormq.Channel, key: str) -> list[bytes]:
         """Wire bytes of a no-wait declare and bind of the room's recent queue, unless this
@@ -935,8 +955,8 @@ class _RabbitMQConsumer(StorageConsumer):
     def __init__(self, broker: RabbitMQBroker, namespace: str, name: str) -> None:
         self._broker = broker
         self._name = name
-        self._queue = _amqp_name("rr", namespace, "store")
-        self._exchange = _amqp_name("rr", namespace, "data")
+        self._queue = amqp_name(namespace, "store")
+        self._exchange = amqp_name(namespace, "data", exchange=True)
         self._conn: AbstractConnection | None = None
         self._ch: AbstractChannel | None = None
         self._generation = 0

@@ -1,9 +1,17 @@
 """Redis broker: one pub/sub channel per room, SUBSCRIBE/UNSUBSCRIBE on one connection per node.
 
-Channels are ``rr:{namespace}:r:{room}`` (data), ``rr:{namespace}:c`` (control broadcast) and
-``rr:{namespace}:d:{node}`` (control, direct). Plain SUBSCRIBE never interprets glob characters,
-so any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
-SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7.
+Names. Every channel and key of a namespace starts with ``rr:{<ns>}:``, where ``<ns>`` is the
+namespace with ``%``, ``:``, ``{`` and ``}`` percent-encoded (``%25``, ``%3A``, ``%7B``,
+``%7D``); see :func:`key_prefix`. So the namespace part never holds the separator and always
+ends at the first ``:``, and no two namespaces share a name whatever rooms and nodes they have.
+The braces are a Redis Cluster *hash tag*: every key of a namespace hashes to one slot, as the
+MULTI of a persisted publish (storage stream, recent stream, publish) requires there. After the
+prefix come ``r:{room}`` (data channel), ``c`` (control broadcast), ``d:{node}`` (control,
+direct), ``store`` (storage stream) and ``recent:{room}`` (recent cache); a room or node is
+the last part, so it needs no encoding. Plain SUBSCRIBE never interprets glob characters, so
+any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
+SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7; note that the hash tag puts all of one
+namespace's channels in one shard (spread load over shards with several namespaces).
 
 Two raw connections per node, no pool: the *subscriber* connection is read by one reader task
 that also confirms (S)SUBSCRIBE batches; the *publisher* connection is written by one flusher
@@ -31,7 +39,7 @@ from redis.exceptions import RedisError, ResponseError
 from .._errors import BrokerUnavailable, ConfigurationError
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "key_prefix", "store_key"]
 
 log = logging.getLogger("roomrouter.redis")
 
@@ -56,6 +64,21 @@ class _Batch:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+
+
+# -- names (see the module docstring); the broker and its storage consumers use only these ------
+
+_NS_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+
+def key_prefix(namespace: str) -> bytes:
+    """``rr:{<namespace, percent-encoded>}:``, the start of every name of ``namespace``."""
+    return b"rr:{" + namespace.translate(_NS_ESCAPES).encode() + b"}:"
+
+
+def store_key(namespace: str) -> bytes:
+    """The storage stream of ``namespace``."""
+    return key_prefix(namespace) + b"store"
 
 
 def _pack_publish(command: bytes, channel: bytes, frame: bytes) -> bytes:
@@ -184,7 +207,8 @@ class RedisBroker(Broker):
 
     async def start(self, context: BrokerContext) -> None:
         self._ctx = context
-        self._prefix = f"rr:{context.namespace}:".encode()
+        self._prefix = key_prefix(context.namespace)
+        self._store = store_key(context.namespace)
         self._room_prefix = self._prefix + b"r:"
         self._control = self._prefix + b"c"
         self._direct = self._prefix + b"d:" + context.node_id.encode()
@@ -391,13 +415,10 @@ class RedisBroker(Broker):
         return future
 
     # -- persistence ----------------------------------------------------------------------------
-    # Storage queue: the stream ``rr:{ns}:store`` read by a consumer group. Recent cache: the
-    # stream ``rr:{ns}:recent:{room}`` capped at ``recent_size`` entries and expiring
+    # Storage queue: the stream ``rr:{<ns>}:store`` read by a consumer group. Recent cache: the
+    # stream ``rr:{<ns>}:recent:{room}`` capped at ``recent_size`` entries and expiring
     # ``recent_ttl`` seconds after the room's last message. Both are written in one MULTI/EXEC
     # with the PUBLISH, so a frame is either stored, cached and published, or none of these.
-
-    def _store_key(self) -> bytes:
-        return self._prefix + b"store"
 
     def _recent_key(self, room: str) -> bytes:
         return self._prefix + b"recent:" + room.encode()
@@ -406,7 +427,7 @@ class RedisBroker(Broker):
         recent = self._recent_key(room)
         commands = [
             _pack(b"MULTI"),
-            _pack(b"XADD", self._store_key(), b"*", b"f", frame),
+            _pack(b"XADD", self._store, b"*", b"f", frame),
             _pack(b"XADD", recent, b"MAXLEN", b"%d" % self.recent_size, b"*", b"f", frame),
             _pack(b"EXPIRE", recent, b"%d" % self.recent_ttl),
         ]
@@ -427,7 +448,7 @@ class RedisBroker(Broker):
         return RecentFrames(frames, truncated=added > len(frames))
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
-        return _RedisConsumer(self, f"rr:{namespace}:store".encode(), consumer)
+        return _RedisConsumer(self, store_key(namespace), consumer)
 
     async def _flush_loop(self) -> None:
         while True:
