@@ -99,6 +99,7 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
     ERRORS,
@@ -264,7 +265,7 @@ class KafkaBroker(Broker):
         redelivery_after=10]``; a host without port gets 9092."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "kafka":
-            raise ConfigurationError(f"not a kafka:// URL: {url!r}")
+            raise ConfigurationError(f"not a kafka:// URL: {redact(url)!r}")
         servers = []
         for host in parts.netloc.split(","):
             host = host.strip()
@@ -272,7 +273,7 @@ class KafkaBroker(Broker):
                 continue
             servers.append(host if re.search(r":\d+$", host) else f"{host}:9092")
         if not servers:
-            raise ConfigurationError(f"no broker address in {url!r}")
+            raise ConfigurationError(f"no broker address in {redact(url)!r}")
         converters: dict[str, Any] = {
             "partitions": int,
             "acks": lambda v: "all" if v in ("all", "-1") else int(v),
@@ -290,11 +291,11 @@ class KafkaBroker(Broker):
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             convert = converters.get(key)
             if convert is None:
-                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+                raise ConfigurationError(f"unknown option {key!r} in {redact(url)!r}")
             try:
                 options.setdefault(key, convert(value))
             except ValueError as exc:
-                raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         return cls(servers, **options)
 
     # -- names ----------------------------------------------------------------------------------

@@ -101,6 +101,7 @@ from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
@@ -268,7 +269,7 @@ class RabbitMQBroker(Broker):
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"not an amqp:// or amqps:// URL: {url!r}")
+            raise ConfigurationError(f"not an amqp:// or amqps:// URL: {redact(url)!r}")
         if (
             min(prefetch, queue_max_length, recent_size, recent_ttl, storage_prefetch) < 1
             or min(operation_timeout, max_backoff, stats_interval) <= 0
@@ -327,6 +328,9 @@ class RabbitMQBroker(Broker):
         self._declared: dict[str, float] = {}
         self._declared_channel: aiormq.Channel | None = None
 
+    def __repr__(self) -> str:
+        return f"<RabbitMQBroker {redact(self._url)}>"
+
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
         """``amqp[s]://user:pass@host:port/vhost?prefetch=512&operation_timeout=5&max_backoff=5
@@ -350,7 +354,7 @@ class RabbitMQBroker(Broker):
                 try:
                     options[key] = convert(query.pop(key))
                 except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         rest = urlunsplit(parts._replace(query=urlencode(query)))
         return cls(rest, **options)
 
@@ -992,7 +996,9 @@ class _RabbitMQConsumer(StorageConsumer):
             with anyio.CancelScope(shield=True):
                 await broker._quiet_close(conn)
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"cannot reach the storage queue: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot reach the RabbitMQ storage queue: {exc!r}"
+                ) from exc
             raise
         # The server cancels the consumer if the queue is deleted: consume again next fetch.
         channel.on_consumer_cancel_callbacks.add(lambda _: self._stop_consuming())
@@ -1182,14 +1188,18 @@ async def _http_json(method: str, url: str, user: str, password: str) -> Any:
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     break
     except OSError as exc:
-        raise BrokerUnavailable(f"RabbitMQ management API at {url} failed: {exc!r}") from exc
+        raise BrokerUnavailable(
+            f"RabbitMQ management API at {redact(url)} failed: {exc!r}"
+        ) from exc
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()
     if len(status) < 2 or not status[1].startswith(b"2"):
-        raise BrokerUnavailable(f"RabbitMQ management API: {head[:200]!r} for {method} {url}")
+        raise BrokerUnavailable(
+            f"RabbitMQ management API: {head[:200]!r} for {method} {redact(url)}"
+        )
     if not body:
         return None
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise BrokerUnavailable(f"RabbitMQ management API sent bad JSON for {url}") from exc
+        raise BrokerUnavailable(f"RabbitMQ management API sent bad JSON for {redact(url)}") from exc

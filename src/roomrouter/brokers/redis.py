@@ -37,6 +37,7 @@ from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RedisBroker", "key_prefix", "store_key"]
@@ -184,12 +185,12 @@ class RedisBroker(Broker):
                 try:
                     options[key] = convert(query.pop(key))
                 except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         rest = urlunsplit(parts._replace(query=urlencode(query)))
         try:
             kwargs = parse_url(rest)
         except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
         return cls(**kwargs, **options)
 
     # -- channels -------------------------------------------------------------------------------
