@@ -206,3 +206,12 @@ async def quiet_stop(*clients: Any) -> None:
             await client.stop() if hasattr(client, "stop") else await client.close()
         except Exception:
             log.debug("stopping %r failed", client, exc_info=True)
+        except asyncio.CancelledError:
+            # A producer stopped while its requests hang (a stalled broker) re-raises the
+            # CancelledError of its own cancelled sender task. Only a cancel of *this* task is
+            # ours to propagate; the other one, escaping a background task, would cancel the
+            # router's task group and with it the application.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.debug("stopping %r was cancelled inside the client", client, exc_info=True)
