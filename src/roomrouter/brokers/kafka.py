@@ -97,8 +97,9 @@ from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
@@ -133,6 +134,7 @@ class _Send:
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
     abandoned: bool = False  # the caller gave up: do not send it any more
+    handed: bool = False  # the producer took it: from now on it may reach the broker
 
     def fail(self, error: BaseException) -> None:
         if not self.done.is_set():
@@ -141,11 +143,25 @@ class _Send:
 
     def acknowledged(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
-            self.fail(BrokerUnavailable("Kafka send cancelled"))
+            self.fail(PublishOutcomeUnknown("Kafka send cancelled after the producer took it"))
         elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
-            self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
+            if _refused(exc):
+                self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
+            else:
+                self.fail(PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}"))
         else:
             self.done.set()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True if the producer's error says the broker did not append the record: a definite,
+    non-retriable answer from it. Timeouts, lost connections and a producer stopped with the
+    record in flight leave the outcome open."""
+    return (
+        isinstance(exc, KafkaError)
+        and not exc.retriable
+        and not isinstance(exc, (KafkaTimeoutError, ProducerClosed))
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -673,7 +689,12 @@ class KafkaBroker(Broker):
             with anyio.fail_after(self.operation_timeout):
                 await item.done.wait()
         except TimeoutError as exc:
-            raise BrokerUnavailable("Kafka did not acknowledge the record in time") from exc
+            if item.handed:
+                raise PublishOutcomeUnknown(
+                    "Kafka did not acknowledge the record in time; the producer had it, so it "
+                    "may have been appended"
+                ) from exc
+            raise BrokerUnavailable("Kafka did not take the record in time; not sent") from exc
         finally:
             item.abandoned = True
         if item.error is not None:
@@ -714,8 +735,9 @@ class KafkaBroker(Broker):
                 )  # fmt: skip
                 return
         if future is None:
-            item.fail(BrokerUnavailable("Kafka send timed out"))
+            item.fail(BrokerUnavailable("Kafka send timed out; not sent"))
         else:
+            item.handed = True
             future.add_done_callback(item.acknowledged)
 
     # -- persistence ----------------------------------------------------------------------------

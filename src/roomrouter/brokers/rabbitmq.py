@@ -100,7 +100,7 @@ from aiormq.exceptions import (
 from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
@@ -320,9 +320,14 @@ class RabbitMQBroker(Broker):
         self._pub_broken: asyncio.Future[None] | None = None
         self._pub_up = anyio.Event()
         self._max_body = 0
-        # Wire bytes of publishes registered on ``_outbox_channel`` and not yet written.
-        self._outbox: list[bytes] = []
+        # Wire bytes of publishes registered on ``_outbox_channel`` and not yet written, each
+        # with its delivery tag (0: a declare or bind, no confirmation).
+        self._outbox: list[tuple[bytes, int]] = []
         self._outbox_channel: aiormq.Channel | None = None
+        # The highest delivery tag handed to ``_written_channel``'s connection: a publish at or
+        # below it may have reached RabbitMQ, one above it has not left this node.
+        self._written_channel: aiormq.Channel | None = None
+        self._written_tag = 0
         self._flush_wake = anyio.Event()
         # Recent-messages queues declared on ``_declared_channel``: room key -> when (monotonic).
         self._declared: dict[str, float] = {}
@@ -679,7 +684,9 @@ class RabbitMQBroker(Broker):
     async def _publish(
         self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
     ) -> None:
+        channel = self._pub_ch
         confirmation = self._send(exchange, key, frame, persist_key)
+        tag = channel.delivery_tag if channel is not None else 0
         try:
             async with asyncio.timeout(self.operation_timeout):
                 await confirmation
@@ -689,13 +696,19 @@ class RabbitMQBroker(Broker):
             # No confirmation in time: the connection is as good as dead; do not let later
             # publishes queue behind it until the heartbeat notices.
             self._break_publisher()
-            raise BrokerUnavailable(
-                f"RabbitMQ did not confirm the publish within {self.operation_timeout}s"
-            ) from exc
+            reason = f"RabbitMQ did not confirm the publish within {self.operation_timeout}s"
+            raise self._failed(channel, tag, reason) from exc
         except (*_ERRORS, asyncio.CancelledError) as exc:
             if _really_cancelled():
                 raise
-            raise BrokerUnavailable(f"RabbitMQ publish failed: {exc!r}") from exc
+            raise self._failed(channel, tag, f"RabbitMQ publish failed: {exc!r}") from exc
+
+    def _failed(self, channel: aiormq.Channel | None, tag: int, reason: str) -> BrokerUnavailable:
+        """The error of a publish that got no confirmation: ambiguous if its bytes were handed to
+        the connection (RabbitMQ may have routed it and the confirm was lost), else not sent."""
+        if channel is not None and channel is self._written_channel and tag <= self._written_tag:
+            return PublishOutcomeUnknown(f"{reason}; it was sent, so it may have been published")
+        return BrokerUnavailable(f"{reason}; it was not sent")
 
     def _send(
         self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
@@ -720,14 +733,17 @@ class RabbitMQBroker(Broker):
             self._outbox, self._outbox_channel = [], channel
         properties = b""
         if persist_key is not None:
-            self._outbox.extend(self._declare_recent(channel, persist_key))
+            self._outbox.extend((f, 0) for f in self._declare_recent(channel, persist_key))
             properties = _persistent_properties([_STORE_KEY, _recent_key(persist_key)])
         confirmation = channel.create_future()
         channel.delivery_tag += 1
         channel.confirmations[channel.delivery_tag] = confirmation
         self._outbox.append(
-            _publish_frames(
-                channel.number, exchange, key.encode(), frame, self._max_body, properties
+            (
+                _publish_frames(
+                    channel.number, exchange, key.encode(), frame, self._max_body, properties
+                ),
+                channel.delivery_tag,
             )
         )
         self._flush_wake.set()
@@ -741,16 +757,22 @@ class RabbitMQBroker(Broker):
                 # Everything queued while the previous write was waiting goes out as one write
                 # (bounded, so one huge backlog does not become one huge buffer).
                 channel, outbox = self._outbox_channel, self._outbox
-                count = size = 0
-                for chunk in outbox:
+                count = size = last_tag = 0
+                for chunk, tag in outbox:
                     count += 1
                     size += len(chunk)
+                    last_tag = max(last_tag, tag)
                     if size >= _MAX_WRITE:
                         break
-                payload = b"".join(outbox[:count])
+                payload = b"".join(chunk for chunk, _ in outbox[:count])
                 del outbox[:count]
                 if channel is None or channel.is_closed:
                     continue  # its confirmations were failed with the channel
+                if self._written_channel is not channel:
+                    self._written_channel, self._written_tag = channel, 0
+                # Counted as sent before the put: once the put starts, the connection's writer
+                # may send the bytes even if this task is interrupted.
+                self._written_tag = max(self._written_tag, last_tag)
                 await self._write(channel, payload)
 
     async def _write(self, channel: aiormq.Channel, payload: bytes) -> None:

@@ -36,7 +36,7 @@ import anyio
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
@@ -461,9 +461,13 @@ class RedisBroker(Broker):
 
     async def _flush(self, batch: list[_Queued]) -> None:
         results: list[Any] = []
+        sent = False
         try:
             conn = await self._publisher()
             with anyio.fail_after(self.operation_timeout):
+                # From here on bytes may reach Redis, which runs what it read: a failure now
+                # leaves the commands without a reply ambiguous, not undone.
+                sent = True
                 await conn.send_packed_command(
                     b"".join(q.packed for q in batch), check_health=False
                 )
@@ -483,11 +487,15 @@ class RedisBroker(Broker):
             if self._pub is not None:
                 await _quiet_disconnect(self._pub)
                 self._pub = None
-            error = (
-                exc
-                if isinstance(exc, BrokerUnavailable)
-                else BrokerUnavailable(f"Redis publish failed: {exc!r}")
-            )
+            error: BrokerUnavailable
+            if isinstance(exc, BrokerUnavailable):
+                error = exc
+            elif sent:
+                error = PublishOutcomeUnknown(
+                    f"Redis connection failed after the command was sent: {exc!r}"
+                )
+            else:
+                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
             results.extend([error] * (len(batch) - len(results)))
         for item, result in zip(batch, results, strict=True):
             if item.future.done():  # the publisher was cancelled meanwhile
