@@ -24,7 +24,7 @@ import aiormq
 import anyio
 
 from roomrouter import RoomRouter
-from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+from roomrouter.brokers.rabbitmq import RabbitMQBroker, amqp_name, routing_key
 from roomrouter.storage import SQLiteSink, StorageWorker
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -85,10 +85,11 @@ async def main(n: int, batch_size: int, workers: int, concurrency: int) -> None:
     finally:
         connection = await aiormq.connect(URL)
         channel = await connection.channel()
-        for name in ["store"] + [f"recent.{routing_key(r)}" for r in rooms]:
-            await channel.queue_delete(f"rr.{namespace}.{name}")
+        await channel.queue_delete(amqp_name(namespace, "store"))
+        for room in rooms:
+            await channel.queue_delete(amqp_name(namespace, "recent", routing_key(room)))
         for kind in ("data", "control", "direct"):
-            await channel.exchange_delete(f"rr.{namespace}.{kind}")
+            await channel.exchange_delete(amqp_name(namespace, kind, exchange=True))
         await connection.close()
 
 

@@ -26,6 +26,7 @@ import anyio
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from roomrouter import RoomRouter
+from roomrouter.brokers.rabbitmq import amqp_name
 
 ROOM = "probe"
 
@@ -152,7 +153,7 @@ async def _delete_exchanges(url: str, namespace: str) -> None:
     try:
         channel = await connection.channel()
         for kind in ("data", "control", "direct"):
-            await channel.exchange_delete(f"rr.{namespace}.{kind}")
+            await channel.exchange_delete(amqp_name(namespace, kind, exchange=True))
     finally:
         await connection.close()
 

@@ -9,6 +9,7 @@ under CI (``CI`` set), where it fails: backend tests must run there.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from collections import Counter
 from collections.abc import Sequence
@@ -74,6 +75,11 @@ class Backend:
     async def cleanup(self) -> None:
         """Remove what the test left on the server (queues, topics)."""
 
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        """Put ``frame`` on ``room``'s data channel with a raw client of the broker (not through
+        roomrouter's publish), as a foreign or forged publisher would."""
+        raise NotImplementedError
+
 
 class MemoryBackend(Backend):
     name = "memory"
@@ -81,6 +87,11 @@ class MemoryBackend(Backend):
 
     def broker(self, **options: Any) -> Broker:
         return MemoryBroker(f"test-{self.namespace}", **options)
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        broker = router.broker
+        assert isinstance(broker, MemoryBroker)
+        broker.hub._publish((router.namespace, room), frame)
 
 
 class RedisBackend(Backend):
@@ -97,9 +108,12 @@ class RedisBackend(Backend):
     async def cleanup(self) -> None:
         from redis.asyncio import Redis
 
+        from roomrouter.brokers.redis import key_prefix
+
         client = Redis(host="127.0.0.1", port=6379)
         try:
-            keys = [k async for k in client.scan_iter(match=f"rr:{self.namespace}:*")]
+            pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", key_prefix(self.namespace)) + b"*"
+            keys = [k async for k in client.scan_iter(match=pattern)]
             if keys:
                 await client.delete(*keys)
         finally:
@@ -107,6 +121,20 @@ class RedisBackend(Backend):
 
     def available(self) -> None:
         require_tcp("127.0.0.1", 6379, "Redis")
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from redis.asyncio import Redis
+
+        from roomrouter.brokers.redis import RedisBroker
+
+        broker = router.broker
+        assert isinstance(broker, RedisBroker)
+        client = Redis(host="127.0.0.1", port=6379)
+        try:
+            command = "SPUBLISH" if self.sharded else "PUBLISH"
+            assert await client.execute_command(command, broker._room_channel(room), frame) >= 1
+        finally:
+            await client.aclose()
 
     def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.redis import RedisBroker
@@ -150,6 +178,22 @@ class RabbitMQBackend(Backend):
     def process_url(self, **query: object) -> str:
         return self.url + ("?" + urlencode(query) if query else "")
 
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        import aiormq
+
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+
+        broker = router.broker
+        assert isinstance(broker, RabbitMQBroker)
+        connection = await aiormq.connect(self.url)
+        try:
+            channel = await connection.channel()
+            await channel.basic_publish(
+                frame, exchange=broker.data_exchange, routing_key=routing_key(room)
+            )
+        finally:
+            await connection.close()
+
     def broker(self, **options: Any) -> Broker:
         from roomrouter.brokers.rabbitmq import RabbitMQBroker
 
@@ -174,13 +218,11 @@ class RabbitMQBackend(Backend):
         # namespace's exchanges, its storage queue and its rooms' recent queues are durable and
         # stay unless deleted. The management API lists queues as soon as they exist (only
         # their message figures lag).
-        import re
-
         import aiormq
 
-        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker, amqp_name
 
-        prefix = f"rr.{self.namespace}."
+        prefix = amqp_name(self.namespace) + "."
         listing = await RabbitMQBroker(self.url).management_request(
             "/api/queues/%2F?columns=name&use_regex=true&name=" + quote("^" + re.escape(prefix))
         )
@@ -191,7 +233,7 @@ class RabbitMQBackend(Backend):
             for queue in queues:
                 await channel.queue_delete(queue)
             for kind in ("data", "control", "direct"):
-                await channel.exchange_delete(f"rr.{self.namespace}.{kind}")
+                await channel.exchange_delete(amqp_name(self.namespace, kind, exchange=True))
         finally:
             await connection.close()
 
@@ -254,6 +296,23 @@ class KafkaBackend(Backend):
             topic_prefix=self.topic_prefix,
             **{**self.broker_options, **options},  # type: ignore[arg-type]
         )
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        broker = router.broker
+        assert isinstance(broker, KafkaBroker)
+        data_topic = broker.topic_names(self.namespace, self.topic_prefix)[0]
+        producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, enable_idempotence=False)
+        await producer.start()
+        try:
+            await producer.send_and_wait(
+                data_topic, frame, key=room.encode(), partition=broker.partition_for(room)
+            )
+        finally:
+            await producer.stop()
 
     async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
         # The truth on Kafka is the consumer's own assignment (manual, no group): it must be

@@ -33,7 +33,7 @@ import pytest
 from redis.asyncio import Redis
 
 from roomrouter import Envelope, RoomRouter, RoomRouterError
-from roomrouter.brokers.redis import RedisBroker
+from roomrouter.brokers.redis import RedisBroker, store_key
 from roomrouter.storage import SQLiteSink
 
 from .backends import require_tcp
@@ -146,7 +146,7 @@ async def test_storage_path_survives_chaos_and_accounts_for_every_ack(
                     for name, seconds in PHASES:
                         phase[0] = name
                         if name == "steady":
-                            await control.xadd(f"rr:{ns}:store", {b"f": poison})
+                            await control.xadd(store_key(ns), {b"f": poison})
                         elif name == "client-kill":
                             for kind in ("normal", "pubsub"):
                                 await control.execute_command(
@@ -182,7 +182,7 @@ async def test_storage_path_survives_chaos_and_accounts_for_every_ack(
             try:
 
                 async def drained() -> None:
-                    assert await control.xlen(f"rr:{ns}:store") == 0
+                    assert await control.xlen(store_key(ns)) == 0
 
                 with anyio.move_on_after(30):  # if not, the accounting below says what is missing
                     await eventually(drained, timeout=30, interval=0.25)

@@ -5,6 +5,7 @@ join never replays older records, and a broker restart is survived. Runs on Tans
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,7 +15,13 @@ from typing import Any
 import anyio
 import pytest
 
-from roomrouter import BrokerUnavailable, ConfigurationError, Envelope, RoomRouter
+from roomrouter import (
+    BrokerUnavailable,
+    ConfigurationError,
+    Envelope,
+    PublishOutcomeUnknown,
+    RoomRouter,
+)
 from roomrouter._envelope import encode_envelope
 
 from . import kafka_server
@@ -95,6 +102,10 @@ def test_topic_names_are_legal_and_distinct() -> None:
     assert plain == ("roomrouter.chat.data", "roomrouter.chat.control")
     odd1, odd2 = KafkaBroker.topic_names("a/b"), KafkaBroker.topic_names("a:b")
     assert odd1 != odd2
+    # No legal namespace, not even one spelled like a sanitised one, gets an odd one's topics.
+    sanitised = odd2[0].removeprefix("roomrouter.").removesuffix(".data").replace(".", "-")
+    for legal in ("a-b", sanitised):
+        assert not set(KafkaBroker.topic_names(legal)) & {*odd1, *odd2}
     for name in (*odd1, *odd2):
         assert all(c.isalnum() or c in "._-" for c in name), name
 
@@ -483,3 +494,36 @@ async def test_recent_scan_is_bounded_and_says_when_it_cannot_prove_a_window(
         recovery = await again.join("quiet", since=before.id)
         assert recovery.complete and recovery.count == 1
         assert (await again.receive()).id == missed.id
+
+
+async def test_a_record_the_producer_took_is_an_unknown_outcome_on_timeout(
+    own_tansu: kafka_server.TansuServer,
+) -> None:
+    """A broker that stops answering after the record was handed to the producer: the publish
+    times out as PublishOutcomeUnknown (not BrokerUnavailable, which says it did not happen),
+    and once the broker resumes the record turns out to have been appended."""
+    backend = KafkaBackend(unique_namespace())
+    backend.bootstrap = own_tansu.bootstrap
+    backend.broker_options = {**backend.broker_options, "operation_timeout": 2.0}
+    process = own_tansu.process
+    assert process is not None
+    async with AsyncExitStack() as stack:
+        a, b = await _routers(stack, backend, 2)
+        member = b.member("m")
+        await member.join("R")
+        await eventually(lambda: _eq(a.remote_hosts("R"), {b.node_id}))
+        process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(PublishOutcomeUnknown) as info:
+                await a.publish("R", b"maybe", persist=True)
+        finally:
+            process.send_signal(signal.SIGCONT)
+        envelope_id = info.value.envelope_id
+        assert envelope_id is not None
+
+        # Both nodes lost their sessions to the frozen broker, so live delivery restarts after
+        # it (at-most-once); the partition itself shows the record was appended.
+        async def appended() -> None:
+            assert envelope_id in [e.id for e in await b.history("R")]
+
+        await eventually(appended, timeout=30, interval=0.5)

@@ -408,18 +408,18 @@ async def test_live_copies_of_recovered_messages_are_not_delivered_twice(tmp_pat
         """A real memory broker whose live frames to this node wait while ``late`` is set."""
 
         late = False
-        waiting: list[bytes]
+        waiting: list[tuple[str, bytes]]
 
-        def _deliver_data(self, frame: bytes) -> None:
+        def _deliver_data(self, room: str, frame: bytes) -> None:
             if self.late:
-                self.waiting.append(frame)
+                self.waiting.append((room, frame))
             else:
-                super()._deliver_data(frame)
+                super()._deliver_data(room, frame)
 
         def catch_up(self) -> None:
             self.late = False
-            for frame in self.waiting:
-                super()._deliver_data(frame)
+            for room, frame in self.waiting:
+                super()._deliver_data(room, frame)
             self.waiting.clear()
 
     hub = f"late-{unique_namespace()}"

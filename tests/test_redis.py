@@ -3,6 +3,7 @@ Redis is gone, URL options."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -11,9 +12,10 @@ from collections.abc import AsyncIterator, Iterator
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from roomrouter import BrokerUnavailable, ConfigurationError, RoomRouter
-from roomrouter.brokers.redis import RedisBroker
+from roomrouter.brokers.redis import RedisBroker, key_prefix, store_key
 
 from .backends import require_tcp
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
@@ -170,3 +172,25 @@ async def test_url_options() -> None:
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+async def test_names_of_a_namespace_share_one_cluster_slot(redis: Redis) -> None:
+    # Redis Cluster needs every key of one MULTI in one slot: the namespace is the hash tag,
+    # and braces or colons in it must neither end the tag early nor reach another namespace.
+    ns = unique_namespace() + ":{x}}:"
+    tag = key_prefix(ns)[len(b"rr:{") : -len(b"}:")]
+    assert b"{" not in tag and b"}" not in tag and b":" not in tag
+    async with _router(namespace=ns) as a, _router(namespace=ns) as b:
+        await b.member("m").join("room:{y}")
+        await eventually(lambda: _assert(a.remote_hosts("room:{y}") == {b.node_id}))
+        await a.publish("room:{y}", b"kept", persist=True)
+        keys = [k async for k in redis.scan_iter(match=_glob(key_prefix(ns)) + b"*")]
+        channels = await redis.pubsub_channels(_glob(key_prefix(ns)) + b"*")
+        assert sorted(keys) == sorted([store_key(ns), key_prefix(ns) + b"recent:room:{y}"])
+        assert key_prefix(ns) + b"r:room:{y}" in channels and len(channels) >= 3
+        assert {key_slot(name) for name in keys + channels} == {key_slot(tag)}
+        await redis.delete(*keys)
+
+
+def _glob(value: bytes) -> bytes:
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", value)

@@ -25,6 +25,7 @@ import pytest
 
 from roomrouter import Envelope, RoomRouter, SinkError
 from roomrouter._envelope import encode_envelope
+from roomrouter.brokers.redis import store_key
 from roomrouter.storage import SQLiteSink, StorageWorker
 from roomrouter.storage._base import Sink
 
@@ -110,9 +111,9 @@ async def _inject(backend: Backend, frames: Sequence[bytes], *, no_field: int = 
         client = Redis(host="127.0.0.1", port=6379)
         try:
             for frame in frames:
-                await client.xadd(f"rr:{ns}:store", {b"f": frame})
+                await client.xadd(store_key(ns), {b"f": frame})
             for i in range(no_field):
-                await client.xadd(f"rr:{ns}:store", {b"body": b"hand-made %d" % i})
+                await client.xadd(store_key(ns), {b"body": b"hand-made %d" % i})
         finally:
             await client.aclose()
     elif backend.name == "rabbitmq":
@@ -483,7 +484,7 @@ async def test_redis_storage_stream_lost_is_recreated_counted_and_reported(
             if how == "flushall":
                 await client.flushall()
             else:
-                await client.delete(f"rr:{ns}:store")
+                await client.delete(store_key(ns))
             await client.aclose()
         after: list[Envelope] = []
 

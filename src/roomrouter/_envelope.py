@@ -13,13 +13,14 @@ the order of a node's ids is its publish order; the lowercase hex string sorts l
 from __future__ import annotations
 
 import random
+import re
 import time
 import unicodedata
 from typing import Final
 
 import msgspec
 
-from ._errors import InvalidRoomName
+from ._errors import ConfigurationError, InvalidRoomName
 
 __all__ = [
     "MAX_ROOM_LENGTH",
@@ -28,6 +29,7 @@ __all__ = [
     "IdGenerator",
     "decode_envelope",
     "encode_envelope",
+    "validate_id",
     "validate_room",
 ]
 
@@ -96,6 +98,21 @@ class IdGenerator:
         value = (ms << 80) | (0x7 << 76) | (self._counter << 64) | (0b10 << 62) | rand
         h = f"{value:032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+# What IdGenerator makes: lowercase hex, version 7, variant 0b10. Lowercase matters: ids are
+# compared as strings for order (history, recovery).
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
+
+
+def validate_id(value: object) -> str:
+    """Return ``value`` if it is shaped like the ids :class:`IdGenerator` makes (a lowercase
+    UUIDv7 string), else raise :class:`~roomrouter.ConfigurationError`."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise ConfigurationError(
+            f"a message id must be a lowercase UUIDv7 string such as an Envelope.id: {value!r}"
+        )
+    return value
 
 
 def validate_room(room: object, max_length: int = MAX_ROOM_LENGTH) -> str:

@@ -11,7 +11,9 @@
     ├── MemberClosed                the member was closed (by the app or by its overflow policy)
     ├── RouterNotRunning            used outside ``async with router``
     ├── BrokerError                 anything the broker client raised, mapped with ``from exc``
-    │   ├── BrokerUnavailable       no connection, timeout, nack: the operation did not happen
+    │   ├── BrokerUnavailable       no connection, refused, nack: the operation did not happen
+    │   │   └── PublishOutcomeUnknown   a publish was sent but its answer was lost: it may
+    │   │                               have happened (and been stored)
     │   └── StorageQueueLost        the storage queue vanished and was recreated (a loss window)
     ├── SinkError                   a persistence sink failed
     │   └── SinkRefused             the sink refuses rows of this batch (bad data, not an outage)
@@ -19,6 +21,14 @@
 
 No exception of redis, aio-pika, aiokafka or a database driver reaches the caller: every backend
 maps them into this tree (``raise BrokerUnavailable(...) from exc``).
+
+Retrying a publish. :class:`BrokerUnavailable` from ``publish`` means the frame never left this
+node: retrying is safe. :class:`PublishOutcomeUnknown` (a subclass, so catch it first) means the
+frame was handed to the connection and then the answer did not come (timeout, connection lost
+after the write): the broker may have delivered and stored it. Retry it with the same id,
+``router.publish(room, payload, id=envelope_id, ...)`` with the id from the exception's
+``envelope_id``: the sinks write by id, so it is stored once; members may receive it twice
+and can drop the second copy by id. A retry under a new id would store it twice.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ __all__ = [
     "MemberClosed",
     "MissingDependency",
     "PayloadTooLarge",
+    "PublishOutcomeUnknown",
     "RoomRouterError",
     "RouterNotRunning",
     "SinkError",
@@ -90,7 +101,22 @@ class BrokerError(RoomRouterError):
 
 
 class BrokerUnavailable(BrokerError):
-    """The broker could not be reached in time, or refused the operation; it did not happen."""
+    """The broker could not be reached in time, or refused the operation; it did not happen
+    (unless this is a :class:`PublishOutcomeUnknown`)."""
+
+
+class PublishOutcomeUnknown(BrokerUnavailable):
+    """A frame was written to the broker connection, then its acknowledgement did not arrive
+    (timeout, or the connection was lost after the write): it may or may not have been
+    published and stored. ``envelope_id`` is the id to retry with (set by the router; None
+    for a bare broker call): see "Retrying a publish" in this module's docstring.
+
+    A subclass of :class:`BrokerUnavailable`, so code that treats every broker failure alike
+    keeps working; code that retries must catch this one first."""
+
+    def __init__(self, message: str, envelope_id: str | None = None) -> None:
+        super().__init__(message)
+        self.envelope_id = envelope_id
 
 
 class SinkError(RoomRouterError):

@@ -31,6 +31,7 @@ from ._envelope import (
     IdGenerator,
     decode_envelope,
     encode_envelope,
+    validate_id,
     validate_room,
 )
 from ._errors import (
@@ -38,6 +39,7 @@ from ._errors import (
     DuplicateMember,
     HistoryUnavailable,
     PayloadTooLarge,
+    PublishOutcomeUnknown,
     RoomRouterError,
     RouterNotRunning,
 )
@@ -752,13 +754,26 @@ class RoomRouter:
         exclude: Member | str | None = None,
         headers: Mapping[str, str] | None = None,
         persist: bool = False,
+        id: str | None = None,  # shadows the builtin: it is the envelope's field name
     ) -> Envelope:
         """Publish ``payload`` to every member of ``room`` on every node; return the envelope.
 
         Local members get it in process at once. The broker is used only if another live node
-        hosts the room; this call then returns when the broker accepted the frame and raises
-        :class:`~roomrouter.BrokerUnavailable` if it did not (local members were served anyway:
-        live delivery is at-most-once). ``exclude`` skips one member (the sender's connection).
+        hosts the room (or ``persist`` is set); this call then returns when the broker accepted
+        the frame. ``exclude`` skips one member (the sender's connection). ``id`` gives the
+        envelope this id instead of a new one: a lowercase UUIDv7 string, normally the ``id``
+        of an envelope a failed publish returned or reported (see below).
+
+        Errors, and whether to retry (local members were served either way):
+
+        * :class:`~roomrouter.PublishOutcomeUnknown` -- the frame was sent and its
+          acknowledgement was lost; it may have been delivered and stored. Retry with
+          ``id=exc.envelope_id``: the sinks write by id, so it is stored once (remote members
+          may receive it twice and can drop the repeat by id; local ones get it again).
+        * :class:`~roomrouter.BrokerUnavailable` (any other) -- the frame was not sent: retrying
+          is safe, with or without the id.
+        * :class:`~roomrouter.InvalidRoomName`, :class:`~roomrouter.PayloadTooLarge`,
+          :class:`~roomrouter.ConfigurationError` -- the call is wrong; a retry fails the same.
         """
         self._check_running()
         validate_room(room, self.max_room_length)
@@ -773,7 +788,7 @@ class RoomRouter:
         if headers:
             _check_headers(headers)
         envelope = Envelope(
-            id=self._ids.next(),
+            id=self._ids.next() if id is None else validate_id(id),
             room=room,
             origin=self.node_id,
             ts=time.time(),
@@ -795,23 +810,36 @@ class RoomRouter:
             stats.broker_publishes += 1
         else:
             stats.bypassed_publishes += 1
-        if persist:
-            # Even a room hosted only here goes to the broker: the storage queue is there.
-            stats.persisted += 1
-            await self.broker.publish_persistent(room, encode_envelope(envelope), live=live)
-        elif live:
-            await self.broker.publish(room, encode_envelope(envelope))
+        try:
+            if persist:
+                # Even a room hosted only here goes to the broker: the storage queue is there.
+                stats.persisted += 1
+                await self.broker.publish_persistent(room, encode_envelope(envelope), live=live)
+            elif live:
+                await self.broker.publish(room, encode_envelope(envelope))
+        except PublishOutcomeUnknown as exc:
+            # A fresh error per call (a backend may fail a whole batch with one instance),
+            # carrying the id the caller needs for a safe retry.
+            raise PublishOutcomeUnknown(
+                f"{exc} (envelope {envelope.id}: retry with id={envelope.id!r})", envelope.id
+            ) from exc
         return envelope
 
     # -- broker callbacks -----------------------------------------------------------------------
 
-    def _on_data(self, frame: bytes) -> None:
+    def _on_data(self, room: str, frame: bytes) -> None:
         stats = self._stats
         stats.broker_received += 1
         try:
             envelope = decode_envelope(frame)
         except (msgspec.DecodeError, msgspec.ValidationError):
             stats.dropped_decode += 1
+            return
+        # The channel is what this node subscribed to and what the broker filtered by; the
+        # envelope's own claim is just bytes anyone with publish rights on *some* room could
+        # write. Routing by the claim would let them reach any room's members.
+        if envelope.room != room:
+            stats.dropped_room_mismatch += 1
             return
         if envelope.origin == self.node_id:
             stats.dropped_echo += 1

@@ -27,6 +27,9 @@ class Stats:
     dropped_echo: int = 0
     dropped_not_hosted: int = 0
     dropped_decode: int = 0
+    #: Envelopes whose ``room`` is not the room whose channel they arrived on (forged or
+    #: foreign): never delivered, since the channel is what the node subscribed to.
+    dropped_room_mismatch: int = 0
     dropped_overflow: int = 0
     #: Live envelopes a member had already received from history (a recovery overlap).
     dropped_duplicate: int = 0

@@ -1,16 +1,44 @@
 """Broker selection by URL. Each backend is imported only when its scheme is used, so a missing
-optional dependency costs nothing until it is needed, and then says what to install."""
+optional dependency costs nothing until it is needed, and then says what to install.
+
+:func:`redact` is the one way a URL is shown to a person: every message, banner, log line and
+``repr`` that names a broker or sink URL passes it through, so a password never leaves."""
 
 from __future__ import annotations
 
+import re
 from urllib.parse import urlsplit
 
 from ._errors import ConfigurationError, MissingDependency
 from .brokers._base import Broker
 
-__all__ = ["broker_from_url"]
+__all__ = ["broker_from_url", "redact"]
 
 _EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
+
+
+# Query options that carry a secret (libpq's ``password``, Kafka SASL settings and the like).
+_SECRET_OPTION = re.compile(r"(?i)((?:^|&)[^=&]*(?:password|passwd|pwd|secret|token)[^=&]*=)[^&]*")
+
+
+def redact(url: str) -> str:
+    """``url`` with the password of its user info and any secret query option replaced by
+    ``***``; anything that is not such a URL comes back unchanged."""
+    if not isinstance(url, str):
+        return repr(url)
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
+    netloc, after = rest[:end], rest[end:]
+    if "@" in netloc:
+        userinfo, _, hosts = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        netloc = f"{user}{':***' if colon else ''}@{hosts}"
+    path, question, query = after.partition("?")
+    if question:
+        query = _SECRET_OPTION.sub(r"\1***", query)
+    return f"{scheme}{sep}{netloc}{path}{question}{query}"
 
 
 def _missing(extra: str, exc: ImportError) -> MissingDependency:
@@ -48,6 +76,6 @@ def broker_from_url(url: str) -> Broker:
         kafka: Broker = KafkaBroker.from_url(url)
         return kafka
     raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {url!r}: "
+        f"unknown broker URL scheme {scheme!r} in {redact(url)!r}: "
         "use memory://, redis://, rediss://, amqp://, amqps:// or kafka://"
     )

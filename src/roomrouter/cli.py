@@ -2,6 +2,10 @@
 
 roomrouter demo [--broker memory://] [--sink sqlite:///roomrouter-demo.db] [--port 8000]
 roomrouter worker --broker redis://127.0.0.1:6379/0 --namespace chat --sink sqlite:///chat.db
+
+A failure to start (bad option, unreachable broker, wrong password, missing database) is one
+line ``roomrouter: <reason>`` on stderr and exit status 1; URLs in it have their password
+redacted. Anything else that escapes is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
-from ._errors import MissingDependency, RoomRouterError
+from ._errors import ConfigurationError, MissingDependency, RoomRouterError
 
 __all__ = ["main"]
 
@@ -48,6 +53,8 @@ async def _run_worker(args: argparse.Namespace) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigurationError(f"--port must be 1 to 65535 (or 0: a free port), not {args.port}")
     try:
         from . import _demo
     except ImportError as exc:  # Starlette, uvicorn or websockets is missing
@@ -103,17 +110,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        # aiormq logs every failed connect at ERROR in its own words; roomrouter reports the
+        # same failure itself (one line at start-up, a warning and a retry later on).
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
         if args.command == "worker":
             anyio.run(_run_worker, args)
         elif args.command == "demo":
             _run_demo(args)
-    except RoomRouterError as exc:
-        print(f"roomrouter: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except BaseException as exc:
+        error = _startup_error(exc)
+        if error is None:
+            raise
+        message = _scrub(str(error), [getattr(args, "broker", ""), getattr(args, "sink", "")])
+        print(f"roomrouter: {message}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _startup_error(exc: BaseException) -> RoomRouterError | None:
+    """The roomrouter error ``exc`` is, or the first one inside it if it is an exception group
+    (task groups wrap what their tasks raised) holding nothing else; None for anything else."""
+    if isinstance(exc, RoomRouterError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        ours, rest = exc.split(RoomRouterError)
+        if ours is not None and rest is None:
+            first: BaseException = ours
+            while isinstance(first, BaseExceptionGroup):
+                first = first.exceptions[0]
+            assert isinstance(first, RoomRouterError)
+            return first
+    return None
+
+
+def _scrub(message: str, urls: Sequence[str]) -> str:
+    """Remove the passwords of ``urls`` from ``message``: a second line of defence behind
+    ``redact`` at the source, for text a client library composed."""
+    for url in urls:
+        try:
+            password = urlsplit(url).password
+        except ValueError:
+            continue
+        for secret in {password, unquote(password or "")}:
+            if secret:
+                message = message.replace(secret, "***")
+    return message
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 import socket
 
+import anyio
 import uvicorn
 
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, RoomRouterError
+from .._urls import broker_from_url, redact
+from ..brokers._base import BrokerContext
 from ..storage import SQLiteSink, sink_from_url
 from .app import DemoSettings, create_app
 
@@ -17,7 +20,11 @@ __all__ = ["bind", "run", "server_for"]
 def bind(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (``port=0``: a free one; read it back with
     ``getsockname()``). Bound here rather than by uvicorn so the caller knows the real port
-    before the server starts, and can hand it to a test or print it."""
+    before the server starts, and can hand it to a test or print it. Raises
+    :class:`~roomrouter.ConfigurationError` for a port outside 0..65535 (the socket layer would
+    take it modulo 65536)."""
+    if not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ConfigurationError(f"port must be 1 to 65535 (or 0: a free port), not {port!r}")
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -58,9 +65,41 @@ def _where(sink_url: str) -> str:
     return sink.name  # never the URL: it may hold a password
 
 
+async def check_services(settings: DemoSettings) -> None:
+    """Connect to the broker and open the sink once, then close both; raise the
+    :class:`~roomrouter.RoomRouterError` that says why if either fails.
+
+    ``run`` calls it before serving: a failure inside uvicorn's lifespan is reported by uvicorn
+    as a page of traceback (and the process would carry on to exit 0), while here it is one
+    error the command prints in one line.
+    """
+    broker = broker_from_url(settings.broker)
+    async with anyio.create_task_group() as tg:
+        context = BrokerContext(
+            node_id=f"demo-check-{os.getpid()}",
+            namespace=settings.namespace,
+            on_data=lambda room, frame: None,
+            on_control=lambda frame: None,
+            on_reconnect=lambda: None,
+            task_group=tg,
+        )
+        try:
+            await broker.start(context)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await broker.aclose()
+        tg.cancel_scope.cancel()
+    async with sink_from_url(settings.sink):
+        pass
+
+
 def run(settings: DemoSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve the demo on ``host:port`` until SIGINT or SIGTERM; print where to point a browser."""
+    """Serve the demo on ``host:port`` until SIGINT or SIGTERM; print where to point a browser.
+
+    Raises :class:`~roomrouter.RoomRouterError` if it cannot start (bad setting, port taken,
+    broker or sink unreachable); nothing is printed then."""
     server = server_for(settings)  # first: a bad setting fails before anything is printed
+    anyio.run(check_services, settings)
     try:
         sock = bind(host, port)
     except OSError as exc:
@@ -68,9 +107,11 @@ def run(settings: DemoSettings, host: str = "127.0.0.1", port: int = 8000) -> No
     port = sock.getsockname()[1]
     url_host = f"[{host}]" if ":" in host else host
     print(
-        f"roomrouter demo on http://{url_host}:{port}  (broker {settings.broker}, history in "
-        f"{_where(settings.sink)})\nopen it in two browser tabs; Ctrl-C stops",
+        f"roomrouter demo on http://{url_host}:{port}  (broker {redact(settings.broker)}, "
+        f"history in {_where(settings.sink)})\nopen it in two browser tabs; Ctrl-C stops",
         flush=True,
     )
     server.config.host, server.config.port = host, port  # for uvicorn's own startup line
     server.run(sockets=[sock])
+    if not server.started:  # the services failed between the check and the lifespan
+        raise RoomRouterError("the demo server did not start; uvicorn's log above says why")

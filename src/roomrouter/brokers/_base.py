@@ -9,9 +9,13 @@ A broker carries two planes for one node of one namespace:
   channel per node (:meth:`Broker.publish_control`). The cluster view (heartbeats, which node
   hosts which room, the join barrier) runs over it.
 
-The broker pushes what it receives: it calls ``context.on_data(frame)`` and
+The broker pushes what it receives: it calls ``context.on_data(room, frame)`` and
 ``context.on_control(frame)`` from its reader task, synchronously, one frame at a time, in the
-order the broker delivered them. Handlers never block and never raise.
+order the broker delivered them. Handlers never block and never raise. ``room`` is the room
+whose channel (Redis channel, RabbitMQ routing key, Kafka record key) the frame arrived on,
+taken from the transport and never from the frame: the router drops an envelope that claims
+another room (counted in ``dropped_room_mismatch``), so a publisher that can write to one
+room's channel cannot reach the members of another.
 
 Guarantees a backend must give (the contract suite in ``tests/`` checks them):
 
@@ -52,7 +56,8 @@ class BrokerContext:
 
     node_id: str
     namespace: str
-    on_data: Callable[[bytes], None]
+    #: ``on_data(room, frame)``: ``room`` is the channel's room, see the module docstring.
+    on_data: Callable[[str, bytes], None]
     on_control: Callable[[bytes], None]
     on_reconnect: Callable[[], None]
     #: The router's task group: the broker starts its background tasks here, so they are

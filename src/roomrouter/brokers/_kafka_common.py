@@ -55,11 +55,18 @@ def is_stored(record: Any) -> bool:
 
 
 def names(namespace: str, topic_prefix: str) -> tuple[str, str, str]:
-    """The (data topic, control topic, storage group) of ``namespace``."""
+    """The (data topic, control topic, storage group) of ``namespace``.
+
+    A namespace that is a legal topic name without dots is used as it is; any other one
+    becomes its sanitised form, a ``.`` and 32 hex digits of its SHA-256. Names of the first
+    kind have two dots and names of the second three (the prefix has none), so the two kinds
+    never meet, and the digest keeps the second kind apart among themselves (a sanitised form
+    alone would let ``a:b`` and ``a-b`` share topics).
+    """
     name = namespace
     if not LEGAL_TOPIC.fullmatch(namespace):
-        digest = hashlib.sha256(namespace.encode()).hexdigest()[:12]
-        name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:120] + "-" + digest
+        digest = hashlib.sha256(namespace.encode()).hexdigest()[:32]
+        name = re.sub(r"[^A-Za-z0-9_-]", "-", namespace)[:80] + "." + digest
     base = f"{topic_prefix}.{name}"
     return f"{base}.data", f"{base}.control", f"{base}.store"
 
@@ -199,3 +206,12 @@ async def quiet_stop(*clients: Any) -> None:
             await client.stop() if hasattr(client, "stop") else await client.close()
         except Exception:
             log.debug("stopping %r failed", client, exc_info=True)
+        except asyncio.CancelledError:
+            # A producer stopped while its requests hang (a stalled broker) re-raises the
+            # CancelledError of its own cancelled sender task. Only a cancel of *this* task is
+            # ours to propagate; the other one, escaping a background task, would cancel the
+            # router's task group and with it the application.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            log.debug("stopping %r was cancelled inside the client", client, exc_info=True)

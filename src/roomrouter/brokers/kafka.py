@@ -2,7 +2,8 @@
 group) exactly the partitions that hold its rooms.
 
 Topics (``{prefix}`` is ``roomrouter`` unless ``topic_prefix`` says otherwise, and the
-namespace is kept if it is a legal topic name, else sanitised and suffixed with a hash):
+namespace is kept if it is a legal topic name without dots, else sanitised and followed by
+``.`` and a hash, so no two namespaces share a topic; see ``_kafka_common.names``):
 
 * ``{prefix}.{namespace}.data`` -- ``partitions`` partitions (default 16). A frame of room R is
   a record with key ``R`` (UTF-8) in partition ``murmur2(key) % partitions``, the partitioner
@@ -96,8 +97,10 @@ from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
     ERRORS,
@@ -131,6 +134,7 @@ class _Send:
     done: anyio.Event = field(default_factory=anyio.Event)
     error: BaseException | None = None
     abandoned: bool = False  # the caller gave up: do not send it any more
+    handed: bool = False  # the producer took it: from now on it may reach the broker
 
     def fail(self, error: BaseException) -> None:
         if not self.done.is_set():
@@ -139,11 +143,25 @@ class _Send:
 
     def acknowledged(self, future: asyncio.Future[Any]) -> None:
         if future.cancelled():
-            self.fail(BrokerUnavailable("Kafka send cancelled"))
+            self.fail(PublishOutcomeUnknown("Kafka send cancelled after the producer took it"))
         elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
-            self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
+            if _refused(exc):
+                self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
+            else:
+                self.fail(PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}"))
         else:
             self.done.set()
+
+
+def _refused(exc: BaseException) -> bool:
+    """True if the producer's error says the broker did not append the record: a definite,
+    non-retriable answer from it. Timeouts, lost connections and a producer stopped with the
+    record in flight leave the outcome open."""
+    return (
+        isinstance(exc, KafkaError)
+        and not exc.retriable
+        and not isinstance(exc, (KafkaTimeoutError, ProducerClosed))
+    )
 
 
 @dataclass(slots=True, eq=False)
@@ -263,7 +281,7 @@ class KafkaBroker(Broker):
         redelivery_after=10]``; a host without port gets 9092."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "kafka":
-            raise ConfigurationError(f"not a kafka:// URL: {url!r}")
+            raise ConfigurationError(f"not a kafka:// URL: {redact(url)!r}")
         servers = []
         for host in parts.netloc.split(","):
             host = host.strip()
@@ -271,7 +289,7 @@ class KafkaBroker(Broker):
                 continue
             servers.append(host if re.search(r":\d+$", host) else f"{host}:9092")
         if not servers:
-            raise ConfigurationError(f"no broker address in {url!r}")
+            raise ConfigurationError(f"no broker address in {redact(url)!r}")
         converters: dict[str, Any] = {
             "partitions": int,
             "acks": lambda v: "all" if v in ("all", "-1") else int(v),
@@ -289,11 +307,11 @@ class KafkaBroker(Broker):
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             convert = converters.get(key)
             if convert is None:
-                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+                raise ConfigurationError(f"unknown option {key!r} in {redact(url)!r}")
             try:
                 options.setdefault(key, convert(value))
             except ValueError as exc:
-                raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         return cls(servers, **options)
 
     # -- names ----------------------------------------------------------------------------------
@@ -574,7 +592,7 @@ class KafkaBroker(Broker):
                         elif record.offset < room[1]:
                             self.skipped_before_join += 1
                         else:
-                            _call(ctx.on_data, record.value, ctx)
+                            _call_data(key, record.value, ctx)
                 self._positions[tp] = records[-1].offset + 1
 
     async def _probe_loop(self, session: _Session) -> None:
@@ -671,7 +689,12 @@ class KafkaBroker(Broker):
             with anyio.fail_after(self.operation_timeout):
                 await item.done.wait()
         except TimeoutError as exc:
-            raise BrokerUnavailable("Kafka did not acknowledge the record in time") from exc
+            if item.handed:
+                raise PublishOutcomeUnknown(
+                    "Kafka did not acknowledge the record in time; the producer had it, so it "
+                    "may have been appended"
+                ) from exc
+            raise BrokerUnavailable("Kafka did not take the record in time; not sent") from exc
         finally:
             item.abandoned = True
         if item.error is not None:
@@ -712,8 +735,9 @@ class KafkaBroker(Broker):
                 )  # fmt: skip
                 return
         if future is None:
-            item.fail(BrokerUnavailable("Kafka send timed out"))
+            item.fail(BrokerUnavailable("Kafka send timed out; not sent"))
         else:
+            item.handed = True
             future.add_done_callback(item.acknowledged)
 
     # -- persistence ----------------------------------------------------------------------------
@@ -787,6 +811,15 @@ class KafkaBroker(Broker):
 def _call(handler: Any, value: bytes | None, ctx: BrokerContext) -> None:
     try:
         handler(value if value is not None else b"")
+    except Exception:  # a handler bug must not kill the reader
+        log.exception("node %s: message handler raised", ctx.node_id)
+
+
+def _call_data(key: bytes, value: bytes | None, ctx: BrokerContext) -> None:
+    # The record key is the room (it chose the partition, and it is what the node filters by):
+    # the router checks the envelope against it.
+    try:
+        ctx.on_data(key.decode(errors="replace"), value if value is not None else b"")
     except Exception:  # a handler bug must not kill the reader
         log.exception("node %s: message handler raised", ctx.node_id)
 

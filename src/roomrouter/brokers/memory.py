@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl, urlsplit
 import anyio
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["MemoryBroker", "MemoryHub"]
@@ -115,7 +116,7 @@ class MemoryHub:
 
     def _publish(self, key: tuple[str, str], frame: bytes) -> None:
         for broker in list(self._rooms.get(key, {}).values()):
-            broker._deliver_data(frame)
+            broker._deliver_data(key[1], frame)
 
     def _control(self, namespace: str, frame: bytes, to: str | None) -> int:
         nodes = self._nodes.get(namespace, {})
@@ -155,15 +156,15 @@ class MemoryBroker(Broker):
         """``memory://[name][?recent_size=1000&redelivery_after=30]``."""
         parts = urlsplit(url)
         if parts.scheme != "memory":
-            raise ConfigurationError(f"not a memory:// URL: {url!r}")
+            raise ConfigurationError(f"not a memory:// URL: {redact(url)!r}")
         options: dict[str, float] = {}
         for key, value in parse_qsl(parts.query):
             if key not in ("recent_size", "redelivery_after"):
-                raise ConfigurationError(f"unknown option {key!r} in {url!r}")
+                raise ConfigurationError(f"unknown option {key!r} in {redact(url)!r}")
             try:
                 options[key] = float(value)
             except ValueError as exc:
-                raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         return cls(
             (parts.netloc + parts.path).strip("/"),
             recent_size=int(options.get("recent_size", 1000)),
@@ -229,9 +230,9 @@ class MemoryBroker(Broker):
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _MemoryConsumer(self.hub, namespace, consumer, self.redelivery_after)
 
-    def _deliver_data(self, frame: bytes) -> None:
+    def _deliver_data(self, room: str, frame: bytes) -> None:
         if self._context is not None:
-            self._context.on_data(frame)
+            self._context.on_data(room, frame)
 
     def _deliver_control(self, frame: bytes) -> None:
         if self._context is not None:

@@ -1,19 +1,28 @@
 """RabbitMQ broker: one topic exchange per namespace, one exclusive queue per node, bound per room.
 
-Exchanges (durable, declared by every node): ``rr.{namespace}.data`` (topic) carries room
-frames with the room's *routing key*; ``rr.{namespace}.control`` (fanout) carries control
-broadcasts; ``rr.{namespace}.direct`` (direct) carries control frames to one node, keyed by
-node id. Each node declares one exclusive, auto-delete queue, binds it to the control and
-direct exchanges, and binds/unbinds it on the data exchange per room: dynamic subscription is
-RabbitMQ's own routing, and ``broker_subscriptions`` reads the bindings back through the
-management HTTP API.
+Exchanges (durable, declared by every node): ``rr.{ns}.data`` (topic) carries room frames
+with the room's *routing key*; ``rr.{ns}.control`` (fanout) carries control broadcasts;
+``rr.{ns}.direct`` (direct) carries control frames to one node, keyed by node id. Each node
+declares one exclusive, auto-delete queue, binds it to the control and direct exchanges, and
+binds/unbinds it on the data exchange per room: dynamic subscription is RabbitMQ's own routing,
+and ``broker_subscriptions`` reads the bindings back through the management HTTP API.
+
+Names (:func:`amqp_name`). Exchange and queue names are ``rr.`` and dot-separated parts: the
+namespace, a kind (``data``, ``store``, ``node``, ...) and, for some, a node id or a room key.
+Every part keeps ``A-Za-z0-9_-`` and writes any other byte of its UTF-8 as ``+`` and two hex
+digits, so no part holds a ``.``, a namespace can never pose as another namespace plus a
+kind, and every name uses only what AMQP clients accept in names. A name longer than the limit
+(127 bytes for exchanges, 255 for queues) becomes ``rr.#`` + the hex SHA-256 of the long name
+(``#`` never occurs in an encoded name).
 
 Routing keys. A topic exchange reads ``.`` as a word separator and ``*``/``#`` as wildcards,
 and keys are at most 255 bytes. A room's key is therefore one word: the unpadded base64url of
 its UTF-8 name (alphabet ``A-Za-z0-9-_``), or, when that would exceed 200 bytes, ``~`` followed
 by the hex SHA-256 of the name (``~`` is outside the base64url alphabet, so the two forms never
-collide). Bindings are always exact keys, never patterns. For hashed keys the node checks the
-envelope's room against the rooms it holds and counts mismatches in :attr:`filtered`.
+collide). Bindings are always exact keys, never patterns. The node maps the routing key a frame
+arrived with back to the held room it was bound for, and hands that room to the router (which
+drops an envelope claiming another room); a key it holds no room for (a frame still queued
+from a room just unbound) is counted in :attr:`filtered`.
 
 Two connections per node, as RabbitMQ recommends (flow control throttles a publishing
 connection, which must not stall consumption): the *subscriber* connection holds the queue, its
@@ -79,7 +88,6 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 import aiormq
 import anyio
 import anyio.abc
-import msgspec
 from aiormq.abc import AbstractChannel, AbstractConnection, ChannelFrame, DeliveredMessage
 from aiormq.exceptions import (
     AMQPError,
@@ -92,11 +100,16 @@ from aiormq.exceptions import (
 from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
-from .._envelope import decode_envelope
-from .._errors import BrokerUnavailable, ConfigurationError, StorageQueueLost
+from .._errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    PublishOutcomeUnknown,
+    StorageQueueLost,
+)
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
-__all__ = ["RabbitMQBroker", "routing_key"]
+__all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
 
 log = logging.getLogger("roomrouter.rabbitmq")
 
@@ -184,12 +197,25 @@ def _room_of_key(key: str) -> str | None:
         return None
 
 
-def _amqp_name(*parts: str) -> str:
-    """Exchange/queue names are short strings (255 bytes): hash an overlong one."""
-    name = ".".join(parts)
-    if len(name.encode()) <= 255:
+_NAME_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+
+
+def _name_part(part: str) -> str:
+    if _NAME_SAFE.issuperset(part):
+        return part
+    return "".join(
+        ch if ch in _NAME_SAFE else "".join(f"+{b:02x}" for b in ch.encode()) for ch in part
+    )
+
+
+def amqp_name(namespace: str, *parts: str, exchange: bool = False) -> str:
+    """The exchange (``exchange=True``) or queue name of ``namespace`` made of ``parts``; see
+    "Names" in the module docstring. The nodes and the storage consumers use only this."""
+    name = ".".join(["rr", _name_part(namespace), *(_name_part(p) for p in parts)])
+    # pamqp refuses exchange names over 127 characters and queue names over 256.
+    if len(name) <= (127 if exchange else 255):
         return name
-    return f"{parts[0]}.{_HASH_MARK}{hashlib.sha256(name.encode()).hexdigest()}"
+    return "rr.#" + hashlib.sha256(name.encode()).hexdigest()
 
 
 def _really_cancelled() -> bool:
@@ -248,7 +274,7 @@ class RabbitMQBroker(Broker):
     ) -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("amqp", "amqps"):
-            raise ConfigurationError(f"not an amqp:// or amqps:// URL: {url!r}")
+            raise ConfigurationError(f"not an amqp:// or amqps:// URL: {redact(url)!r}")
         if (
             min(prefetch, queue_max_length, recent_size, recent_ttl, storage_prefetch) < 1
             or min(operation_timeout, max_backoff, stats_interval) <= 0
@@ -282,7 +308,7 @@ class RabbitMQBroker(Broker):
         self._ctx: BrokerContext | None = None
         self._closed = False
         self._rooms: set[str] = set()
-        self._hashed: dict[str, str] = {}  # hashed routing key -> room, for held rooms only
+        self._key_rooms: dict[str, str] = {}  # routing key -> room, for held rooms only
         # Subscriber side. ``_epoch`` changes the moment a loss is noticed, so a subscribe that
         # straddles it knows its bindings died with the old queue.
         self._sub_conn: AbstractConnection | None = None
@@ -299,13 +325,21 @@ class RabbitMQBroker(Broker):
         self._pub_broken: asyncio.Future[None] | None = None
         self._pub_up = anyio.Event()
         self._max_body = 0
-        # Wire bytes of publishes registered on ``_outbox_channel`` and not yet written.
-        self._outbox: list[bytes] = []
+        # Wire bytes of publishes registered on ``_outbox_channel`` and not yet written, each
+        # with its delivery tag (0: a declare or bind, no confirmation).
+        self._outbox: list[tuple[bytes, int]] = []
         self._outbox_channel: aiormq.Channel | None = None
+        # The highest delivery tag handed to ``_written_channel``'s connection: a publish at or
+        # below it may have reached RabbitMQ, one above it has not left this node.
+        self._written_channel: aiormq.Channel | None = None
+        self._written_tag = 0
         self._flush_wake = anyio.Event()
         # Recent-messages queues declared on ``_declared_channel``: room key -> when (monotonic).
         self._declared: dict[str, float] = {}
         self._declared_channel: aiormq.Channel | None = None
+
+    def __repr__(self) -> str:
+        return f"<RabbitMQBroker {redact(self._url)}>"
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RabbitMQBroker:
@@ -330,7 +364,7 @@ class RabbitMQBroker(Broker):
                 try:
                     options[key] = convert(query.pop(key))
                 except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         rest = urlunsplit(parts._replace(query=urlencode(query)))
         return cls(rest, **options)
 
@@ -356,10 +390,10 @@ class RabbitMQBroker(Broker):
     async def start(self, context: BrokerContext) -> None:
         self._ctx = context
         ns = context.namespace
-        self._data_x = _amqp_name("rr", ns, "data")
-        self._store_q = _amqp_name("rr", ns, "store")
-        self._control_x = _amqp_name("rr", ns, "control")
-        self._direct_x = _amqp_name("rr", ns, "direct")
+        self._data_x = amqp_name(ns, "data", exchange=True)
+        self._store_q = amqp_name(ns, "store")
+        self._control_x = amqp_name(ns, "control", exchange=True)
+        self._direct_x = amqp_name(ns, "direct", exchange=True)
         self._node_key = routing_key(context.node_id)
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
@@ -467,7 +501,7 @@ class RabbitMQBroker(Broker):
         assert self._ctx is not None
         conn = await self._open("sub")
         self._epoch += 1
-        queue = _amqp_name("rr", self._ctx.namespace, "node", self._ctx.node_id, str(self._epoch))
+        queue = amqp_name(self._ctx.namespace, "node", self._ctx.node_id, str(self._epoch))
         try:
             with anyio.fail_after(self.operation_timeout):
                 channel = await conn.channel(publisher_confirms=False)
@@ -572,11 +606,11 @@ class RabbitMQBroker(Broker):
         body = message.body
         try:
             if message.exchange == self._data_x:
-                key = message.routing_key or ""
-                if key.startswith(_HASH_MARK) and not self._accept_hashed(key, body):
+                room = self._key_rooms.get(message.routing_key or "")
+                if room is None:
                     self.filtered += 1
                 else:
-                    ctx.on_data(body)
+                    ctx.on_data(room, body)
             else:
                 ctx.on_control(body)
         except Exception:  # a handler bug must not kill the consumer
@@ -594,16 +628,6 @@ class RabbitMQBroker(Broker):
                     if _really_cancelled():
                         raise
                     # The channel is gone; the watcher rebuilds it.
-
-    def _accept_hashed(self, key: str, body: bytes) -> bool:
-        room = self._hashed.get(key)
-        if room is None:
-            return False
-        try:
-            envelope = decode_envelope(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            return True  # the router counts undecodable frames itself
-        return envelope.room == room
 
     # -- subscriptions --------------------------------------------------------------------------
 
@@ -627,14 +651,13 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable("RabbitMQ connection lost while subscribing")
         self._rooms.update(new)
         for room, key in zip(new, keys, strict=True):
-            if key.startswith(_HASH_MARK):
-                self._hashed[key] = room
+            self._key_rooms[key] = room
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         gone = [r for r in rooms if r in self._rooms]
         self._rooms.difference_update(gone)
         for room in gone:
-            self._hashed.pop(routing_key(room), None)
+            self._key_rooms.pop(routing_key(room), None)
         channel = self._sub_ch
         if not gone or channel is None or not self._sub_ready:
             return  # not restored on reconnect: forgotten either way
@@ -666,7 +689,9 @@ class RabbitMQBroker(Broker):
     async def _publish(
         self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
     ) -> None:
+        channel = self._pub_ch
         confirmation = self._send(exchange, key, frame, persist_key)
+        tag = channel.delivery_tag if channel is not None else 0
         try:
             async with asyncio.timeout(self.operation_timeout):
                 await confirmation
@@ -676,13 +701,19 @@ class RabbitMQBroker(Broker):
             # No confirmation in time: the connection is as good as dead; do not let later
             # publishes queue behind it until the heartbeat notices.
             self._break_publisher()
-            raise BrokerUnavailable(
-                f"RabbitMQ did not confirm the publish within {self.operation_timeout}s"
-            ) from exc
+            reason = f"RabbitMQ did not confirm the publish within {self.operation_timeout}s"
+            raise self._failed(channel, tag, reason) from exc
         except (*_ERRORS, asyncio.CancelledError) as exc:
             if _really_cancelled():
                 raise
-            raise BrokerUnavailable(f"RabbitMQ publish failed: {exc!r}") from exc
+            raise self._failed(channel, tag, f"RabbitMQ publish failed: {exc!r}") from exc
+
+    def _failed(self, channel: aiormq.Channel | None, tag: int, reason: str) -> BrokerUnavailable:
+        """The error of a publish that got no confirmation: ambiguous if its bytes were handed to
+        the connection (RabbitMQ may have routed it and the confirm was lost), else not sent."""
+        if channel is not None and channel is self._written_channel and tag <= self._written_tag:
+            return PublishOutcomeUnknown(f"{reason}; it was sent, so it may have been published")
+        return BrokerUnavailable(f"{reason}; it was not sent")
 
     def _send(
         self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
@@ -707,14 +738,17 @@ class RabbitMQBroker(Broker):
             self._outbox, self._outbox_channel = [], channel
         properties = b""
         if persist_key is not None:
-            self._outbox.extend(self._declare_recent(channel, persist_key))
+            self._outbox.extend((f, 0) for f in self._declare_recent(channel, persist_key))
             properties = _persistent_properties([_STORE_KEY, _recent_key(persist_key)])
         confirmation = channel.create_future()
         channel.delivery_tag += 1
         channel.confirmations[channel.delivery_tag] = confirmation
         self._outbox.append(
-            _publish_frames(
-                channel.number, exchange, key.encode(), frame, self._max_body, properties
+            (
+                _publish_frames(
+                    channel.number, exchange, key.encode(), frame, self._max_body, properties
+                ),
+                channel.delivery_tag,
             )
         )
         self._flush_wake.set()
@@ -728,16 +762,22 @@ class RabbitMQBroker(Broker):
                 # Everything queued while the previous write was waiting goes out as one write
                 # (bounded, so one huge backlog does not become one huge buffer).
                 channel, outbox = self._outbox_channel, self._outbox
-                count = size = 0
-                for chunk in outbox:
+                count = size = last_tag = 0
+                for chunk, tag in outbox:
                     count += 1
                     size += len(chunk)
+                    last_tag = max(last_tag, tag)
                     if size >= _MAX_WRITE:
                         break
-                payload = b"".join(outbox[:count])
+                payload = b"".join(chunk for chunk, _ in outbox[:count])
                 del outbox[:count]
                 if channel is None or channel.is_closed:
                     continue  # its confirmations were failed with the channel
+                if self._written_channel is not channel:
+                    self._written_channel, self._written_tag = channel, 0
+                # Counted as sent before the put: once the put starts, the connection's writer
+                # may send the bytes even if this task is interrupted.
+                self._written_tag = max(self._written_tag, last_tag)
                 await self._write(channel, payload)
 
     async def _write(self, channel: aiormq.Channel, payload: bytes) -> None:
@@ -769,7 +809,7 @@ class RabbitMQBroker(Broker):
 
     def _recent_queue(self, key: str) -> str:
         assert self._ctx is not None
-        return _amqp_name("rr", self._ctx.namespace, "recent", key)
+        return amqp_name(self._ctx.namespace, "recent", key)
 
     def _declare_recent(self, channel: aiormq.Channel, key: str) -> list[bytes]:
         """Wire bytes of a no-wait declare and bind of the room's recent queue, unless this
@@ -909,7 +949,7 @@ class RabbitMQBroker(Broker):
             if binding.get("source") != self._data_x:
                 continue
             key = str(binding.get("routing_key", ""))
-            room = self._hashed.get(key) if key.startswith(_HASH_MARK) else _room_of_key(key)
+            room = self._key_rooms.get(key) if key.startswith(_HASH_MARK) else _room_of_key(key)
             rooms.add(room if room is not None else f"<unknown key {key}>")
         return frozenset(rooms)
 
@@ -950,8 +990,8 @@ class _RabbitMQConsumer(StorageConsumer):
     def __init__(self, broker: RabbitMQBroker, namespace: str, name: str) -> None:
         self._broker = broker
         self._name = name
-        self._queue = _amqp_name("rr", namespace, "store")
-        self._exchange = _amqp_name("rr", namespace, "data")
+        self._queue = amqp_name(namespace, "store")
+        self._exchange = amqp_name(namespace, "data", exchange=True)
         self._conn: AbstractConnection | None = None
         self._ch: AbstractChannel | None = None
         self._generation = 0
@@ -988,7 +1028,9 @@ class _RabbitMQConsumer(StorageConsumer):
             with anyio.CancelScope(shield=True):
                 await broker._quiet_close(conn)
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"cannot reach the storage queue: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot reach the RabbitMQ storage queue: {exc!r}"
+                ) from exc
             raise
         # The server cancels the consumer if the queue is deleted: redeclare it and consume
         # again on the next fetch.
@@ -1198,14 +1240,18 @@ async def _http_json(method: str, url: str, user: str, password: str) -> Any:
                 except (anyio.EndOfStream, anyio.BrokenResourceError):
                     break
     except OSError as exc:
-        raise BrokerUnavailable(f"RabbitMQ management API at {url} failed: {exc!r}") from exc
+        raise BrokerUnavailable(
+            f"RabbitMQ management API at {redact(url)} failed: {exc!r}"
+        ) from exc
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()
     if len(status) < 2 or not status[1].startswith(b"2"):
-        raise BrokerUnavailable(f"RabbitMQ management API: {head[:200]!r} for {method} {url}")
+        raise BrokerUnavailable(
+            f"RabbitMQ management API: {head[:200]!r} for {method} {redact(url)}"
+        )
     if not body:
         return None
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise BrokerUnavailable(f"RabbitMQ management API sent bad JSON for {url}") from exc
+        raise BrokerUnavailable(f"RabbitMQ management API sent bad JSON for {redact(url)}") from exc

@@ -1,9 +1,17 @@
 """Redis broker: one pub/sub channel per room, SUBSCRIBE/UNSUBSCRIBE on one connection per node.
 
-Channels are ``rr:{namespace}:r:{room}`` (data), ``rr:{namespace}:c`` (control broadcast) and
-``rr:{namespace}:d:{node}`` (control, direct). Plain SUBSCRIBE never interprets glob characters,
-so any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
-SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7.
+Names. Every channel and key of a namespace starts with ``rr:{<ns>}:``, where ``<ns>`` is the
+namespace with ``%``, ``:``, ``{`` and ``}`` percent-encoded (``%25``, ``%3A``, ``%7B``,
+``%7D``); see :func:`key_prefix`. So the namespace part never holds the separator and always
+ends at the first ``:``, and no two namespaces share a name whatever rooms and nodes they have.
+The braces are a Redis Cluster *hash tag*: every key of a namespace hashes to one slot, as the
+MULTI of a persisted publish (storage stream, recent stream, publish) requires there. After the
+prefix come ``r:{room}`` (data channel), ``c`` (control broadcast), ``d:{node}`` (control,
+direct), ``store`` (storage stream) and ``recent:{room}`` (recent cache); a room or node is
+the last part, so it needs no encoding. Plain SUBSCRIBE never interprets glob characters, so
+any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
+SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7; note that the hash tag puts all of one
+namespace's channels in one shard (spread load over shards with several namespaces).
 
 Two raw connections per node, no pool: the *subscriber* connection is read by one reader task
 that also confirms (S)SUBSCRIBE batches; the *publisher* connection is written by one flusher
@@ -30,10 +38,16 @@ import msgspec
 from redis.asyncio.connection import Connection, parse_url
 from redis.exceptions import RedisError, ResponseError
 
-from .._errors import BrokerUnavailable, ConfigurationError, StorageQueueLost
+from .._errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    PublishOutcomeUnknown,
+    StorageQueueLost,
+)
+from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
-__all__ = ["RedisBroker"]
+__all__ = ["RedisBroker", "key_prefix", "store_key"]
 
 log = logging.getLogger("roomrouter.redis")
 
@@ -58,6 +72,21 @@ class _Batch:
         if not self.done.is_set():
             self.error = error
             self.done.set()
+
+
+# -- names (see the module docstring); the broker and its storage consumers use only these ------
+
+_NS_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+
+
+def key_prefix(namespace: str) -> bytes:
+    """``rr:{<namespace, percent-encoded>}:``, the start of every name of ``namespace``."""
+    return b"rr:{" + namespace.translate(_NS_ESCAPES).encode() + b"}:"
+
+
+def store_key(namespace: str) -> bytes:
+    """The storage stream of ``namespace``."""
+    return key_prefix(namespace) + b"store"
 
 
 def _pack_publish(command: bytes, channel: bytes, frame: bytes) -> bytes:
@@ -163,12 +192,12 @@ class RedisBroker(Broker):
                 try:
                     options[key] = convert(query.pop(key))
                 except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {url!r}") from exc
+                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
         rest = urlunsplit(parts._replace(query=urlencode(query)))
         try:
             kwargs = parse_url(rest)
         except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {url!r}: {exc}") from exc
+            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
         return cls(**kwargs, **options)
 
     # -- channels -------------------------------------------------------------------------------
@@ -177,6 +206,7 @@ class RedisBroker(Broker):
         return self._prefix + b"r:" + room.encode()
 
     def _room_of(self, channel: bytes) -> str | None:
+        # Channels come from _room_channel (UTF-8 of a str), so the decode is exact.
         if channel.startswith(self._room_prefix):
             return channel[len(self._room_prefix) :].decode(errors="replace")
         return None
@@ -185,7 +215,8 @@ class RedisBroker(Broker):
 
     async def start(self, context: BrokerContext) -> None:
         self._ctx = context
-        self._prefix = f"rr:{context.namespace}:".encode()
+        self._prefix = key_prefix(context.namespace)
+        self._store = store_key(context.namespace)
         self._room_prefix = self._prefix + b"r:"
         self._control = self._prefix + b"c"
         self._direct = self._prefix + b"d:" + context.node_id.encode()
@@ -301,8 +332,10 @@ class RedisBroker(Broker):
             try:
                 if channel == self._control or channel == self._direct:
                     ctx.on_control(data)
-                else:
-                    ctx.on_data(data)
+                elif (room := self._room_of(channel)) is not None:
+                    ctx.on_data(room, data)
+                else:  # not a channel of this node's namespace: never subscribed, or stale
+                    self.filtered += 1
             except Exception:  # a handler bug must not kill the reader
                 log.exception("node %s: message handler raised", ctx.node_id)
         elif kind in (b"subscribe", b"ssubscribe"):
@@ -390,13 +423,10 @@ class RedisBroker(Broker):
         return future
 
     # -- persistence ----------------------------------------------------------------------------
-    # Storage queue: the stream ``rr:{ns}:store`` read by a consumer group. Recent cache: the
-    # stream ``rr:{ns}:recent:{room}`` capped at ``recent_size`` entries and expiring
+    # Storage queue: the stream ``rr:{<ns>}:store`` read by a consumer group. Recent cache: the
+    # stream ``rr:{<ns>}:recent:{room}`` capped at ``recent_size`` entries and expiring
     # ``recent_ttl`` seconds after the room's last message. Both are written in one MULTI/EXEC
     # with the PUBLISH, so a frame is either stored, cached and published, or none of these.
-
-    def _store_key(self) -> bytes:
-        return self._prefix + b"store"
 
     def _recent_key(self, room: str) -> bytes:
         return self._prefix + b"recent:" + room.encode()
@@ -405,7 +435,7 @@ class RedisBroker(Broker):
         recent = self._recent_key(room)
         commands = [
             _pack(b"MULTI"),
-            _pack(b"XADD", self._store_key(), b"*", b"f", frame),
+            _pack(b"XADD", self._store, b"*", b"f", frame),
             _pack(b"XADD", recent, b"MAXLEN", b"%d" % self.recent_size, b"*", b"f", frame),
             _pack(b"EXPIRE", recent, b"%d" % self.recent_ttl),
         ]
@@ -426,7 +456,7 @@ class RedisBroker(Broker):
         return RecentFrames(frames, truncated=added > len(frames))
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
-        return _RedisConsumer(self, f"rr:{namespace}:store".encode(), consumer)
+        return _RedisConsumer(self, store_key(namespace), consumer)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -438,9 +468,13 @@ class RedisBroker(Broker):
 
     async def _flush(self, batch: list[_Queued]) -> None:
         results: list[Any] = []
+        sent = False
         try:
             conn = await self._publisher()
             with anyio.fail_after(self.operation_timeout):
+                # From here on bytes may reach Redis, which runs what it read: a failure now
+                # leaves the commands without a reply ambiguous, not undone.
+                sent = True
                 await conn.send_packed_command(
                     b"".join(q.packed for q in batch), check_health=False
                 )
@@ -460,11 +494,15 @@ class RedisBroker(Broker):
             if self._pub is not None:
                 await _quiet_disconnect(self._pub)
                 self._pub = None
-            error = (
-                exc
-                if isinstance(exc, BrokerUnavailable)
-                else BrokerUnavailable(f"Redis publish failed: {exc!r}")
-            )
+            error: BrokerUnavailable
+            if isinstance(exc, BrokerUnavailable):
+                error = exc
+            elif sent:
+                error = PublishOutcomeUnknown(
+                    f"Redis connection failed after the command was sent: {exc!r}"
+                )
+            else:
+                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
             results.extend([error] * (len(batch) - len(results)))
         for item, result in zip(batch, results, strict=True):
             if item.future.done():  # the publisher was cancelled meanwhile

@@ -1,8 +1,8 @@
 """Redis presence store.
 
-Keys of namespace ``ns`` start with ``rr:{<ns>}:`` (the brokers' naming, so one Redis serves
-broker and presence without collisions, and the hash tag keeps one namespace's keys in one
-Redis Cluster slot):
+Keys of namespace ``ns`` start with the Redis broker's :func:`~roomrouter.brokers.redis.key_prefix`
+(``rr:{<ns>}:``), so one Redis serves broker and presence without collisions, and the hash tag
+keeps one namespace's keys in one Redis Cluster slot:
 
 * ``p:{room}`` — hash: member id -> entry (msgpack). Empty hashes vanish in Redis, so a room's
   state goes with its last member (room lifecycle).
@@ -32,6 +32,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from ..brokers.redis import key_prefix
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
 
 __all__ = ["RedisPresence"]
@@ -39,8 +40,6 @@ __all__ = ["RedisPresence"]
 log = logging.getLogger("roomrouter.presence")
 
 WATCH_BUFFER = 1000
-
-_NS_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 # KEYS: room hash, event channel. ARGV: member, encoded leave event.
 _REMOVE = """
@@ -54,10 +53,6 @@ return 0
 _entry_decoder = msgspec.msgpack.Decoder(PresenceEntry)
 _event_decoder = msgspec.msgpack.Decoder(PresenceEvent)
 _encode = msgspec.msgpack.Encoder().encode
-
-
-def _prefix(namespace: str) -> bytes:
-    return b"rr:{" + namespace.translate(_NS_ESCAPES).encode() + b"}:"
 
 
 class RedisPresence(Presence):
@@ -125,7 +120,7 @@ class RedisPresence(Presence):
     async def start(
         self, namespace: str, node_id: str, *, ttl: float, task_group: TaskGroup
     ) -> None:
-        self._p = _prefix(namespace)
+        self._p = key_prefix(namespace)
         self._node = node_id
         self._ttl_ms = max(int(ttl * 1000), 1)
         self._tg = task_group

@@ -18,6 +18,7 @@ from __future__ import annotations
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .._errors import ConfigurationError
+from .._urls import redact
 from ._base import Sink
 from .sqlite import SQLiteSink
 
@@ -54,7 +55,9 @@ def _sqlite(url: str, rest: str) -> Sink:
     options = _query(query, url)
     unknown = options.keys() - {"table_prefix"}
     if unknown:
-        raise ConfigurationError(f"unknown option(s) {sorted(unknown)} in SQLite URL {url!r}")
+        raise ConfigurationError(
+            f"unknown option(s) {sorted(unknown)} in SQLite URL {redact(url)!r}"
+        )
     if location in _MEMORY_LOCATIONS:
         path = ":memory:"
     elif location.startswith("/") and len(location) > 1:
@@ -63,7 +66,7 @@ def _sqlite(url: str, rest: str) -> Sink:
         path = unquote(location[1:])
     else:
         raise ConfigurationError(
-            f"SQLite URL {url!r} names no file: use sqlite:///relative.db, "
+            f"SQLite URL {redact(url)!r} names no file: use sqlite:///relative.db, "
             "sqlite:////absolute/path.db or sqlite://:memory:"
         )
     if "table_prefix" in options:

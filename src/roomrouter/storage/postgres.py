@@ -22,6 +22,7 @@ import anyio
 
 from .._envelope import Envelope
 from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused
+from .._urls import redact
 from ._base import (
     DEFAULT_TABLE_PREFIX,
     SCHEMA_VERSION,
@@ -108,6 +109,9 @@ class PostgresSink(Sink):
         self._pool: Any = None
         self._started = False
         self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<PostgresSink {redact(self.dsn)} table_prefix={self.table_prefix!r}>"
 
     async def start(self) -> None:
         if self._closed or self._started:
