@@ -215,3 +215,13 @@ async def quiet_stop(*clients: Any) -> None:
             if task is not None and task.cancelling():
                 raise
             log.debug("stopping %r was cancelled inside the client", client, exc_info=True)
+            # stop() gave up before closing the connections (the producer's close of its
+            # sender comes first): close them, or their sockets leak.
+            connections = getattr(client, "client", None) or getattr(client, "_client", None)
+            if connections is not None:
+                try:
+                    await connections.close()
+                except (Exception, asyncio.CancelledError):
+                    if task is not None and task.cancelling():
+                        raise
+                    log.debug("closing the connections of %r failed", client, exc_info=True)
