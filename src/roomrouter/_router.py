@@ -24,7 +24,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
-from ._cluster import ClusterView
+from ._cluster import ClusterView, NodeInfo
 from ._envelope import (
     MAX_ROOM_LENGTH,
     Envelope,
@@ -263,6 +263,7 @@ class RoomRouter:
             node_ttl=node_ttl,
             barrier_timeout=barrier_timeout if barrier_timeout is not None else node_ttl,
             on_node_dropped=self._on_node_dropped,
+            local_members=lambda: len(self._members),
         )
         self._subs = SubscriptionManager(
             broker,
@@ -871,6 +872,11 @@ class RoomRouter:
     def live_nodes(self) -> frozenset[str]:
         """Other nodes of the namespace this node believes alive."""
         return self._cluster.live_nodes()
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every live node of the namespace as this node's view knows it, this one first: id,
+        start time, seconds since last heard, hosted rooms, local members (for inspection)."""
+        return self._cluster.nodes()
 
     def remote_hosts(self, room: str) -> frozenset[str]:
         """Other live nodes hosting ``room`` (as this node's cluster view knows it)."""
