@@ -762,3 +762,52 @@ async def test_a_failed_start_is_retried_by_the_next_connection(clients: Clients
                 tg.cancel_scope.cancel()
     finally:
         await redis.cleanup()
+
+
+@pytest.mark.parametrize("backend_name", ["memory", "redis"])
+async def test_cluster_participants_through_presence(backend_name: str, clients: Clients) -> None:
+    """python-socketio's get_participants is node-local; the manager's cluster_participants
+    lists a room's clients on every node, from presence, and follows leaves and
+    disconnects."""
+    backend = BACKENDS[backend_name](unique_namespace())
+    backend.available()
+    try:
+        async with AsyncExitStack() as stack:
+            a, b = [
+                await stack.enter_async_context(
+                    serve(
+                        RoomRouterManager(
+                            broker_url(backend), presence=True, **router_options(backend)
+                        )
+                    )
+                )
+                for _ in range(2)
+            ]
+            alice, bob, bea = (await clients.connect(a), await clients.connect(b),
+                               await clients.connect(b))  # fmt: skip
+            for client in (alice, bob, bea):
+                await client.join("lecture")
+            await clients.connect(a)  # in no room: not a participant
+
+            async def participants(node: Node, want: set[tuple[str, str]]) -> None:
+                assert set(await node.manager.cluster_participants("/", "lecture")) == want
+
+            everyone = {
+                (alice.sid, a.router.node_id),
+                (bob.sid, b.router.node_id),
+                (bea.sid, b.router.node_id),
+            }
+            await eventually(lambda: participants(a, everyone))
+            await eventually(lambda: participants(b, everyone))
+            assert sorted(sid for sid, _ in a.sio.manager.get_participants("/", "lecture")) == [
+                alice.sid
+            ]  # still node-local, as in python-socketio
+            assert await bob.sio.call("leave", "lecture", timeout=10) == "left"
+            bea_sid = bea.sid
+            await bea.sio.disconnect()
+            await eventually(lambda: participants(a, {(alice.sid, a.router.node_id)}))
+            assert (bea_sid, b.router.node_id) not in set(
+                await b.manager.cluster_participants("/", "lecture")
+            )
+    finally:
+        await backend.cleanup()

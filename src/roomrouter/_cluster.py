@@ -34,6 +34,7 @@ dropped with its rooms, and pending barriers stop waiting for it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -44,7 +45,7 @@ from ._errors import BrokerError, RoomRouterError
 from ._stats import Stats
 from .brokers._base import Broker
 
-__all__ = ["ClusterView"]
+__all__ = ["ClusterView", "NodeInfo"]
 
 log = logging.getLogger("roomrouter.cluster")
 
@@ -60,12 +61,16 @@ class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
 class Hello(_Msg, tag="h"):
     gen: int
     rooms: list[str]
+    started: float = 0.0  # wall time the node started (for inspection)
+    members: int = 0  # its local members now (for inspection)
 
 
 class State(_Msg, tag="s"):
     gen: int
     rooms: list[str]
     live: list[str]
+    started: float = 0.0
+    members: int = 0
 
 
 class Host(_Msg, tag="+"):
@@ -85,6 +90,7 @@ class Ack(_Msg, tag="a"):
 
 class Heartbeat(_Msg, tag="b"):
     gen: int
+    members: int = 0
 
 
 class Sync(_Msg, tag="y"):
@@ -105,6 +111,19 @@ class _Node:
     gen: int = -1
     rooms: set[str] = field(default_factory=set)
     last_seen: float = 0.0
+    started: float = 0.0
+    members: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a node's cluster view knows of one node (itself included): for inspection."""
+
+    node_id: str
+    started: float  # wall time (time.time()) it started; 0.0 if not known yet
+    last_seen: float  # seconds since it was last heard from (0.0 for this node)
+    rooms: frozenset[str]  # rooms it hosts
+    members: int  # its local members, as of its last frame
 
 
 @dataclass(slots=True)
@@ -142,6 +161,7 @@ class ClusterView:
         node_ttl: float,
         barrier_timeout: float,
         on_node_dropped: Callable[[str], None] | None = None,
+        local_members: Callable[[], int] = lambda: 0,
     ) -> None:
         self.node_id = node_id
         self._broker = broker
@@ -151,6 +171,8 @@ class ClusterView:
         self.node_ttl = node_ttl
         self.barrier_timeout = barrier_timeout
         self._on_node_dropped = on_node_dropped
+        self._local_members = local_members
+        self.started = time.time()
         self._nodes: dict[str, _Node] = {}
         self._hosts: dict[str, set[str]] = {}  # room -> remote nodes hosting it
         self._gen = 0
@@ -230,7 +252,7 @@ class ClusterView:
         self._states_seen.clear()
         self._states_named.clear()
         self._hello_answered = anyio.Event()
-        receivers = await self._send(Hello(self.node_id, self._gen, self._hosted()))
+        receivers = await self._send(self._hello())
         if receivers is not None:
             self._hello_expected = max(receivers - 1, 0)
             self._check_hello_done()
@@ -280,7 +302,7 @@ class ClusterView:
             await anyio.sleep(self.heartbeat_interval)
             self.expire()
             try:
-                await self._send(Heartbeat(self.node_id, self._gen))
+                await self._send(Heartbeat(self.node_id, self._gen, self._local_members()))
             except RoomRouterError as exc:
                 log.debug("node %s: heartbeat failed: %s", self.node_id, exc)
 
@@ -294,7 +316,7 @@ class ClusterView:
 
     def on_reconnect(self) -> None:
         """The broker reconnected: control frames may have been missed both ways."""
-        self._reply(Hello(self.node_id, self._gen, self._hosted()), None)
+        self._reply(self._hello(), None)
 
     # -- control frames in --------------------------------------------------------------------
 
@@ -332,13 +354,13 @@ class ClusterView:
             if barrier is not None:
                 barrier.release(msg.node)
         elif isinstance(msg, Heartbeat):
+            node.members = msg.members
             if msg.gen != node.gen:
                 self._request_sync(msg.node)
         elif isinstance(msg, Hello):
+            node.started, node.members = msg.started, msg.members
             self._set_rooms(msg.node, node, msg.gen, msg.rooms)
-            self._reply(
-                State(self.node_id, self._gen, self._hosted(), sorted(self._nodes)), msg.node
-            )
+            self._reply(self._state(), msg.node)
             # It may have missed the Host of a join that waits for it (it reconnected): send
             # those again, after the State, so it acknowledges instead of timing out.
             for barrier in self._barriers.values():
@@ -346,20 +368,40 @@ class ClusterView:
                     self._stats.barrier_resends += 1
                     self._reply_frame(barrier.frame, msg.node)
         elif isinstance(msg, State):
+            node.started, node.members = msg.started, msg.members
             if msg.gen >= node.gen:
                 self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             self._states_seen.add(msg.node)
             self._states_named.update(n for n in msg.live if n != self.node_id)
             self._check_hello_done()
         elif isinstance(msg, Sync):
-            self._reply(
-                State(self.node_id, self._gen, self._hosted(), sorted(self._nodes)), msg.node
-            )
+            self._reply(self._state(), msg.node)
 
     # -- internals ------------------------------------------------------------------------------
 
     def _hosted(self) -> list[str]:
         return sorted(self._local_rooms())
+
+    def _hello(self) -> Hello:
+        return Hello(self.node_id, self._gen, self._hosted(), self.started, self._local_members())
+
+    def _state(self) -> State:
+        return State(
+            self.node_id, self._gen, self._hosted(), sorted(self._nodes), self.started,
+            self._local_members(),
+        )  # fmt: skip
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every node this view knows alive, this one first."""
+        now = anyio.current_time()
+        mine = NodeInfo(
+            self.node_id, self.started, 0.0, frozenset(self._local_rooms()),
+            self._local_members(),
+        )  # fmt: skip
+        return [mine] + [
+            NodeInfo(node_id, n.started, now - n.last_seen, frozenset(n.rooms), n.members)
+            for node_id, n in sorted(self._nodes.items())
+        ]
 
     def _check_hello_done(self) -> None:
         expected = self._hello_expected

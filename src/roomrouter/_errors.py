@@ -4,7 +4,7 @@
 
     RoomRouterError
     ├── ConfigurationError          bad URL, bad option
-    │   └── MissingDependency       the extra for a backend is not installed
+    │   └── MissingDependency       an optional extra is not installed (says which)
     ├── InvalidRoomName             (also a ValueError)
     ├── PayloadTooLarge             (also a ValueError)
     ├── DuplicateMember             (also a ValueError)
@@ -65,7 +65,8 @@ class MissingDependency(ConfigurationError):
 
     def __init__(self, extra: str, module: str) -> None:
         super().__init__(
-            f'the {extra!r} backend needs the {module!r} package: pip install "roomrouter[{extra}]"'
+            f"the {module!r} package is missing (the {extra!r} extra): "
+            f'pip install "roomrouter[{extra}]"'
         )
         self.extra = extra
         self.module = module

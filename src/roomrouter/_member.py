@@ -73,6 +73,7 @@ class Member:
         "_waiter",
         "id",
         "info",
+        "listed",
     )
 
     def __init__(
@@ -87,6 +88,8 @@ class Member:
         self.id = member_id
         #: The app's data about this member, shown by presence (``router.member(id, info=)``).
         self.info: dict[str, str] = info or {}
+        #: Whether presence shows this member (``router.member(id, listed=False)``).
+        self.listed = True
         self._router = router
         self._stats = stats
         # room -> live envelopes held back while the room's history is being fetched

@@ -24,7 +24,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
-from ._cluster import ClusterView
+from ._cluster import ClusterView, NodeInfo
 from ._envelope import (
     MAX_ROOM_LENGTH,
     Envelope,
@@ -263,6 +263,7 @@ class RoomRouter:
             node_ttl=node_ttl,
             barrier_timeout=barrier_timeout if barrier_timeout is not None else node_ttl,
             on_node_dropped=self._on_node_dropped,
+            local_members=lambda: len(self._members),
         )
         self._subs = SubscriptionManager(
             broker,
@@ -272,6 +273,7 @@ class RoomRouter:
             on_unsubscribing=self._cluster.announce_unhost,
         )
         self._joins: dict[Member, dict[str, _Join]] = {}
+        self._tracked: dict[tuple[str, str], PresenceEntry] = {}  # (room, key) -> entry
         self._presence = (
             None
             if store is None
@@ -450,11 +452,17 @@ class RoomRouter:
     # -- members --------------------------------------------------------------------------------
 
     def member(
-        self, member_id: str | None = None, *, info: Mapping[str, str] | None = None
+        self,
+        member_id: str | None = None,
+        *,
+        info: Mapping[str, str] | None = None,
+        listed: bool = True,
     ) -> Member:
         """Create a local member (one client connection). Ids are unique per router while open;
         a random id is chosen if none is given. ``info`` is the app's data about it that
-        presence shows (e.g. ``{"name": "Alice"}``; text, at most 4 KiB in all)."""
+        presence shows (e.g. ``{"name": "Alice"}``; text, at most 4 KiB in all).
+        ``listed=False`` keeps it out of presence (an integration whose member stands for many
+        clients lists those itself, with :meth:`track_presence`)."""
         self._check_running()
         if member_id is None:
             member_id = secrets.token_hex(8)
@@ -464,6 +472,7 @@ class RoomRouter:
             raise DuplicateMember(f"member {member_id!r} already exists on node {self.node_id}")
         details = _check_info(info)
         member = Member(self, self._stats, member_id, self.inbox_size, self.overflow, details)
+        member.listed = listed
         self._members[member_id] = member
         return member
 
@@ -603,7 +612,7 @@ class RoomRouter:
             return
         join.joined = True
         self._local.setdefault(room, {})[member.id] = member
-        if self._presence is not None:
+        if self._presence is not None and member.listed:
             join.entry = PresenceEntry(member.id, self.node_id, time.time(), member.info)
             self._presence.add(room, join.entry)
         join.done.set()
@@ -642,6 +651,27 @@ class RoomRouter:
             for room, join in joins.items():
                 if join.joined and join.entry is not None:
                     yield room, join.entry
+        for (room, _), entry in self._tracked.items():
+            yield room, entry
+
+    def track_presence(self, room: str, key: str, info: Mapping[str, str] | None = None) -> None:
+        """Show ``key`` in ``room``'s presence as a client of this node, for integrations
+        whose clients are not members (the Socket.IO manager serves many sockets with one
+        member per room). Like a member's entry it dies with this node; :meth:`untrack_presence`
+        removes it. No-op when presence is off."""
+        self._check_running()
+        validate_room(room, self.max_room_length)
+        if self._presence is None or (room, key) in self._tracked:
+            return
+        entry = PresenceEntry(key, self.node_id, time.time(), _check_info(info))
+        self._tracked[room, key] = entry
+        self._presence.add(room, entry)
+
+    def untrack_presence(self, room: str, key: str) -> None:
+        """Remove what :meth:`track_presence` showed; no-op if nothing was."""
+        entry = self._tracked.pop((room, key), None)
+        if entry is not None and self._presence is not None:
+            self._presence.remove(room, entry)
 
     def _on_node_dropped(self, node_id: str) -> None:
         if self._presence is not None:
@@ -871,6 +901,11 @@ class RoomRouter:
     def live_nodes(self) -> frozenset[str]:
         """Other nodes of the namespace this node believes alive."""
         return self._cluster.live_nodes()
+
+    def nodes(self) -> list[NodeInfo]:
+        """Every live node of the namespace as this node's view knows it, this one first: id,
+        start time, seconds since last heard, hosted rooms, local members (for inspection)."""
+        return self._cluster.nodes()
 
     def remote_hosts(self, room: str) -> frozenset[str]:
         """Other live nodes hosting ``room`` (as this node's cluster view knows it)."""

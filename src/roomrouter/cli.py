@@ -1,7 +1,8 @@
-"""The ``roomrouter`` command.
+"""The ``roomrouter`` command (click, with rich tables for ``inspect``).
 
 roomrouter demo [--broker memory://] [--sink sqlite:///roomrouter-demo.db] [--port 8000]
 roomrouter worker --broker redis://127.0.0.1:6379/0 --namespace chat --sink sqlite:///chat.db
+roomrouter inspect --broker redis://127.0.0.1:6379/0 --namespace chat [--json]
 
 A failure to start (bad option, unreachable broker, wrong password, missing database) is one
 line ``roomrouter: <reason>`` on stderr and exit status 1; URLs in it have their password
@@ -10,27 +11,142 @@ redacted. Anything else that escapes is a bug and keeps its traceback.
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
+import secrets
 import signal
 import sys
+import time
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
+import click
 
-from ._errors import ConfigurationError, MissingDependency, RoomRouterError
+from ._errors import MissingDependency, RoomRouterError
+from ._urls import redact
 
 __all__ = ["main"]
 
 
-async def _run_worker(args: argparse.Namespace) -> None:
+def _version() -> str:
+    try:
+        return version("roomrouter")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        from . import __version__
+
+        return __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(_version(), "--version", prog_name="roomrouter")
+@click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (default: warnings).")
+def cli(verbose: bool) -> None:
+    """Route real-time room messages between nodes: run the demo chat, a storage worker, or
+    look at a running cluster."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # aiormq logs every failed connect at ERROR in its own words; roomrouter reports the
+        # same failure itself (one line at start-up, a warning and a retry later on).
+        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--broker", default="memory://", show_default=True, help="Broker URL.")
+@click.option(
+    "--sink",
+    default="sqlite:///roomrouter-demo.db",
+    show_default=True,
+    help="Where history is stored and read (a SQLite file in the current directory by default).",
+)
+@click.option(
+    "--presence",
+    default=None,
+    help="Where the who-is-here list is kept: a presence URL (redis://HOST:PORT/DB, "
+    "memory://NAME) or 'off'; default: the broker's own server for memory:// and redis:// "
+    "brokers, none for other brokers.",
+)
+@click.option("--namespace", default="demo", show_default=True, help="Cluster namespace.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to serve on.")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=8000,
+    show_default=True,
+    help="Port to serve on (0 picks a free one).",
+)
+@click.option("--history", type=int, default=50, show_default=True, help="Messages on joining.")
+@click.option(
+    "--no-worker",
+    is_flag=True,
+    help="Run no storage worker in this process (run `roomrouter worker` instead).",
+)
+def demo(
+    broker: str, sink: str, presence: str | None, namespace: str, host: str, port: int,
+    history: int, no_worker: bool,
+) -> None:  # fmt: skip
+    """Serve a web chat on roomrouter.
+
+    The defaults need no service: the in-memory broker, and history in a SQLite file. Give
+    several processes one --broker (Redis, RabbitMQ, Kafka), one --sink and their own --port
+    to run a multi-node chat.
+    """
+    try:
+        from . import _demo
+    except ImportError as exc:  # Starlette, uvicorn or websockets is missing
+        raise MissingDependency("demo", exc.name or "starlette") from exc
+    options: dict[str, Any] = {
+        "broker": broker, "sink": sink, "namespace": namespace, "history": history,
+        "worker": not no_worker,
+    }  # fmt: skip
+    if presence is not None:
+        options["presence"] = False if presence == "off" else presence
+    _demo.run(_demo.DemoSettings(**options), host=host, port=port)
+
+
+# -- worker -----------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--broker", required=True, help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
+@click.option("--namespace", required=True, help="Cluster namespace whose queue to drain.")
+@click.option("--sink", required=True, help="sqlite:///path.db or postgresql://user@host/db.")
+@click.option("--name", default=None, help="Consumer name (default: host-pid).")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=500, show_default=True,
+    help="Most envelopes written per sink transaction.",
+)  # fmt: skip
+@click.option(
+    "--max-delay", type=click.FloatRange(min=0), default=0.2, show_default=True,
+    help="Seconds an envelope may wait for its batch to fill.",
+)  # fmt: skip
+def worker(
+    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float
+) -> None:
+    """Move persisted messages from the broker's storage queue into a sink.
+
+    Run one or more, anywhere: they are competing consumers, acknowledge only what the sink
+    committed, and stop within a bounded time on SIGTERM.
+    """
+    anyio.run(_run_worker, broker, namespace, sink, name, batch_size, max_delay)
+
+
+async def _run_worker(
+    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float
+) -> None:
     from .storage import StorageWorker
 
     worker = StorageWorker.from_urls(
-        args.broker, args.namespace, args.sink, name=args.name,
-        batch_size=args.batch_size, max_delay=args.max_delay,
-    )  # fmt: skip
+        broker, namespace, sink, name=name, batch_size=batch_size, max_delay=max_delay
+    )
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
@@ -52,81 +168,133 @@ async def _run_worker(args: argparse.Namespace) -> None:
     )
 
 
-def _run_demo(args: argparse.Namespace) -> None:
-    if not 0 <= args.port <= 65535:
-        raise ConfigurationError(f"--port must be 1 to 65535 (or 0: a free port), not {args.port}")
-    try:
-        from . import _demo
-    except ImportError as exc:  # Starlette, uvicorn or websockets is missing
-        raise MissingDependency("demo", exc.name or "starlette") from exc
+# -- inspect ----------------------------------------------------------------------------------
 
-    settings = _demo.DemoSettings(
-        broker=args.broker,
-        sink=args.sink,
-        namespace=args.namespace,
-        history=args.history,
-        worker=not args.no_worker,
-    )
-    _demo.run(settings, host=args.host, port=args.port)
+
+@cli.command()
+@click.option("--broker", required=True, help="Broker URL of the cluster.")
+@click.option("--namespace", required=True, help="Cluster namespace.")
+@click.option(
+    "--presence",
+    default=None,
+    help="Presence store URL, for member counts per room (redis://...).",
+)
+@click.option(
+    "--wait", type=click.FloatRange(min=0), default=1.5, show_default=True,
+    help="Seconds to listen after joining, so every node's heartbeat is heard.",
+)  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+def inspect(broker: str, namespace: str, presence: str | None, wait: float, as_json: bool) -> None:
+    """Show a running cluster: its live nodes (age, rooms, members) and its rooms (hosting
+    nodes, presence counts).
+
+    The inspector joins the cluster as a short-lived node of its own (it hosts nothing and
+    says goodbye), so it sees what every node sees.
+    """
+    report = anyio.run(_inspect, broker, namespace, presence, wait)
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        _print_report(report)
+
+
+async def _inspect(
+    broker: str, namespace: str, presence: str | None, wait: float
+) -> dict[str, Any]:
+    from ._router import RoomRouter
+
+    router = RoomRouter.from_url(
+        broker, namespace=namespace, node_id="inspect-" + secrets.token_hex(4), linger=0,
+        presence=presence,
+    )  # fmt: skip
+    async with router:
+        await anyio.sleep(wait)
+        now = time.time()
+        nodes = [n for n in router.nodes() if n.node_id != router.node_id]
+        hosts: dict[str, list[str]] = {}
+        for node in nodes:
+            for room in node.rooms:
+                hosts.setdefault(room, []).append(node.node_id)
+        rooms = []
+        for room in sorted(hosts):
+            count = len(await router.presence(room)) if presence is not None else None
+            rooms.append({"room": room, "hosts": sorted(hosts[room]), "presence": count})
+        return {
+            "broker": redact(broker),
+            "namespace": namespace,
+            "nodes": [
+                {
+                    "id": n.node_id,
+                    "age_s": round(now - n.started, 1) if n.started else None,
+                    "last_seen_s": round(n.last_seen, 2),
+                    "rooms": len(n.rooms),
+                    "members": n.members,
+                }
+                for n in nodes
+            ],
+            "rooms": rooms,
+        }
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError as exc:
+        raise MissingDependency("cli", "rich") from exc
+
+    console = Console()
+    nodes = Table(title=f"{len(report['nodes'])} live node(s) of {report['namespace']!r} on "
+                        f"{report['broker']}")  # fmt: skip
+    for column, justify in (("node", "left"), ("age", "right"), ("last heard", "right"),
+                            ("rooms", "right"), ("members", "right")):  # fmt: skip
+        nodes.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for n in report["nodes"]:
+        age = "?" if n["age_s"] is None else _duration(n["age_s"])
+        nodes.add_row(n["id"], age, f"{n['last_seen_s']:.1f}s", str(n["rooms"]), str(n["members"]))
+    console.print(nodes)
+    rooms = Table(title=f"{len(report['rooms'])} room(s)")
+    rooms.add_column("room")
+    rooms.add_column("hosting nodes")
+    rooms.add_column("present", justify="right")
+    for r in report["rooms"]:
+        present = "-" if r["presence"] is None else str(r["presence"])
+        rooms.add_row(r["room"], ", ".join(r["hosts"]), present)
+    console.print(rooms)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+# -- entry point ------------------------------------------------------------------------------
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="roomrouter")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="run the demo chat server (web page + WebSocket)",
-        description="Serve a web chat on roomrouter. The defaults need no service: the "
-        "in-memory broker, and history in a SQLite file in the current directory. Give "
-        "several processes one --broker (Redis, RabbitMQ, Kafka), one --sink and their own "
-        "--port to run a multi-node chat.",
-    )
-    demo.add_argument("--broker", default="memory://", help="broker URL (default: memory://)")
-    demo.add_argument(
-        "--sink",
-        default="sqlite:///roomrouter-demo.db",
-        help="where history is stored and read (default: sqlite:///roomrouter-demo.db, "
-        "a file in the current directory)",
-    )
-    demo.add_argument("--namespace", default="demo")
-    demo.add_argument("--host", default="127.0.0.1")
-    demo.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    demo.add_argument("--history", type=int, default=50, help="messages shown on joining")
-    demo.add_argument(
-        "--no-worker",
-        action="store_true",
-        help="do not run a storage worker in this process (run `roomrouter worker` instead)",
-    )
-    worker = commands.add_parser("worker", help="move persisted messages into a sink")
-    worker.add_argument("--broker", required=True, help="broker URL, e.g. redis://127.0.0.1/0")
-    worker.add_argument("--namespace", required=True)
-    worker.add_argument("--sink", required=True, help="sqlite:///path.db or postgresql://...")
-    worker.add_argument("--name", default=None, help="consumer name (default: host-pid)")
-    worker.add_argument("--batch-size", type=int, default=500)
-    worker.add_argument("--max-delay", type=float, default=0.2, help="seconds")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not args.verbose:
-        # aiormq logs every failed connect at ERROR in its own words; roomrouter reports the
-        # same failure itself (one line at start-up, a warning and a retry later on).
-        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    args = list(sys.argv[1:] if argv is None else argv)
     try:
-        if args.command == "worker":
-            anyio.run(_run_worker, args)
-        elif args.command == "demo":
-            _run_demo(args)
+        cli.main(args=args, prog_name="roomrouter", standalone_mode=False)
+    except click.exceptions.Exit as exc:  # --help, --version
+        return exc.exit_code
+    except click.exceptions.Abort:
+        return 130
+    except click.UsageError as exc:
+        # A bad option is a start-up failure like any other: one line, status 1.
+        command = exc.ctx.command_path if exc.ctx is not None else "roomrouter"
+        message = _scrub(exc.format_message(), args)
+        print(f"roomrouter: {message} (see: {command} --help)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except BaseException as exc:
         error = _startup_error(exc)
         if error is None:
             raise
-        message = _scrub(str(error), [getattr(args, "broker", ""), getattr(args, "sink", "")])
-        print(f"roomrouter: {message}", file=sys.stderr)
+        print(f"roomrouter: {_scrub(str(error), args)}", file=sys.stderr)
         return 1
     return 0
 
@@ -147,17 +315,20 @@ def _startup_error(exc: BaseException) -> RoomRouterError | None:
     return None
 
 
-def _scrub(message: str, urls: Sequence[str]) -> str:
-    """Remove the passwords of ``urls`` from ``message``: a second line of defence behind
-    ``redact`` at the source, for text a client library composed."""
-    for url in urls:
-        try:
-            password = urlsplit(url).password
-        except ValueError:
-            continue
-        for secret in {password, unquote(password or "")}:
-            if secret:
-                message = message.replace(secret, "***")
+def _scrub(message: str, args: Sequence[str]) -> str:
+    """Remove the passwords of every URL among ``args`` from ``message``: a second line of
+    defence behind ``redact`` at the source, for text a client library composed."""
+    for arg in args:
+        for candidate in (arg, arg.partition("=")[2]):
+            if "://" not in candidate:
+                continue
+            try:
+                password = urlsplit(candidate).password
+            except ValueError:
+                continue
+            for secret in {password, unquote(password or "")}:
+                if secret:
+                    message = message.replace(secret, "***")
     return message
 
 

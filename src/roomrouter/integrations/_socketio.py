@@ -361,7 +361,7 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             # That link was released or cancelled meanwhile: make our own, if still needed.
         if namespace and room not in self.rooms.get(namespace, ()):
             return  # its local clients left while we waited: nothing to host
-        member = self.router.member()
+        member = self.router.member(listed=False)  # its clients are listed, not it
         link = self._links[name] = _Link(name, namespace, room, member)
         reader = asyncio.create_task(self._read(link), name=f"roomrouter socketio {name}")
         self._readers.add(reader)
@@ -385,11 +385,12 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
 
     def basic_leave_room(self, sid: Any, namespace: Any, room: Any) -> None:
         super().basic_leave_room(sid, namespace, room)
-        if room in self.rooms.get(namespace, ()):
-            return
         try:
             name = self.room_name(namespace, room)
         except TypeError:  # a room no link was made for (not JSON)
+            return
+        self.router.untrack_presence(name, str(sid))
+        if room in self.rooms.get(namespace, ()):
             return
         link = self._links.pop(name, None)
         if link is not None:
@@ -398,6 +399,16 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
     async def _close_released(self) -> None:
         while self._released:
             await self._released.pop().member.close()
+
+    async def cluster_participants(self, namespace: str, room: RoomKey) -> list[tuple[str, str]]:
+        """``(sid, node id)`` of every client in ``room`` on every node, oldest first — the
+        cluster-wide counterpart of python-socketio's node-local ``get_participants``. Needs
+        a router with presence (``RoomRouterManager(url, presence=True)`` on memory and Redis,
+        or ``presence="redis://..."``); raises :class:`~roomrouter.ConfigurationError` without.
+        The sid and namespace rooms are not tracked, only rooms clients entered."""
+        await self._ready()
+        entries = await self.router.presence(self.room_name(namespace or "/", room))
+        return [(entry.member, entry.node) for entry in entries]
 
     def _is_local(self, sid: Any, namespace: str) -> bool:
         return bool(self.is_connected(sid, namespace) or self.is_pre_connected(sid, namespace))
@@ -440,6 +451,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             self.basic_leave_room(sid, namespace, room)
             await self._close_released()
             raise
+        if sid in self.rooms.get(namespace, {}).get(room, ()):  # not left meanwhile
+            self.router.track_presence(name, str(sid))
 
     async def leave_room(self, sid: Any, namespace: Any, room: Any) -> None:
         """Remove a client of this node from ``room`` (the node leaves the roomrouter room with
