@@ -11,8 +11,8 @@ import pytest
 
 from roomrouter import BrokerUnavailable, RoomRouter, RouterNotRunning
 
-from .backends import Backend
-from .conftest import TEST_ROUTER_OPTIONS
+from .backends import BACKENDS, Backend
+from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import eventually, receive_n
 
 pytestmark = pytest.mark.anyio
@@ -184,3 +184,36 @@ async def test_starlette_lifespan(backend: Backend) -> None:
 
 def _assert(condition: object) -> None:
     assert condition
+
+
+async def test_a_broker_task_that_fails_is_restarted_and_the_router_runs_on() -> None:
+    """A backend's background task that raises, or that ends with a CancelledError nobody
+    asked for (aiormq and aiokafka raise those when a connection closes under a pending call),
+    is logged, counted and restarted: the router neither stops nor cancels its caller."""
+    import asyncio
+
+    from roomrouter.brokers.memory import MemoryBroker
+
+    runs: list[str] = []
+
+    class Flaky(MemoryBroker):
+        async def start(self, context: Any) -> None:
+            await super().start(context)
+            context.task_group.start_soon(self._flaky, name="flaky")
+
+        async def _flaky(self) -> None:
+            runs.append("run")
+            if len(runs) == 1:
+                raise RuntimeError("a bug in a backend task")
+            if len(runs) == 2:
+                raise asyncio.CancelledError  # not a cancellation of this task
+            await anyio.sleep_forever()
+
+    backend = BACKENDS["memory"](unique_namespace())
+    router = RoomRouter(Flaky(f"test-{backend.namespace}"), namespace=backend.namespace,
+                        **TEST_ROUTER_OPTIONS)  # fmt: skip
+    async with router:
+        await eventually(lambda: _assert(len(runs) == 3), timeout=5)
+        assert router.stats()["task_restarts"] == 2
+        await _talk(router, router, "still-running")
+    assert router.stats()["task_restarts"] == 2  # closing cancelled it for real: no restart

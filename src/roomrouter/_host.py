@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from typing import Any
 
-__all__ = ["spawn_detached"]
+from anyio.abc import TaskGroup
+
+__all__ = ["SupervisedTasks", "spawn_detached", "stray_cancellation"]
 
 #: The event loop keeps only weak references to tasks: hold them until they end.
 _running: set[asyncio.Task[None]] = set()
@@ -35,3 +38,36 @@ def spawn_detached(func: Callable[[], Coroutine[Any, Any, None]], name: str) -> 
     # The other event loop anyio runs on; imported by name since it is no dependency of ours.
     trio = importlib.import_module("trio")
     trio.lowlevel.spawn_system_task(func, name=name)
+
+
+def stray_cancellation() -> bool:
+    """True inside ``except CancelledError`` when nobody cancelled this task: a client library
+    raised a ``CancelledError`` of its own (aiormq and aiokafka do when their connection
+    closes under a pending call). Left alone, anyio takes it for the task's cancellation and
+    cancels the whole task group: the router would stop, silently. asyncio only (a request to
+    cancel shows in ``Task.cancelling()``); elsewhere every cancellation is taken as real."""
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:
+        return False
+    return task is not None and task.cancelling() == 0
+
+
+class SupervisedTasks:
+    """What brokers and presence stores start their tasks with (``BrokerContext.task_group``):
+    every task runs under the router's supervision (``supervise(task_group, name, loop)``), so
+    a failure is logged, counted and restarted instead of stopping the router."""
+
+    def __init__(
+        self,
+        inner: TaskGroup,
+        supervise: Callable[[TaskGroup, str, Callable[[], Awaitable[None]]], None],
+    ) -> None:
+        self._inner = inner
+        self._supervise = supervise
+
+    def start_soon(
+        self, func: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: object = None
+    ) -> None:
+        label = str(name or getattr(func, "__name__", "task"))
+        self._supervise(self._inner, label, partial(func, *args))

@@ -16,10 +16,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 
 import anyio
-from anyio.abc import TaskGroup
 
 from ._errors import RoomRouterError
 from ._stats import Stats
+from .brokers._base import TaskStarter
 from .presence._base import Presence, PresenceEntry, PresenceWrite
 
 __all__ = ["PresenceKeeper"]
@@ -57,7 +57,7 @@ class PresenceKeeper:
         self._wake = anyio.Event()
         self._progress = anyio.Event()
 
-    async def start(self, namespace: str, task_group: TaskGroup) -> None:
+    async def start(self, namespace: str, task_group: TaskStarter) -> None:
         await self.store.start(namespace, self.node_id, ttl=self._ttl, task_group=task_group)
 
     # -- called by the router (never blocks) ------------------------------------------------------

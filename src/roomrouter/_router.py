@@ -43,7 +43,7 @@ from ._errors import (
     RoomRouterError,
     RouterNotRunning,
 )
-from ._host import spawn_detached
+from ._host import SupervisedTasks, spawn_detached, stray_cancellation
 from ._member import Member, OverflowPolicy, Recovery
 from ._presence import PresenceKeeper
 from ._stats import Stats
@@ -390,6 +390,10 @@ class RoomRouter:
             host.stopped.set()
 
     async def _start_in(self, tg: TaskGroup) -> None:
+        # The broker's and the presence store's tasks run under the same supervision as the
+        # router's own loops: a failure is logged, counted and restarted, never the end of
+        # the router (nor, before the host task, of the application's task group).
+        supervised = SupervisedTasks(tg, self._spawn)
         await self.broker.start(
             BrokerContext(
                 node_id=self.node_id,
@@ -397,14 +401,14 @@ class RoomRouter:
                 on_data=self._on_data,
                 on_control=self._cluster.on_control,
                 on_reconnect=self._on_reconnect,
-                task_group=tg,
+                task_group=supervised,
             )
         )
         self._spawn(tg, "control sender", self._cluster.run_sender)
         self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
         self._spawn(tg, "subscriptions", self._subs.run)
         if self._presence is not None:
-            await self._presence.start(self.namespace, tg)
+            await self._presence.start(self.namespace, supervised)
             self._spawn(tg, "presence writer", self._presence.run_writer)
             self._spawn(tg, "presence refresh", self._presence.run_refresh)
         await self._cluster.join_cluster(self._discovery_window)
@@ -440,8 +444,17 @@ class RoomRouter:
                     log.exception(
                         "node %s: background task %r failed; restarting", self.node_id, name
                     )
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
+                except anyio.get_cancelled_exc_class():
+                    if not stray_cancellation():
+                        raise  # the router is closing
+                    self._stats.task_restarts += 1
+                    log.error(
+                        "node %s: background task %r ended with a CancelledError nobody asked "
+                        "for (raised by a client library); restarting", self.node_id, name,
+                        exc_info=True,
+                    )  # fmt: skip
+                await anyio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
         tg.start_soon(supervised, name=f"roomrouter {name} {self.node_id}")
 

@@ -41,13 +41,28 @@ Guarantees a backend must give (the contract suite in ``tests/`` checks them):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
-from anyio.abc import TaskGroup
+__all__ = [
+    "Broker",
+    "BrokerContext",
+    "RecentFrames",
+    "StorageConsumer",
+    "StoredFrame",
+    "TaskStarter",
+]
 
-__all__ = ["Broker", "BrokerContext", "RecentFrames", "StorageConsumer", "StoredFrame"]
+
+class TaskStarter(Protocol):
+    """Where a backend starts its background tasks: the ``start_soon`` of an anyio task group.
+    The router's runs every task under supervision (a failure is logged, counted and the task
+    restarted with backoff), and cancels them all when it closes."""
+
+    def start_soon(
+        self, func: Callable[..., Coroutine[Any, Any, Any]], *args: object, name: object = None
+    ) -> object: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,9 +75,9 @@ class BrokerContext:
     on_data: Callable[[str, bytes], None]
     on_control: Callable[[bytes], None]
     on_reconnect: Callable[[], None]
-    #: The router's task group: the broker starts its background tasks here, so they are
-    #: supervised and cancelled with the router.
-    task_group: TaskGroup
+    #: Where the broker starts its background tasks, so they are supervised (restarted after a
+    #: failure, with backoff) and cancelled with the router. A task that returns is done.
+    task_group: TaskStarter
 
 
 class Broker(ABC):

@@ -29,7 +29,8 @@ from contextlib import AbstractAsyncContextManager
 from typing import ClassVar, Literal
 
 import msgspec
-from anyio.abc import TaskGroup
+
+from ..brokers._base import TaskStarter
 
 __all__ = ["Presence", "PresenceEntry", "PresenceEvent", "PresenceWrite"]
 
@@ -69,7 +70,7 @@ class Presence(ABC):
 
     @abstractmethod
     async def start(
-        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskGroup
+        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskStarter
     ) -> None:
         """Connect and mark this node alive for ``ttl`` seconds. Background tasks go into
         ``task_group`` (the router's). Raises :class:`~roomrouter.BrokerUnavailable`."""

@@ -9,10 +9,10 @@ from contextlib import asynccontextmanager
 from typing import ClassVar
 
 import anyio
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .._errors import BrokerUnavailable
+from ..brokers._base import TaskStarter
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
 
 __all__ = ["MemoryPresence"]
@@ -69,7 +69,7 @@ class MemoryPresence(Presence):
         return self._hub
 
     async def start(
-        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskGroup
+        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskStarter
     ) -> None:
         self._hub = _Hub.named(self.hub_name)
         self._hub.nodes += 1

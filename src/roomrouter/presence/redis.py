@@ -24,7 +24,6 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -32,6 +31,7 @@ from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
+from ..brokers._base import TaskStarter
 from ..brokers.redis import key_prefix
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
 
@@ -69,7 +69,7 @@ class RedisPresence(Presence):
         self._client: Redis | None = None
         self._pubsub: PubSub | None = None
         self._watchers: dict[bytes, set[MemoryObjectSendStream[PresenceEvent]]] = {}
-        self._tg: TaskGroup | None = None
+        self._tg: TaskStarter | None = None
         self._reader_running = False
         self._ttl_ms = 5000
         self._node = ""
@@ -118,7 +118,7 @@ class RedisPresence(Presence):
     # -- lifecycle --------------------------------------------------------------------------------
 
     async def start(
-        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskGroup
+        self, namespace: str, node_id: str, *, ttl: float, task_group: TaskStarter
     ) -> None:
         self._p = key_prefix(namespace)
         self._node = node_id
