@@ -9,6 +9,9 @@ Three ways to publish ``--n`` frames of ``--payload`` bytes to one room (one par
 * **raw**: an ``AIOKafkaProducer`` with roomrouter's producer settings (acks, linger_ms, no
   idempotence, request timeout); every ``send()`` is called at once, then all the futures are
   awaited -- the fastest way a raw client keeps call order and learns every acknowledgement.
+* **raw_tasks**: the same producer, ``send_and_wait()`` from ``--concurrency`` tasks: what
+  raw aiokafka reaches in the shape the two modes below have (at most that many publishes
+  outstanding, so with few tasks the broker's round trip, not the CPU, sets the pace).
 * **broker**: ``KafkaBroker.publish`` from ``--concurrency`` tasks, as routers call it.
 * **router**: ``RoomRouter.publish`` from ``--concurrency`` tasks to a room whose only member
   sits on another node (a separate process), so every publish goes to the broker.
@@ -34,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("raw", "broker", "router")
+MODES = ("raw", "raw_tasks", "broker", "router")
 ROOM = "bench"
 
 
@@ -50,7 +53,7 @@ def _broker_options(args: argparse.Namespace) -> dict[str, Any]:
 # -- children ---------------------------------------------------------------------------------
 
 
-async def _raw(args: argparse.Namespace) -> float:
+async def _raw(args: argparse.Namespace, tasks: bool = False) -> float:
     from aiokafka import AIOKafkaProducer
 
     from roomrouter.brokers._kafka_common import ensure_topics, names, partition
@@ -72,6 +75,12 @@ async def _raw(args: argparse.Namespace) -> float:
         payload = os.urandom(args.payload)
         for _ in range(50):  # warm up: metadata, connection
             await (await producer.send(data, payload, key=key, partition=part))
+        if tasks:
+            return await _concurrently(
+                lambda: producer.send_and_wait(data, payload, key=key, partition=part),
+                args.n,
+                args.concurrency,
+            )
         t0 = time.perf_counter()
         futures = [
             await producer.send(data, payload, key=key, partition=part) for _ in range(args.n)
@@ -189,7 +198,13 @@ def _child(args: argparse.Namespace) -> None:
             await _host(args)
             return
         rate = await asyncio.wait_for(
-            {"raw": _raw, "broker": _broker, "router": _router}[args.child](args), args.timeout
+            {
+                "raw": _raw,
+                "raw_tasks": lambda a: _raw(a, tasks=True),
+                "broker": _broker,
+                "router": _router,
+            }[args.child](args),
+            args.timeout,
         )
         print(json.dumps({"mode": args.child, "rate": rate}), flush=True)
 
@@ -265,7 +280,7 @@ def main() -> None:
         for round_ in range(args.rounds):
             for mode in modes:  # interleaved: drift in the host's load hits every mode alike
                 rate = _measure(args, mode)
-                print(f"round {round_ + 1} {mode:7} {rate or 0:10,.0f} msg/s", file=sys.stderr)
+                print(f"round {round_ + 1} {mode:9} {rate or 0:10,.0f} msg/s", file=sys.stderr)
                 if rate is not None:
                     results[mode].append(rate)
     finally:
@@ -281,7 +296,8 @@ def main() -> None:
     print("| publisher | msg/s | x raw |")
     print("|---|---:|---:|")
     labels = {
-        "raw": "raw aiokafka `send()` futures",
+        "raw": "raw aiokafka, every `send()` then the futures",
+        "raw_tasks": "raw aiokafka `send_and_wait()` from the tasks",
         "broker": "`KafkaBroker.publish`",
         "router": "`RoomRouter.publish` (remote host)",
     }
