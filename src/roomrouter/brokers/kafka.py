@@ -301,6 +301,7 @@ class KafkaBroker(Broker):
         self._send_wake = anyio.Event()
         self._watch_idle = False
         self._watch_wake = anyio.Event()
+        self._watching = False  # the watchdog runs: only then may a publish wait
         self._probe_seen = 0
         self._probe_event = anyio.Event()
         self._history_lock = anyio.Lock()  # one recent() scan at a time per node
@@ -405,10 +406,12 @@ class KafkaBroker(Broker):
                 delay *= 2
         context.task_group.start_soon(self._supervise, name=f"kafka reader {context.node_id}")
         context.task_group.start_soon(self._send_loop, name=f"kafka sender {context.node_id}")
+        self._watching = True  # from now on: the task starts before any deadline can pass
         context.task_group.start_soon(self._watchdog, name=f"kafka publish timer {context.node_id}")
 
     async def aclose(self) -> None:
         self._closed = True
+        self._watching = False
         error = BrokerUnavailable("broker closed")
         # Failed, not removed: the sender may be inside send() with the head; it drops
         # settled records itself.
@@ -734,8 +737,8 @@ class KafkaBroker(Broker):
     async def _enqueue(
         self, control: bool, key: bytes, value: bytes, *, stored: bool = False
     ) -> None:
-        if self._closed:
-            raise BrokerUnavailable("broker closed")
+        if not self._watching:  # closed, not started, or its tasks are gone with the router
+            raise BrokerUnavailable("broker closed" if self._closed else "broker not running")
         # Takes its place in the queue before the first await: call order is send order. No
         # timer of its own: the watchdog settles the future at the deadline.
         future = asyncio.get_running_loop().create_future()
@@ -855,6 +858,18 @@ class KafkaBroker(Broker):
         still queued, ``PublishOutcomeUnknown`` if the producer has it. Deadlines grow along
         both deques, so the heads say when to look next: one timer for all publishes."""
         queue, inflight = self._queue, self._inflight
+        try:
+            await self._watch(queue, inflight)
+        finally:
+            # Cancelled with the router (aclose may come later, or never): without the
+            # watchdog no deadline holds, so nobody may stay waiting.
+            self._watching = False
+            for item in queue:
+                item.fail(BrokerUnavailable("broker stopped; not sent"))
+            for item in inflight:
+                item.fail(PublishOutcomeUnknown("broker stopped with the record in flight"))
+
+    async def _watch(self, queue: deque[_Send], inflight: deque[_Send]) -> None:
         while True:
             now = anyio.current_time()
             while inflight and (inflight[0].future.done() or inflight[0].deadline <= now):
