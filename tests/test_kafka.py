@@ -4,6 +4,7 @@ join never replays older records, and a broker restart is survived. Runs on Tans
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -378,6 +379,122 @@ async def test_concurrent_publishers_lose_nothing(kafka: KafkaBackend) -> None:
             ids = [e.id for e in got if e.origin == router.node_id]
             assert len(ids) == per_node and ids == sorted(ids)
         print("holes waited for:", _kafka(receiver).offset_guard.retries)
+
+
+async def test_many_concurrent_publishes_keep_call_order(kafka: KafkaBackend) -> None:
+    """Publishes from many tasks reach another node in the order they were called, also when
+    the bound on unacknowledged records (tiny here) makes the queue wait for room."""
+    async with AsyncExitStack() as stack:
+        opts = {**TEST_ROUTER_OPTIONS, **kafka.router_options, "inbox_size": 10_000}
+        a = await stack.enter_async_context(
+            RoomRouter(kafka.broker(max_pending=7), namespace=kafka.namespace, **opts)
+        )
+        b = await stack.enter_async_context(
+            RoomRouter(kafka.broker(), namespace=kafka.namespace, **opts)
+        )
+        member = b.member("m")
+        await member.join("ordered")
+        await eventually(lambda: _eq(a.remote_hosts("ordered"), {b.node_id}))
+        total, counter = 3000, iter(range(3000))
+
+        async def publisher() -> None:
+            # The number is taken and the call made with no await between: call order.
+            for i in counter:
+                await a.publish("ordered", b"%d" % i)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(50):
+                tg.start_soon(publisher)
+        got = await receive_n(member, total, timeout=60)
+        assert [int(e.payload) for e in got] == list(range(total))
+
+
+async def test_publish_while_the_broker_is_down_fails_in_time_as_not_sent(
+    own_tansu: kafka_server.TansuServer,
+) -> None:
+    """With the broker gone (the node noticed and has no session), every publish fails within
+    the operation timeout with BrokerUnavailable -- not PublishOutcomeUnknown: nothing left."""
+    backend = KafkaBackend(unique_namespace())
+    backend.bootstrap = own_tansu.bootstrap
+    timeout = 1.5
+    backend.broker_options = {**backend.broker_options, "operation_timeout": timeout}
+    async with AsyncExitStack() as stack:
+        [a] = await _routers(stack, backend, 1)
+        broker = _kafka(a)
+        await broker.publish("R", b"while up")
+        await anyio.to_thread.run_sync(own_tansu.stop)
+        await eventually(lambda: _eq(broker._session, None), timeout=15)
+        errors: list[BaseException] = []
+
+        async def publish(i: int) -> None:
+            started = anyio.current_time()
+            try:
+                await broker.publish("R", b"%d" % i)
+            except BrokerUnavailable as exc:
+                errors.append(exc)
+            assert anyio.current_time() - started <= timeout + 0.5
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(publish, i)
+        assert len(errors) == 200
+        assert not any(isinstance(e, PublishOutcomeUnknown) for e in errors)
+        assert not [item for item in broker._queue if not item.control]
+        # Leave with a settled node: a router closed mid-reconnect leaks the clients' sockets.
+        await anyio.to_thread.run_sync(own_tansu.start)
+        await eventually(lambda: _ge(a.stats()["reconnects"], 1), timeout=20)
+
+
+async def test_unacknowledged_records_are_bounded_and_the_rest_wait_unsent(
+    kafka: KafkaBackend,
+) -> None:
+    """A producer that never answers (a stalled broker, simulated at the client so no frozen
+    connection outlives the test): it gets at most ``max_pending`` records; the others wait in
+    the queue (their callers stay suspended) and fail at the deadline as not sent, the handed
+    ones as unknown outcomes."""
+    async with AsyncExitStack() as stack:
+        [a] = await _routers(stack, kafka, 1)
+        broker = _kafka(a)
+        broker.max_pending = 5
+        broker.operation_timeout = 1.0
+        await broker.publish("R", b"warm")  # metadata and connection in place
+        session = broker._session
+        assert session is not None
+        producer = session.producer
+        unanswered: list[asyncio.Future[Any]] = []
+
+        async def stalled(*args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+            unanswered.append(asyncio.get_running_loop().create_future())
+            return unanswered[-1]
+
+        unknown: list[int] = []
+        unsent: list[int] = []
+
+        async def publish(i: int) -> None:
+            try:
+                await broker.publish("R", b"%d" % i)
+            except PublishOutcomeUnknown:
+                unknown.append(i)
+            except BrokerUnavailable:
+                unsent.append(i)
+
+        producer.send_batch = stalled
+        try:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(publish, i)
+                await anyio.sleep(0.3)
+                assert broker._unacked == 5
+                queued = sum(not item.control for item in broker._queue)
+        finally:
+            del producer.send_batch  # the class's method again
+            for future in unanswered:
+                future.cancel()
+        # The first ones in call order were handed on (five, or four and a heartbeat that was
+        # queued before them); the rest never left.
+        assert len(unknown) in (4, 5) and queued == 20 - len(unknown)
+        assert sorted(unknown) == list(range(len(unknown)))
+        assert sorted(unsent) == list(range(len(unknown), 20))
 
 
 # -- persistence: the data topic is the storage queue ------------------------------------------

@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import anyio
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
@@ -111,7 +112,10 @@ async def ensure_topics(
                 raise BrokerUnavailable(f"cannot create topic {topic}: {code} {message}")
         described = await admin.describe_topics([data_topic])
     finally:
-        await admin.close()
+        # Shielded: under a caller's expired timeout an unshielded close is cancelled at once
+        # and leaves the admin client's sockets open (ResourceWarnings, a leak per reconnect).
+        with anyio.move_on_after(5, shield=True):
+            await admin.close()
     data = described[0]
     if data["error_code"] or not data["partitions"]:
         raise BrokerUnavailable(f"topic {data_topic} is not available: {data}")

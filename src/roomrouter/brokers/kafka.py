@@ -54,8 +54,17 @@ who read a record, so a starting router listens for ``discovery_window`` seconds
 
 **Publishing.** One producer per node, ``acks="all"`` by default, ``linger_ms`` small and
 bounded; no idempotent or transactional producer (Tansu refuses them). :meth:`publish` appends
-to a queue drained by one sender task, so call order is send order, and waits for the broker's
-acknowledgement; many publishes are in flight at once and travel in shared batches.
+to a queue before its first ``await`` and waits on a future for the broker's acknowledgement.
+One sender task moves the queue's head into one producer batch per partition
+(``create_batch``/``send_batch``: the per-record ``send()`` costs a coroutine, a future and
+metadata lookups, most of the publisher's CPU) and hands them on without awaiting answers, so
+call order is send order and many publishes share a request. One done callback per batch
+settles its publishes. Deadlines: one timer per sender round (a submission that has to wait
+for the partition's previous batch), and one watchdog for all publishes, which fails a record
+still queued at its deadline with ``BrokerUnavailable`` (never left) and one the producer has
+with ``PublishOutcomeUnknown``. Bound: at most ``max_pending`` records (default 10 000) are
+handed on and unanswered; beyond that the queue waits and its callers stay suspended
+(backpressure by awaiting, in call order), each at most the operation timeout.
 
 **Latency.** ``fetch_max_wait_ms`` defaults to 10. Apache Kafka answers a fetch as soon as one
 byte is there (``fetch_min_bytes=1``), so on it the wait only bounds idle polling; Tansu 0.6
@@ -87,11 +96,12 @@ while the node was cut off are lost (live delivery is at-most-once).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -124,33 +134,40 @@ _BROADCAST = b"*"
 
 @dataclass(slots=True, eq=False)
 class _Send:
-    """One frame waiting in the send queue, then for the broker's acknowledgement."""
+    """One frame waiting in the send queue, then for the broker's acknowledgement.
+
+    ``future`` is what the publishing call awaits; whoever settles it first wins (the
+    producer's answer, the watchdog at the deadline, ``aclose``), and a cancelled caller
+    cancels it, which tells the sender to drop the frame if it has not handed it on yet."""
 
     control: bool
     key: bytes
     value: bytes
-    deadline: float
-    stored: bool = False  # also a storage-queue record (carries STORED_HEADERS)
-    done: anyio.Event = field(default_factory=anyio.Event)
-    error: BaseException | None = None
-    abandoned: bool = False  # the caller gave up: do not send it any more
-    handed: bool = False  # the producer took it: from now on it may reach the broker
+    deadline: float  # loop time; non-decreasing along the queue (one timeout for all)
+    stored: bool  # also a storage-queue record (carries STORED_HEADERS)
+    future: asyncio.Future[None]
 
     def fail(self, error: BaseException) -> None:
-        if not self.done.is_set():
-            self.error = error
-            self.done.set()
+        if not self.future.done():
+            self.future.set_exception(error)
 
-    def acknowledged(self, future: asyncio.Future[Any]) -> None:
-        if future.cancelled():
-            self.fail(PublishOutcomeUnknown("Kafka send cancelled after the producer took it"))
-        elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
-            if _refused(exc):
-                self.fail(BrokerUnavailable(f"Kafka refused the record: {exc!r}"))
-            else:
-                self.fail(PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}"))
+
+def _settle(items: list[_Send], future: asyncio.Future[Any]) -> None:
+    """Settle the publishes of one batch from the producer's answer for it."""
+    error: BaseException | None = None
+    if future.cancelled():
+        error = PublishOutcomeUnknown("Kafka send cancelled after the producer took it")
+    elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
+        if _refused(exc):
+            error = BrokerUnavailable(f"Kafka refused the record: {exc!r}")
         else:
-            self.done.set()
+            error = PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}")
+    for item in items:
+        if not item.future.done():
+            if error is None:
+                item.future.set_result(None)
+            else:
+                item.future.set_exception(error)
 
 
 def _refused(exc: BaseException) -> bool:
@@ -198,6 +215,9 @@ class KafkaBroker(Broker):
     most), ``redelivery_after`` (seconds: the storage group's session timeout, after which a
     silent worker's partitions go to the others; brokers enforce a minimum, 6 s by default on
     Apache Kafka).
+
+    ``max_pending`` bounds the records handed to the producer and not yet acknowledged
+    (see "Publishing" in the module docstring).
     """
 
     name = "kafka"
@@ -221,6 +241,7 @@ class KafkaBroker(Broker):
         recent_size: int = 1000,
         recent_scan: int = 10_000,
         redelivery_after: float = 10.0,
+        max_pending: int = 10_000,
     ) -> None:
         if acks not in ("all", 1, -1):
             raise ConfigurationError(
@@ -233,6 +254,8 @@ class KafkaBroker(Broker):
             raise ConfigurationError("need 0 <= linger_ms <= 1000 and 0 <= fetch_max_wait_ms")
         if operation_timeout <= 0 or health_interval <= 0 or max_backoff <= 0:
             raise ConfigurationError("timeouts and intervals must be > 0")
+        if max_pending < 1:
+            raise ConfigurationError("max_pending must be >= 1")
         if recent_size < 1 or recent_scan < 1 or redelivery_after <= 0:
             raise ConfigurationError("recent_size, recent_scan and redelivery_after must be > 0")
         if not LEGAL_TOPIC.fullmatch(topic_prefix):
@@ -253,6 +276,7 @@ class KafkaBroker(Broker):
         self.recent_size = recent_size
         self.recent_scan = recent_scan
         self.redelivery_after = redelivery_after
+        self.max_pending = max_pending
         #: Records of hosted rooms dropped because they were older than the room's join.
         self.skipped_before_join = 0
         #: Keeps the live reader's partitions contiguous (its counters: holes waited for,
@@ -267,18 +291,30 @@ class KafkaBroker(Broker):
         # room key -> (partition, first offset to deliver)
         self._rooms: dict[bytes, tuple[int, int]] = {}
         self._positions: dict[TopicPartition, int] = {}  # next offset to read, per assigned tp
+        # Publishing (see _enqueue): the send queue in call order, the records the producer
+        # holds in hand order, and how many of the current session's are unacknowledged.
         self._queue: deque[_Send] = deque()
+        self._inflight: deque[_Send] = deque()
+        self._unacked = 0
+        self._epoch = 0  # counts sessions: answers of an older producer do not count
+        self._sender_idle = False
         self._send_wake = anyio.Event()
+        self._watch_idle = False
+        self._watch_wake = anyio.Event()
+        self._watching = False  # the watchdog runs: only then may a publish wait
         self._probe_seen = 0
         self._probe_event = anyio.Event()
         self._history_lock = anyio.Lock()  # one recent() scan at a time per node
+        # Lost sessions still being closed in the background. The router cancels its tasks
+        # before it calls aclose, which closes what that interrupted (else their sockets leak).
+        self._closing: set[_Session] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> KafkaBroker:
         """``kafka://host:port[,host:port][?partitions=16&acks=all&linger_ms=1&
         fetch_max_wait_ms=10&operation_timeout=5&max_backoff=5&health_interval=1&
         topic_prefix=roomrouter&replication_factor=1&recent_size=1000&recent_scan=10000&
-        redelivery_after=10]``; a host without port gets 9092."""
+        redelivery_after=10&max_pending=10000]``; a host without port gets 9092."""
         parts = urlsplit(url)
         if parts.scheme.lower() != "kafka":
             raise ConfigurationError(f"not a kafka:// URL: {redact(url)!r}")
@@ -303,6 +339,7 @@ class KafkaBroker(Broker):
             "recent_size": int,
             "recent_scan": int,
             "redelivery_after": float,
+            "max_pending": int,
         }
         for key, value in parse_qsl(parts.query, keep_blank_values=True):
             convert = converters.get(key)
@@ -369,16 +406,29 @@ class KafkaBroker(Broker):
                 delay *= 2
         context.task_group.start_soon(self._supervise, name=f"kafka reader {context.node_id}")
         context.task_group.start_soon(self._send_loop, name=f"kafka sender {context.node_id}")
+        self._watching = True  # from now on: the task starts before any deadline can pass
+        context.task_group.start_soon(self._watchdog, name=f"kafka publish timer {context.node_id}")
 
     async def aclose(self) -> None:
         self._closed = True
+        self._watching = False
         error = BrokerUnavailable("broker closed")
-        while self._queue:
-            self._queue.popleft().fail(error)
+        # Failed, not removed: the sender may be inside send() with the head; it drops
+        # settled records itself.
+        for item in self._queue:
+            item.fail(error)
         session, self._session = self._session, None
-        if session is not None:
+        sessions = [*self._closing, *([session] if session is not None else [])]
+        self._closing.clear()
+        if sessions:
             with anyio.move_on_after(self.operation_timeout, shield=True):
-                await _close_session(session)
+                for each in sessions:
+                    await _close_session(each)
+        # Stopping the producer answers what it held; a stop cut short may not have, and the
+        # watchdog goes with the router: nobody may wait on them for ever.
+        for item in self._inflight:
+            item.fail(PublishOutcomeUnknown("Kafka broker closed with the record in flight"))
+        self._inflight.clear()
 
     async def _connect(self, limit: float | None = None) -> None:
         """Open a session: topics, clients, control partition entered, rooms restored.
@@ -425,7 +475,12 @@ class KafkaBroker(Broker):
                 f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
             ) from exc
         self._session = session
+        # A new producer: the old one's records are answered (or not) by it, not counted here.
+        self._epoch += 1
+        self._unacked = 0
         self._connected.set()
+        if self._queue:
+            self._wake_sender()
 
     async def _restore(self, session: _Session) -> None:
         """Enter the control partition and every room's partition at fresh markers.
@@ -534,9 +589,12 @@ class KafkaBroker(Broker):
                 self._connected = anyio.Event()
                 # Close in the background: a producer flushing to a dead broker takes up to the
                 # request timeout, and the reconnect should not wait for that.
-                self._ctx.task_group.start_soon(
-                    _close_session_quietly, session, 2 * self.operation_timeout
-                )
+                self._closing.add(session)
+                self._ctx.task_group.start_soon(self._close_lost, session)
+
+    async def _close_lost(self, session: _Session) -> None:
+        await _close_session_quietly(session, 2 * self.operation_timeout)
+        self._closing.discard(session)  # not on cancellation: aclose finishes the job
 
     async def _reconnect(self) -> None:
         assert self._ctx is not None
@@ -679,66 +737,162 @@ class KafkaBroker(Broker):
     async def _enqueue(
         self, control: bool, key: bytes, value: bytes, *, stored: bool = False
     ) -> None:
-        if self._closed:
-            raise BrokerUnavailable("broker closed")
-        # Takes its place in the queue before the first await: call order is send order.
-        item = _Send(control, key, value, anyio.current_time() + self.operation_timeout, stored)
+        if not self._watching:  # closed, not started, or its tasks are gone with the router
+            raise BrokerUnavailable("broker closed" if self._closed else "broker not running")
+        # Takes its place in the queue before the first await: call order is send order. No
+        # timer of its own: the watchdog settles the future at the deadline.
+        future = asyncio.get_running_loop().create_future()
+        deadline = future.get_loop().time() + self.operation_timeout
+        item = _Send(control, key, value, deadline, stored, future)
         self._queue.append(item)
+        if self._sender_idle:
+            self._wake_sender()
+        if self._watch_idle:
+            self._watch_idle = False
+            self._watch_wake.set()
+        # A cancelled caller cancels the future: the sender then skips the record (or, once
+        # handed, its answer is ignored).
+        await future
+
+    def _wake_sender(self) -> None:
+        self._sender_idle = False
         self._send_wake.set()
-        try:
-            with anyio.fail_after(self.operation_timeout):
-                await item.done.wait()
-        except TimeoutError as exc:
-            if item.handed:
-                raise PublishOutcomeUnknown(
-                    "Kafka did not acknowledge the record in time; the producer had it, so it "
-                    "may have been appended"
-                ) from exc
-            raise BrokerUnavailable("Kafka did not take the record in time; not sent") from exc
-        finally:
-            item.abandoned = True
-        if item.error is not None:
-            raise item.error
 
     async def _send_loop(self) -> None:
-        while True:
-            await self._send_wake.wait()
-            self._send_wake = anyio.Event()
-            while self._queue:
-                item = self._queue.popleft()
-                if not item.abandoned:
-                    await self._send(item)
+        """Hand queued records to the producer, many per wake-up, without awaiting answers.
 
-    async def _send(self, item: _Send) -> None:
-        """Hand one record to the producer (which batches it); the acknowledgement completes
-        ``item`` from the producer's future. Waits at most until the item's deadline."""
-        future: asyncio.Future[Any] | None = None
-        with anyio.move_on_after(item.deadline - anyio.current_time()):
-            try:
-                session = await self._wait_session()
-                if item.control:
-                    topic, part = self._control_topic, 0
-                else:
-                    topic = self._data_topic
-                    part = partition(item.key, session.partitions)
-                future = await session.producer.send(
-                    topic,
-                    item.value,
-                    key=item.key,
-                    partition=part,
-                    headers=STORED_HEADERS if item.stored else None,
-                )
-            except (*ERRORS, BrokerUnavailable) as exc:
+        Order: one task hands records in queue order, and the producer keeps one partition's
+        records in that order. Bound: at most ``max_pending`` handed and unanswered; beyond
+        that the queue waits (backpressure: the callers stay suspended in ``_enqueue``)."""
+        queue = self._queue
+        while True:
+            if not queue or self._unacked >= self.max_pending:
+                self._sender_idle = True
+                self._send_wake = anyio.Event()
+                await self._send_wake.wait()
+                continue
+            session = self._session
+            if session is None:
+                # The watchdog fails what expires meanwhile; _connect wakes us.
+                self._sender_idle = True
+                self._send_wake = anyio.Event()
+                await self._send_wake.wait()
+                continue
+            await self._send_batch(session)
+
+    async def _send_batch(self, session: _Session) -> None:
+        """Move records from the head of the queue into one producer batch per partition and
+        hand those on, without awaiting the answers; one done callback per batch settles its
+        publishes. The producer builds batches itself too, but its ``send()`` costs a coroutine,
+        a future and metadata lookups per record -- most of the publisher's time.
+
+        One timer per round: submitting waits when the partition already has a batch waiting
+        to go (the producer keeps one per partition, behind the one in flight); past the
+        deadline of the round's first record, what was not submitted fails as not sent."""
+        queue, inflight, producer = self._queue, self._inflight, session.producer
+        while inflight and inflight[0].future.done():  # answered: let them go
+            inflight.popleft()
+        now = anyio.current_time()
+        while queue and (queue[0].future.done() or queue[0].deadline <= now):
+            # Too late to send: it would be handed on before the timer could stop it.
+            queue.popleft().fail(BrokerUnavailable("Kafka did not take the record in time"))
+        if not queue:
+            return
+        # Fill: synchronous, so nothing joins the queue's head meanwhile. Stops at a full
+        # batch (the next round starts a new one) or at the bound.
+        batches: dict[int, tuple[Any, list[_Send]]] = {}  # partition key -> (builder, items)
+        room = self.max_pending - self._unacked
+        partitions = session.partitions
+        while queue and room > 0:
+            item = queue[0]
+            if item.future.done():  # the caller gave up, or the watchdog failed it
+                queue.popleft()
+                continue
+            part = -1 if item.control else partition(item.key, partitions)
+            entry = batches.get(part)
+            if entry is None:
+                entry = batches[part] = (producer.create_batch(), [])
+            headers = STORED_HEADERS if item.stored else None
+            if (
+                entry[0].append(timestamp=None, key=item.key, value=item.value, headers=headers)
+                is None
+            ):
+                break  # full (a first record always fits)
+            entry[1].append(queue.popleft())
+            room -= 1
+        deadline = batches[next(iter(batches))][1][0].deadline if batches else now
+        epoch = self._epoch
+        try:
+            with anyio.move_on_after(deadline - now):
+                for part, (builder, items) in list(batches.items()):
+                    topic = self._control_topic if part == -1 else self._data_topic
+                    try:
+                        future = await producer.send_batch(builder, topic, partition=max(part, 0))
+                    except ERRORS as exc:
+                        del batches[part]
+                        error = BrokerUnavailable(f"Kafka send failed: {exc!r}")
+                        for item in items:
+                            item.fail(error)
+                        continue
+                    del batches[part]
+                    # Handed on: from now on each may reach the broker.
+                    self._unacked += len(items)
+                    inflight.extend(items)
+                    future.add_done_callback(functools.partial(self._answered, epoch, items))
+        finally:
+            # Stopped by the timer (or the router closing): these never left, and neither the
+            # queue nor the watchdog knows them any more.
+            for _, items in batches.values():
+                for item in items:
+                    item.fail(BrokerUnavailable("Kafka did not take the record in time; not sent"))
+
+    def _answered(self, epoch: int, items: list[_Send], future: asyncio.Future[Any]) -> None:
+        if epoch == self._epoch:
+            self._unacked -= len(items)
+            if self._sender_idle and self._queue:
+                self._wake_sender()
+        _settle(items, future)
+
+    async def _watchdog(self) -> None:
+        """Fail every publish whose deadline passed: ``BrokerUnavailable`` if the record is
+        still queued, ``PublishOutcomeUnknown`` if the producer has it. Deadlines grow along
+        both deques, so the heads say when to look next: one timer for all publishes."""
+        queue, inflight = self._queue, self._inflight
+        try:
+            await self._watch(queue, inflight)
+        finally:
+            # Cancelled with the router (aclose may come later, or never): without the
+            # watchdog no deadline holds, so nobody may stay waiting.
+            self._watching = False
+            for item in queue:
+                item.fail(BrokerUnavailable("broker stopped; not sent"))
+            for item in inflight:
+                item.fail(PublishOutcomeUnknown("broker stopped with the record in flight"))
+
+    async def _watch(self, queue: deque[_Send], inflight: deque[_Send]) -> None:
+        while True:
+            now = anyio.current_time()
+            while inflight and (inflight[0].future.done() or inflight[0].deadline <= now):
+                item = inflight.popleft()
                 item.fail(
-                    exc if isinstance(exc, BrokerUnavailable)
-                    else BrokerUnavailable(f"Kafka send failed: {exc!r}")
-                )  # fmt: skip
-                return
-        if future is None:
-            item.fail(BrokerUnavailable("Kafka send timed out; not sent"))
-        else:
-            item.handed = True
-            future.add_done_callback(item.acknowledged)
+                    PublishOutcomeUnknown(
+                        "Kafka did not acknowledge the record in time; the producer had it, "
+                        "so it may have been appended"
+                    )
+                )
+            # Still queued (the records of a round being submitted are the sender's: its
+            # timer settles them).
+            while queue and (queue[0].future.done() or queue[0].deadline <= now):
+                queue.popleft().fail(
+                    BrokerUnavailable("Kafka did not take the record in time; not sent")
+                )
+            heads = [d[0].deadline for d in (queue, inflight) if d]
+            if not heads:
+                self._watch_idle = True
+                self._watch_wake = anyio.Event()
+                await self._watch_wake.wait()
+            else:
+                await anyio.sleep(max(min(heads) - now, 0.001))
 
     # -- persistence ----------------------------------------------------------------------------
 
