@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from hypothesis import HealthCheck, Phase, settings
@@ -19,6 +19,9 @@ from hypothesis import HealthCheck, Phase, settings
 from roomrouter import RoomRouter
 
 from .backends import BACKENDS, Backend
+
+if TYPE_CHECKING:
+    from .test_redis import PrivateRedis
 
 # CI: bounded, and no shrinking (a failure fails fast; rerun locally to get it shrunk).
 settings.register_profile(
@@ -76,6 +79,25 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         yield instance
     finally:
         await instance.cleanup()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of the test's own on a free loopback port, to restart, kill or flush
+    (tests/test_redis.py's PrivateRedis). A missing binary skips locally and fails in CI."""
+    import shutil
+
+    from .backends import require_tcp
+    from .test_redis import PrivateRedis
+
+    if shutil.which("redis-server") is None:
+        require_tcp("127.0.0.1", 1, "redis-server binary")
+    server = PrivateRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 ClusterFactory = Callable[..., Awaitable[list[RoomRouter]]]

@@ -17,14 +17,12 @@ The table of figures is printed (``-s``) and written to ``/tmp/roomrouter-chaos-
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -36,7 +34,6 @@ from roomrouter import Envelope, RoomRouter, RoomRouterError
 from roomrouter.brokers.redis import RedisBroker, store_key
 from roomrouter.storage import SQLiteSink
 
-from .backends import require_tcp
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import eventually
 from .test_redis import PrivateRedis
@@ -54,18 +51,6 @@ PHASES = [
     ("broker-restart", 8.0),
     ("steady-after", 5.0),
 ]
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        require_tcp("127.0.0.1", 1, "redis-server binary")  # skip locally, fail in CI
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _stored_rows(path: Path) -> list[str]:

@@ -7,7 +7,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import anyio
 import pytest
@@ -70,18 +70,6 @@ class PrivateRedis:
             self.proc.kill()
             self.proc.wait(timeout=10)
             self.proc = None
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    if shutil.which("redis-server") is None:
-        require_tcp("127.0.0.1", 1, "redis-server binary")  # skip locally, fail in CI
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _router(port: int = 6379, namespace: str | None = None, **options: object) -> RoomRouter:

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack
 from pathlib import Path
 from typing import Any
@@ -422,20 +422,6 @@ async def test_worker_process_exits_on_sigterm_while_the_sink_is_down(
 
 
 # --- the storage queue lost by the broker -------------------------------------------------
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    import shutil
-
-    if shutil.which("redis-server") is None:
-        require_tcp("127.0.0.1", 1, "redis-server binary")  # skip locally, fail in CI
-    server = PrivateRedis()
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _redis_worker(port: int, ns: str, sink_path: Path, name: str) -> StorageWorker:

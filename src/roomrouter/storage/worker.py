@@ -285,19 +285,36 @@ class StorageWorker:
         """True once the sink committed ``envelopes``; False if stop() came while it failed.
         A refusal (:class:`SinkRefused`, ``ValueError``) is raised to the caller: retrying
         cannot help."""
+
+        async def write() -> None:
+            self.stats.written += await self.sink.write(envelopes)
+
+        # A refusal is about the rows (InvalidRoomName is a RoomRouterError too): not retried.
+        return await self._retrying(
+            write, f"sink write of {len(envelopes)} envelope(s)", refusals=(SinkRefused, ValueError)
+        )
+
+    async def _retrying(
+        self,
+        attempt: Callable[[], Awaitable[None]],
+        what: str,
+        refusals: tuple[type[BaseException], ...] = (),
+    ) -> bool:
+        """Run ``attempt`` until it succeeds (True), retrying an unavailable sink (any other
+        :class:`RoomRouterError`) with capped backoff; False if stop() came while it failed.
+        ``refusals`` are raised to the caller at once."""
         backoff = 0.1
         while True:
             try:
-                self.stats.written += await self.sink.write(envelopes)
+                await attempt()
                 return True
-            except (SinkRefused, ValueError):
-                raise  # about the rows (InvalidRoomName is a RoomRouterError too)
+            except refusals:
+                raise
             except RoomRouterError as exc:
                 self.stats.sink_errors += 1
                 if self._stopping:
                     return False
-                log.warning("sink write of %d envelope(s) failed (%s); retry in %.1fs",
-                            len(envelopes), exc, backoff)  # fmt: skip
+                log.warning("%s failed (%s); retry in %.1fs", what, exc, backoff)
                 await self._pause(backoff)
                 if self._stopping:
                     return False
@@ -306,32 +323,22 @@ class StorageWorker:
     async def _bury(self, letters: list[DeadLetter]) -> bool:
         """Keep ``letters`` in the sink's dead-letter table (retried like a write); False if
         stop() came while the sink was unavailable."""
-        backoff = 0.1
-        while True:
+
+        async def keep() -> None:
             try:
                 await self.sink.write_dead_letters(letters)
-                break
             except NotImplementedError:
                 # No table to keep them in: the log is the only record left.
                 for letter in letters:
                     log.error("dead letter (not kept: the sink has no dead-letter table): %s; "
                               "frame %r", letter.reason, letter.frame[:256])  # fmt: skip
-                break
             except SinkRefused as exc:
                 for letter in letters:
                     log.error("dead letter (not kept: the sink refused it too: %s): %s; "
                               "frame %r", exc, letter.reason, letter.frame[:256])  # fmt: skip
-                break
-            except RoomRouterError as exc:
-                self.stats.sink_errors += 1
-                if self._stopping:
-                    return False
-                log.warning("keeping %d dead letter(s) failed (%s); retry in %.1fs",
-                            len(letters), exc, backoff)  # fmt: skip
-                await self._pause(backoff)
-                if self._stopping:
-                    return False
-                backoff = min(backoff * 2, self.max_backoff)
+
+        if not await self._retrying(keep, f"keeping {len(letters)} dead letter(s)"):
+            return False
         self.stats.dead_lettered += len(letters)
         log.error("set %d frame(s) aside as dead letters (they can never be stored as they "
                   "are); first: %s", len(letters), letters[0].reason)  # fmt: skip
