@@ -112,6 +112,8 @@ class _Shard:
     unconfirm: dict[bytes, deque[_Batch]] = field(default_factory=dict)
     closing: bool = False
     last_read: float = 0.0
+    #: When the maintenance task PINGed this idle connection (None: not waiting for a PONG).
+    pinged_at: float | None = None
 
     def fail(self, error: BaseException) -> None:
         for table in (self.confirm, self.unconfirm):
@@ -322,7 +324,7 @@ class RedisClusterBroker(Broker):
         shard = self._shards.get(node)
         if shard is not None:
             return shard
-        if self._closed and self._ctx is not None and self._cluster is None:
+        if self._closed:
             raise BrokerUnavailable("broker closed")
         conn = self._connection(node, "sub")
         try:
@@ -450,16 +452,18 @@ class RedisClusterBroker(Broker):
                 await self._refresh_slots()
                 pending = failed
         except BaseException:
-            # All or nothing: take back what this call subscribed (best effort).
+            # All or nothing: take back what this call subscribed (best effort; the next
+            # resync drops whatever is left).
+            taken: dict[_Shard, list[bytes]] = {}
             for shard, channel in done:
                 shard.channels.discard(channel)
-                try:
-                    with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                        await shard.conn.send_packed_command(
-                            _pack(b"SUNSUBSCRIBE", channel), check_health=False
-                        )
-                except _NETWORK_ERRORS:
-                    pass
+                taken.setdefault(shard, []).append(channel)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                for shard, group in taken.items():
+                    try:
+                        await self._send(shard, b"SUNSUBSCRIBE", group)
+                    except BrokerUnavailable:
+                        pass
             raise
         raise AssertionError("unreachable")
 
@@ -469,10 +473,11 @@ class RedisClusterBroker(Broker):
         assert self._ctx is not None
         ctx = self._ctx
         while not self._closed:
-            with anyio.move_on_after(self.health_interval):
+            with anyio.move_on_after(self.health_interval) as tick:
                 await self._resync_wake.wait()
             self._resync_wake = anyio.Event()
-            await self._ping_idle()
+            if tick.cancelled_caught:
+                await self._ping_idle()
             delay = 0.05
             while not self._closed:
                 try:
@@ -514,20 +519,24 @@ class RedisClusterBroker(Broker):
         return restored
 
     async def _ping_idle(self) -> None:
-        """A half-open connection never errors: PING idle ones, drop those that stay silent
-        (the reader then sees the error and the resync restores their channels)."""
+        """A half-open connection never errors: PING idle ones on one tick, and drop those
+        that did not answer by the next (the reader then sees the error and the resync
+        restores their channels). Never waits, so a resync is never held up by it."""
         now = anyio.current_time()
-        idle = [s for s in self._shards.values() if now - s.last_read > self.health_interval]
-        for shard in idle:
-            try:
-                await shard.conn.send_packed_command(_pack(b"PING"), check_health=False)
-            except _NETWORK_ERRORS:
-                pass
-        if idle:
-            await anyio.sleep(min(self.health_interval, self.operation_timeout))
-            for shard in idle:
-                if anyio.current_time() - shard.last_read > self.health_interval:
-                    await _quiet_disconnect(shard.conn)
+        for shard in list(self._shards.values()):
+            if shard.pinged_at is not None and shard.last_read < shard.pinged_at:
+                log.warning("node %s: Redis Cluster subscriber connection to %s silent; "
+                            "reconnecting", self._ctx.node_id if self._ctx else "?",
+                            shard.node)  # fmt: skip
+                await _quiet_disconnect(shard.conn)
+                continue
+            shard.pinged_at = None
+            if now - shard.last_read > self.health_interval:
+                shard.pinged_at = now
+                try:
+                    await shard.conn.send_packed_command(_pack(b"PING"), check_health=False)
+                except _NETWORK_ERRORS:
+                    pass
 
     # -- subscriptions --------------------------------------------------------------------------
 
