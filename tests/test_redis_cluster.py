@@ -280,6 +280,52 @@ def _replica_of(servers: RedisClusterServers, master: str) -> int:
     raise AssertionError(f"no replica of {master}")
 
 
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterServers]:
+    """A 3-master cluster of its own, whose slots the test may move."""
+    from .backends import BACKENDS
+
+    BACKENDS["redis-cluster"]("probe").available()
+    servers = RedisClusterServers(3)
+    servers.start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+async def test_slot_migration_is_followed(own_cluster: RedisClusterServers) -> None:
+    async with AsyncExitStack() as stack:
+        nodes = Nodes(own_cluster, stack)
+        a, b = await nodes.start(2)
+        masters = await _broker(a)._masters()
+        room = _rooms_per_shard(a, masters)[masters[1]]
+        member = a.member("m")
+        await member.join(room)
+        source, target = (int(m.rpartition(":")[2]) for m in (masters[1], masters[2]))
+        slot = key_slot(cluster_room_channel(nodes.namespace, room))
+        ids = {p: _cli(p, "CLUSTER", "MYID").strip() for p in (source, target)}
+        # An empty slot (channels are not keys): IMPORTING, MIGRATING, then hand it over.
+        assert "OK" in _cli(target, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[source])
+        assert "OK" in _cli(source, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[target])
+        for port in own_cluster.ports:
+            _cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[target])
+        took = await _deliver_within(b, member, room, 5)
+        await eventually(lambda: _assert(_broker(a).shard_of(room) == masters[2]), timeout=5)
+        channel = cluster_room_channel(nodes.namespace, room)
+
+        async def moved() -> None:
+            assert await _broker(a).server_channels(masters[2]) == {room: 1}
+            assert await _broker(a).server_channels(masters[1]) == {}
+
+        await eventually(moved, timeout=5)
+        sent = await b.publish(room, b"on the new owner")
+        while (await receive_n(member, 1))[0].id != sent.id:
+            pass
+        assert key_slot(channel) in _slots_of(own_cluster, masters[2])
+        assert took < 5
+
+
 # -- bad input ------------------------------------------------------------------------------------
 
 
