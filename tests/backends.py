@@ -162,6 +162,102 @@ class ShardedRedisBackend(RedisBackend):
     sharded = True
 
 
+class RedisClusterBackend(Backend):
+    """A 3-master Redis Cluster started by the tests (``tests/redis_cluster.py``)."""
+
+    name = "redis-cluster"
+    url_for_process = True
+    supports_storage = True
+    #: Subscriptions follow the cluster on every resync; a short check interval in tests.
+    broker_options: ClassVar[dict[str, object]] = {"health_interval": 1.0, "max_backoff": 0.5}
+
+    def available(self) -> None:
+        from . import redis_cluster
+
+        redis_cluster.require_cluster_binaries()
+        try:
+            redis_cluster.shared_cluster()
+        except RuntimeError as exc:
+            if os.environ.get("CI"):
+                pytest.fail(f"{exc}; CI requires every backend server", pytrace=False)
+            pytest.skip(str(exc))
+
+    @property
+    def port(self) -> int:
+        from . import redis_cluster
+
+        return redis_cluster.shared_cluster().ports[0]
+
+    def process_url(self, **query: object) -> str:
+        options = {"cluster": 1, **self.broker_options, **query}
+        return f"redis://127.0.0.1:{self.port}/0?{urlencode(options)}"
+
+    def broker(self, **options: Any) -> Broker:
+        from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker(
+            host="127.0.0.1",
+            port=self.port,
+            **{**self.broker_options, **options},  # type: ignore[arg-type]
+        )
+
+    async def _client(self) -> Any:
+        from redis.asyncio.cluster import RedisCluster
+
+        client = RedisCluster(host="127.0.0.1", port=self.port)
+        await client.initialize()
+        return client
+
+    async def cleanup(self) -> None:
+        from roomrouter.brokers.redis_cluster import cluster_recent_key
+
+        client = await self._client()
+        try:
+            ns = key_prefix_of(self.namespace)
+            recent = cluster_recent_key(self.namespace, "")[:-2]  # rr:<ns>:recent:
+            for prefix in (ns, recent):
+                pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*"
+                async for key in client.scan_iter(match=pattern):
+                    await client.delete(key)
+        finally:
+            await client.aclose()
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from roomrouter.brokers.redis_cluster import cluster_room_channel
+
+        client = await self._client()
+        try:
+            channel = cluster_room_channel(self.namespace, room)
+            node = client.get_node_from_key(channel)
+            sent = await client.execute_command("SPUBLISH", channel, frame, target_nodes=node)
+            assert sent >= 1
+        finally:
+            await client.aclose()
+
+    async def check_subscriptions(self, routers: Sequence[RoomRouter]) -> None:
+        # As for one Redis: per room, the subscriber count the shards report, and per node the
+        # channels its connections hold; plus one subscriber connection per shard it needs.
+        from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+        expected = Counter(room for r in routers for room in r.local_rooms)
+        first = _unwrapped(routers[0].broker)
+        assert isinstance(first, RedisClusterBroker)
+        assert await first.server_channels() == dict(expected)
+        for router in routers:
+            broker = _unwrapped(router.broker)
+            assert isinstance(broker, RedisClusterBroker)
+            held = await broker.server_subscriber_connections()
+            assert sum(held.values()) == len(router.local_rooms), router
+            shards = {broker.shard_of(room) for room in router.local_rooms}
+            assert shards <= set(held), router
+
+
+def key_prefix_of(namespace: str) -> bytes:
+    from roomrouter.brokers.redis import key_prefix
+
+    return key_prefix(namespace)
+
+
 class RabbitMQBackend(Backend):
     name = "rabbitmq"
     url = "amqp://guest:guest@127.0.0.1:5672/"
@@ -345,5 +441,12 @@ class KafkaBackend(Backend):
 
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
-    for b in (MemoryBackend, RedisBackend, ShardedRedisBackend, RabbitMQBackend, KafkaBackend)
+    for b in (
+        MemoryBackend,
+        RedisBackend,
+        ShardedRedisBackend,
+        RedisClusterBackend,
+        RabbitMQBackend,
+        KafkaBackend,
+    )
 }

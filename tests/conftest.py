@@ -21,6 +21,7 @@ from roomrouter import RoomRouter
 from .backends import BACKENDS, Backend
 
 if TYPE_CHECKING:
+    from .redis_cluster import RedisClusterServers
     from .test_redis import PrivateRedis
 
 # CI: bounded, and no shrinking (a failure fails fast; rerun locally to get it shrunk).
@@ -98,6 +99,29 @@ def private_redis() -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_cluster_session() -> Iterator[None]:
+    """Stops the shared Redis Cluster (tests/redis_cluster.py) at the end of the session, if a
+    test started it; costs nothing otherwise."""
+    from . import redis_cluster
+
+    try:
+        yield
+    finally:
+        redis_cluster.stop_shared_cluster()
+
+
+@pytest.fixture
+def redis_cluster() -> RedisClusterServers:
+    """The shared 3-master Redis Cluster, started on first use; a missing binary or a cluster
+    that cannot start skips locally and fails in CI."""
+    from .backends import BACKENDS
+    from .redis_cluster import shared_cluster
+
+    BACKENDS["redis-cluster"]("probe").available()
+    return shared_cluster()
 
 
 ClusterFactory = Callable[..., Awaitable[list[RoomRouter]]]

@@ -116,6 +116,17 @@ async def _inject(backend: Backend, frames: Sequence[bytes], *, no_field: int = 
                 await client.xadd(store_key(ns), {b"body": b"hand-made %d" % i})
         finally:
             await client.aclose()
+    elif backend.name == "redis-cluster":
+        from redis.asyncio.cluster import RedisCluster
+
+        cluster = RedisCluster(host="127.0.0.1", port=backend.port)  # type: ignore[attr-defined]
+        try:
+            for frame in frames:
+                await cluster.xadd(store_key(ns), {b"f": frame})
+            for i in range(no_field):
+                await cluster.xadd(store_key(ns), {b"body": b"hand-made %d" % i})
+        finally:
+            await cluster.aclose()
     elif backend.name == "rabbitmq":
         import aiormq
         from pamqp.commands import Basic

@@ -155,7 +155,10 @@ def _presence_url_of(url: str) -> str:
             f"presence=True: the {parts.scheme} backend keeps no presence; pass "
             "presence='redis://...'"
         )
-    return urlunsplit(parts._replace(query="", fragment=""))
+    from ._urls import _cluster_option
+
+    query = "cluster=1" if _cluster_option(url) else ""  # a Redis Cluster stays one
+    return urlunsplit(parts._replace(query=query, fragment=""))
 
 
 class RoomRouter:

@@ -7,7 +7,7 @@ optional dependency costs nothing until it is needed, and then says what to inst
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ._errors import ConfigurationError, MissingDependency
 from .brokers._base import Broker
@@ -41,13 +41,19 @@ def redact(url: str) -> str:
     return f"{scheme}{sep}{netloc}{path}{question}{query}"
 
 
+def _cluster_option(url: str) -> bool:
+    """True if a ``redis://`` URL asks for Redis Cluster mode (``?cluster=1``)."""
+    query = dict(parse_qsl(urlsplit(url).query))
+    return query.get("cluster", "").lower() in ("1", "true", "yes", "on")
+
+
 def _missing(extra: str, exc: ImportError) -> MissingDependency:
     return MissingDependency(extra, _EXTRA_MODULE[extra])
 
 
 def broker_from_url(url: str) -> Broker:
-    """``memory://[name]``, ``redis://`` / ``rediss://`` / ``unix://``, ``amqp://`` /
-    ``amqps://``, ``kafka://host:port[,host:port]``."""
+    """``memory://[name]``, ``redis://`` / ``rediss://`` / ``unix://`` (``?cluster=1``: Redis
+    Cluster), ``amqp://`` / ``amqps://``, ``kafka://host:port[,host:port]``."""
     if not isinstance(url, str):
         raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
     scheme = urlsplit(url).scheme.lower()
@@ -60,6 +66,10 @@ def broker_from_url(url: str) -> Broker:
             from .brokers.redis import RedisBroker
         except ImportError as exc:
             raise _missing("redis", exc) from exc
+        if _cluster_option(url):
+            from .brokers.redis_cluster import RedisClusterBroker
+
+            return RedisClusterBroker.from_url(url)
         return RedisBroker.from_url(url)
     if scheme in ("amqp", "amqps"):
         try:

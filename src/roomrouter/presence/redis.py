@@ -12,6 +12,12 @@ keeps one namespace's keys in one Redis Cluster slot:
 
 A removal deletes the entry and publishes its leave event in one script, only if the entry was
 there: when several nodes clean up a dead node at once, each leave is published once.
+
+On a Redis Cluster (``redis://host:port/?cluster=1``) the same keys live in the namespace's
+slot (the hash tag), so every MULTI and script stays on one shard; the client is redis-py's
+``RedisCluster``. Events stay on classic pub/sub, which a cluster carries to every node, so a
+watcher may listen on any node; a join's event is published by a one-line script that names
+its channel as a key, because a cluster transaction must know the slot of every command.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
@@ -50,6 +57,9 @@ end
 return 0
 """
 
+# KEYS: event channel (named as a key only so a cluster knows its slot). ARGV: event.
+_PUBLISH = "return redis.call('PUBLISH', KEYS[1], ARGV[1])"
+
 _entry_decoder = msgspec.msgpack.Decoder(PresenceEntry)
 _event_decoder = msgspec.msgpack.Decoder(PresenceEvent)
 _encode = msgspec.msgpack.Encoder().encode
@@ -61,8 +71,11 @@ class RedisPresence(Presence):
 
     name = "redis"
 
-    def __init__(self, *, operation_timeout: float = 5.0, **connection_kwargs: Any) -> None:
+    def __init__(
+        self, *, operation_timeout: float = 5.0, cluster: bool = False, **connection_kwargs: Any
+    ) -> None:
         self.operation_timeout = operation_timeout
+        self.cluster = cluster
         connection_kwargs.setdefault("socket_connect_timeout", operation_timeout)
         connection_kwargs.setdefault("socket_timeout", operation_timeout)
         self._kwargs = connection_kwargs
@@ -79,10 +92,12 @@ class RedisPresence(Presence):
 
     @classmethod
     def from_url(cls, url: str) -> RedisPresence:
-        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5]``."""
+        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``."""
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
         options: dict[str, Any] = {}
+        if "cluster" in query:
+            options["cluster"] = query.pop("cluster").lower() in ("1", "true", "yes", "on")
         if "operation_timeout" in query:
             try:
                 options["operation_timeout"] = float(query.pop("operation_timeout"))
@@ -124,12 +139,24 @@ class RedisPresence(Presence):
         self._node = node_id
         self._ttl_ms = max(int(ttl * 1000), 1)
         self._tg = task_group
-        self._client = Redis(**self._kwargs, protocol=2)
+        self._client = self._new_client()
         try:
             await self.refresh()
         except BaseException:
             await self._disconnect()
             raise
+
+    def _new_client(self) -> Redis:
+        if not self.cluster:
+            return Redis(**self._kwargs, protocol=2)
+        kwargs = dict(self._kwargs)
+        if kwargs.pop("db", 0) not in (0, "0"):
+            raise ConfigurationError("Redis Cluster has only database 0")
+        connection_class = kwargs.pop("connection_class", None)
+        if connection_class is not None and connection_class.__name__ == "SSLConnection":
+            kwargs["ssl"] = True
+        # Same commands as Redis for everything used here; typed as Redis for one code path.
+        return RedisCluster(**kwargs, protocol=2)  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         if self._client is None:
@@ -183,7 +210,10 @@ class RedisPresence(Presence):
                 pipe.hset(self._room_key(change.room), change.entry.member, _encode(change.entry))
                 pipe.sadd(rooms_key, change.room)
                 event = PresenceEvent("join", change.room, change.entry)
-                pipe.publish(self._events(change.room), _encode(event))
+                if self.cluster:
+                    pipe.eval(_PUBLISH, 1, self._events(change.room), _encode(event))
+                else:
+                    pipe.publish(self._events(change.room), _encode(event))
             else:
                 event = PresenceEvent("leave", change.room, change.entry)
                 pipe.eval(
