@@ -73,7 +73,9 @@ def load(
         received = deliveries / nodes
         relevant = total * (hosts - 1) / nodes
         irrelevant = 1 - relevant / received if received else 0.0
-        return Load(strategy, deliveries, received, irrelevant, rooms * hosts / nodes, rooms * hosts)
+        return Load(
+            strategy, deliveries, received, irrelevant, rooms * hosts / nodes, rooms * hosts
+        )
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
@@ -147,9 +149,7 @@ def control_plane(heartbeat_interval: float = 1.0) -> str:
     for nodes in (10, 100, 1000):
         beats = nodes * (nodes - 1) / heartbeat_interval
         out.append(
-            _row(
-                [str(nodes), _si(beats), f"1 Host to {nodes - 1} nodes + {nodes - 1} Acks back"]
-            )
+            _row([str(nodes), _si(beats), f"1 Host to {nodes - 1} nodes + {nodes - 1} Acks back"])
         )
     return "\n".join(out)
 
