@@ -56,6 +56,9 @@ class Backend:
     redelivery_after: ClassVar[float] = 0.5
     #: True if nodes of this backend can live in other processes (see :meth:`process_url`).
     url_for_process: ClassVar[bool] = False
+    #: True if the broker publishes to nodes' own channels (``Broker.supports_direct``); its
+    #: :meth:`inject_direct` then works.
+    supports_direct: ClassVar[bool] = False
 
     def available(self) -> None:
         """Skip or fail if the server is not there."""
@@ -80,10 +83,15 @@ class Backend:
         roomrouter's publish), as a foreign or forged publisher would."""
         raise NotImplementedError
 
+    async def inject_direct(self, router: RoomRouter, frame: bytes) -> None:
+        """Like :meth:`inject`, on the node's own data channel (direct publishing)."""
+        raise NotImplementedError
+
 
 class MemoryBackend(Backend):
     name = "memory"
     supports_storage = True
+    supports_direct = True
 
     def broker(self, **options: Any) -> Broker:
         return MemoryBroker(f"test-{self.namespace}", **options)
@@ -93,12 +101,18 @@ class MemoryBackend(Backend):
         assert isinstance(broker, MemoryBroker)
         broker.hub._publish((router.namespace, room), frame)
 
+    async def inject_direct(self, router: RoomRouter, frame: bytes) -> None:
+        broker = router.broker
+        assert isinstance(broker, MemoryBroker)
+        broker.hub._direct(router.namespace, [router.node_id], frame)
+
 
 class RedisBackend(Backend):
     name = "redis"
     sharded = False
     url_for_process = True
     supports_storage = True
+    supports_direct = True
 
     def process_url(self, **query: object) -> str:
         if self.sharded:
@@ -133,6 +147,21 @@ class RedisBackend(Backend):
         try:
             command = "SPUBLISH" if self.sharded else "PUBLISH"
             assert await client.execute_command(command, broker._room_channel(room), frame) >= 1
+        finally:
+            await client.aclose()
+
+    async def inject_direct(self, router: RoomRouter, frame: bytes) -> None:
+        from redis.asyncio import Redis
+
+        from roomrouter.brokers.redis import RedisBroker
+
+        broker = _unwrapped(router.broker)
+        assert isinstance(broker, RedisBroker)
+        client = Redis(host="127.0.0.1", port=6379)
+        try:
+            command = "SPUBLISH" if self.sharded else "PUBLISH"
+            channel = broker._node_channel_of(router.node_id)
+            assert await client.execute_command(command, channel, frame) == 1
         finally:
             await client.aclose()
 

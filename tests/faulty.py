@@ -76,6 +76,10 @@ class ControlFault(Broker):
     def supports_storage(self) -> bool:  # type: ignore[override]
         return self.inner.supports_storage
 
+    @property
+    def supports_direct(self) -> bool:  # type: ignore[override]
+        return self.inner.supports_direct
+
     async def start(self, context: BrokerContext) -> None:
         self._context = context
         self._send, self._recv = anyio.create_memory_object_stream[tuple[float, bytes]](100_000)
@@ -93,14 +97,16 @@ class ControlFault(Broker):
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         await self.inner.unsubscribe(rooms)
 
-    async def publish(self, room: str, frame: bytes) -> None:
-        await self.inner.publish(room, frame)
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
+        await self.inner.publish(room, frame, to=to)
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
         return await self.inner.publish_control(frame, to=to)
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
-        await self.inner.publish_persistent(room, frame, live=live)
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
+        await self.inner.publish_persistent(room, frame, live=live, to=to)
 
     async def recent(self, room: str) -> RecentFrames:
         return await self.inner.recent(room)

@@ -408,7 +408,7 @@ async def test_live_copies_of_recovered_messages_are_not_delivered_twice(tmp_pat
         """A real memory broker whose live frames to this node wait while ``late`` is set."""
 
         late = False
-        waiting: list[tuple[str, bytes]]
+        waiting: list[tuple[str | None, bytes]]  # (room, frame); room None: direct
 
         def _deliver_data(self, room: str, frame: bytes) -> None:
             if self.late:
@@ -416,10 +416,19 @@ async def test_live_copies_of_recovered_messages_are_not_delivered_twice(tmp_pat
             else:
                 super()._deliver_data(room, frame)
 
+        def _deliver_direct(self, frame: bytes) -> None:
+            if self.late:
+                self.waiting.append((None, frame))
+            else:
+                super()._deliver_direct(frame)
+
         def catch_up(self) -> None:
             self.late = False
             for room, frame in self.waiting:
-                super()._deliver_data(room, frame)
+                if room is None:
+                    super()._deliver_direct(frame)
+                else:
+                    super()._deliver_data(room, frame)
             self.waiting.clear()
 
     hub = f"late-{unique_namespace()}"

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import anyio
@@ -201,6 +201,11 @@ class ClusterView:
     def has_remote_host(self, room: str) -> bool:
         """True if another live node hosts ``room``."""
         return room in self._hosts
+
+    def hosts_of(self, room: str) -> Collection[str]:
+        """The other live nodes hosting ``room``: the view's own set (not a copy), or an
+        empty tuple. Read it before awaiting anything."""
+        return self._hosts.get(room, ())
 
     def remote_hosts(self, room: str) -> frozenset[str]:
         return frozenset(self._hosts.get(room, ()))

@@ -22,6 +22,10 @@ class Stats:
     broker_publishes: int = 0
     bypassed_publishes: int = 0
     broker_received: int = 0
+    #: Live publishes sent to the remote hosts' own channels (``direct_max``), not the room's.
+    direct_publishes: int = 0
+    #: Of ``broker_received``, the frames that came on this node's own channel.
+    direct_received: int = 0
     local_deliveries: int = 0
     remote_deliveries: int = 0
     dropped_echo: int = 0

@@ -36,6 +36,19 @@ Guarantees a backend must give (the contract suite in ``tests/`` checks them):
    exponential backoff, restores every subscription it held (data rooms and control channels),
    and then calls ``context.on_reconnect()`` so the router can resynchronise its cluster view.
    Frames published while the connection was down may be lost (live delivery is at-most-once).
+
+**Direct publishing** (optional, :attr:`Broker.supports_direct`). A pub/sub broker echoes a
+node's publish back to the node itself, so in a room hosted on two nodes half of what each
+receives is its own frames. When the router knows the room's few remote hosts it passes them
+as ``to=`` to :meth:`~Broker.publish` / :meth:`~Broker.publish_persistent`: a backend that
+supports it sends the frame to those nodes' own data channels (one per node, subscribed at
+:meth:`~Broker.start`) instead of the room channel, and hands it to the receiver's
+``context.on_direct(frame)`` (the room is then the envelope's own: anyone able to write to a
+node's channel could write to its control channels too). Guarantee 3 holds across both ways:
+frames one node publishes to one room arrive in call order whether each went to the room
+channel or to the node channel (Redis: one publisher connection and one subscriber
+connection per node, one server). A backend without it ignores ``to`` and publishes to the
+room channel, which is always correct: a node that does not host the room drops the frame.
 """
 
 from __future__ import annotations
@@ -78,6 +91,9 @@ class BrokerContext:
     #: Where the broker starts its background tasks, so they are supervised (restarted after a
     #: failure, with backoff) and cancelled with the router. A task that returns is done.
     task_group: TaskStarter
+    #: ``on_direct(frame)``: a data frame that arrived on this node's own data channel (direct
+    #: publishing, see the module docstring); its room is the envelope's.
+    on_direct: Callable[[bytes], None] = lambda frame: None
 
 
 class Broker(ABC):
@@ -88,6 +104,9 @@ class Broker(ABC):
     #: True if :meth:`publish_control` returns the number of nodes that received a broadcast.
     #: The router then knows how many answers to wait for when it joins the cluster.
     counts_receivers: ClassVar[bool] = False
+
+    #: True if :meth:`publish` honours ``to=`` (direct publishing, see the module docstring).
+    supports_direct: ClassVar[bool] = False
 
     #: Frames the backend received but dropped itself because this node does not host the room
     #: (backends that cannot filter at the broker). Zero for the others.
@@ -118,8 +137,14 @@ class Broker(ABC):
         way, so they are not restored on reconnect."""
 
     @abstractmethod
-    async def publish(self, room: str, frame: bytes) -> None:
-        """Publish one data frame to ``room``; returns once the broker accepted it."""
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
+        """Publish one data frame to ``room``; returns once the broker accepted it.
+
+        ``to``: the only nodes (other than this one) that host the room, as the router knows
+        them; a backend with :attr:`supports_direct` sends the frame to just those nodes'
+        data channels, the others ignore it (see the module docstring). Read before the first
+        ``await``.
+        """
 
     @abstractmethod
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
@@ -134,9 +159,12 @@ class Broker(ABC):
     #: True if the backend has a durable storage queue and a recent-messages cache.
     supports_storage: ClassVar[bool] = False
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         """Append ``frame`` to the namespace's durable storage queue and to the room's recent
-        cache, and — if ``live`` — publish it on the data plane like :meth:`publish`.
+        cache, and — if ``live`` — publish it on the data plane like :meth:`publish` (with
+        ``to`` as there).
 
         Returns once the broker holds the frame durably; the three writes are atomic where the
         backend allows (Redis: one MULTI/EXEC). Order: like :meth:`publish`, call order.

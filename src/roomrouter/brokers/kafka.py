@@ -721,10 +721,12 @@ class KafkaBroker(Broker):
 
     # -- publishing -----------------------------------------------------------------------------
 
-    async def publish(self, room: str, frame: bytes) -> None:
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
         await self._enqueue(False, room.encode(), frame)
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         """One record, like :meth:`publish`, flagged for storage: the data topic is the storage
         queue and the recent-messages cache at once. ``live`` changes nothing -- a node that
         does not host the room drops the record by key, as it drops any foreign room's."""

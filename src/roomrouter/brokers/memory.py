@@ -118,6 +118,13 @@ class MemoryHub:
         for broker in list(self._rooms.get(key, {}).values()):
             broker._deliver_data(key[1], frame)
 
+    def _direct(self, namespace: str, to: Collection[str], frame: bytes) -> None:
+        nodes = self._nodes.get(namespace, {})
+        for node in to:
+            target = nodes.get(node)
+            if target is not None:
+                target._deliver_direct(frame)
+
     def _control(self, namespace: str, frame: bytes, to: str | None) -> int:
         nodes = self._nodes.get(namespace, {})
         if to is not None:
@@ -138,6 +145,7 @@ class MemoryBroker(Broker):
     name = "memory"
     counts_receivers = True
     supports_storage = True
+    supports_direct = True
 
     def __init__(
         self,
@@ -205,8 +213,11 @@ class MemoryBroker(Broker):
         for room in rooms:
             self.hub._unsub((self._context.namespace, room), self._context.node_id)
 
-    async def publish(self, room: str, frame: bytes) -> None:
-        self.hub._publish((self._ctx.namespace, room), frame)
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
+        if to is None:
+            self.hub._publish((self._ctx.namespace, room), frame)
+        else:
+            self.hub._direct(self._ctx.namespace, to, frame)
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
         return self.hub._control(self._ctx.namespace, frame, to)
@@ -214,12 +225,14 @@ class MemoryBroker(Broker):
     async def broker_subscriptions(self) -> frozenset[str]:
         return self.hub.subscriptions(self._ctx.namespace, self._ctx.node_id)
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         namespace = self._ctx.namespace
         self.hub.store(namespace).put(frame)
         self.hub._append_recent((namespace, room), frame, self.recent_size)
         if live:
-            self.hub._publish((namespace, room), frame)
+            await self.publish(room, frame, to=to)
 
     async def recent(self, room: str) -> RecentFrames:
         recent = self.hub._recent.get((self._ctx.namespace, room))
@@ -237,6 +250,10 @@ class MemoryBroker(Broker):
     def _deliver_control(self, frame: bytes) -> None:
         if self._context is not None:
             self._context.on_control(frame)
+
+    def _deliver_direct(self, frame: bytes) -> None:
+        if self._context is not None:
+            self._context.on_direct(frame)
 
 
 class _MemoryConsumer(StorageConsumer):

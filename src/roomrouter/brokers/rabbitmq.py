@@ -676,7 +676,7 @@ class RabbitMQBroker(Broker):
 
     # -- publishing -----------------------------------------------------------------------------
 
-    async def publish(self, room: str, frame: bytes) -> None:
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
         await self._publish(self._data_xb, routing_key(room), frame)
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
@@ -798,7 +798,9 @@ class RabbitMQBroker(Broker):
     # -- persistence ----------------------------------------------------------------------------
     # See "Persistence" in the module docstring.
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         """One confirmed, persistent publish on the data exchange: with the room's routing key
         if ``live`` (node queues bound to the room get it), else with the storage key only;
         either way its BCC header routes it to the storage queue and the room's recent queue.

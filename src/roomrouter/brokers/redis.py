@@ -6,9 +6,10 @@ namespace with ``%``, ``:``, ``{`` and ``}`` percent-encoded (``%25``, ``%3A``, 
 ends at the first ``:``, and no two namespaces share a name whatever rooms and nodes they have.
 The braces are a Redis Cluster *hash tag*: every key of a namespace hashes to one slot, as the
 MULTI of a persisted publish (storage stream, recent stream, publish) requires there. After the
-prefix come ``r:{room}`` (data channel), ``c`` (control broadcast), ``d:{node}`` (control,
-direct), ``store`` (storage stream) and ``recent:{room}`` (recent cache); a room or node is
-the last part, so it needs no encoding. Plain SUBSCRIBE never interprets glob characters, so
+prefix come ``r:{room}`` (data channel), ``n:{node}`` (the node's own data channel, for direct
+publishing: see :mod:`roomrouter.brokers._base`), ``c`` (control broadcast), ``d:{node}``
+(control, direct), ``store`` (storage stream) and ``recent:{room}`` (recent cache); a room or
+node is the last part, so it needs no encoding. Plain SUBSCRIBE never interprets glob characters, so
 any room name is literal. With ``sharded=True`` (``?sharded=1``) the same runs over
 SPUBLISH/SSUBSCRIBE, the sharded pub/sub of Redis 7; note that the hash tag puts all of one
 namespace's channels in one shard (spread load over shards with several namespaces).
@@ -123,6 +124,9 @@ class RedisBroker(Broker):
     name = "redis"
     counts_receivers = True
     supports_storage = True
+    #: One publisher and one subscriber connection per node on one server: a node's publishes
+    #: reach each subscriber in send order whichever channel they went to (guarantee 3).
+    supports_direct = True
 
     def __init__(
         self,
@@ -205,6 +209,9 @@ class RedisBroker(Broker):
     def _room_channel(self, room: str) -> bytes:
         return self._prefix + b"r:" + room.encode()
 
+    def _node_channel_of(self, node: str) -> bytes:
+        return self._prefix + b"n:" + node.encode()
+
     def _room_of(self, channel: bytes) -> str | None:
         # Channels come from _room_channel (UTF-8 of a str), so the decode is exact.
         if channel.startswith(self._room_prefix):
@@ -220,6 +227,7 @@ class RedisBroker(Broker):
         self._room_prefix = self._prefix + b"r:"
         self._control = self._prefix + b"c"
         self._direct = self._prefix + b"d:" + context.node_id.encode()
+        self._node_channel = self._node_channel_of(context.node_id)
         self._client_name = "roomrouter-" + re.sub(r"[^A-Za-z0-9_.-]", "_", context.node_id)
         await self._connect_subscriber()
         context.task_group.start_soon(self._read_loop, name=f"redis reader {context.node_id}")
@@ -253,7 +261,8 @@ class RedisBroker(Broker):
             await _quiet_disconnect(conn)
             raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
         self._sub = conn
-        channels = [self._control, self._direct] + [self._room_channel(r) for r in self._rooms]
+        channels = [self._control, self._direct, self._node_channel]
+        channels += [self._room_channel(r) for r in self._rooms]
         # Confirmations are read by the reader loop, which is not running yet during start and
         # reconnect: read them here.
         try:
@@ -330,10 +339,12 @@ class RedisBroker(Broker):
         kind, channel, data = reply[0], reply[1], reply[2]
         if kind in (b"message", b"smessage"):
             try:
-                if channel == self._control or channel == self._direct:
-                    ctx.on_control(data)
-                elif (room := self._room_of(channel)) is not None:
+                if (room := self._room_of(channel)) is not None:
                     ctx.on_data(room, data)
+                elif channel == self._node_channel:
+                    ctx.on_direct(data)
+                elif channel == self._control or channel == self._direct:
+                    ctx.on_control(data)
                 else:  # not a channel of this node's namespace: never subscribed, or stale
                     self.filtered += 1
             except Exception:  # a handler bug must not kill the reader
@@ -404,8 +415,17 @@ class RedisBroker(Broker):
 
     # -- publishing -----------------------------------------------------------------------------
 
-    async def publish(self, room: str, frame: bytes) -> None:
-        await self._enqueue(self._room_channel(room), frame)
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
+        await self._submit(self._pack_data(room, frame, to), 1 if to is None else len(to))
+
+    def _pack_data(self, room: str, frame: bytes, to: Collection[str] | None) -> bytes:
+        """The PUBLISH of a data frame: to the room channel, or to each of ``to``'s node
+        channels (direct publishing)."""
+        if to is None:
+            return _pack_publish(self._pub_cmd, self._room_channel(room), frame)
+        return b"".join(
+            _pack_publish(self._pub_cmd, self._node_channel_of(node), frame) for node in to
+        )
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
         channel = self._control if to is None else self._prefix + b"d:" + to.encode()
@@ -431,7 +451,9 @@ class RedisBroker(Broker):
     def _recent_key(self, room: str) -> bytes:
         return self._prefix + b"recent:" + room.encode()
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         recent = self._recent_key(room)
         commands = [
             _pack(b"MULTI"),
@@ -440,9 +462,10 @@ class RedisBroker(Broker):
             _pack(b"EXPIRE", recent, b"%d" % self.recent_ttl),
         ]
         if live:
-            commands.append(_pack_publish(self._pub_cmd, self._room_channel(room), frame))
+            commands.append(self._pack_data(room, frame, to))
         commands.append(_pack(b"EXEC"))
-        await self._submit(b"".join(commands), len(commands))
+        queued = len(commands) + (len(to) - 1 if live and to is not None else 0)
+        await self._submit(b"".join(commands), queued)
 
     async def recent(self, room: str) -> RecentFrames:
         key = self._recent_key(room)
@@ -480,11 +503,14 @@ class RedisBroker(Broker):
                 )
                 for item in batch:
                     reply: Any = None
+                    refused: ResponseError | None = None
                     for _ in range(item.replies):
                         try:
                             reply = await conn.read_response()
                         except ResponseError as exc:  # a refusal: the stream stays in sync
-                            reply = exc
+                            reply = refused = refused or exc
+                    if refused is not None:
+                        reply = refused
                     if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
                         reply = next((r for r in reply if isinstance(r, Exception)), reply[-1])
                     if isinstance(reply, Exception):
@@ -564,7 +590,7 @@ class RedisBroker(Broker):
 
     async def server_subscription_count(self) -> int:
         """Number of room channels this node's subscriber connection holds, per ``CLIENT LIST``
-        (the control channels are not counted)."""
+        (the control channels and the node channel are not counted)."""
         conn = self._new_connection("inspect")
         try:
             with anyio.fail_after(self.operation_timeout):
@@ -582,7 +608,7 @@ class RedisBroker(Broker):
             if name in fields:
                 for f in fields:
                     if f.startswith(key):
-                        return int(f[len(key) :]) - 2
+                        return int(f[len(key) :]) - 3
         raise BrokerUnavailable("this node's subscriber connection is not connected")
 
     def client_name(self, role: str = "sub") -> str:

@@ -566,7 +566,7 @@ class RedisClusterBroker(Broker):
 
     # -- publishing -----------------------------------------------------------------------------
 
-    async def publish(self, room: str, frame: bytes) -> None:
+    async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
         channel = self._room_channel(room)
         await self._submit(channel, _pack_publish(b"SPUBLISH", channel, frame), 1)
 
@@ -708,7 +708,9 @@ class RedisClusterBroker(Broker):
         assert self._ctx is not None
         return cluster_recent_key(self._ctx.namespace, room)
 
-    async def publish_persistent(self, room: str, frame: bytes, *, live: bool) -> None:
+    async def publish_persistent(
+        self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
+    ) -> None:
         recent = self._recent_key(room)
         stored = self._submit(self._store, _pack(b"XADD", self._store, b"*", b"f", frame), 1)
         commands = [
