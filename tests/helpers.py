@@ -1,4 +1,4 @@
-"""Small polling helpers: tests wait for conditions with a deadline instead of sleeping."""
+"""Small helpers: tests wait for conditions with a deadline instead of sleeping."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
-from roomrouter import Envelope, Member
+from roomrouter import Envelope, Member, RoomRouter
+from roomrouter.presence import PresenceEvent
 
-__all__ = ["drain", "eventually", "receive_n"]
+__all__ = ["drain", "eventually", "receive_n", "watch_presence_into"]
 
 
 async def eventually(
@@ -47,3 +48,14 @@ async def drain(member: Member, settle: float = 0.1) -> list[Envelope]:
             got.append(await member.receive())
         if scope.cancelled_caught:
             return got
+
+
+async def watch_presence_into(
+    router: RoomRouter, room: str, events: list[PresenceEvent], ready: anyio.Event
+) -> None:
+    """Collect ``room``'s presence events seen by ``router`` into ``events``; ``ready`` is set
+    once the watch is in place. Run it in a task and cancel it."""
+    async with router.watch_presence(room) as stream:
+        ready.set()
+        async for event in stream:
+            events.append(event)

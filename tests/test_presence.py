@@ -21,7 +21,7 @@ from roomrouter.presence import PresenceEvent
 
 from .backends import BACKENDS, Backend
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
-from .helpers import eventually
+from .helpers import eventually, watch_presence_into
 
 pytestmark = pytest.mark.anyio
 
@@ -112,14 +112,8 @@ async def test_presence_events_from_other_nodes(setup: Setup) -> None:
     events: list[PresenceEvent] = []
     ready = anyio.Event()
 
-    async def watch() -> None:
-        async with a.watch_presence("room") as stream:
-            ready.set()
-            async for event in stream:
-                events.append(event)
-
     async with anyio.create_task_group() as tg:
-        tg.start_soon(watch)
+        tg.start_soon(watch_presence_into, a, "room", events, ready)
         await ready.wait()
         member = b.member("m1", info={"name": "One"})
         await member.join("room")

@@ -25,7 +25,7 @@ from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_ch
 from roomrouter.presence import PresenceEvent
 
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
-from .helpers import eventually, receive_n
+from .helpers import eventually, receive_n, watch_presence_into
 from .redis_cluster import RedisClusterServers, _cli, require_cluster_binaries
 
 pytestmark = pytest.mark.anyio
@@ -366,14 +366,8 @@ async def test_presence_on_a_cluster(redis_cluster: RedisClusterServers) -> None
         events: list[PresenceEvent] = []
         ready = anyio.Event()
 
-        async def watch() -> None:
-            async with a.watch_presence("lobby") as stream:
-                ready.set()
-                async for event in stream:
-                    events.append(event)
-
         async with anyio.create_task_group() as tg:
-            tg.start_soon(watch)
+            tg.start_soon(watch_presence_into, a, "lobby", events, ready)
             await ready.wait()
             member = b.member("m1")
             await member.join("lobby")

@@ -105,10 +105,15 @@ async def _inject(backend: Backend, frames: Sequence[bytes], *, no_field: int = 
 
         for frame in frames:
             MemoryHub.named(f"test-{ns}").store(ns).put(frame)
-    elif backend.name == "redis":
+    elif backend.name in ("redis", "redis-cluster"):
         from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
 
-        client = Redis(host="127.0.0.1", port=6379)
+        client: Redis | RedisCluster = (
+            Redis(host="127.0.0.1", port=6379)
+            if backend.name == "redis"
+            else RedisCluster(host="127.0.0.1", port=backend.port)  # type: ignore[attr-defined]
+        )
         try:
             for frame in frames:
                 await client.xadd(store_key(ns), {b"f": frame})
@@ -116,17 +121,6 @@ async def _inject(backend: Backend, frames: Sequence[bytes], *, no_field: int = 
                 await client.xadd(store_key(ns), {b"body": b"hand-made %d" % i})
         finally:
             await client.aclose()
-    elif backend.name == "redis-cluster":
-        from redis.asyncio.cluster import RedisCluster
-
-        cluster = RedisCluster(host="127.0.0.1", port=backend.port)  # type: ignore[attr-defined]
-        try:
-            for frame in frames:
-                await cluster.xadd(store_key(ns), {b"f": frame})
-            for i in range(no_field):
-                await cluster.xadd(store_key(ns), {b"body": b"hand-made %d" % i})
-        finally:
-            await cluster.aclose()
     elif backend.name == "rabbitmq":
         import aiormq
         from pamqp.commands import Basic

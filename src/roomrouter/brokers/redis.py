@@ -29,7 +29,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -53,7 +53,53 @@ __all__ = ["RedisBroker", "key_prefix", "store_key"]
 log = logging.getLogger("roomrouter.redis")
 
 _NETWORK_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
-_TRUE = {"1", "true", "yes", "on"}
+
+
+def _flag(value: str) -> bool:
+    return value.lower() in {"1", "true", "yes", "on"}
+
+
+#: The broker options a Redis URL's query may set (the cluster broker takes the same).
+_URL_OPTIONS: tuple[tuple[str, Callable[[str], Any]], ...] = (
+    ("operation_timeout", float),
+    ("max_backoff", float),
+    ("health_interval", float),
+    ("recent_size", int),
+    ("recent_ttl", int),
+    ("redelivery_after", float),
+)
+
+
+def _parse_url(
+    url: str, options: Iterable[tuple[str, Callable[[str], Any]]]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split a Redis URL into redis-py's connection keyword arguments (``parse_url`` of what
+    is left) and the ``options`` its query sets, converted; a bad value is a
+    :class:`ConfigurationError` naming the URL without its password."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    found: dict[str, Any] = {}
+    for key, convert in options:
+        if key in query:
+            try:
+                found[key] = convert(query.pop(key))
+            except ValueError as exc:
+                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
+    rest = urlunsplit(parts._replace(query=urlencode(query)))
+    try:
+        kwargs: dict[str, Any] = dict(parse_url(rest))
+    except ValueError as exc:
+        raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
+    return kwargs, found
+
+
+def _fail_batches(tables: Iterable[dict[bytes, deque[_Batch]]], error: BaseException) -> None:
+    """Fail every (un)subscribe batch waiting in ``tables`` and empty them."""
+    for table in tables:
+        for waiters in table.values():
+            for batch in waiters:
+                batch.fail(error)
+        table.clear()
 
 
 @dataclass(slots=True)
@@ -77,12 +123,12 @@ class _Batch:
 
 # -- names (see the module docstring); the broker and its storage consumers use only these ------
 
-_NS_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
+_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 
 def key_prefix(namespace: str) -> bytes:
     """``rr:{<namespace, percent-encoded>}:``, the start of every name of ``namespace``."""
-    return b"rr:{" + namespace.translate(_NS_ESCAPES).encode() + b"}:"
+    return b"rr:{" + namespace.translate(_ESCAPES).encode() + b"}:"
 
 
 def store_key(namespace: str) -> bytes:
@@ -181,28 +227,8 @@ class RedisBroker(Broker):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
         """``redis://[user:pass@]host[:port][/db][?sharded=1&operation_timeout=5]``."""
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        for key, convert in (
-            ("sharded", lambda v: v.lower() in _TRUE),
-            ("operation_timeout", float),
-            ("max_backoff", float),
-            ("health_interval", float),
-            ("recent_size", int),
-            ("recent_ttl", int),
-            ("redelivery_after", float),
-        ):
-            if key in query:
-                try:
-                    options[key] = convert(query.pop(key))
-                except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
-        rest = urlunsplit(parts._replace(query=urlencode(query)))
-        try:
-            kwargs = parse_url(rest)
-        except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
-        return cls(**kwargs, **options)
+        kwargs, found = _parse_url(url, (("sharded", _flag), *_URL_OPTIONS))
+        return cls(**kwargs, **{**options, **found})
 
     # -- channels -------------------------------------------------------------------------------
 
@@ -372,11 +398,7 @@ class RedisBroker(Broker):
             return
 
     def _fail_batches(self, error: BaseException) -> None:
-        for table in (self._confirm, self._unconfirm):
-            for waiters in table.values():
-                for batch in waiters:
-                    batch.fail(error)
-            table.clear()
+        _fail_batches((self._confirm, self._unconfirm), error)
 
     # -- subscriptions --------------------------------------------------------------------------
 

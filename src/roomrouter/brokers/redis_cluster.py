@@ -49,11 +49,10 @@ from collections import deque
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, cast
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import Connection, SSLConnection, parse_url
+from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import RedisError, ResponseError
 
@@ -61,11 +60,17 @@ from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnkno
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from .redis import (
+    _ESCAPES,
+    _NETWORK_ERRORS,
+    _URL_OPTIONS,
     RedisBroker,
     _Batch,
     _confirm,
+    _fail_batches,
+    _flag,
     _pack,
     _pack_publish,
+    _parse_url,
     _quiet_disconnect,
     _RedisConsumer,
     key_prefix,
@@ -76,9 +81,6 @@ __all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel"]
 
 log = logging.getLogger("roomrouter.redis")
 
-_NETWORK_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
-_TRUE = {"1", "true", "yes", "on"}
-_ESCAPES = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 _MAX_REDIRECTS = 3
 
 
@@ -116,11 +118,7 @@ class _Shard:
     pinged_at: float | None = None
 
     def fail(self, error: BaseException) -> None:
-        for table in (self.confirm, self.unconfirm):
-            for waiters in table.values():
-                for batch in waiters:
-                    batch.fail(error)
-            table.clear()
+        _fail_batches((self.confirm, self.unconfirm), error)
 
 
 class _Item:
@@ -198,30 +196,11 @@ class RedisClusterBroker(Broker):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisClusterBroker:
         """``redis://[user:pass@]host[:port]/?cluster=1[&operation_timeout=5...]``."""
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        query.pop("cluster", None)
-        for key, convert in (
-            ("operation_timeout", float),
-            ("max_backoff", float),
-            ("health_interval", float),
-            ("recent_size", int),
-            ("recent_ttl", int),
-            ("redelivery_after", float),
-        ):
-            if key in query:
-                try:
-                    options[key] = convert(query.pop(key))
-                except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
-        if query.pop("sharded", "1").lower() not in _TRUE:
+        kwargs, found = _parse_url(url, (("cluster", _flag), ("sharded", _flag), *_URL_OPTIONS))
+        found.pop("cluster", None)
+        if not found.pop("sharded", True):
             raise ConfigurationError(f"a Redis Cluster needs sharded pub/sub: {redact(url)!r}")
-        rest = urlunsplit(parts._replace(query=urlencode(query)))
-        try:
-            kwargs = parse_url(rest)
-        except ValueError as exc:
-            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from exc
-        return cls(**kwargs, **options)
+        return cls(**kwargs, **{**options, **found})
 
     # -- names ----------------------------------------------------------------------------------
 

@@ -26,7 +26,6 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import anyio
 import msgspec
@@ -34,12 +33,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.connection import parse_url
 from redis.exceptions import RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
 from ..brokers._base import TaskStarter
-from ..brokers.redis import key_prefix
+from ..brokers.redis import _flag, _parse_url, key_prefix
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
 
 __all__ = ["RedisPresence"]
@@ -93,21 +91,7 @@ class RedisPresence(Presence):
     @classmethod
     def from_url(cls, url: str) -> RedisPresence:
         """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``."""
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        options: dict[str, Any] = {}
-        if "cluster" in query:
-            options["cluster"] = query.pop("cluster").lower() in ("1", "true", "yes", "on")
-        if "operation_timeout" in query:
-            try:
-                options["operation_timeout"] = float(query.pop("operation_timeout"))
-            except ValueError as exc:
-                raise ConfigurationError("bad operation_timeout in the presence URL") from exc
-        rest = urlunsplit(parts._replace(query=urlencode(query)))
-        try:
-            kwargs = parse_url(rest)
-        except ValueError as exc:
-            raise ConfigurationError(f"bad Redis presence URL: {exc}") from exc
+        kwargs, options = _parse_url(url, (("cluster", _flag), ("operation_timeout", float)))
         return cls(**kwargs, **options)
 
     # -- names ------------------------------------------------------------------------------------
