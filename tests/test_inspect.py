@@ -60,7 +60,7 @@ async def _run_inspect(*args: str) -> subprocess.CompletedProcess[str]:
     return await anyio.to_thread.run_sync(lambda: _inspect_process(*args))
 
 
-@pytest.mark.parametrize("broker_name", ["redis", "rabbitmq"])
+@pytest.mark.parametrize("broker_name", ["redis", "redis-cluster", "rabbitmq"])
 async def test_inspect_shows_nodes_rooms_and_presence(broker_name: str) -> None:
     backend: Backend = BACKENDS[broker_name](unique_namespace())
     backend.available()
