@@ -18,6 +18,15 @@ recorders look for the cause of every spike (a 50 ms window whose worst latency 
 Per run it prints p50/p99/p999/max and, per spike, what coincided with it. ``--hogs N`` starts
 N busy-looping processes for the duration (the benchmark suite runs 4 nodes on 2 cores). Not a
 test: it reports figures. Every child is bounded by ``--seconds`` plus a margin.
+
+Findings (2026-12-02, RabbitMQ 3.10.8, 2 cores): alone, p99 1.3-5.4 ms and max <= 40 ms over
+5 runs. With ``--hogs 2``, p99 5-54 ms and single spikes of 230-404 ms; each spike over 150 ms
+coincided with a confirm wait of the same length, neither node's loop late by more than
+25 ms, and both connections ``running`` (no credit flow, no alarm): the frame waited inside
+RabbitMQ, whose VM did not get the CPU. Turning off the Erlang schedulers' busy waiting
+(``+sbwt none +sbwtdcpu none +sbwtdio none``, on a second RabbitMQ) did not help: max 11, 514,
+642 and 431 ms in 4 runs against 90, 41, 33 and 16 ms for the default, interleaved. The tail
+is the broker starved of CPU on an oversubscribed machine; give it a core of its own.
 """
 
 from __future__ import annotations
