@@ -264,6 +264,30 @@ async def test_manual_failover_of_a_shard_master_is_survived(
         assert took < 5
 
 
+async def test_a_killed_shard_master_is_survived(failover_cluster: RedisClusterServers) -> None:
+    """SIGKILL of a shard master, the one holding the namespace's control channels: its
+    replica is promoted after the cluster's node timeout (2 s here) and every room delivers
+    again, the cluster view included, within 10 s of the kill."""
+    async with AsyncExitStack() as stack:
+        nodes = Nodes(failover_cluster, stack)
+        a, b = await nodes.start(2)
+        broker = _broker(a)
+        masters = await broker._masters()
+        rooms = _rooms_per_shard(a, masters)
+        member = a.member("m")
+        for room in rooms.values():
+            await member.join(room)
+        control = broker._owner(broker._control)
+        replica = _replica_of(failover_cluster, control)
+        killed_at = anyio.current_time()
+        failover_cluster.processes[int(control.rpartition(":")[2])].kill()
+        for room in rooms.values():
+            await _deliver_within(b, member, room, 10 - (anyio.current_time() - killed_at))
+        assert "role:master" in _cli(replica, "INFO", "replication")
+        await eventually(lambda: _assert(b.remote_hosts(rooms[control]) == {a.node_id}))
+        assert a.stats()["task_restarts"] == 0 and b.stats()["task_restarts"] == 0
+
+
 def _has_one_sub(client: Redis, name: str) -> Any:
     async def check() -> None:
         assert len(await _sub_connections(client, name)) == 1
