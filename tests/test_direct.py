@@ -13,7 +13,7 @@ from roomrouter import Envelope, RoomRouter
 from roomrouter._envelope import IdGenerator, encode_envelope
 
 from .backends import BACKENDS, Backend
-from .conftest import ClusterFactory, selected_backends
+from .conftest import TEST_ROUTER_OPTIONS, ClusterFactory, selected_backends, unique_namespace
 from .helpers import drain, eventually, receive_n
 
 pytestmark = pytest.mark.anyio
@@ -207,3 +207,32 @@ async def test_direct_max_is_checked() -> None:
     for bad in (-1, 1.5, "2"):
         with pytest.raises(ConfigurationError, match="direct_max"):
             RoomRouter(MemoryBroker(), direct_max=bad)  # type: ignore[arg-type]
+
+
+async def test_a_broker_without_direct_publishing_is_never_given_to() -> None:
+    """A backend written before direct publishing (no ``to`` parameter) keeps working."""
+    from roomrouter.brokers.memory import MemoryBroker
+
+    class OldBroker(MemoryBroker):
+        supports_direct = False
+
+        async def publish(self, room: str, frame: bytes) -> None:  # type: ignore[override]
+            await super().publish(room, frame)
+
+        async def publish_persistent(  # type: ignore[override]
+            self, room: str, frame: bytes, *, live: bool
+        ) -> None:
+            await super().publish_persistent(room, frame, live=live)
+
+    hub = f"old-{unique_namespace()}"
+    opts = {**TEST_ROUTER_OPTIONS, "direct_max": 5}
+    async with (
+        RoomRouter(OldBroker(hub), namespace="ns", **opts) as a,
+        RoomRouter(OldBroker(hub), namespace="ns", **opts) as b,
+    ):
+        assert a.direct_max == 0
+        member = b.member("m")
+        await member.join("R")
+        await _hosted_by(a, "R", {b.node_id})
+        sent = [await a.publish("R", b"live"), await a.publish("R", b"kept", persist=True)]
+        assert [e.id for e in await receive_n(member, 2)] == [e.id for e in sent]

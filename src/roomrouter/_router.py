@@ -873,14 +873,20 @@ class RoomRouter:
         else:
             stats.bypassed_publishes += 1
         try:
+            # `to` only when set: a broker written before direct publishing (supports_direct
+            # False, so never given one) need not accept it.
             if persist:
                 # Even a room hosted only here goes to the broker: the storage queue is there.
                 stats.persisted += 1
-                await self.broker.publish_persistent(
-                    room, encode_envelope(envelope), live=live, to=to
-                )
-            elif live:
+                frame = encode_envelope(envelope)
+                if to is None:
+                    await self.broker.publish_persistent(room, frame, live=live)
+                else:
+                    await self.broker.publish_persistent(room, frame, live=live, to=to)
+            elif to is not None:
                 await self.broker.publish(room, encode_envelope(envelope), to=to)
+            elif live:
+                await self.broker.publish(room, encode_envelope(envelope))
         except PublishOutcomeUnknown as exc:
             # A fresh error per call (a backend may fail a whole batch with one instance),
             # carrying the id the caller needs for a safe retry.

@@ -231,8 +231,12 @@ class MemoryBroker(Broker):
         namespace = self._ctx.namespace
         self.hub.store(namespace).put(frame)
         self.hub._append_recent((namespace, room), frame, self.recent_size)
-        if live:
-            await self.publish(room, frame, to=to)
+        if not live:
+            return
+        if to is None:
+            self.hub._publish((namespace, room), frame)
+        else:
+            self.hub._direct(namespace, to, frame)
 
     async def recent(self, room: str) -> RecentFrames:
         recent = self.hub._recent.get((self._ctx.namespace, room))
