@@ -395,8 +395,49 @@ async def test_sigkilled_worker_process_loses_nothing(
                 w.kill()
                 w.wait()
     stored = await _stored(sink_path)
+    missing = {e.id for e in sent} - {e.id for e in stored}
+    assert not missing, await _explain_missing(backend, missing)
     assert len(stored) == 10_000
     assert sorted(e.id for e in stored) == sorted(e.id for e in sent)
+
+
+async def _explain_missing(backend: Backend, missing: set[str]) -> str:
+    """Which sent envelopes the sink lacks and, on Kafka, whether the topic holds them: a
+    frame in the topic but not in the sink was lost by the workers, one not there by the
+    publisher or the broker."""
+    found = ""
+    if backend.name == "kafka":
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+
+        from roomrouter._envelope import decode_envelope
+        from roomrouter.brokers.kafka import KafkaBroker
+
+        topic = KafkaBroker.topic_names(backend.namespace, "rrtest")[0]
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=backend.bootstrap,  # type: ignore[attr-defined]
+            enable_auto_commit=False, auto_offset_reset="earliest",
+        )  # fmt: skip
+        await consumer.start()
+        try:
+            parts = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
+            consumer.assign(parts)
+            ends = await consumer.end_offsets(parts)
+            hits = []
+            with anyio.move_on_after(30):
+                while any(await consumer.position(tp) < ends[tp] for tp in parts):
+                    for tp, records in (await consumer.getmany(timeout_ms=500)).items():
+                        for record in records:
+                            try:
+                                envelope = decode_envelope(record.value)
+                            except Exception:
+                                continue
+                            if envelope.id in missing:
+                                hits.append(f"{envelope.id} at {tp.partition}:{record.offset} "
+                                            f"headers={record.headers}")  # fmt: skip
+            found = f"; in the topic: {hits or 'none of them'}"
+        finally:
+            await consumer.stop()
+    return f"{len(missing)} sent envelope(s) not in the sink: {sorted(missing)}{found}"
 
 
 async def test_live_copies_of_recovered_messages_are_not_delivered_twice(tmp_path: Path) -> None:
