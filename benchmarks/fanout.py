@@ -71,7 +71,8 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
         if opts["api"] == "batch":
             with contextlib.suppress(MemberClosed):
                 while True:
-                    delivered += len(await member.receive_batch())
+                    batch = await member.receive_batch()  # before the +=: it reads first
+                    delivered += len(batch)
         else:
             async for _ in member:
                 delivered += 1
