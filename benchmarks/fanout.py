@@ -64,15 +64,17 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
         node_ttl=5.0,
     )
     delivered = 0
+    batches = 0  # receive_batch() calls: envelopes per wake-up = delivered / batches
     last = 0.0
 
     async def drain(member: Any) -> None:
-        nonlocal delivered
+        nonlocal delivered, batches
         if opts["api"] == "batch":
             with contextlib.suppress(MemberClosed):
                 while True:
                     batch = await member.receive_batch()  # before the +=: it reads first
                     delivered += len(batch)
+                    batches += 1
         else:
             async for _ in member:
                 delivered += 1
@@ -133,6 +135,7 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
                     "expected": expected * members_n,
                     "rate": delivered / window if window > 0 else 0.0,
                     "dropped": stats["dropped_overflow"],
+                    "per_wake": delivered / batches if batches else None,
                     "cpu_s": time.process_time(),
                 },
             )
@@ -220,6 +223,8 @@ def main() -> None:
                     rates.setdefault(key, []).append(r["rate"])
                     drops[key] = drops.get(key, 0) + r["dropped"]
                     short = "" if r["delivered"] == r["expected"] else " (short)"
+                    if r["per_wake"] is not None:
+                        short += f", {r['per_wake']:.1f} envelopes per receive_batch()"
                     print(
                         f"run {run + 1} {layout:<6} pubs={publishers:<3} node {r['node']}: "
                         f"{r['rate']:>12,.0f} deliveries/s, {r['published']} msgs, "
