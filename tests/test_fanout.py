@@ -210,3 +210,30 @@ async def test_cross_node_fanout_while_members_drain(cluster: ClusterFactory) ->
             assert mine == [b"%d:%d" % (p, k) for k in range(per_publisher)], member_id
     assert b.stats()["dropped_overflow"] == 0
     assert b.stats()["remote_deliveries"] == expected * per_node
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_waiters_on_trio(anyio_backend: str) -> None:
+    """Off asyncio a waiter is an anyio.Event: woken by deliveries and by close, and a
+    cancelled one removed (trio is optional: skipped where it is not installed)."""
+    pytest.importorskip("trio")
+    async with RoomRouter(MemoryBroker(unique_namespace()), linger=0) as r:
+        m = r.member("m")
+        await m.join("R")
+        got: list[bytes] = []
+
+        async def take() -> None:
+            async for e in m:
+                got.append(e.payload)
+
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take)
+                with anyio.move_on_after(0.01):
+                    await m.receive_batch()  # a second waiter, cancelled
+                for i in range(3):
+                    await r.publish("R", bytes([i]))
+                    await anyio.sleep(0.01)
+                await m.close()
+        assert got == [b"\0", b"\1", b"\2"]
+        assert not m._waiters
