@@ -859,9 +859,11 @@ class RoomRouter:
         if members:
             skip = exclude.id if isinstance(exclude, Member) else exclude
             # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
+            delivered = 0
             for member in tuple(members.values()):
                 if member.id != skip and member._deliver(envelope):
-                    stats.local_deliveries += 1
+                    delivered += 1
+            stats.local_deliveries += delivered
         hosts = self._cluster.hosts_of(room)
         live = bool(hosts)
         # The broker reads `to` before its first await, so the live set needs no copy.
@@ -935,9 +937,11 @@ class RoomRouter:
         if not members:
             stats.dropped_not_hosted += 1
             return
+        delivered = 0  # counted here, added once: a big room runs this loop per member
         for member in tuple(members.values()):
             if member._deliver(envelope):
-                stats.remote_deliveries += 1
+                delivered += 1
+        stats.remote_deliveries += delivered
 
     def _on_reconnect(self) -> None:
         self._stats.reconnects += 1
