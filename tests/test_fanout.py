@@ -215,8 +215,7 @@ async def test_cross_node_fanout_while_members_drain(cluster: ClusterFactory) ->
 @pytest.mark.parametrize("anyio_backend", ["trio"])
 async def test_waiters_on_trio(anyio_backend: str) -> None:
     """Off asyncio a waiter is an anyio.Event: woken by deliveries and by close, and a
-    cancelled one removed (trio is optional: skipped where it is not installed)."""
-    pytest.importorskip("trio")
+    cancelled one removed (trio is in the dev extra)."""
     async with RoomRouter(MemoryBroker(unique_namespace()), linger=0) as r:
         m = r.member("m")
         await m.join("R")
