@@ -16,9 +16,14 @@ Three ways to publish ``--n`` frames of ``--payload`` bytes to one room (one par
 * **router**: ``RoomRouter.publish`` from ``--concurrency`` tasks to a room whose only member
   sits on another node (a separate process), so every publish goes to the broker.
 
+The router mode needs that other node reading every record, and the reader costs the shared
+CPUs and Tansu as much as the publisher does; ``--reader`` runs the same node during the other
+modes too, so all four are compared under the same load.
+
 Each measurement runs in a fresh process; the modes are interleaved and each figure is the
 median of ``--rounds``. Throughput counts acknowledged publishes per second (first call to
-last acknowledgement), not receipts. Figures are reported, not asserted. Every child process
+last acknowledgement), not receipts; "CPU" is the publishing process's CPU time per publish
+meanwhile (all its threads). Figures are reported, not asserted. Every child process
 is bounded by ``--timeout``.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -33,12 +39,14 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("raw", "raw_tasks", "broker", "router")
 ROOM = "bench"
+_CPU: list[float] = []  # the child's CPU seconds per publish while measuring
 
 
 def _broker_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -81,11 +89,12 @@ async def _raw(args: argparse.Namespace, tasks: bool = False) -> float:
                 args.n,
                 args.concurrency,
             )
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         futures = [
             await producer.send(data, payload, key=key, partition=part) for _ in range(args.n)
         ]
         await asyncio.gather(*futures)
+        _CPU.append((time.process_time() - c0) / args.n)
         return args.n / (time.perf_counter() - t0)
     finally:
         await producer.stop()
@@ -98,8 +107,9 @@ async def _concurrently(publish: Any, n: int, concurrency: int) -> float:
         for _ in remaining:
             await publish()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
+    _CPU.append((time.process_time() - c0) / n)
     return n / (time.perf_counter() - t0)
 
 
@@ -132,10 +142,9 @@ async def _broker(args: argparse.Namespace) -> float:
             tg.cancel_scope.cancel()
 
 
-async def _router(args: argparse.Namespace) -> float:
-    from roomrouter import RoomRouter
-    from roomrouter.brokers.kafka import KafkaBroker
-
+@contextlib.asynccontextmanager
+async def _remote_host(args: argparse.Namespace) -> AsyncIterator[None]:
+    """Another node (a process of its own) that hosts the room while the block runs."""
     host = subprocess.Popen(
         [sys.executable, __file__, "--child", "host", *_child_args(args)],
         stdin=subprocess.PIPE,
@@ -146,6 +155,22 @@ async def _router(args: argparse.Namespace) -> float:
         line = await asyncio.wait_for(asyncio.to_thread(host.stdout.readline), args.timeout)
         if line.strip() != b"ready":
             raise RuntimeError(f"host node did not start: {line!r}")
+        yield
+    finally:
+        if host.stdin is not None:
+            host.stdin.close()
+        try:
+            host.wait(10)
+        except subprocess.TimeoutExpired:
+            host.kill()
+            host.wait()
+
+
+async def _router(args: argparse.Namespace) -> float:
+    from roomrouter import RoomRouter
+    from roomrouter.brokers.kafka import KafkaBroker
+
+    async with _remote_host(args):
         router = RoomRouter(
             KafkaBroker(args.bootstrap, **_broker_options(args)), namespace=args.namespace,
             linger=0.0,
@@ -165,14 +190,6 @@ async def _router(args: argparse.Namespace) -> float:
             )
             assert router.stats()["broker_publishes"] - before == args.n, "publishes bypassed"
             return rate
-    finally:
-        if host.stdin is not None:
-            host.stdin.close()
-        try:
-            host.wait(10)
-        except subprocess.TimeoutExpired:
-            host.kill()
-            host.wait()
 
 
 async def _host(args: argparse.Namespace) -> None:
@@ -197,16 +214,21 @@ def _child(args: argparse.Namespace) -> None:
         if args.child == "host":
             await _host(args)
             return
-        rate = await asyncio.wait_for(
-            {
-                "raw": _raw,
-                "raw_tasks": lambda a: _raw(a, tasks=True),
-                "broker": _broker,
-                "router": _router,
-            }[args.child](args),
-            args.timeout,
-        )
-        print(json.dumps({"mode": args.child, "rate": rate}), flush=True)
+        measure = {
+            "raw": _raw,
+            "raw_tasks": lambda a: _raw(a, tasks=True),
+            "broker": _broker,
+            "router": _router,
+        }[args.child]
+
+        async def measured() -> float:
+            if args.reader and args.child != "router":  # the router mode has its own
+                async with _remote_host(args):
+                    return await measure(args)
+            return await measure(args)
+
+        rate = await asyncio.wait_for(measured(), args.timeout)
+        print(json.dumps({"mode": args.child, "rate": rate, "cpu": _CPU[-1]}), flush=True)
 
     asyncio.run(run())
 
@@ -220,11 +242,12 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         "--concurrency", str(args.concurrency), "--payload", str(args.payload),
         "--partitions", str(args.partitions), "--acks", str(args.acks),
         "--linger-ms", str(args.linger_ms), "--operation-timeout", str(args.operation_timeout),
-        "--timeout", str(args.timeout),
+        "--timeout", str(args.timeout), *(["--reader"] if args.reader else []),
     ]  # fmt: skip
 
 
-def _measure(args: argparse.Namespace, mode: str) -> float | None:
+def _measure(args: argparse.Namespace, mode: str) -> tuple[float, float] | None:
+    """(publishes per second, CPU seconds per publish of the publishing process)."""
     args.namespace = "bench" + uuid.uuid4().hex[:8]  # fresh topics: no backlog to read
     try:
         out = subprocess.run(
@@ -238,7 +261,8 @@ def _measure(args: argparse.Namespace, mode: str) -> float | None:
         return None
     for line in out.stdout.decode().splitlines():
         if line.startswith("{"):
-            return float(json.loads(line)["rate"])
+            result = json.loads(line)
+            return float(result["rate"]), float(result["cpu"])
     print(f"  {mode} failed:\n{out.stderr.decode()[-2000:]}", file=sys.stderr)
     return None
 
@@ -256,6 +280,9 @@ def main() -> None:
     parser.add_argument("--operation-timeout", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process")
     parser.add_argument("--modes", default=",".join(MODES))
+    parser.add_argument(
+        "--reader", action="store_true", help="another node reads the room during every mode"
+    )
     parser.add_argument("--child", choices=(*MODES, "host"), help=argparse.SUPPRESS)
     parser.add_argument("--namespace", default="bench", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -276,25 +303,33 @@ def main() -> None:
         args.bootstrap = server.bootstrap
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpus: dict[str, list[float]] = {mode: [] for mode in modes}
     try:
         for round_ in range(args.rounds):
             for mode in modes:  # interleaved: drift in the host's load hits every mode alike
-                rate = _measure(args, mode)
-                print(f"round {round_ + 1} {mode:9} {rate or 0:10,.0f} msg/s", file=sys.stderr)
-                if rate is not None:
+                result = _measure(args, mode)
+                rate, cpu = result or (0.0, 0.0)
+                print(
+                    f"round {round_ + 1} {mode:11} {rate:10,.0f} msg/s {cpu * 1e6:6.1f} us CPU",
+                    file=sys.stderr,
+                )
+                if result is not None:
                     results[mode].append(rate)
+                    cpus[mode].append(cpu)
     finally:
         if server is not None:
             server.close()
     medians = {m: statistics.median(r) for m, r in results.items() if r}
+    cpu_medians = {m: statistics.median(c) for m, c in cpus.items() if c}
     raw = medians.get("raw")
     print(
         f"\nKafka ({'Tansu' if server else args.bootstrap}) acks={args.acks} "
         f"linger_ms={args.linger_ms} n={args.n} concurrency={args.concurrency} "
-        f"payload={args.payload}B, median of {args.rounds}\n"
+        f"payload={args.payload}B{', remote reader in every mode' if args.reader else ''}, "
+        f"median of {args.rounds}\n"
     )
-    print("| publisher | msg/s | x raw |")
-    print("|---|---:|---:|")
+    print("| publisher | msg/s | x raw | CPU µs/publish |")
+    print("|---|---:|---:|---:|")
     labels = {
         "raw": "raw aiokafka, every `send()` then the futures",
         "raw_tasks": "raw aiokafka `send_and_wait()` from the tasks",
@@ -304,9 +339,10 @@ def main() -> None:
     for mode in modes:
         if mode in medians:
             ratio = f"{medians[mode] / raw:.2f}" if raw else "-"
-            print(f"| {labels[mode]} | {medians[mode]:,.0f} | {ratio} |")
+            cpu = cpu_medians[mode] * 1e6
+            print(f"| {labels[mode]} | {medians[mode]:,.0f} | {ratio} | {cpu:.1f} |")
         else:
-            print(f"| {labels[mode]} | failed | - |")
+            print(f"| {labels[mode]} | failed | - | - |")
 
 
 if __name__ == "__main__":
