@@ -22,8 +22,10 @@ modes too, so all four are compared under the same load.
 
 Each measurement runs in a fresh process; the modes are interleaved and each figure is the
 median of ``--rounds``. Throughput counts acknowledged publishes per second (first call to
-last acknowledgement), not receipts; "CPU" is the publishing process's CPU time per publish
-meanwhile (all its threads). Figures are reported, not asserted. Every child process
+last acknowledgement), not receipts; "CPU" is the CPU time per publish meanwhile of the
+publishing process, of the reader node (``--reader``, router mode) and of Tansu (when this
+script started it), which tells a CPU-bound publisher from one waiting on the broker and shows
+what the rest costs the shared cores. Figures are reported, not asserted. Every child process
 is bounded by ``--timeout``.
 """
 
@@ -46,7 +48,28 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 MODES = ("raw", "raw_tasks", "broker", "router")
 ROOM = "bench"
-_CPU: list[float] = []  # the child's CPU seconds per publish while measuring
+# CPU seconds per publish while measuring: this process, and the others named in _WATCHED
+# (the reader node, Tansu) read from /proc; "-" where that is not available.
+_CPU: dict[str, float] = {}
+_WATCHED: dict[str, int] = {}  # name -> pid
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_now() -> dict[str, float]:
+    now = {"publisher": time.process_time()}
+    for name, pid in _WATCHED.items():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            now[name] = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        except (OSError, ValueError, IndexError):
+            pass
+    return now
+
+
+def _cpu_since(before: dict[str, float], n: int) -> None:
+    after = _cpu_now()
+    _CPU.update({k: (after[k] - v) / n for k, v in before.items() if k in after})
 
 
 def _broker_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,12 +112,12 @@ async def _raw(args: argparse.Namespace, tasks: bool = False) -> float:
                 args.n,
                 args.concurrency,
             )
-        t0, c0 = time.perf_counter(), time.process_time()
+        t0, c0 = time.perf_counter(), _cpu_now()
         futures = [
             await producer.send(data, payload, key=key, partition=part) for _ in range(args.n)
         ]
         await asyncio.gather(*futures)
-        _CPU.append((time.process_time() - c0) / args.n)
+        _cpu_since(c0, args.n)
         return args.n / (time.perf_counter() - t0)
     finally:
         await producer.stop()
@@ -107,9 +130,9 @@ async def _concurrently(publish: Any, n: int, concurrency: int) -> float:
         for _ in remaining:
             await publish()
 
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0 = time.perf_counter(), _cpu_now()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    _CPU.append((time.process_time() - c0) / n)
+    _cpu_since(c0, n)
     return n / (time.perf_counter() - t0)
 
 
@@ -155,8 +178,10 @@ async def _remote_host(args: argparse.Namespace) -> AsyncIterator[None]:
         line = await asyncio.wait_for(asyncio.to_thread(host.stdout.readline), args.timeout)
         if line.strip() != b"ready":
             raise RuntimeError(f"host node did not start: {line!r}")
+        _WATCHED["reader"] = host.pid
         yield
     finally:
+        _WATCHED.pop("reader", None)
         if host.stdin is not None:
             host.stdin.close()
         try:
@@ -228,7 +253,7 @@ def _child(args: argparse.Namespace) -> None:
             return await measure(args)
 
         rate = await asyncio.wait_for(measured(), args.timeout)
-        print(json.dumps({"mode": args.child, "rate": rate, "cpu": _CPU[-1]}), flush=True)
+        print(json.dumps({"mode": args.child, "rate": rate, "cpu": _CPU}), flush=True)
 
     asyncio.run(run())
 
@@ -243,11 +268,12 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         "--partitions", str(args.partitions), "--acks", str(args.acks),
         "--linger-ms", str(args.linger_ms), "--operation-timeout", str(args.operation_timeout),
         "--timeout", str(args.timeout), *(["--reader"] if args.reader else []),
+        "--tansu-pid", str(args.tansu_pid),
     ]  # fmt: skip
 
 
-def _measure(args: argparse.Namespace, mode: str) -> tuple[float, float] | None:
-    """(publishes per second, CPU seconds per publish of the publishing process)."""
+def _measure(args: argparse.Namespace, mode: str) -> tuple[float, dict[str, float]] | None:
+    """(publishes per second, CPU seconds per publish of the publisher, reader, Tansu)."""
     args.namespace = "bench" + uuid.uuid4().hex[:8]  # fresh topics: no backlog to read
     try:
         out = subprocess.run(
@@ -262,7 +288,7 @@ def _measure(args: argparse.Namespace, mode: str) -> tuple[float, float] | None:
     for line in out.stdout.decode().splitlines():
         if line.startswith("{"):
             result = json.loads(line)
-            return float(result["rate"]), float(result["cpu"])
+            return float(result["rate"]), result["cpu"]
     print(f"  {mode} failed:\n{out.stderr.decode()[-2000:]}", file=sys.stderr)
     return None
 
@@ -276,7 +302,7 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=100, help="bytes")
     parser.add_argument("--partitions", type=int, default=16)
     parser.add_argument("--acks", default="all", type=lambda v: v if v == "all" else int(v))
-    parser.add_argument("--linger-ms", type=int, default=1)
+    parser.add_argument("--linger-ms", type=int, default=0, help="as the broker's default")
     parser.add_argument("--operation-timeout", type=float, default=5.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process")
     parser.add_argument("--modes", default=",".join(MODES))
@@ -285,8 +311,13 @@ def main() -> None:
     )
     parser.add_argument("--child", choices=(*MODES, "host"), help=argparse.SUPPRESS)
     parser.add_argument("--namespace", default="bench", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--tansu-pid", type=int, default=0, help="count this server's CPU (default: our Tansu)"
+    )
     args = parser.parse_args()
     if args.child:
+        if args.tansu_pid:
+            _WATCHED["tansu"] = args.tansu_pid
         _child(args)
         return
 
@@ -301,26 +332,33 @@ def main() -> None:
         server = TansuServer(binary)
         server.start()
         args.bootstrap = server.bootstrap
+        args.tansu_pid = server.process.pid if server.process is not None else 0
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     results: dict[str, list[float]] = {mode: [] for mode in modes}
-    cpus: dict[str, list[float]] = {mode: [] for mode in modes}
+    cpus: dict[str, dict[str, list[float]]] = {mode: {} for mode in modes}
     try:
         for round_ in range(args.rounds):
             for mode in modes:  # interleaved: drift in the host's load hits every mode alike
                 result = _measure(args, mode)
-                rate, cpu = result or (0.0, 0.0)
+                rate, cpu = result or (0.0, {})
+                shown = " ".join(f"{k} {v * 1e6:.1f}" for k, v in cpu.items())
                 print(
-                    f"round {round_ + 1} {mode:11} {rate:10,.0f} msg/s {cpu * 1e6:6.1f} us CPU",
+                    f"round {round_ + 1} {mode:9} {rate:10,.0f} msg/s, CPU us: {shown}",
                     file=sys.stderr,
                 )
                 if result is not None:
                     results[mode].append(rate)
-                    cpus[mode].append(cpu)
+                    for k, v in cpu.items():
+                        cpus[mode].setdefault(k, []).append(v)
     finally:
         if server is not None:
             server.close()
     medians = {m: statistics.median(r) for m, r in results.items() if r}
-    cpu_medians = {m: statistics.median(c) for m, c in cpus.items() if c}
+
+    def cpu_of(mode: str, who: str) -> str:
+        values = cpus[mode].get(who)
+        return f"{statistics.median(values) * 1e6:.1f}" if values else "-"
+
     raw = medians.get("raw")
     print(
         f"\nKafka ({'Tansu' if server else args.bootstrap}) acks={args.acks} "
@@ -328,7 +366,7 @@ def main() -> None:
         f"payload={args.payload}B{', remote reader in every mode' if args.reader else ''}, "
         f"median of {args.rounds}\n"
     )
-    print("| publisher | msg/s | x raw | CPU µs/publish |")
+    print("| publisher | msg/s | x raw | CPU µs/publish: publisher / reader / Tansu |")
     print("|---|---:|---:|---:|")
     labels = {
         "raw": "raw aiokafka, every `send()` then the futures",
@@ -339,8 +377,8 @@ def main() -> None:
     for mode in modes:
         if mode in medians:
             ratio = f"{medians[mode] / raw:.2f}" if raw else "-"
-            cpu = cpu_medians[mode] * 1e6
-            print(f"| {labels[mode]} | {medians[mode]:,.0f} | {ratio} | {cpu:.1f} |")
+            cpu = " / ".join(cpu_of(mode, who) for who in ("publisher", "reader", "tansu"))
+            print(f"| {labels[mode]} | {medians[mode]:,.0f} | {ratio} | {cpu} |")
         else:
             print(f"| {labels[mode]} | failed | - | - |")
 
