@@ -409,6 +409,32 @@ async def test_many_concurrent_publishes_keep_call_order(kafka: KafkaBackend) ->
         assert [int(e.payload) for e in got] == list(range(total))
 
 
+async def test_a_sequential_publisher_does_not_wait_for_a_linger(kafka: KafkaBackend) -> None:
+    """By default a batch does not linger: the send queue coalesces what arrives while a
+    request is in flight, so a publisher awaiting each acknowledgement pays the broker's round
+    trip only. ``linger_ms`` still reaches the producer (each lone record waits that long)."""
+    assert KafkaBroker().linger_ms == 0
+    assert KafkaBroker.from_url("kafka://k1?linger_ms=20").linger_ms == 20
+
+    async def sequential(broker: KafkaBroker, count: int) -> float:
+        await broker.publish("R", b"warm")  # metadata and connection in place
+        started = anyio.current_time()
+        for i in range(count):
+            await broker.publish("R", b"%d" % i)
+        return anyio.current_time() - started
+
+    async with AsyncExitStack() as stack:
+        [quick] = await _routers(stack, kafka, 1)
+        opts = {**TEST_ROUTER_OPTIONS, **kafka.router_options}
+        slow = await stack.enter_async_context(
+            RoomRouter(kafka.broker(linger_ms=100), namespace=kafka.namespace, **opts)
+        )
+        assert await sequential(_kafka(slow), 5) >= 5 * 0.1
+        # Tansu answers a lone record in about a millisecond; 100 of them well within 5 s even
+        # on a loaded machine, where a 100 ms linger alone would take 10 s.
+        assert await sequential(_kafka(quick), 100) < 5.0
+
+
 async def test_publish_while_the_broker_is_down_fails_in_time_as_not_sent(
     own_tansu: kafka_server.TansuServer,
 ) -> None:
