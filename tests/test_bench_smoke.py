@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from .backends import require_tcp
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,3 +50,15 @@ def test_lecture_tiny(tmp_path: Path) -> None:
     assert "AMD" in table or "cores" in table
     assert "Latest results" in docs.read_text()
     assert (out / "lecture-throughput.png").stat().st_size > 0
+
+
+def test_cli_bench_outside_a_checkout(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from roomrouter import cli
+
+    monkeypatch.setattr(cli, "_benchmarks_root", lambda: None)
+    assert cli.main(["bench", "--workloads", "lecture"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("roomrouter: bench needs a roomrouter repo checkout")
+    assert "\n" not in err
