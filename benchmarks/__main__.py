@@ -289,13 +289,17 @@ def merge(case: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]
         per_node = [r["deliveries"] / seconds for r in results]
         row.update(
             deliveries_per_s_per_node=statistics.mean(per_node),
+            # Split: node 1 gets everything over the broker (node 0 publishes).
+            remote_deliveries_per_s=per_node[1] if len(per_node) > 1 else None,
             published_per_s=results[0]["published"] / seconds,
             rss_per_member_b=statistics.mean(r["rss_per_member_b"] for r in results),
             join_s=max(r["join_s"] for r in results),
         )
     else:
         row.update(results[0])
-        row.pop("versions", None)
+        if case["workload"] == "churn":
+            settled = row.get("settle_s", float("inf")) != float("inf")
+            row["subscribed_after_linger"] = 0 if settled else row.get("subscribed_at_end")
         row["versions"] = results[0].get("versions", {})
     return row
 
