@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import platform
-import random
 import statistics
 import subprocess
 import sys
@@ -75,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-docs", action="store_true")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--render", type=Path, default=None, metavar="JSONL",
+        help="run nothing: rewrite the tables, plots and docs from a results .jsonl file",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 
@@ -352,6 +355,29 @@ def server_versions(args: argparse.Namespace, kafka: str | None) -> dict[str, st
 # -- main ----------------------------------------------------------------------------------------
 
 
+def render(args: argparse.Namespace) -> int:
+    """Rewrite the report of an earlier run (its runs, skipped cases and machine)."""
+    runs: list[dict[str, Any]] = []
+    skipped: dict[tuple[Any, ...], str] = {}
+    info: dict[str, Any] = {}
+    for line in args.render.read_text().splitlines():
+        record = json.loads(line)
+        kind = record.pop("kind")
+        if kind == "info":
+            info = record
+        elif kind == "run":
+            runs.append(record)
+        elif kind == "skipped":
+            skipped[tuple(record["case"])] = record["reason"]
+    paths = _report.write(
+        runs, skipped, info, args.out, None if args.no_docs else args.docs, not args.no_plots,
+        stamp=args.render.stem,
+    )  # fmt: skip
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
 async def amain(args: argparse.Namespace) -> int:
     todo = cases(args)
     if not todo:
@@ -458,7 +484,8 @@ class _progress:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    random.seed(0)
+    if args.render is not None:
+        return render(args)
     return asyncio.run(amain(args))
 
 

@@ -277,10 +277,12 @@ def write(
     out: Path,
     docs: Path | None,
     with_plots: bool,
+    stamp: str | None = None,
 ) -> list[Path]:
+    """Write the runs' report; ``stamp`` names the timestamped files (default: now)."""
     out.mkdir(parents=True, exist_ok=True)
     rows = medians(runs)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     lines = [json.dumps({"kind": "info", **info})]
     lines += [json.dumps({"kind": "run", **r}) for r in runs]
     lines += [json.dumps({"kind": "median", **r}) for r in rows]
@@ -288,7 +290,7 @@ def write(
               for k, v in skipped.items()]  # fmt: skip
     table = markdown(rows, skipped, info)
     written = []
-    for name in (stamp, "latest"):
+    for name in dict.fromkeys((stamp, "latest")):
         (out / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
         (out / f"{name}.md").write_text("# Benchmark results\n\n" + table)
         written += [out / f"{name}.jsonl", out / f"{name}.md"]
