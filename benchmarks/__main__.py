@@ -289,12 +289,12 @@ def merge(case: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any]
             **_percentiles(lat),
         )
     elif case["workload"] == "bigroom":
-        per_node = [r["deliveries"] / seconds for r in results]
+        per_node = [r["deliveries"] / r["elapsed_s"] for r in results]
         row.update(
             deliveries_per_s_per_node=statistics.mean(per_node),
             # Split: node 1 gets everything over the broker (node 0 publishes).
             remote_deliveries_per_s=per_node[1] if len(per_node) > 1 else None,
-            published_per_s=results[0]["published"] / seconds,
+            published_per_s=results[0]["published"] / results[0]["published_s"],
             rss_per_member_b=statistics.mean(r["rss_per_member_b"] for r in results),
             join_s=max(r["join_s"] for r in results),
         )

@@ -255,10 +255,13 @@ to 5 s for stragglers; a node that outlives `--timeout` is killed) and in count
   client and its own, which it drops by host id; broadcaster and raw clients: their own
   publishes coming back, and on Kafka other rooms' partitions). *CPU s/node*: user+system CPU
   of the node process over the window and the drain.
-* **Big room** — one room with `--members` (10,000) members on each of 2 nodes (*split*; node
-  0 publishes in one loop, node 1 receives over the broker) or all on one node (*single*, the
-  local bypass). *deliveries/s per node*: envelopes returned by members' `receive()`; *RSS
-  B/member*: resident memory added per joined member.
+* **Big room** — one room with `--members` (10,000) members on each of 2 nodes (*split*: node
+  0 publishes, node 1 receives over the broker) or all on one node (*single*: the local
+  bypass). Node 0 publishes for `--seconds` in bursts of 64 concurrent publishes (inside the
+  1,024-envelope inboxes). *deliveries/s per node*: envelopes returned by members'
+  `receive()`, until all that was published is delivered, over the time that took (mean of
+  the nodes); *remote node*: node 1 alone, all of it through the broker; *RSS B/member*:
+  resident memory added per joined member.
 * **Churn** — `benchmarks/churn.py`: tasks join a new room and leave it; joins+leaves per
   second and the rooms still subscribed at the end and after linger (must reach 0).
 * **Scale** — one node joins 1k / 10k (/ 100k with `--scale-100k`) rooms: time and RSS.
