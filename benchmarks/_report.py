@@ -270,6 +270,11 @@ to 5 s for stragglers; a node that outlives `--timeout` is killed) and in count
 
 ## Latest results
 
+The machine these were measured on has 2 cores shared with other work, and 4 node
+processes plus the brokers compete for them: absolute figures move by tens of percent from
+one run to the next. Compare rows of one run (the repeats are interleaved for that reason),
+and the *vs ceiling* column, rather than figures across runs.
+
 """
 
 
