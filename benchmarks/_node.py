@@ -657,7 +657,7 @@ WORKLOADS = {
 }
 
 
-def versions(impl: str) -> dict[str, str]:
+def versions(impl: str, uvloop: bool) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     names = {
@@ -669,6 +669,8 @@ def versions(impl: str) -> dict[str, str]:
         "raw-aiopika": ["aio-pika"],
         "raw-aiokafka": ["aiokafka"],
     }.get(impl, ["roomrouter"])
+    if uvloop:
+        names = [*names, "uvloop"]
     found = {}
     for name in names:
         try:
@@ -689,7 +691,7 @@ def main() -> None:
         result = uvloop.run(workload)
     else:
         result = asyncio.run(workload)
-    result["versions"] = versions(cfg["impl"])
+    result["versions"] = versions(cfg["impl"], bool(cfg.get("uvloop")))
     print(json.dumps({"result": result}), flush=True)
 
 
