@@ -3,6 +3,7 @@
 roomrouter demo [--broker memory://] [--sink sqlite:///roomrouter-demo.db] [--port 8000]
 roomrouter worker --broker redis://127.0.0.1:6379/0 --namespace chat --sink sqlite:///chat.db
 roomrouter inspect --broker redis://127.0.0.1:6379/0 --namespace chat [--json]
+roomrouter bench [python -m benchmarks options]       (from a repo checkout)
 
 A failure to start (bad option, unreachable broker, wrong password, missing database) is one
 line ``roomrouter: <reason>`` on stderr and exit status 1; URLs in it have their password
@@ -15,17 +16,19 @@ import json
 import logging
 import secrets
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import click
 
-from ._errors import MissingDependency, RoomRouterError
+from ._errors import ConfigurationError, MissingDependency, RoomRouterError
 from ._urls import redact
 
 __all__ = ["main"]
@@ -269,6 +272,40 @@ def _duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds / 60:.0f}m"
     return f"{seconds / 3600:.1f}h"
+
+
+# -- bench ------------------------------------------------------------------------------------
+
+
+def _benchmarks_root() -> Path | None:
+    """The checkout holding ``benchmarks/__main__.py``: the current directory or one of its
+    parents, else the one this package was installed from in editable mode."""
+    here = Path.cwd().resolve()
+    candidates = [here, *here.parents, Path(__file__).resolve().parents[2]]
+    for root in candidates:
+        if (root / "benchmarks" / "__main__.py").is_file():
+            return root
+    return None
+
+
+@cli.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    add_help_option=False,
+)
+@click.argument("options", nargs=-1, type=click.UNPROCESSED)
+def bench(options: tuple[str, ...]) -> None:
+    """Run the benchmark suite (python -m benchmarks) of a repo checkout; every option is
+    passed on (roomrouter bench --help lists them). Writes benchmarks/results/ and
+    docs/benchmarks.md there."""
+    root = _benchmarks_root()
+    if root is None:
+        raise ConfigurationError(
+            "bench needs a roomrouter repo checkout: no benchmarks/ in the current directory "
+            "or its parents (git clone the repository and run it there)"
+        )
+    done = subprocess.run([sys.executable, "-m", "benchmarks", *options], cwd=root)
+    if done.returncode:
+        raise click.exceptions.Exit(done.returncode)
 
 
 # -- entry point ------------------------------------------------------------------------------
