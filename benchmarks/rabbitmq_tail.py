@@ -43,10 +43,10 @@ import uuid
 from typing import Any
 
 import anyio
+from _rabbitmq_probe import _delete_exchanges  # run as a script: benchmarks/ is on the path
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from roomrouter import RoomRouter
-from roomrouter.brokers.rabbitmq import amqp_name
 
 ROOM = "tail"
 
@@ -219,18 +219,6 @@ def _analyse(
         "states_seen": sorted({st for _, snap in states for st in snap.values()}),
         "spikes": causes,
     }
-
-
-async def _delete_exchanges(url: str, namespace: str) -> None:
-    import aiormq
-
-    connection = await aiormq.connect(url)
-    try:
-        channel = await connection.channel()
-        for kind in ("data", "control", "direct"):
-            await channel.exchange_delete(amqp_name(namespace, kind, exchange=True))
-    finally:
-        await connection.close()
 
 
 async def coordinator(args: argparse.Namespace) -> None:

@@ -899,34 +899,35 @@ class RoomRouter:
 
     # -- broker callbacks -----------------------------------------------------------------------
 
-    def _on_data(self, room: str, frame: bytes) -> None:
+    def _decode(self, frame: bytes) -> Envelope | None:
+        """A data frame from the broker, counted; None (and counted) if it is no envelope."""
         stats = self._stats
         stats.broker_received += 1
         try:
-            envelope = decode_envelope(frame)
+            return decode_envelope(frame)
         except (msgspec.DecodeError, msgspec.ValidationError):
             stats.dropped_decode += 1
+            return None
+
+    def _on_data(self, room: str, frame: bytes) -> None:
+        envelope = self._decode(frame)
+        if envelope is None:
             return
         # The channel is what this node subscribed to and what the broker filtered by; the
         # envelope's own claim is just bytes anyone with publish rights on *some* room could
         # write. Routing by the claim would let them reach any room's members.
         if envelope.room != room:
-            stats.dropped_room_mismatch += 1
+            self._stats.dropped_room_mismatch += 1
             return
         self._deliver_remote(envelope)
 
     def _on_direct(self, frame: bytes) -> None:
         # A frame sent to this node's own channel (direct publishing): the room is the
         # envelope's, as trustworthy as the channel (see roomrouter.brokers._base).
-        stats = self._stats
-        stats.broker_received += 1
-        stats.direct_received += 1
-        try:
-            envelope = decode_envelope(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            stats.dropped_decode += 1
-            return
-        self._deliver_remote(envelope)
+        self._stats.direct_received += 1
+        envelope = self._decode(frame)
+        if envelope is not None:
+            self._deliver_remote(envelope)
 
     def _deliver_remote(self, envelope: Envelope) -> None:
         stats = self._stats
