@@ -23,6 +23,7 @@ partition comes from a marker record or a fetch's high watermark, never from ``L
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Sequence
@@ -306,9 +307,14 @@ class KafkaStorageConsumer(StorageConsumer):
                 offsets[tp] = safe
         if not offsets:
             return
+        # The commit runs as a task of its own that a cancelled or timed-out caller leaves to
+        # finish: cancelling aiokafka's commit mid-way orphans its shielded request, whose
+        # failure then surfaces as an unretrieved exception on the event loop.
+        commit = asyncio.ensure_future(consumer.commit(offsets))
+        commit.add_done_callback(_retrieve)
         try:
             with anyio.fail_after(self._broker.operation_timeout):
-                await consumer.commit(offsets)
+                await asyncio.shield(commit)
         except (*ERRORS, TimeoutError) as exc:
             # A rebalance took the partition away: its new owner re-reads from the last
             # commit and the sink ignores what was written already.
@@ -350,6 +356,12 @@ class KafkaStorageConsumer(StorageConsumer):
                 return await _count_stored(reader, following)
         except (*ERRORS, TimeoutError) as exc:
             raise BrokerUnavailable(f"Kafka pending count failed: {exc!r}") from exc
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a background commit's outcome as seen (the caller may have stopped waiting)."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("storage commit finished with %r", task.exception())
 
 
 async def _count_stored(reader: Any, following: dict[TopicPartition, int]) -> int:
