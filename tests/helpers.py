@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 
 import anyio
 
 from roomrouter import Envelope, Member, RoomRouter
+from roomrouter._envelope import IdGenerator, encode_envelope
 from roomrouter.presence import PresenceEvent
 
-__all__ = ["drain", "eventually", "receive_n", "watch_presence_into"]
+__all__ = ["drain", "eventually", "forged_envelope", "receive_n", "watch_presence_into"]
 
 
 async def eventually(
@@ -59,3 +61,10 @@ async def watch_presence_into(
         ready.set()
         async for event in stream:
             events.append(event)
+
+
+def forged_envelope(room: str, payload: bytes, origin: str = "forger") -> bytes:
+    """An encoded envelope as a raw client of the broker would write it (not via publish)."""
+    return encode_envelope(
+        Envelope(id=IdGenerator().next(), room=room, origin=origin, ts=time.time(), payload=payload)
+    )

@@ -4,17 +4,14 @@ hold whichever way a frame went; on those without it, ``to`` is ignored and noth
 
 from __future__ import annotations
 
-import time
-
 import anyio
 import pytest
 
 from roomrouter import Envelope, RoomRouter
-from roomrouter._envelope import IdGenerator, encode_envelope
 
 from .backends import BACKENDS, Backend
 from .conftest import TEST_ROUTER_OPTIONS, ClusterFactory, selected_backends, unique_namespace
-from .helpers import drain, eventually, receive_n
+from .helpers import drain, eventually, forged_envelope, receive_n
 
 pytestmark = pytest.mark.anyio
 
@@ -166,12 +163,6 @@ async def test_a_joiner_gets_what_is_published_after_its_join(
     assert got == sorted(got)
 
 
-def _envelope(room: str, payload: bytes, origin: str = "forger") -> bytes:
-    return encode_envelope(
-        Envelope(id=IdGenerator().next(), room=room, origin=origin, ts=time.time(), payload=payload)
-    )
-
-
 @pytest.mark.parametrize("backend", DIRECT, indirect=True)
 async def test_garbage_and_forged_frames_on_the_node_channel(
     backend: Backend, cluster: ClusterFactory
@@ -182,11 +173,11 @@ async def test_garbage_and_forged_frames_on_the_node_channel(
     before = b.stats()
     for junk in (b"", b"\xff\xfe garbage", b"\xc1", b"r:R\x00" + b"x" * 100):
         await backend.inject_direct(b, junk)
-    await backend.inject_direct(b, _envelope("not-hosted", b"nobody here"))
-    await backend.inject_direct(b, _envelope("R", b"claims to be b", origin=b.node_id))
+    await backend.inject_direct(b, forged_envelope("not-hosted", b"nobody here"))
+    await backend.inject_direct(b, forged_envelope("R", b"claims to be b", origin=b.node_id))
     # The node channel is as trusted as the control channels (a writer of either can reach
     # the node): a well-formed envelope of a hosted room is delivered.
-    await backend.inject_direct(b, _envelope("R", b"raw but well-formed"))
+    await backend.inject_direct(b, forged_envelope("R", b"raw but well-formed"))
     await eventually(
         lambda: _assert_eq(b.stats()["direct_received"] - before["direct_received"], 7)
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -19,28 +18,21 @@ from roomrouter import (
     Broker,
     BrokerUnavailable,
     ConfigurationError,
-    Envelope,
     PublishOutcomeUnknown,
     RoomRouter,
 )
-from roomrouter._envelope import IdGenerator, encode_envelope
+from roomrouter._envelope import IdGenerator
 from roomrouter.brokers._base import StorageConsumer
 from roomrouter.brokers.memory import MemoryBroker
 from roomrouter.storage import SQLiteSink, StorageWorker
 
 from .backends import BACKENDS, Backend, RabbitMQBackend, RedisBackend
 from .conftest import TEST_ROUTER_OPTIONS, ClusterFactory, selected_backends, unique_namespace
-from .helpers import drain, eventually, receive_n
+from .helpers import drain, eventually, forged_envelope, receive_n
 
 pytestmark = pytest.mark.anyio
 
 LONG_ROOM = "L" * 300  # RabbitMQ hashes routing keys of rooms this long
-
-
-def _forged(room: str, payload: bytes, origin: str = "forger") -> bytes:
-    return encode_envelope(
-        Envelope(id=IdGenerator().next(), room=room, origin=origin, ts=time.time(), payload=payload)
-    )
 
 
 async def test_an_envelope_is_delivered_only_in_the_room_it_came_on(
@@ -54,15 +46,15 @@ async def test_an_envelope_is_delivered_only_in_the_room_it_came_on(
     received = b.stats()["broker_received"]
     # Envelopes that name another room than the channel they are sent on: a forger with
     # publish rights on r1 (or on a room with a hashed key) must not reach the members of victim.
-    await backend.inject(b, "r1", _forged("victim", b"forged on r1"))
-    await backend.inject(b, LONG_ROOM, _forged("victim", b"forged on the long room"))
-    await backend.inject(b, "r1", _forged(LONG_ROOM, b"forged for the long room"))
+    await backend.inject(b, "r1", forged_envelope("victim", b"forged on r1"))
+    await backend.inject(b, LONG_ROOM, forged_envelope("victim", b"forged on the long room"))
+    await backend.inject(b, "r1", forged_envelope(LONG_ROOM, b"forged for the long room"))
     # Garbage from a raw client is a counted drop too, and nothing good is lost around it.
     for junk in (b"", b"\xff\xfe garbage", b"\xc1"):
         await backend.inject(b, "r1", junk)
     # A well-formed envelope of the right room from a raw client is delivered (the check is
     # the room, not the publisher).
-    await backend.inject(b, "r1", _forged("r1", b"honest raw"))
+    await backend.inject(b, "r1", forged_envelope("r1", b"honest raw"))
     await eventually(lambda: _assert_eq(b.stats()["broker_received"] - received, 7))
     for room in ("victim", "r1", LONG_ROOM):
         await a.publish(room, b"real " + room[:8].encode())

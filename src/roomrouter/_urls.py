@@ -7,6 +7,8 @@ optional dependency costs nothing until it is needed, and then says what to inst
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterable
+from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
 from ._errors import ConfigurationError, MissingDependency
@@ -19,6 +21,21 @@ _EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
 
 # Query options that carry a secret (libpq's ``password``, Kafka SASL settings and the like).
 _SECRET_OPTION = re.compile(r"(?i)((?:^|&)[^=&]*(?:password|passwd|pwd|secret|token)[^=&]*=)[^&]*")
+
+
+def pop_options(
+    url: str, query: dict[str, str], options: Iterable[tuple[str, Callable[[str], Any]]]
+) -> dict[str, Any]:
+    """Take each of ``options`` out of ``query`` (a URL's parsed query string) and convert it;
+    a value that does not convert is a :class:`ConfigurationError` naming the (redacted) URL."""
+    found: dict[str, Any] = {}
+    for key, convert in options:
+        if key in query:
+            try:
+                found[key] = convert(query.pop(key))
+            except ValueError as exc:
+                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
+    return found
 
 
 def redact(url: str) -> str:

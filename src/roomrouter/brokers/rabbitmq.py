@@ -106,7 +106,7 @@ from .._errors import (
     PublishOutcomeUnknown,
     StorageQueueLost,
 )
-from .._urls import redact
+from .._urls import pop_options, redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
@@ -348,25 +348,24 @@ class RabbitMQBroker(Broker):
         &recent_ttl=86400&redelivery_after=30&storage_prefetch=1000&stats_interval=5``."""
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
-        for key, convert in (
-            ("prefetch", int),
-            ("operation_timeout", float),
-            ("max_backoff", float),
-            ("queue_max_length", int),
-            ("management_url", str),
-            ("recent_size", int),
-            ("recent_ttl", int),
-            ("redelivery_after", float),
-            ("storage_prefetch", int),
-            ("stats_interval", float),
-        ):
-            if key in query:
-                try:
-                    options[key] = convert(query.pop(key))
-                except ValueError as exc:
-                    raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
+        found = pop_options(
+            url,
+            query,
+            (
+                ("prefetch", int),
+                ("operation_timeout", float),
+                ("max_backoff", float),
+                ("queue_max_length", int),
+                ("management_url", str),
+                ("recent_size", int),
+                ("recent_ttl", int),
+                ("redelivery_after", float),
+                ("storage_prefetch", int),
+                ("stats_interval", float),
+            ),
+        )
         rest = urlunsplit(parts._replace(query=urlencode(query)))
-        return cls(rest, **options)
+        return cls(rest, **{**options, **found})
 
     # -- names ----------------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from .._errors import (
     PublishOutcomeUnknown,
     StorageQueueLost,
 )
-from .._urls import redact
+from .._urls import pop_options, redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 
 __all__ = ["RedisBroker", "key_prefix", "store_key"]
@@ -78,13 +78,7 @@ def _parse_url(
     :class:`ConfigurationError` naming the URL without its password."""
     parts = urlsplit(url)
     query = dict(parse_qsl(parts.query))
-    found: dict[str, Any] = {}
-    for key, convert in options:
-        if key in query:
-            try:
-                found[key] = convert(query.pop(key))
-            except ValueError as exc:
-                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
+    found = pop_options(url, query, options)
     rest = urlunsplit(parts._replace(query=urlencode(query)))
     try:
         kwargs: dict[str, Any] = dict(parse_url(rest))
