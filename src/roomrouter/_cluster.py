@@ -295,6 +295,8 @@ class ClusterView:
 
     def remote_rooms(self) -> frozenset[str]:
         nodes = self._nodes
+        if not any(node.bye for node in nodes.values()):
+            return frozenset(self._hosts)
         return frozenset(
             r for r, hosts in self._hosts.items() if any(not nodes[n].bye for n in hosts)
         )
@@ -433,6 +435,13 @@ class ClusterView:
                 item.done.set()
 
     async def run_heartbeat(self) -> None:
+        # The start (broker connect, Kafka's group join) may have taken longer than a
+        # heartbeat: that is no stall of a running node, and nothing was published yet.
+        now = _monotonic()
+        self._lag += max(now - self._tick_due, 0.0)
+        self._tick_due = now + self.heartbeat_interval
+        if not self._unsynced:
+            self._lease = self._tick_due + self._stall_grace
         while True:
             await anyio.sleep(max(self._tick_due - _monotonic(), 0.0))
             self._tick()
