@@ -117,6 +117,10 @@ async def test_control_secret_url_option_is_the_routers_and_never_shown() -> Non
     assert "s3cret" not in redact(url) and "pw" not in redact(url)
     plain = "redis://127.0.0.1:6379/0?operation_timeout=2&x=%2F"
     assert pop_router_options(plain) == (plain, {})  # untouched: not re-encoded
+    from roomrouter._urls import broker_from_url
+
+    # The same URL serves a storage worker, whose broker has no such option.
+    assert broker_from_url("memory://secret-url?control_secret=s3cret").name == "memory"
     router = RoomRouter.from_url("memory://secret-url?control_secret=s3cret")
     assert router._cluster._secret == b"s3cret"
     assert "s3cret" not in repr(router)

@@ -92,6 +92,9 @@ def broker_from_url(url: str) -> Broker:
     Cluster), ``amqp://`` / ``amqps://``, ``kafka://host:port[,host:port]``."""
     if not isinstance(url, str):
         raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
+    # One URL serves the router and the storage worker: the router's options are not the
+    # broker's (the worker has no control plane to sign).
+    url, _ = pop_router_options(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         from .brokers.memory import MemoryBroker
