@@ -291,3 +291,38 @@ async def test_an_observer_whose_loop_was_blocked_expires_no_peer(
             assert watcher.stats()["nodes_expired"] == 0
         finally:
             child.close()
+
+
+async def test_a_reconnected_node_bypasses_nothing_until_resynchronised(backend: Backend) -> None:
+    """After a lost broker connection a node may have missed Host frames (a join elsewhere
+    that went on without its Ack): until every live node answered its Sync, every publish goes
+    through the broker, then the bypass comes back."""
+    from roomrouter import RoomRouter
+    from roomrouter._cluster import State
+
+    from .conftest import TEST_ROUTER_OPTIONS
+    from .faulty import ControlFault
+
+    opts = {**TEST_ROUTER_OPTIONS, **backend.router_options}
+    faulty = ControlFault(backend.broker())
+    async with (
+        RoomRouter(faulty, namespace=backend.namespace, **opts) as a,
+        RoomRouter(backend.broker(), namespace=backend.namespace, **opts) as b,
+    ):
+        await eventually(lambda: _assert(b.node_id in a.live_nodes()), timeout=5)
+        await a.member("m").join("only-here")
+        before = a.stats()
+        await a.publish("only-here", b"bypassed")
+        assert a.stats()["bypassed_publishes"] == before["bypassed_publishes"] + 1
+        faulty.drop_all = {State}  # the answers are lost for now
+        faulty.fake_reconnect()
+        published = a.stats()["broker_publishes"]
+        await a.publish("only-here", b"through the broker")
+        assert a.stats()["broker_publishes"] == published + 1
+        assert not a._cluster.synced
+        faulty.drop_all = set()  # the Sync is asked again, and answered
+        await eventually(lambda: _assert(a._cluster.synced), timeout=5)
+        bypassed = a.stats()["bypassed_publishes"]
+        await a.publish("only-here", b"bypassed again")
+        assert a.stats()["bypassed_publishes"] == bypassed + 1
+        assert a.stats()["resyncs"] == 1
