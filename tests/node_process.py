@@ -7,6 +7,10 @@ waits (at most ``--lifetime`` seconds) to be killed.
         [--stall ROOM:SECONDS]      on the line "stall" on stdin: leave ROOM, then block the
                                     event loop for SECONDS (a synchronous sleep, like a GC
                                     pause or a blocking call), then print "resumed"
+        [--stall-publish SECONDS:ROOM[,ROOM...]]
+                                    on the line "stall" on stdin: print "stalling", block the
+                                    event loop for SECONDS, then at once (no yield before)
+                                    publish "from-stalled" to each ROOM, then print "resumed"
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ async def main() -> None:
     parser.add_argument("--lifetime", type=float, default=60.0)
     parser.add_argument("--print-received", action="store_true")
     parser.add_argument("--stall", default=None)
+    parser.add_argument("--stall-publish", default=None)
     parser.add_argument("--presence", default=None, help="presence store URL")
     args = parser.parse_args()
     router = RoomRouter.from_url(
@@ -44,6 +49,9 @@ async def main() -> None:
         if args.stall:
             room, _, seconds = args.stall.rpartition(":")
             tg.start_soon(_stall_on_request, member, room, float(seconds))
+        if args.stall_publish:
+            seconds, _, rooms = args.stall_publish.partition(":")
+            tg.start_soon(_stall_then_publish, router, float(seconds), rooms.split(","))
         await anyio.sleep(args.lifetime)  # bounded: the process ends by itself
         tg.cancel_scope.cancel()
     sys.exit(0)
@@ -60,6 +68,19 @@ async def _stall_on_request(member: Member, room: str, seconds: float) -> None:
         return
     await member.leave(room)
     time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops for this long
+    print("resumed", flush=True)
+
+
+async def _stall_then_publish(router: RoomRouter, seconds: float, rooms: list[str]) -> None:
+    line = await anyio.to_thread.run_sync(sys.stdin.readline)
+    if line.strip() != "stall":
+        return
+    print("stalling", flush=True)
+    time.sleep(seconds)  # noqa: ASYNC251 - the point: the event loop stops for this long
+    # What a request handler does after a blocking call: publish, before the loop read
+    # anything (the control frames sent meanwhile are still unread).
+    for room in rooms:
+        await router.publish(room, b"from-stalled")
     print("resumed", flush=True)
 
 

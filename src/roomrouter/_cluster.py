@@ -29,13 +29,27 @@ argument is written out in docs/architecture.md):
 
 Nodes heartbeat every ``heartbeat_interval``; a node not heard from within ``node_ttl`` is
 dropped with its rooms, and pending barriers stop waiting for it.
+
+A node silent for the ``suspect_interval`` (a few heartbeats) is *suspect*: barriers stop
+waiting for it (a crashed peer must not block every join until its TTL), it keeps its rooms,
+and it is sent this node's ``State`` once it is heard again. The node that was silent knows it
+was (its own heartbeat ran late, or its connection was lost): until a ``State`` answering its
+``Sync`` came from every live node, its view answers "hosted elsewhere" for every room, so
+nothing it publishes bypasses the broker. Silence is measured in *loop time*, which does not
+advance while this node's own loop runs late: a busy observer never counts its own lateness
+against its peers. With a ``control_secret``, every frame carries an HMAC tag and frames
+without a valid one are dropped (docs/architecture.md, "The cluster view").
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
+import math
+import sys
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -71,6 +85,7 @@ class State(_Msg, tag="s"):
     live: list[str]
     started: float = 0.0
     members: int = 0
+    sync: int = 0  # the Sync this answers (0: none); trailing, so older nodes ignore it
 
 
 class Host(_Msg, tag="+"):
@@ -94,7 +109,7 @@ class Heartbeat(_Msg, tag="b"):
 
 
 class Sync(_Msg, tag="y"):
-    pass
+    seq: int = 0  # a resynchronisation's number, echoed by the State that answers it
 
 
 class Bye(_Msg, tag="x"):
@@ -105,14 +120,44 @@ _Frame = Hello | State | Host | Unhost | Ack | Heartbeat | Sync | Bye
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(_Frame)
 
+#: Bytes of HMAC-SHA256 appended to every control frame when a control secret is set.
+TAG_SIZE = 16
+
+_monotonic = time.monotonic
+
+
+def sign(secret: bytes, body: bytes) -> bytes:
+    """``body`` with its control-frame tag appended."""
+    return body + hmac.new(secret, body, hashlib.sha256).digest()[:TAG_SIZE]
+
+
+class _EveryNode(Collection[str]):
+    """What the view answers for any room while it may be stale: "hosted elsewhere", by more
+    nodes than direct publishing takes, so the publish goes to the room's broker channel."""
+
+    __slots__ = ()
+
+    def __len__(self) -> int:
+        return sys.maxsize
+
+    def __contains__(self, node: object) -> bool:
+        return True
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(())
+
+
+_EVERY_NODE = _EveryNode()
+
 
 @dataclass(slots=True)
 class _Node:
     gen: int = -1
     rooms: set[str] = field(default_factory=set)
-    last_seen: float = 0.0
+    last_seen: float = 0.0  # loop time (ClusterView._now)
     started: float = 0.0
     members: int = 0
+    bye: bool = False  # said Bye and nothing since: kept (rooms hosted) until silent
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +207,8 @@ class ClusterView:
         barrier_timeout: float,
         on_node_dropped: Callable[[str], None] | None = None,
         local_members: Callable[[], int] = lambda: 0,
+        suspect_interval: float | None = None,
+        control_secret: bytes | None = None,
     ) -> None:
         self.node_id = node_id
         self._broker = broker
@@ -182,6 +229,25 @@ class ClusterView:
         self._states_named: set[str] = set()  # nodes named live by the States seen
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
+        self.suspect_interval = (
+            suspect_interval
+            if suspect_interval is not None
+            else min(3 * heartbeat_interval, node_ttl)
+        )
+        # A heartbeat later than this means this node's loop stalled long enough for a peer
+        # to have suspected it (its heartbeats are heartbeat_interval apart when on time).
+        self._stall_grace = (self.suspect_interval - heartbeat_interval) / 2
+        self._secret = control_secret
+        # Loop time: monotonic time minus how late this node's heartbeat ran, in all.
+        self._lag = 0.0
+        self._tick_due = _monotonic() + heartbeat_interval
+        self._lease = math.inf  # hosts_of trusts the view until then (set by the ticks)
+        self._owed: set[str] = set()  # released from a barrier: owed a State when heard
+        self._unsynced = False
+        self._sync_seq = 0
+        self._sync_answered: set[str] = set()
+        self._sync_sent = 0.0
+        self._resync_started = -math.inf  # monotonic
 
     def open(self) -> None:
         """Create the outgoing queue (when the router starts; :meth:`close` disposes of it).
@@ -195,27 +261,58 @@ class ClusterView:
         self._out_send, self._out_recv = anyio.create_memory_object_stream[_Outgoing](
             max_buffer_size=10_000
         )
+        self._tick_due = _monotonic() + self.heartbeat_interval
+        self._lease = self._tick_due + self._stall_grace
 
     # -- queries (hot path) -------------------------------------------------------------------
 
+    # The one clock read is the price of exactness after a stall nothing else saw before this
+    # publish (a blocking call that ends in a publish): the lease is the heartbeat's deadline.
+
     def has_remote_host(self, room: str) -> bool:
-        """True if another live node hosts ``room``."""
+        """True if another live node hosts ``room`` (or the view may be stale)."""
+        if _monotonic() > self._lease:
+            return bool(self._stale())
         return room in self._hosts
 
     def hosts_of(self, room: str) -> Collection[str]:
         """The other live nodes hosting ``room``: the view's own set (not a copy), or an
-        empty tuple. Read it before awaiting anything."""
+        empty tuple; while the view may be stale (this node stalled or reconnected and has
+        not resynchronised yet), a collection that stands for every node. Read it before
+        awaiting anything."""
+        if _monotonic() > self._lease:
+            return self._stale()
         return self._hosts.get(room, ())
 
     def remote_hosts(self, room: str) -> frozenset[str]:
-        return frozenset(self._hosts.get(room, ()))
+        nodes = self._nodes
+        return frozenset(n for n in self._hosts.get(room, ()) if not nodes[n].bye)
 
     def live_nodes(self) -> frozenset[str]:
-        """Other nodes this node believes alive."""
-        return frozenset(self._nodes)
+        """Other nodes this node believes alive (a node that said Bye is gone from here at
+        once, though publishes still reach its rooms until it has been silent a while)."""
+        return frozenset(n for n, node in self._nodes.items() if not node.bye)
 
     def remote_rooms(self) -> frozenset[str]:
-        return frozenset(self._hosts)
+        nodes = self._nodes
+        if not any(node.bye for node in nodes.values()):
+            return frozenset(self._hosts)
+        return frozenset(
+            r for r, hosts in self._hosts.items() if any(not nodes[n].bye for n in hosts)
+        )
+
+    @property
+    def synced(self) -> bool:
+        """False while this node resynchronises after its own silence (publishes then all go
+        through the broker)."""
+        return not self._unsynced
+
+    def suspects(self) -> frozenset[str]:
+        """Nodes silent for longer than the suspect interval (barriers do not wait for them)."""
+        now = self._now()
+        return frozenset(
+            n for n, node in self._nodes.items() if now - node.last_seen > self.suspect_interval
+        )
 
     # -- announcements (called by the subscription manager) -----------------------------------
 
@@ -227,24 +324,59 @@ class ClusterView:
         """
         self._gen += 1
         self._barrier_seq += 1
-        host = Host(self.node_id, self._gen, rooms, self._barrier_seq)
-        frame = _encoder.encode(host)
-        barrier = _Barrier(set(self._nodes), frame)
+        seq = self._barrier_seq
+        host = Host(self.node_id, self._gen, rooms, seq)
+        frame = self._encode(host)
+        # A suspect node (silent past the suspect interval) or one that said Bye is not
+        # waited for; it is owed a State when heard again (docs/architecture.md, rule 5).
+        now = self._now()
+        waiting: set[str] = set()
+        for node_id, node in self._nodes.items():
+            if not node.bye and now - node.last_seen <= self.suspect_interval:
+                waiting.add(node_id)
+            else:
+                self._owed.add(node_id)
+        barrier = _Barrier(waiting, frame)
         if barrier.waiting:
-            self._barriers[self._barrier_seq] = barrier
+            self._barriers[seq] = barrier
         try:
             await self._send_frame(frame)
             if barrier.waiting:
                 with anyio.move_on_after(self.barrier_timeout):
-                    await barrier.done.wait()
+                    await self._wait_barrier(barrier)
                 if barrier.waiting:
                     self._stats.barrier_timeouts += 1
+                    self._owed.update(barrier.waiting)
                     log.warning(
                         "node %s: no acknowledgement from %s within %.1fs for %d room(s)",
                         self.node_id, sorted(barrier.waiting), self.barrier_timeout, len(rooms),
                     )  # fmt: skip
         finally:
-            self._barriers.pop(self._barrier_seq, None)
+            self._barriers.pop(seq, None)
+
+    async def _wait_barrier(self, barrier: _Barrier) -> None:
+        """Wait for every Ack, releasing each node as soon as it turns suspect."""
+        while barrier.waiting:
+            now = self._now()
+            wake = math.inf
+            for node_id in list(barrier.waiting):
+                node = self._nodes.get(node_id)
+                silence = math.inf if node is None else now - node.last_seen
+                if silence > self.suspect_interval:
+                    barrier.release(node_id)
+                    self._owed.add(node_id)
+                    self._stats.barrier_suspects += 1
+                    log.info(
+                        "node %s: not waiting for suspect node %s (silent %.2fs)",
+                        self.node_id, node_id, silence,
+                    )  # fmt: skip
+                else:
+                    wake = min(wake, self.suspect_interval - silence)
+            if not barrier.waiting:
+                return
+            # Loop time runs no faster than real time: waking this late is never early.
+            with anyio.move_on_after(wake + 0.005):
+                await barrier.done.wait()
 
     async def announce_unhost(self, rooms: list[str]) -> None:
         self._gen += 1
@@ -303,30 +435,116 @@ class ClusterView:
                 item.done.set()
 
     async def run_heartbeat(self) -> None:
+        # The start (broker connect, Kafka's group join) may have taken longer than a
+        # heartbeat: that is no stall of a running node, and nothing was published yet.
+        now = _monotonic()
+        self._lag += max(now - self._tick_due, 0.0)
+        self._tick_due = now + self.heartbeat_interval
+        if not self._unsynced:
+            self._lease = self._tick_due + self._stall_grace
         while True:
-            await anyio.sleep(self.heartbeat_interval)
+            await anyio.sleep(max(self._tick_due - _monotonic(), 0.0))
+            self._tick()
             self.expire()
             try:
                 await self._send(Heartbeat(self.node_id, self._gen, self._local_members()))
             except RoomRouterError as exc:
                 log.debug("node %s: heartbeat failed: %s", self.node_id, exc)
 
+    def _now(self) -> float:
+        """Loop time: monotonic seconds minus every second this node's heartbeat ran late,
+        the current lateness included. Peers' silence is measured in it, so time this node's
+        own loop was blocked or busy (its reader had no chance to read their frames) is never
+        counted against them."""
+        now = _monotonic()
+        late = now - self._tick_due
+        return now - self._lag - (late if late > 0.0 else 0.0)
+
+    def _tick(self) -> None:
+        now = _monotonic()
+        due = self._tick_due
+        late = now - due
+        if late > 0.0:
+            self._lag += late
+        self._tick_due = now + self.heartbeat_interval
+        if late > self._stall_grace and self._resync_started < due:  # not seen by a publish
+            self._start_resync(f"its heartbeat ran {late:.2f}s late")
+        elif not self._unsynced:
+            self._lease = self._tick_due + self._stall_grace
+        else:
+            self._resend_sync()
+
     def expire(self) -> None:
-        """Drop nodes not heard from within the TTL, with their rooms."""
-        deadline = anyio.current_time() - self.node_ttl
-        for node_id in [n for n, s in self._nodes.items() if s.last_seen < deadline]:
-            log.info("node %s: dropping silent node %s", self.node_id, node_id)
-            self._stats.nodes_expired += 1
-            self._drop(node_id)
+        """Drop nodes not heard from within the TTL (loop time), with their rooms, and those
+        that said Bye and have been silent for the suspect interval since."""
+        now = self._now()
+        for node_id, node in list(self._nodes.items()):
+            silence = now - node.last_seen
+            if silence > self.node_ttl:
+                log.info("node %s: dropping silent node %s", self.node_id, node_id)
+                self._stats.nodes_expired += 1
+                self._drop(node_id)
+            elif node.bye and silence > self.suspect_interval:
+                self._drop(node_id)
 
     def on_reconnect(self) -> None:
         """The broker reconnected: control frames may have been missed both ways."""
         self._reply(self._hello(), None)
+        self._start_resync("its broker connection was lost")
+
+    # -- resynchronisation after this node's own silence ----------------------------------------
+
+    def _stale(self) -> Collection[str]:
+        """hosts_of's answer once the lease ran out: this node stalled and no tick saw it yet
+        (or it resynchronises): every room counts as hosted elsewhere."""
+        if not self._unsynced:
+            late = _monotonic() - self._tick_due
+            self._start_resync(f"its loop ran {late:.2f}s late")
+        return _EVERY_NODE
+
+    def _start_resync(self, why: str) -> None:
+        """This node was silent long enough for its peers to stop waiting for it: frames it
+        should have acknowledged may still be unread. Until every live node answered a Sync
+        with its State, every publish goes through the broker."""
+        self._lease = -math.inf
+        self._unsynced = True
+        self._resync_started = _monotonic()
+        self._sync_seq += 1
+        self._sync_answered = set()
+        self._sync_sent = self._now()
+        self._stats.resyncs += 1
+        log.info("node %s: resynchronising the cluster view: %s", self.node_id, why)
+        self._reply(Sync(self.node_id, self._sync_seq), None)
+        self._check_synced()
+
+    def _resend_sync(self) -> None:
+        # A Sync or its answer may be lost (a send error, a reconnect): ask the missing again.
+        now = self._now()
+        if now - self._sync_sent < self.suspect_interval:
+            return
+        self._sync_sent = now
+        for node_id in self._nodes:
+            if node_id not in self._sync_answered:
+                self._reply(Sync(self.node_id, self._sync_seq), node_id)
+
+    def _check_synced(self) -> None:
+        if self._unsynced and self._sync_answered.issuperset(self._nodes):
+            self._unsynced = False
+            self._lease = max(self._tick_due, _monotonic()) + self._stall_grace
+            log.info("node %s: cluster view resynchronised", self.node_id)
 
     # -- control frames in --------------------------------------------------------------------
 
     def on_control(self, frame: bytes) -> None:
         """Apply one control frame (called synchronously by the broker's reader)."""
+        secret = self._secret
+        if secret is not None:
+            body = frame[:-TAG_SIZE]
+            expected = hmac.new(secret, body, hashlib.sha256).digest()[:TAG_SIZE]
+            if len(frame) <= TAG_SIZE or not hmac.compare_digest(expected, frame[-TAG_SIZE:]):
+                self._stats.dropped_control_auth += 1
+                return
+            frame = body
         try:
             msg = _decoder.decode(frame)
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -335,11 +553,19 @@ class ClusterView:
         if msg.node == self.node_id:
             return  # our own broadcast
         self._stats.control_received += 1
-        now = anyio.current_time()
-        if isinstance(msg, Bye):
-            self._drop(msg.node)
-            return
+        now = self._now()
         node = self._nodes.get(msg.node)
+        if isinstance(msg, Bye):
+            # Joins stop waiting for it at once, but its rooms stay hosted (publishes to them
+            # go through the broker) until it has been silent for the suspect interval: a
+            # forged Bye of a live node costs broker publishes, not messages; its next frame
+            # makes it a live node again, and it is owed a State then.
+            if node is not None:
+                node.bye = True
+                self._owed.add(msg.node)
+                for waiting in list(self._barriers.values()):
+                    waiting.release(msg.node)
+            return
         if node is None:
             node = self._nodes[msg.node] = _Node()
             if not isinstance(msg, Hello | State | Heartbeat):
@@ -348,6 +574,14 @@ class ClusterView:
                 # generation never matches an unknown node's: that branch asks.)
                 self._request_sync(msg.node)
         node.last_seen = now
+        node.bye = False
+        if msg.node in self._owed:
+            # A barrier went on without this node's Ack: it may have missed the Host. Our
+            # State, sent after that Host, has the room (a Hello or Sync gets one anyway).
+            self._owed.discard(msg.node)
+            if not isinstance(msg, Hello | Sync):
+                self._stats.owed_states += 1
+                self._reply(self._state(), msg.node)
 
         if isinstance(msg, Host):
             self._apply_delta(msg.node, node, msg.gen, msg.rooms, add=True)
@@ -379,8 +613,11 @@ class ClusterView:
             self._states_seen.add(msg.node)
             self._states_named.update(n for n in msg.live if n != self.node_id)
             self._check_hello_done()
+            if msg.sync and msg.sync == self._sync_seq:
+                self._sync_answered.add(msg.node)
+                self._check_synced()
         elif isinstance(msg, Sync):
-            self._reply(self._state(), msg.node)
+            self._reply(self._state(msg.seq), msg.node)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -390,15 +627,15 @@ class ClusterView:
     def _hello(self) -> Hello:
         return Hello(self.node_id, self._gen, self._hosted(), self.started, self._local_members())
 
-    def _state(self) -> State:
+    def _state(self, sync: int = 0) -> State:
         return State(
             self.node_id, self._gen, self._hosted(), sorted(self._nodes), self.started,
-            self._local_members(),
+            self._local_members(), sync,
         )  # fmt: skip
 
     def nodes(self) -> list[NodeInfo]:
         """Every node this view knows alive, this one first."""
-        now = anyio.current_time()
+        now = self._now()
         mine = NodeInfo(
             self.node_id, self.started, 0.0, frozenset(self._local_rooms()),
             self._local_members(),
@@ -406,6 +643,7 @@ class ClusterView:
         return [mine] + [
             NodeInfo(node_id, n.started, now - n.last_seen, frozenset(n.rooms), n.members)
             for node_id, n in sorted(self._nodes.items())
+            if not n.bye
         ]
 
     def _check_hello_done(self) -> None:
@@ -458,6 +696,7 @@ class ClusterView:
 
     def _drop(self, node_id: str) -> None:
         node = self._nodes.pop(node_id, None)
+        self._owed.discard(node_id)
         if node is not None:
             for room in node.rooms:
                 self._unhost(room, node_id)
@@ -465,19 +704,26 @@ class ClusterView:
                 self._on_node_dropped(node_id)
         for barrier in list(self._barriers.values()):
             barrier.release(node_id)
+        self._check_synced()
+
+    def _encode(self, msg: _Frame) -> bytes:
+        body = _encoder.encode(msg)
+        return body if self._secret is None else sign(self._secret, body)
 
     def _reply(self, msg: _Frame, to: str | None) -> None:
-        self._reply_frame(_encoder.encode(msg), to)
+        self._reply_frame(self._encode(msg), to)
 
     def _reply_frame(self, frame: bytes, to: str | None) -> None:
         try:
             self._out_send.send_nowait(_Outgoing(frame, to))
         except anyio.WouldBlock:
             self._stats.dropped_control_overflow += 1
+        except anyio.ClosedResourceError:
+            pass  # the router is closing: nobody needs the answer
 
     async def _send(self, msg: _Frame) -> int | None:
         """Broadcast ``msg`` in FIFO order with the replies; return the receiver count."""
-        return await self._send_frame(_encoder.encode(msg))
+        return await self._send_frame(self._encode(msg))
 
     async def _send_frame(self, frame: bytes) -> int | None:
         item = _Outgoing(frame, None, anyio.Event())

@@ -203,6 +203,12 @@ class RoomRouter:
             sender, which is then half of what a node of a two-node room receives. 0 always
             uses the room channel. The default, 1, is where Redis's and the nodes' CPU per
             message measured lowest (``benchmarks/echo_routing.py``).
+        suspect_interval: a node silent this long is not waited for by joins any more (it
+            keeps its rooms until ``node_ttl``); more than ``heartbeat_interval``, at most
+            ``node_ttl``. Defaults to ``3 * heartbeat_interval`` (capped at ``node_ttl``).
+        control_secret: a shared secret (str or bytes) that signs every control frame with
+            an HMAC; frames without a valid tag are dropped. Every node of the namespace needs
+            the same one. Also a URL option (``?control_secret=...``) of :meth:`from_url`.
     """
 
     def __init__(
@@ -224,6 +230,8 @@ class RoomRouter:
         max_recover: int = 10_000,
         presence: Presence | str | bool | None = None,
         direct_max: int = 1,
+        suspect_interval: float | None = None,
+        control_secret: str | bytes | None = None,
     ) -> None:
         if not isinstance(broker, Broker):
             raise ConfigurationError(f"broker must be a roomrouter Broker, not {broker!r}")
@@ -239,6 +247,11 @@ class RoomRouter:
             raise ConfigurationError("inbox_size must be >= 1; max_payload and linger >= 0")
         if not 0 < heartbeat_interval < node_ttl:
             raise ConfigurationError("need 0 < heartbeat_interval < node_ttl")
+        if suspect_interval is not None and not heartbeat_interval < suspect_interval <= node_ttl:
+            raise ConfigurationError("need heartbeat_interval < suspect_interval <= node_ttl")
+        secret = control_secret.encode() if isinstance(control_secret, str) else control_secret
+        if secret is not None and (not isinstance(secret, bytes) or not secret):
+            raise ConfigurationError("control_secret must be a non-empty str or bytes")
         if isinstance(sink, str):
             from .storage import sink_from_url
 
@@ -277,6 +290,8 @@ class RoomRouter:
             barrier_timeout=barrier_timeout if barrier_timeout is not None else node_ttl,
             on_node_dropped=self._on_node_dropped,
             local_members=lambda: len(self._members),
+            suspect_interval=suspect_interval,
+            control_secret=secret,
         )
         self._subs = SubscriptionManager(
             broker,
@@ -307,11 +322,15 @@ class RoomRouter:
         """Build a router on the broker named by ``url`` (``memory://``, ``redis://``, ...).
 
         ``options`` are the router's keyword options; the URL's query string configures the
-        broker (e.g. ``redis://host/0?sharded=1``). ``presence=True`` keeps presence on the
-        broker's server (memory, Redis).
+        broker (e.g. ``redis://host/0?sharded=1``), except ``control_secret``, the router's.
+        ``presence=True`` keeps presence on the broker's server (memory, Redis).
         """
-        from ._urls import broker_from_url
+        from ._urls import broker_from_url, pop_router_options
 
+        url, found = pop_router_options(url)
+        for key in found.keys() & options.keys():
+            raise ConfigurationError(f"{key} given both in the URL and as an option")
+        options.update(found)
         if options.get("presence") is True:
             options["presence"] = _presence_url_of(url)
         return cls(broker_from_url(url), **options)

@@ -54,6 +54,16 @@ class Stats:
     #: Starts that gave up waiting for some node's State (a silent node, or a subscriber of
     #: the control channel that is no node, such as a monitor).
     discovery_timeouts: int = 0
+    #: Nodes a barrier stopped waiting for because they had been silent for the suspect
+    #: interval (a crashed peer), and States sent to such a node (or one that said Bye) when
+    #: it was heard again.
+    barrier_suspects: int = 0
+    owed_states: int = 0
+    #: Times this node resynchronised its view after its own silence (a loop that ran late
+    #: past the suspect interval's slack, a lost broker connection).
+    resyncs: int = 0
+    #: Control frames without a valid HMAC tag (a ``control_secret`` is set): dropped.
+    dropped_control_auth: int = 0
     nodes_expired: int = 0
     reconnects: int = 0
     #: Presence writes applied, failed attempts (retried), and writes dropped (queue full).

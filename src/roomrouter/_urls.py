@@ -9,12 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from ._errors import ConfigurationError, MissingDependency
 from .brokers._base import Broker
 
-__all__ = ["broker_from_url", "redact"]
+__all__ = ["broker_from_url", "pop_router_options", "redact"]
 
 _EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
 
@@ -36,6 +36,25 @@ def pop_options(
             except ValueError as exc:
                 raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
     return found
+
+
+#: Query options of a broker URL that configure the router, not the broker.
+_ROUTER_OPTIONS: tuple[tuple[str, Callable[[str], Any]], ...] = (("control_secret", str),)
+
+
+def pop_router_options(url: str) -> tuple[str, dict[str, Any]]:
+    """``url`` without the router's own query options, and those options. A URL without any
+    comes back unchanged (its query is not re-encoded)."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or not parts.query:
+        return url, {}
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    names = {key for key, _ in _ROUTER_OPTIONS}
+    if not any(key in names for key, _ in pairs):
+        return url, {}
+    found = pop_options(url, dict(pairs), _ROUTER_OPTIONS)
+    rest = [(key, value) for key, value in pairs if key not in names]
+    return urlunsplit(parts._replace(query=urlencode(rest))), found
 
 
 def redact(url: str) -> str:
@@ -73,6 +92,9 @@ def broker_from_url(url: str) -> Broker:
     Cluster), ``amqp://`` / ``amqps://``, ``kafka://host:port[,host:port]``."""
     if not isinstance(url, str):
         raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
+    # One URL serves the router and the storage worker: the router's options are not the
+    # broker's (the worker has no control plane to sign).
+    url, _ = pop_router_options(url)
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         from .brokers.memory import MemoryBroker
