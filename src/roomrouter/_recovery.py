@@ -1,0 +1,203 @@
+"""Reading history for joins with ``since=``/``history=`` and for ``RoomRouter.history``.
+
+A reconnect storm (a lecture hall's members rejoining at once) asks for the same room's recent
+cache thousands of times within a second. Reads of one room are therefore a *single flight*:
+concurrent recoveries of a room share one read of the cache, reaching back to the oldest
+``since`` among them, and each keeps its own part. A recovery may only share a read that had
+not been sent yet when it asked: it joined the room before asking, so a read sent after that
+holds every cached message it may have missed; a read already on the wire may not. So a room
+has at most one read on the wire and one gathering recoveries behind it, which is sent when
+the first returns. Reads of all rooms together run at most ``reads`` at a time, and decoding
+yields to the event loop between chunks, so heartbeats keep their cadence under a storm
+(docs/architecture.md, "Persistence, history and recovery").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.lowlevel
+import msgspec
+
+from ._envelope import Envelope, decode_envelope
+from ._stats import Stats
+from .brokers._base import Broker
+from .storage._base import Sink
+
+__all__ = ["Cached", "Recoverer"]
+
+# Envelopes decoded between two yields to the event loop (about a millisecond's work).
+_DECODE_CHUNK = 256
+# Largest sink page a recovery asks for.
+_SINK_PAGE = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class Cached:
+    """What a room's recent cache held above some position, oldest first."""
+
+    envelopes: list[Envelope]
+    truncated: bool
+
+
+@dataclass(slots=True, eq=False)
+class _Flight:
+    """One read of one room's recent cache, shared by every recovery that joined it before it
+    was sent. ``since`` is the oldest position asked; ``whole`` that someone asked for all."""
+
+    since: str | None
+    whole: bool
+    done: anyio.Event = field(default_factory=anyio.Event)
+    result: Cached | None = None
+    error: BaseException | None = None
+    abandoned: bool = False  # its runner was cancelled before an answer: waiters ask again
+
+    def widen(self, since: str | None) -> None:
+        if since is None:
+            self.whole = True
+        elif self.since is None or since < self.since:
+            self.since = since
+
+
+def _by_id(envelope: Envelope) -> str:
+    return envelope.id
+
+
+class Recoverer:
+    """History reads of one router (see the module docstring)."""
+
+    def __init__(
+        self, broker: Broker, sink: Sink | None, stats: Stats, max_recover: int, reads: int = 8
+    ) -> None:
+        self._broker = broker
+        self._sink = sink
+        self._stats = stats
+        self._max_recover = max_recover
+        self._reads = reads
+        self._gathering: dict[str, _Flight] = {}  # room -> read not sent yet
+        self._on_wire: dict[str, _Flight] = {}  # room -> read sent
+        self._cache_slots: anyio.CapacityLimiter | None = None
+        self._sink_slots: anyio.CapacityLimiter | None = None
+
+    # -- the recent cache -----------------------------------------------------------------------
+
+    async def cached(self, room: str, since: str | None) -> Cached:
+        """The room's cached envelopes above ``since`` (all if None), oldest first; may hold
+        some at or below ``since`` (the caller filters)."""
+        if not self._broker.supports_storage:
+            return Cached([], False)
+        while True:
+            flight = self._gathering.get(room)
+            if flight is None:
+                flight = self._gathering[room] = _Flight(since, since is None)
+                await self._fly(room, flight)
+            else:
+                flight.widen(since)
+                await flight.done.wait()
+            if not flight.abandoned:
+                break
+        if flight.error is not None:
+            raise flight.error
+        assert flight.result is not None
+        return flight.result
+
+    async def _fly(self, room: str, flight: _Flight) -> None:
+        try:
+            ahead = self._on_wire.get(room)
+            if ahead is not None:
+                await ahead.done.wait()
+            if self._cache_slots is None:
+                self._cache_slots = anyio.CapacityLimiter(self._reads)
+            async with self._cache_slots:
+                # From here the read is sent: later recoveries gather behind it.
+                if self._gathering.get(room) is flight:
+                    del self._gathering[room]
+                self._on_wire[room] = flight
+                flight.result = await self._read(room, None if flight.whole else flight.since)
+        except Exception as exc:
+            flight.error = exc
+        except BaseException:
+            flight.abandoned = True  # cancelled: the others ask again, one of them runs it
+            raise
+        finally:
+            if self._gathering.get(room) is flight:
+                del self._gathering[room]
+            if self._on_wire.get(room) is flight:
+                del self._on_wire[room]
+            flight.done.set()
+
+    async def _read(self, room: str, since: str | None) -> Cached:
+        frames = await self._broker.recent(room, since=since, limit=self._max_recover)
+        stats = self._stats
+        stats.dropped_recent_garbage += frames.skipped
+        envelopes = []
+        for i, frame in enumerate(frames.frames):
+            if i and not i % _DECODE_CHUNK:
+                await anyio.lowlevel.checkpoint()
+            try:
+                envelopes.append(decode_envelope(frame))
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                stats.dropped_recent_garbage += 1
+        return Cached(envelopes, frames.truncated)
+
+    # -- the sink -------------------------------------------------------------------------------
+
+    async def _sink_history(
+        self, room: str, *, before: str | None, after: str | None, limit: int
+    ) -> list[Envelope]:
+        assert self._sink is not None
+        if self._sink_slots is None:
+            self._sink_slots = anyio.CapacityLimiter(self._reads)
+        async with self._sink_slots:
+            return await self._sink.history(room, before=before, after=after, limit=limit)
+
+    # -- what the router asks -------------------------------------------------------------------
+
+    async def since(self, room: str, since: str) -> tuple[list[Envelope], bool]:
+        """Stored messages of ``room`` after ``since`` (sink pages + recent cache), in id
+        order, at most ``max_recover``, and whether that is provably all of them."""
+        # The cache is read first: what it no longer holds was stored by the time it was read
+        # (when the backend says it is not truncated), so the sink, read afterwards, has it.
+        cached = await self.cached(room, since)
+        stored: list[Envelope] = []
+        if self._sink is not None:
+            cursor = since
+            while len(stored) < self._max_recover:
+                limit = min(_SINK_PAGE, self._max_recover - len(stored))
+                page = await self._sink_history(room, before=None, after=cursor, limit=limit)
+                stored.extend(page)
+                if len(page) < limit:
+                    break
+                cursor = page[-1].id
+        complete = len(stored) < self._max_recover
+        recent = [e for e in cached.envelopes if e.id > since]
+        if cached.truncated and complete:
+            # The cache lost its oldest entries (or the read stopped short of `since`). It
+            # still proves the window complete if the sink already holds messages from inside
+            # it (the storage worker caught up past the cache's start).
+            oldest = cached.envelopes[0].id if cached.envelopes else None
+            complete = oldest is not None and (
+                oldest <= since or bool(stored and stored[-1].id >= oldest)
+            )
+        found = {e.id: e for e in stored}
+        for e in recent:
+            found.setdefault(e.id, e)
+        ordered = sorted(found.values(), key=_by_id)
+        if len(ordered) > self._max_recover:
+            ordered, complete = ordered[: self._max_recover], False
+        return ordered, complete
+
+    async def history(
+        self, room: str, *, before: str | None, after: str | None, limit: int
+    ) -> list[Envelope]:
+        """Sink and recent cache merged (see ``RoomRouter.history``)."""
+        merged: dict[str, Envelope] = {}
+        if self._sink is not None:
+            for e in await self._sink_history(room, before=before, after=after, limit=limit):
+                merged[e.id] = e
+        for e in (await self.cached(room, after)).envelopes:
+            if (before is None or e.id < before) and (after is None or e.id > after):
+                merged.setdefault(e.id, e)
+        ordered = sorted(merged.values(), key=_by_id)
+        return ordered[:limit] if after is not None else ordered[-limit:]

@@ -1,0 +1,204 @@
+"""Recovery reads (issue 19): a failed recovery leaves the member out, garbage in the recent
+cache is skipped and counted, reads start at ``since`` and are shared per room, and the SQL
+sinks answer a room's history from the (room, id) index."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from roomrouter import BrokerUnavailable, Envelope, HistoryUnavailable, RoomRouter
+from roomrouter.brokers._base import RECENT_SKEW_MS
+from roomrouter.brokers.memory import MemoryBroker
+from roomrouter.storage import SQLiteSink
+
+from .backends import BACKENDS, Backend, key_prefix_of
+from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
+from .faulty import ControlFault
+from .helpers import drain, receive_n
+
+pytestmark = pytest.mark.anyio
+
+
+def _router(broker: object, **options: object) -> RoomRouter:
+    return RoomRouter(broker, namespace=unique_namespace(), **{**TEST_ROUTER_OPTIONS, **options})  # type: ignore[arg-type]
+
+
+# -- case 2: a join whose recovery failed leaves the member out -----------------------------------
+
+
+async def test_a_join_whose_recovery_failed_leaves_the_member_out_and_a_retry_recovers() -> None:
+    fault = ControlFault(MemoryBroker(unique_namespace()))
+    async with _router(fault) as router:
+        sent = [await router.publish("r", b"%d" % i, persist=True) for i in range(30)]
+        since = sent[9].id
+        members = [router.member(f"m{i}") for i in range(20)]
+        fault.recent_error = BrokerUnavailable("the recent cache is down")
+        errors: list[BaseException] = []
+
+        async def rejoin(member: object) -> None:
+            try:
+                await member.join("r", since=since)  # type: ignore[attr-defined]
+            except HistoryUnavailable as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for m in members:
+                tg.start_soon(rejoin, m)
+        assert len(errors) == len(members)
+        assert all(m.rooms == frozenset() for m in members)
+        assert "r" not in router.local_rooms
+        await router.publish("r", b"while out", persist=True)
+        assert all(m.pending() == 0 for m in members)
+
+        fault.recent_error = None
+        recoveries = []
+
+        async def retry(member: object) -> None:
+            recoveries.append(await member.join("r", since=since))  # type: ignore[attr-defined]
+
+        async with anyio.create_task_group() as tg:
+            for m in members:
+                tg.start_soon(retry, m)
+        assert all(r.count == 21 and r.complete for r in recoveries), recoveries
+        for m in members:
+            got = await receive_n(m, 21)
+            assert [e.id for e in got[:20]] == [e.id for e in sent[10:]]
+            assert got[20].payload == b"while out"
+
+
+async def test_a_join_whose_sink_failed_leaves_the_member_out(tmp_path: Path) -> None:
+    class BrokenSink(SQLiteSink):
+        broken = True
+
+        async def history(self, room: str, **kwargs: object) -> list[Envelope]:  # type: ignore[override]
+            if self.broken:
+                from roomrouter import SinkError
+
+                raise SinkError("database is down")
+            return await super().history(room, **kwargs)  # type: ignore[arg-type]
+
+    sink = BrokenSink(tmp_path / "s.db")
+    async with _router(MemoryBroker(unique_namespace()), sink=sink) as router:
+        sent = [await router.publish("r", b"x", persist=True) for _ in range(5)]
+        member = router.member("m")
+        with pytest.raises(HistoryUnavailable):
+            await member.join("r", since=sent[0].id)
+        assert member.rooms == frozenset()
+        sink.broken = False
+        recovery = await member.join("r", since=sent[0].id)
+        assert recovery.count == 4 and member.rooms == {"r"}
+
+
+# -- case 8 (part): garbage in the recent cache ---------------------------------------------------
+
+
+async def _write_garbage(backend: Backend, router: RoomRouter, room: str) -> int:
+    """Write entries that hold no envelope into ``room``'s recent cache; how many."""
+    if backend.name == "memory":
+        broker = router.broker
+        assert isinstance(broker, MemoryBroker)
+        broker.hub._append_recent((router.namespace, room), b"\x00garbage", 1000)
+        return 1
+    from redis.asyncio import Redis
+
+    client = Redis(host="127.0.0.1", port=6379)
+    try:
+        key = key_prefix_of(router.namespace) + b"recent:" + room.encode()
+        await client.xadd(key, {b"x": b"no f field"})
+        await client.xadd(key, {b"f": b"\xc1 not msgpack"})
+    finally:
+        await client.aclose()
+    return 2
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    backend = BACKENDS[request.param](unique_namespace())
+    backend.available()
+    try:
+        yield backend
+    finally:
+        await backend.cleanup()
+
+
+async def test_garbage_in_the_recent_cache_is_skipped_and_counted(cache_backend: Backend) -> None:
+    broker = cache_backend.broker()
+    router = RoomRouter(broker, namespace=cache_backend.namespace, **TEST_ROUTER_OPTIONS)  # type: ignore[arg-type]
+    async with router:
+        first = await router.publish("r", b"one", persist=True)
+        garbage = await _write_garbage(cache_backend, router, "r")
+        last = await router.publish("r", b"two", persist=True)
+        history = await router.history("r")
+        assert [e.id for e in history] == [first.id, last.id]
+        member = router.member("m")
+        recovery = await member.join("r", since=first.id)
+        assert recovery.count == 1 and recovery.complete
+        assert [e.id for e in await receive_n(member, 1)] == [last.id]
+        assert router.stats()["dropped_recent_garbage"] >= garbage
+
+
+# -- reads start at `since`, truncated stays exact ------------------------------------------------
+
+
+async def test_a_recent_read_with_since_stops_at_it(cache_backend: Backend) -> None:
+    broker = cache_backend.broker(recent_size=600)  # type: ignore[call-arg]
+    router = RoomRouter(broker, namespace=cache_backend.namespace, **TEST_ROUTER_OPTIONS)
+    async with router:
+        old = [await router.publish("r", b"old", persist=True) for _ in range(400)]
+        # Beyond the skew allowance: a scan for `since` below stops before the old ones.
+        await anyio.sleep(RECENT_SKEW_MS / 1000 + 0.05)
+        new = [await router.publish("r", b"new", persist=True) for _ in range(300)]
+        whole = await broker.recent("r")
+        assert len(whole.frames) == 600 and whole.truncated  # 100 evicted
+        part = await broker.recent("r", since=new[100].id)
+        assert not part.truncated  # it reached `since`: every frame above it is there
+        assert 199 <= len(part.frames) <= 300
+        assert part.frames == whole.frames[-len(part.frames) :]
+        limited = await broker.recent("r", since=new[100].id, limit=50)
+        assert limited.truncated and limited.frames == whole.frames[-50:]
+        # Asking for a position the cache no longer reaches: truncated, all that is left.
+        gone = await broker.recent("r", since=old[10].id)
+        assert gone.truncated and gone.frames == whole.frames
+        member = router.member("m")
+        recovery = await member.join("r", since=new[100].id)
+        assert recovery.complete and recovery.count == 199
+
+
+# -- single flight --------------------------------------------------------------------------------
+
+
+async def test_concurrent_recoveries_of_a_room_share_one_read() -> None:
+    fault = ControlFault(MemoryBroker(unique_namespace()))
+    async with _router(fault) as router:
+        sent = [
+            await router.publish(f"room{r}", b"x", persist=True)
+            for r in range(4)
+            for _ in range(50)
+        ]
+        by_room = {f"room{r}": [e for e in sent if e.room == f"room{r}"] for r in range(4)}
+        members = [router.member(f"m{i}") for i in range(400)]
+        recoveries: dict[str, int] = {}
+
+        async def rejoin(i: int) -> None:
+            room = f"room{i % 4}"
+            since = by_room[room][10 + i % 30].id
+            recovery = await members[i].join(room, since=since)
+            recoveries[members[i].id] = recovery.count
+            assert recovery.count == 50 - 11 - i % 30 and recovery.complete
+
+        before = fault.recent_reads
+        async with anyio.create_task_group() as tg:
+            for i in range(len(members)):
+                tg.start_soon(rejoin, i)
+        assert len(recoveries) == 400
+        # One read per room on the wire, one gathering behind it: at most two per room.
+        assert fault.recent_reads - before <= 8, fault.recent_reads - before
+        for i, m in enumerate(members):
+            room = f"room{i % 4}"
+            assert [e.id for e in await drain(m, settle=0)] == [
+                e.id for e in by_room[room][11 + i % 30 :]
+            ]
