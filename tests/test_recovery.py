@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -16,11 +17,13 @@ from roomrouter.brokers.memory import MemoryBroker
 from roomrouter.storage import SQLiteSink
 
 from .backends import BACKENDS, Backend, key_prefix_of
-from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
+from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
 from .faulty import ControlFault
 from .helpers import drain, receive_n
 
 pytestmark = pytest.mark.anyio
+
+STORAGE = [n for n in selected_backends() if BACKENDS[n].supports_storage]
 
 
 def _router(broker: object, **options: object) -> RoomRouter:
@@ -97,25 +100,70 @@ async def test_a_join_whose_sink_failed_leaves_the_member_out(tmp_path: Path) ->
 
 
 async def _write_garbage(backend: Backend, router: RoomRouter, room: str) -> int:
-    """Write entries that hold no envelope into ``room``'s recent cache; how many."""
+    """Write entries that hold no envelope into ``room``'s recent cache with a raw client of
+    the broker; how many."""
     if backend.name == "memory":
         broker = router.broker
         assert isinstance(broker, MemoryBroker)
         broker.hub._append_recent((router.namespace, room), b"\x00garbage", 1000)
         return 1
-    from redis.asyncio import Redis
+    if backend.name in ("redis", "redis-sharded", "redis-cluster"):
+        if backend.name == "redis-cluster":
+            from roomrouter.brokers.redis_cluster import cluster_recent_key
 
-    client = Redis(host="127.0.0.1", port=6379)
+            key = cluster_recent_key(router.namespace, room)
+            client: Any = await backend._client()  # type: ignore[attr-defined]
+        else:
+            from redis.asyncio import Redis
+
+            key = key_prefix_of(router.namespace) + b"recent:" + room.encode()
+            client = Redis(host="127.0.0.1", port=6379)
+        try:
+            await client.xadd(key, {b"x": b"no f field"})
+            await client.xadd(key, {b"f": b"\xc1 not msgpack"})
+        finally:
+            await client.aclose()
+        return 2
+    if backend.name == "rabbitmq":
+        import aiormq
+
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+
+        broker = router.broker
+        assert isinstance(broker, RabbitMQBroker)
+        connection = await aiormq.connect(backend.url)  # type: ignore[attr-defined]
+        try:
+            channel = await connection.channel()
+            queue = broker._recent_queue(routing_key(room))
+            await channel.basic_publish(b"\xc1 not msgpack", exchange="", routing_key=queue)
+        finally:
+            await connection.close()
+        return 1
+    assert backend.name == "kafka"
+    from aiokafka import AIOKafkaProducer
+
+    from roomrouter.brokers._kafka_common import _STORED
+    from roomrouter.brokers.kafka import KafkaBroker
+
+    broker = router.broker
+    assert isinstance(broker, KafkaBroker)
+    topic = broker.topic_names(router.namespace, backend.topic_prefix)[0]  # type: ignore[attr-defined]
+    producer = AIOKafkaProducer(bootstrap_servers=backend.bootstrap, enable_idempotence=False)  # type: ignore[attr-defined]
+    await producer.start()
     try:
-        key = key_prefix_of(router.namespace) + b"recent:" + room.encode()
-        await client.xadd(key, {b"x": b"no f field"})
-        await client.xadd(key, {b"f": b"\xc1 not msgpack"})
+        await producer.send_and_wait(
+            topic,
+            b"\xc1 not msgpack",
+            key=room.encode(),
+            partition=broker.partition_for(room),
+            headers=[_STORED],
+        )
     finally:
-        await client.aclose()
-    return 2
+        await producer.stop()
+    return 1
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=STORAGE)
 async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     backend = BACKENDS[request.param](unique_namespace())
     backend.available()
@@ -125,9 +173,14 @@ async def cache_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend
         await backend.cleanup()
 
 
+def _router_on(backend: Backend, **broker_options: object) -> RoomRouter:
+    options = {**TEST_ROUTER_OPTIONS, **backend.router_options}
+    broker = backend.broker(**broker_options)  # type: ignore[call-arg]
+    return RoomRouter(broker, namespace=backend.namespace, **options)  # type: ignore[arg-type]
+
+
 async def test_garbage_in_the_recent_cache_is_skipped_and_counted(cache_backend: Backend) -> None:
-    broker = cache_backend.broker()
-    router = RoomRouter(broker, namespace=cache_backend.namespace, **TEST_ROUTER_OPTIONS)  # type: ignore[arg-type]
+    router = _router_on(cache_backend)
     async with router:
         first = await router.publish("r", b"one", persist=True)
         garbage = await _write_garbage(cache_backend, router, "r")
@@ -145,8 +198,8 @@ async def test_garbage_in_the_recent_cache_is_skipped_and_counted(cache_backend:
 
 
 async def test_a_recent_read_with_since_stops_at_it(cache_backend: Backend) -> None:
-    broker = cache_backend.broker(recent_size=600)  # type: ignore[call-arg]
-    router = RoomRouter(broker, namespace=cache_backend.namespace, **TEST_ROUTER_OPTIONS)
+    router = _router_on(cache_backend, recent_size=600)
+    broker = router.broker
     async with router:
         old = [await router.publish("r", b"old", persist=True) for _ in range(400)]
         # Beyond the skew allowance: a scan for `since` below stops before the old ones.
