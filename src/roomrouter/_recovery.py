@@ -14,6 +14,7 @@ yields to the event loop between chunks, so heartbeats keep their cadence under 
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass, field
 
 import anyio
@@ -35,10 +36,18 @@ _SINK_PAGE = 1000
 
 @dataclass(frozen=True, slots=True)
 class Cached:
-    """What a room's recent cache held above some position, oldest first."""
+    """What a room's recent cache held above some position: ``envelopes`` in id order (the
+    read sorts them once; each recovery sharing it then cuts its part with a bisection of
+    ``ids``), ``oldest`` the id of the first one in cache order, ``truncated`` as the
+    backend said (``RecentFrames.truncated``)."""
 
     envelopes: list[Envelope]
     truncated: bool
+    ids: list[str] = field(default_factory=list)
+    oldest: str | None = None
+
+    def above(self, since: str) -> list[Envelope]:
+        return self.envelopes[bisect_right(self.ids, since) :]
 
 
 @dataclass(slots=True, eq=False)
@@ -139,7 +148,9 @@ class Recoverer:
                 envelopes.append(decode_envelope(frame))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 stats.dropped_recent_garbage += 1
-        return Cached(envelopes, frames.truncated)
+        oldest = envelopes[0].id if envelopes else None
+        envelopes.sort(key=_by_id)
+        return Cached(envelopes, frames.truncated, [e.id for e in envelopes], oldest)
 
     # -- the sink -------------------------------------------------------------------------------
 
@@ -171,19 +182,23 @@ class Recoverer:
                     break
                 cursor = page[-1].id
         complete = len(stored) < self._max_recover
-        recent = [e for e in cached.envelopes if e.id > since]
+        recent = cached.above(since)
         if cached.truncated and complete:
             # The cache lost its oldest entries (or the read stopped short of `since`). It
-            # still proves the window complete if the sink already holds messages from inside
-            # it (the storage worker caught up past the cache's start).
-            oldest = cached.envelopes[0].id if cached.envelopes else None
+            # still proves the window complete if it reaches back to `since`, or if the sink
+            # already holds messages from inside it (the storage worker caught up past the
+            # cache's start).
+            oldest = cached.oldest
             complete = oldest is not None and (
                 oldest <= since or bool(stored and stored[-1].id >= oldest)
             )
-        found = {e.id: e for e in stored}
-        for e in recent:
-            found.setdefault(e.id, e)
-        ordered = sorted(found.values(), key=_by_id)
+        if stored:
+            found = {e.id: e for e in stored}
+            for e in recent:
+                found.setdefault(e.id, e)
+            ordered = sorted(found.values(), key=_by_id)
+        else:  # already in id order: only repeats (a publish retried with its id) to drop
+            ordered = list({e.id: e for e in recent}.values())
         if len(ordered) > self._max_recover:
             ordered, complete = ordered[: self._max_recover], False
         return ordered, complete

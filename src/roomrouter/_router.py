@@ -556,17 +556,22 @@ class RoomRouter:
         member._recovering.pop(room, None)
         if room not in self._rooms_of(member):  # left (or closed) while the history was read
             return _NOTHING_RECOVERED
-        merged = {e.id: e for e in found}
-        recovered = len(merged)
-        for envelope in held:
-            merged.setdefault(envelope.id, envelope)
-        ordered = sorted(merged.values(), key=_by_id)
-        member._deliver_recovered(ordered)
+        # `found` is in id order without repeats; only held-back live ones need a merge.
+        recovered = len(found)
+        if held:
+            merged = {e.id: e for e in found}
+            for envelope in held:
+                merged.setdefault(envelope.id, envelope)
+            member._deliver_recovered(sorted(merged.values(), key=_by_id))
+            arrived = {e.id for e in held}
+            found_only = [e for e in found if e.id not in arrived]
+        else:
+            member._deliver_recovered(found)
+            found_only = found
         # Recovered ones published after the join may still arrive live (the history read can
         # outrun the live path): the member drops those copies.
-        arrived = {e.id for e in held}
-        member._expect_overlap(room, [e for e in found if e.id not in arrived])
-        last = max(found, key=_by_id).id if found else None
+        member._expect_overlap(room, found_only)
+        last = found[-1].id if found else None
         return Recovery(count=recovered, complete=complete, last_id=last)
 
     async def _join_live(self, member: Member, room: str) -> None:
