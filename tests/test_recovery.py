@@ -290,3 +290,41 @@ async def test_history_reads_do_not_wait_behind_publishes(private_redis: Private
             await client.aclose()
         assert recovery.count >= 14 and recovery.complete
         assert took < 0.7, f"the recovery waited {took:.2f}s behind a paused publish"
+
+
+async def test_concurrent_recoveries_of_a_room_share_one_sink_read(tmp_path: Path) -> None:
+    """With a sink, the shared read goes on to the sink's pages after the oldest ``since``;
+    each recovery cuts its part, and one whose part the shared read cut short (it stops at
+    ``max_recover`` rows) reads the rest itself."""
+    reads = [0]
+
+    class CountingSink(SQLiteSink):
+        async def history(self, room: str, **kwargs: Any) -> list[Envelope]:  # type: ignore[override]
+            reads[0] += 1
+            return await super().history(room, **kwargs)
+
+    sink = CountingSink(tmp_path / "s.db")
+    broker = MemoryBroker(unique_namespace(), recent_size=20)  # the sink holds the rest
+    async with _router(broker, sink=sink, max_recover=100) as router:
+        sent = [await router.publish("r", b"%d" % i, persist=True) for i in range(300)]
+        await sink.write(sent)
+        members = [router.member(f"m{i}") for i in range(200)]
+        # Most within the last 100, a few further back than max_recover.
+        positions = [150 + i % 140 if i % 20 else i % 100 for i in range(200)]
+        results: dict[int, tuple[int, bool]] = {}
+
+        async def rejoin(i: int) -> None:
+            recovery = await members[i].join("r", since=sent[positions[i]].id)
+            results[i] = (recovery.count, recovery.complete)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(200):
+                tg.start_soon(rejoin, i)
+        for i, m in enumerate(members):
+            want = [e.id for e in sent[positions[i] + 1 :]][:100]
+            assert [e.id for e in await drain(m, settle=0)] == want, i
+            # Exactly max_recover rows is reported incomplete (more may follow).
+            assert results[i] == (len(want), len(sent) - positions[i] - 1 < 100), i
+        # Two shared reads (one on the wire, one gathering) of at most a page each, plus the
+        # continuation of those whose part was cut short: far fewer than one per recovery.
+        assert reads[0] <= 2 + sum(1 for p in positions if p < 200), reads[0]

@@ -7,7 +7,9 @@ concurrent recoveries of a room share one read of the cache, reaching back to th
 not been sent yet when it asked: it joined the room before asking, so a read sent after that
 holds every cached message it may have missed; a read already on the wire may not. So a room
 has at most one read on the wire and one gathering recoveries behind it, which is sent when
-the first returns. Reads of all rooms together run at most ``reads`` at a time, and decoding
+the first returns. With a sink, the same flight then reads the sink's newest rows back to the
+oldest ``since`` (or ``max_recover`` rows); a recovery further back than that reads its own
+part. Reads of all rooms together run at most ``reads`` at a time, and decoding
 yields to the event loop between chunks, so heartbeats keep their cadence under a storm
 (docs/architecture.md, "Persistence, history and recovery").
 """
@@ -52,21 +54,36 @@ class Cached:
 
 @dataclass(slots=True, eq=False)
 class _Flight:
-    """One read of one room's recent cache, shared by every recovery that joined it before it
-    was sent. ``since`` is the oldest position asked; ``whole`` that someone asked for all."""
+    """One read of one room's recent cache -- and, for recoveries with a sink, of the sink
+    pages after it -- shared by every recovery that joined it before it was sent. ``since`` is
+    the oldest position a recovery asked; ``whole`` that someone (``history()``) asked for all
+    of the cache; ``sink`` that a recovery wants the sink's pages after ``since``."""
 
-    since: str | None
-    whole: bool
+    since: str | None = None
+    whole: bool = False
+    sink: bool = False
     done: anyio.Event = field(default_factory=anyio.Event)
     result: Cached | None = None
+    #: The sink's newest rows, in id order, read after the cache back to ``since`` or to
+    #: ``max_recover`` rows; ``whole_room`` if that is every row of the room.
+    stored: list[Envelope] = field(default_factory=list)
+    stored_ids: list[str] = field(default_factory=list)
+    whole_room: bool = False
+
+    def covers(self, since: str) -> bool:
+        """Whether ``stored`` holds every row the sink had after ``since``."""
+        return self.whole_room or bool(self.stored_ids and self.stored_ids[0] <= since)
+
     error: BaseException | None = None
     abandoned: bool = False  # its runner was cancelled before an answer: waiters ask again
 
-    def widen(self, since: str | None) -> None:
+    def widen(self, since: str | None, sink: bool) -> None:
         if since is None:
             self.whole = True
-        elif self.since is None or since < self.since:
-            self.since = since
+        else:
+            if self.since is None or since < self.since:
+                self.since = since
+            self.sink = self.sink or sink
 
 
 def _by_id(envelope: Envelope) -> str:
@@ -92,24 +109,30 @@ class Recoverer:
     # -- the recent cache -----------------------------------------------------------------------
 
     async def cached(self, room: str, since: str | None) -> Cached:
-        """The room's cached envelopes above ``since`` (all if None), oldest first; may hold
+        """The room's cached envelopes above ``since`` (all if None), in id order; may hold
         some at or below ``since`` (the caller filters)."""
         if not self._broker.supports_storage:
             return Cached([], False)
+        flight = await self._shared(room, since, sink=False)
+        assert flight.result is not None
+        return flight.result
+
+    async def _shared(self, room: str, since: str | None, *, sink: bool) -> _Flight:
+        """The answered flight of ``room`` this caller took part in (see _Flight)."""
         while True:
             flight = self._gathering.get(room)
             if flight is None:
-                flight = self._gathering[room] = _Flight(since, since is None)
+                flight = self._gathering[room] = _Flight()
+                flight.widen(since, sink)
                 await self._fly(room, flight)
             else:
-                flight.widen(since)
+                flight.widen(since, sink)
                 await flight.done.wait()
             if not flight.abandoned:
                 break
         if flight.error is not None:
             raise flight.error
-        assert flight.result is not None
-        return flight.result
+        return flight
 
     async def _fly(self, room: str, flight: _Flight) -> None:
         try:
@@ -123,7 +146,14 @@ class Recoverer:
                 if self._gathering.get(room) is flight:
                     del self._gathering[room]
                 self._on_wire[room] = flight
-                flight.result = await self._read(room, None if flight.whole else flight.since)
+                since = flight.since
+                if self._broker.supports_storage:
+                    flight.result = await self._read(room, None if flight.whole else since)
+                else:
+                    flight.result = Cached([], False)
+                if flight.sink and since is not None:
+                    # After the cache, as every recovery must read it (see since()).
+                    await self._read_sink_back(room, since, flight)
         except Exception as exc:
             flight.error = exc
         except BaseException:
@@ -165,22 +195,57 @@ class Recoverer:
 
     # -- what the router asks -------------------------------------------------------------------
 
+    async def _sink_pages(self, room: str, after: str, want: int) -> list[Envelope]:
+        """Up to ``want`` sink rows after ``after``, oldest first, in pages."""
+        rows: list[Envelope] = []
+        cursor = after
+        while len(rows) < want:
+            limit = min(_SINK_PAGE, want - len(rows))
+            page = await self._sink_history(room, before=None, after=cursor, limit=limit)
+            rows.extend(page)
+            if len(page) < limit:
+                break
+            cursor = page[-1].id
+        return rows
+
+    async def _read_sink_back(self, room: str, since: str, flight: _Flight) -> None:
+        """The sink's newest rows of ``room``, backwards in pages, until the read reaches
+        ``since`` or holds ``max_recover`` rows: every recovery whose position it reaches
+        finds its whole part in it (in a storm most positions are recent, and one far back
+        does not make the others read from it), the others read theirs themselves."""
+        assert self._sink is not None
+        pages: list[list[Envelope]] = []
+        total = 0
+        cursor: str | None = None
+        while total < self._max_recover:
+            limit = min(_SINK_PAGE, self._max_recover - total)
+            page = await self._sink.history(room, before=cursor, limit=limit)
+            pages.append(page)
+            total += len(page)
+            if len(page) < limit:
+                flight.whole_room = True
+                break
+            cursor = page[0].id
+            if cursor <= since:
+                break
+        flight.stored = [e for page in reversed(pages) for e in page]
+        flight.stored_ids = [e.id for e in flight.stored]
+
     async def since(self, room: str, since: str) -> tuple[list[Envelope], bool]:
         """Stored messages of ``room`` after ``since`` (sink pages + recent cache), in id
         order, at most ``max_recover``, and whether that is provably all of them."""
         # The cache is read first: what it no longer holds was stored by the time it was read
         # (when the backend says it is not truncated), so the sink, read afterwards, has it.
-        cached = await self.cached(room, since)
+        # The flight reads both for every recovery that shared it, from the oldest `since`.
+        flight = await self._shared(room, since, sink=self._sink is not None)
+        assert flight.result is not None
+        cached = flight.result
         stored: list[Envelope] = []
         if self._sink is not None:
-            cursor = since
-            while len(stored) < self._max_recover:
-                limit = min(_SINK_PAGE, self._max_recover - len(stored))
-                page = await self._sink_history(room, before=None, after=cursor, limit=limit)
-                stored.extend(page)
-                if len(page) < limit:
-                    break
-                cursor = page[-1].id
+            if flight.covers(since):
+                stored = flight.stored[bisect_right(flight.stored_ids, since) :]
+            else:  # further back than the shared read went: this part is its own to read
+                stored = await self._sink_pages(room, since, self._max_recover)
         complete = len(stored) < self._max_recover
         recent = cached.above(since)
         if cached.truncated and complete:
