@@ -162,8 +162,11 @@ async def test_a_reconnect_storm_recovers_every_member_exactly(backend: Backend)
             print(f"storm on {backend.name}: {MEMBERS} rejoins in {took:.2f}s, worst timer "
                   f"lag {lag[0] * 1000:.0f} ms, stats {stats}")  # fmt: skip
             assert stats["nodes_expired"] == 0
-            # Heartbeats keep their cadence: the loop never stalls near the node TTL.
-            assert lag[0] < TEST_ROUTER_OPTIONS["node_ttl"] / 2, lag[0]
+            # Heartbeats keep their cadence: the loop never stalls near the node TTL (1.5 s;
+            # before the fix the memory backend's storm stalled it 1.5 s, Redis's 4.5 s). What
+            # is left is starting 2,000 join tasks in one event-loop iteration: 0.1-0.4 s here
+            # on a loaded 2-core machine.
+            assert lag[0] < 1.0, lag[0]
             if peer is not None:
                 assert (await peer.stats())["nodes_expired"] == 0
                 assert peer_id in router.live_nodes()
