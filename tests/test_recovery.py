@@ -13,6 +13,7 @@ import anyio
 import pytest
 
 from roomrouter import BrokerUnavailable, Envelope, HistoryUnavailable, RoomRouter
+from roomrouter._envelope import encode_envelope
 from roomrouter.brokers._base import RECENT_SKEW_MS
 from roomrouter.brokers.memory import MemoryBroker
 from roomrouter.storage import SQLiteSink
@@ -328,3 +329,39 @@ async def test_concurrent_recoveries_of_a_room_share_one_sink_read(tmp_path: Pat
         # Two shared reads (one on the wire, one gathering) of at most a page each, plus the
         # continuation of those whose part was cut short: far fewer than one per recovery.
         assert reads[0] <= 2 + sum(1 for p in positions if p < 200), reads[0]
+
+
+def _id_at(ms: int, n: int = 0) -> str:
+    h = f"{ms:012x}7{n:03x}8{n:015x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def test_a_scan_goes_on_past_since_for_the_clock_skew() -> None:
+    """A cache holds frames in arrival order, ids come from each publisher's clock: a frame
+    that arrived before ``since``'s but carries a higher id (its node's clock runs ahead)
+    lies further back, and the scan must still return it; it stops only at an id
+    ``RECENT_SKEW_MS`` older than ``since``."""
+    from roomrouter.brokers._base import RecentScan
+
+    def frame(ident: str) -> bytes:
+        return encode_envelope(Envelope(id=ident, room="r", origin="o", ts=0.0, payload=b""))
+
+    t = 1_800_000_000_000
+    old = _id_at(t - RECENT_SKEW_MS - 1)  # beyond the allowance: the scan stops here
+    ahead = _id_at(t + 500)  # arrived before `since`, from a clock 0.5 s ahead
+    since = _id_at(t)
+    newer = _id_at(t + 10)
+    cache = [frame(old), frame(ahead), frame(since), frame(newer)]  # arrival order
+    scan = RecentScan(since, None)
+    for f in reversed(cache):
+        if not scan.add(f):
+            break
+    result = scan.result(evicted=True)
+    assert scan.reached and not result.truncated
+    assert result.frames == cache[1:]  # `ahead` included, `old` not
+    # Garbage is skipped and counted, never the end of the scan.
+    scan = RecentScan(since, None)
+    for f in [frame(newer), b"\xc1", None, frame(ahead), frame(old)]:
+        if not scan.add(f):
+            break
+    assert scan.skipped == 2 and scan.result(evicted=False).frames == [frame(ahead), frame(newer)]
