@@ -20,6 +20,10 @@ task that sends everything queued while the previous round trip was in flight as
 (auto-pipelining), so concurrent publishers reach the pipelined rate instead of one round trip
 each. Both reconnect on their own; the subscriber connection, once back, restores every
 subscription before it tells the router (``on_reconnect``).
+
+History reads (:meth:`RedisBroker.recent`) are the exception to "two": they run on up to
+``_READERS`` connections of their own, opened on first use, so they never queue behind
+publishes nor share their timeout (docs/architecture.md, "Recovery at scale").
 """
 
 from __future__ import annotations
