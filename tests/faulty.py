@@ -32,6 +32,8 @@ class ControlFault(Broker):
         self.blackout = False  # drop every control frame (a node that hears nothing)
         self.dropped: list[Any] = []
         self._context: BrokerContext | None = None
+        self.recent_error: Exception | None = None  # what recent() raises while set
+        self.recent_reads = 0
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -108,8 +110,13 @@ class ControlFault(Broker):
     ) -> None:
         await self.inner.publish_persistent(room, frame, live=live, to=to)
 
-    async def recent(self, room: str) -> RecentFrames:
-        return await self.inner.recent(room)
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
+        self.recent_reads += 1
+        if self.recent_error is not None:
+            raise self.recent_error
+        return await self.inner.recent(room, since=since, limit=limit)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return self.inner.storage_consumer(namespace, consumer)

@@ -4,6 +4,8 @@ waits (at most ``--lifetime`` seconds) to be killed.
     python -m tests.node_process URL NAMESPACE ROOM [ROOM ...]
         [--print-received]          print "got ROOM PAYLOAD" for every envelope received
         [--presence URL]            keep presence in that store
+        [--stats]                   on each line "stats" on stdin, print the router's stats
+                                    as one JSON line
         [--stall ROOM:SECONDS]      on the line "stall" on stdin: leave ROOM, then block the
                                     event loop for SECONDS (a synchronous sleep, like a GC
                                     pause or a blocking call), then print "resumed"
@@ -16,6 +18,7 @@ waits (at most ``--lifetime`` seconds) to be killed.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
@@ -34,6 +37,7 @@ async def main() -> None:
     parser.add_argument("--stall", default=None)
     parser.add_argument("--stall-publish", default=None)
     parser.add_argument("--presence", default=None, help="presence store URL")
+    parser.add_argument("--stats", action="store_true")
     args = parser.parse_args()
     router = RoomRouter.from_url(
         args.url, namespace=args.namespace, linger=0, heartbeat_interval=0.2, node_ttl=1.5,
@@ -46,6 +50,8 @@ async def main() -> None:
         print(router.node_id, flush=True)
         if args.print_received:
             tg.start_soon(_print_received, member)
+        if args.stats:
+            tg.start_soon(_print_stats_on_request, router)
         if args.stall:
             room, _, seconds = args.stall.rpartition(":")
             tg.start_soon(_stall_on_request, member, room, float(seconds))
@@ -82,6 +88,15 @@ async def _stall_then_publish(router: RoomRouter, seconds: float, rooms: list[st
     for room in rooms:
         await router.publish(room, b"from-stalled")
     print("resumed", flush=True)
+
+
+async def _print_stats_on_request(router: RoomRouter) -> None:
+    while True:
+        line = await anyio.to_thread.run_sync(sys.stdin.readline, abandon_on_cancel=True)
+        if not line:
+            return
+        if line.strip() == "stats":
+            print(json.dumps(router.stats()), flush=True)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ themselves are never checked (they depend on the machine), only that they are th
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -62,3 +63,22 @@ def test_cli_bench_outside_a_checkout(
     err = capsys.readouterr().err.strip()
     assert err.startswith("roomrouter: bench needs a roomrouter repo checkout")
     assert "\n" not in err
+
+
+def test_storm_tiny() -> None:
+    """benchmarks/storm.py runs (tiny: 100 members, 50 messages a room, once) on memory and on
+    a redis-server of its own, and reports a sane storm."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    args = ["--backends", "memory,redis", "--members", "100", "--rooms", "4", "--cached", "120",
+            "--repeats", "1", "--timeout", "60"]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "storm.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [r["backend"] for r in runs] == ["memory", "redis"]
+    for run in runs:
+        assert run["errors"] == 0 and run["lost"] == 0 and run["rejoin_s"] > 0, run
+    assert runs[1]["redis_reads"] > 0

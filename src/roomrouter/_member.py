@@ -141,8 +141,8 @@ class Member:
         it and returns when the room is ready. A :meth:`leave` during a join wins: the member is
         then not in the room, and the join returns. Raises :class:`~roomrouter.InvalidRoomName`,
         :class:`~roomrouter.MemberClosed`, or :class:`~roomrouter.BrokerUnavailable` (the join
-        did not happen), or :class:`~roomrouter.HistoryUnavailable` (the join happened, live
-        delivery runs, but the history could not be read).
+        did not happen), or :class:`~roomrouter.HistoryUnavailable` (the history could not
+        be read: the member is left out of the room, so a retry recovers from ``since``).
         """
         self._check_open()
         return await self._router._join(self, room, since=since, history=history)
@@ -290,13 +290,16 @@ class Member:
         envelope reaches the highest id recovered from it, nothing recovered from it can follow
         and its entry goes. Exact, and bounded by the router's ``max_recover``.
         """
-        by_origin: dict[str, tuple[set[str], str]] = {}
+        # Lists first, sets and highs once per origin: a storm runs this for every member.
+        lists: dict[str, list[str]] = {}
         for envelope in recovered:
-            ids, high = by_origin.get(envelope.origin, (set(), envelope.id))
-            ids.add(envelope.id)
-            by_origin[envelope.origin] = (ids, max(high, envelope.id))
-        if by_origin:
-            self._overlap[room] = by_origin
+            ids = lists.get(envelope.origin)
+            if ids is None:
+                lists[envelope.origin] = [envelope.id]
+            else:
+                ids.append(envelope.id)
+        if lists:
+            self._overlap[room] = {o: (set(ids), max(ids)) for o, ids in lists.items()}
         else:
             self._overlap.pop(room, None)
 

@@ -46,6 +46,7 @@ from ._errors import (
 from ._host import SupervisedTasks, spawn_detached, stray_cancellation
 from ._member import Member, OverflowPolicy, Recovery
 from ._presence import PresenceKeeper
+from ._recovery import Recoverer
 from ._stats import Stats
 from ._subscriptions import SubscriptionManager
 from .brokers._base import Broker, BrokerContext
@@ -83,12 +84,6 @@ class _Host:
     stop: anyio.Event = field(default_factory=anyio.Event)
     stopped: anyio.Event = field(default_factory=anyio.Event)
     error: Exception | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class _Cached:
-    envelopes: list[Envelope]
-    truncated: bool
 
 
 def _check_headers(headers: Mapping[str, str]) -> None:
@@ -314,6 +309,7 @@ class RoomRouter:
                 ttl=node_ttl,
             )
         )
+        self._recovery = Recoverer(broker, sink, self._stats, max_recover)
         self._running = False
         self._host: _Host | None = None
 
@@ -565,63 +561,37 @@ class RoomRouter:
             raise
         try:
             if since is not None:
-                found, complete = await self._recover_since(room, since)
+                found, complete = await self._recovery.since(room, since)
             else:
                 found, complete = await self.history(room, limit=history), True
         except BaseException as exc:
-            member._deliver_recovered(member._recovering.pop(room, held))
+            # The join did not deliver what it promised: the member is left out of the room
+            # (and what the join acquired released), so a retry recovers from the start.
+            member._recovering.pop(room, None)
+            self._leave(member, room)
             if isinstance(exc, RoomRouterError):
                 raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
             raise
         member._recovering.pop(room, None)
         if room not in self._rooms_of(member):  # left (or closed) while the history was read
             return _NOTHING_RECOVERED
-        merged = {e.id: e for e in found}
-        recovered = len(merged)
-        for envelope in held:
-            merged.setdefault(envelope.id, envelope)
-        ordered = sorted(merged.values(), key=_by_id)
-        member._deliver_recovered(ordered)
+        # `found` is in id order without repeats; only held-back live ones need a merge.
+        recovered = len(found)
+        if held:
+            merged = {e.id: e for e in found}
+            for envelope in held:
+                merged.setdefault(envelope.id, envelope)
+            member._deliver_recovered(sorted(merged.values(), key=_by_id))
+            arrived = {e.id for e in held}
+            found_only = [e for e in found if e.id not in arrived]
+        else:
+            member._deliver_recovered(found)
+            found_only = found
         # Recovered ones published after the join may still arrive live (the history read can
         # outrun the live path): the member drops those copies.
-        arrived = {e.id for e in held}
-        member._expect_overlap(room, [e for e in found if e.id not in arrived])
-        last = max(found, key=_by_id).id if found else None
+        member._expect_overlap(room, found_only)
+        last = found[-1].id if found else None
         return Recovery(count=recovered, complete=complete, last_id=last)
-
-    async def _recover_since(self, room: str, since: str) -> tuple[list[Envelope], bool]:
-        """Stored messages of ``room`` after ``since`` (sink pages + recent cache), and whether
-        that is provably all of them."""
-        # The cache is read first: what it no longer holds was stored by the time it was read
-        # (when the backend says it is not truncated), so the sink, read afterwards, has it.
-        cached = await self._recent(room)
-        stored: list[Envelope] = []
-        if self.sink is not None:
-            cursor = since
-            while len(stored) < self.max_recover:
-                limit = min(1000, self.max_recover - len(stored))
-                page = await self.sink.history(room, after=cursor, limit=limit)
-                stored.extend(page)
-                if len(page) < limit:
-                    break
-                cursor = page[-1].id
-        complete = len(stored) < self.max_recover
-        recent = [e for e in cached.envelopes if e.id > since]
-        if cached.truncated and complete:
-            # The cache lost its oldest entries. It still proves the window complete if it
-            # reaches back to `since`, or if the sink already holds messages from inside it
-            # (the storage worker caught up past the cache's start).
-            oldest = cached.envelopes[0].id if cached.envelopes else None
-            complete = oldest is not None and (
-                oldest <= since or bool(stored and stored[-1].id >= oldest)
-            )
-        found = {e.id: e for e in stored}
-        for e in recent:
-            found.setdefault(e.id, e)
-        ordered = sorted(found.values(), key=_by_id)
-        if len(ordered) > self.max_recover:
-            ordered, complete = ordered[: self.max_recover], False
-        return ordered, complete
 
     async def _join_live(self, member: Member, room: str) -> None:
         """Return once ``member`` is in ``room`` and the room is ready (or the member left it
@@ -776,18 +746,6 @@ class RoomRouter:
                 f"with a recent-messages cache; the {self.broker.name} backend has none"
             )
 
-    async def _recent(self, room: str) -> _Cached:
-        if not self.broker.supports_storage:
-            return _Cached([], False)
-        cache = await self.broker.recent(room)
-        envelopes = []
-        for frame in cache.frames:
-            try:
-                envelopes.append(decode_envelope(frame))
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                self._stats.dropped_decode += 1
-        return _Cached(envelopes, cache.truncated)
-
     async def history(
         self,
         room: str,
@@ -807,18 +765,10 @@ class RoomRouter:
         if not 1 <= limit <= 10_000:
             raise ConfigurationError("limit must be between 1 and 10000")
         self._require_persistence()
-        merged: dict[str, Envelope] = {}
-        if self.sink is not None:
-            try:
-                for e in await self.sink.history(room, before=before, after=after, limit=limit):
-                    merged[e.id] = e
-            except ValueError as exc:
-                raise ConfigurationError(str(exc)) from exc
-        for e in (await self._recent(room)).envelopes:
-            if (before is None or e.id < before) and (after is None or e.id > after):
-                merged.setdefault(e.id, e)
-        ordered = sorted(merged.values(), key=_by_id)
-        return ordered[:limit] if after is not None else ordered[-limit:]
+        try:
+            return await self._recovery.history(room, before=before, after=after, limit=limit)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from exc
 
     # -- publishing -----------------------------------------------------------------------------
 

@@ -71,6 +71,9 @@ class Stats:
     presence_errors: int = 0
     presence_dropped: int = 0
     task_restarts: int = 0
+    #: Recent-cache entries skipped by history reads because they hold no envelope (written
+    #: by something other than a roomrouter node).
+    dropped_recent_garbage: int = 0
 
     def snapshot(self) -> dict[str, int]:
         return dataclasses.asdict(self)

@@ -56,15 +56,21 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Final, Protocol
+
+import msgspec
 
 __all__ = [
+    "RECENT_SKEW_MS",
     "Broker",
     "BrokerContext",
     "RecentFrames",
+    "RecentScan",
     "StorageConsumer",
     "StoredFrame",
     "TaskStarter",
+    "frame_id",
+    "recent_bound",
 ]
 
 
@@ -171,8 +177,18 @@ class Broker(ABC):
         """
         raise NotImplementedError(f"the {self.name} backend has no storage queue")
 
-    async def recent(self, room: str) -> RecentFrames:
-        """The room's recent-messages cache, oldest first (for recovery after reconnect)."""
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
+        """The room's recent-messages cache, oldest first (for recovery after reconnect).
+
+        ``since`` (an envelope id): the read may start at that position instead of the
+        cache's start -- it returns at least every cached frame whose id is above ``since``
+        and may return some at or below it, which the caller filters (see
+        :class:`RecentScan`). ``limit``: at most that many frames, the newest ones; fewer
+        than asked is then reported as ``truncated``. Entries that hold no frame (written by
+        something else) are skipped and counted in :attr:`RecentFrames.skipped`.
+        """
         raise NotImplementedError(f"the {self.name} backend has no recent-messages cache")
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
@@ -200,6 +216,97 @@ class RecentFrames:
 
     frames: list[bytes]
     truncated: bool
+    #: Cache entries skipped because they hold no frame, or no envelope id (garbage written
+    #: by something other than a roomrouter node); the router counts them.
+    skipped: int = 0
+
+
+#: How far behind ``since`` (in milliseconds of the ids' UUIDv7 clock) a backwards scan of a
+#: recent cache goes on before it stops. Ids are made by each publisher's clock and a cache
+#: holds them in arrival order, so a frame published before the one ``since`` names may
+#: carry a higher id if its node's clock runs ahead; such a frame lies further back in the
+#: cache, but within the clocks' skew plus the publish latency. A scan that stops only at an
+#: id this far below ``since`` returns every cached id above ``since`` as long as the skew
+#: plus latency stays below it (docs/architecture.md, "Persistence, history and recovery").
+RECENT_SKEW_MS: Final = 2000
+
+
+class _Head(msgspec.Struct, array_like=True, tag=1, tag_field="v"):
+    """The first field of an envelope frame (see roomrouter._envelope): its id. Decoding only
+    this skips the payload, so a scan can test where to stop without decoding envelopes."""
+
+    id: str
+
+
+_head_decoder: Final = msgspec.msgpack.Decoder(_Head)
+
+
+def frame_id(frame: bytes) -> str | None:
+    """The envelope id of ``frame``, or None if the frame is no envelope (garbage)."""
+    try:
+        return _head_decoder.decode(frame).id
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
+class RecentScan:
+    """A backwards scan of a recent cache (newest entry first) that stops where ``since`` asks.
+
+    Feed it entries newest first with :meth:`add`; it answers False once the scan may stop:
+    an entry ``RECENT_SKEW_MS`` older than ``since`` was seen (every cached frame above
+    ``since`` was then seen, see :data:`RECENT_SKEW_MS`), or ``limit`` frames were kept.
+    :meth:`result` puts the kept frames back in cache order and says whether they are
+    truncated: True when the scan stopped on ``limit``, or when it ran out of entries without
+    reaching ``since`` and ``evicted`` says the cache lost older ones.
+    """
+
+    __slots__ = ("_bound", "_limit", "frames", "reached", "skipped")
+
+    def __init__(self, since: str | None, limit: int | None) -> None:
+        self._bound = recent_bound(since)
+        self._limit = limit
+        self.frames: list[bytes] = []  # newest first
+        self.reached = False  # an entry below the bound was seen
+        self.skipped = 0
+
+    @property
+    def full(self) -> bool:
+        return self._limit is not None and len(self.frames) >= self._limit
+
+    def add(self, frame: bytes | None) -> bool:
+        """Take the next older entry's frame (None: the entry holds none); False: stop."""
+        if self.reached or self.full:
+            return False
+        ident = None if frame is None else frame_id(frame)
+        if frame is None or ident is None:
+            self.skipped += 1
+            return True
+        if self._bound is not None and ident[:13] < self._bound:
+            self.reached = True
+            return False
+        self.frames.append(frame)
+        return not self.full
+
+    def result(self, evicted: bool) -> RecentFrames:
+        """``evicted``: the cache lost entries older than the oldest one scanned."""
+        frames = self.frames[::-1]
+        truncated = (self.full and not self.reached) or (not self.reached and evicted)
+        return RecentFrames(frames, truncated, self.skipped)
+
+
+def recent_bound(since: str | None) -> str | None:
+    """The id prefix (``xxxxxxxx-xxxx``: the UUIDv7 milliseconds) a scan for ``since`` stops
+    below."""
+    if since is None:
+        return None
+    try:
+        ms = int(since[:8] + since[9:13], 16) - RECENT_SKEW_MS
+    except ValueError:
+        return None  # not an id: scan it all
+    if ms <= 0:
+        return None
+    h = f"{ms:012x}"
+    return f"{h[:8]}-{h[8:12]}"
 
 
 @dataclass(frozen=True, slots=True)

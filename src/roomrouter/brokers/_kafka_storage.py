@@ -35,7 +35,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 
 from .._errors import BrokerUnavailable
-from ._base import RecentFrames, StorageConsumer, StoredFrame
+from ._base import (
+    RecentFrames,
+    RecentScan,
+    StorageConsumer,
+    StoredFrame,
+    frame_id,
+    recent_bound,
+)
 from ._kafka_common import ERRORS, OffsetGuard, ensure_topics, is_stored, names, quiet_stop
 
 if TYPE_CHECKING:
@@ -137,15 +144,21 @@ async def scan_recent(
     size: int,
     scan: int,
     step_timeout: float,
+    since: str | None = None,
+    limit: int | None = None,
 ) -> RecentFrames:
     """The last ``size`` stored frames of room ``key`` below offset ``end`` of ``tp``, read
-    backwards in growing chunks, at most ``scan`` records (see the module docstring).
+    backwards in growing chunks, at most ``scan`` records (see the module docstring); with
+    ``since``, the scan stops at the chunk that reaches it (see ``_base.RecentScan``), with
+    ``limit`` it keeps at most that many.
 
     Each broker round (the committed offset, one chunk) must finish within ``step_timeout``.
     ``truncated`` is True when frames of the room may exist below what is returned that no
     storage worker has committed yet: then only the sink can prove a window complete, and the
     router reports it incomplete unless it does.
     """
+    cap = size if limit is None else min(size, limit)
+    bound = recent_bound(since)
     guard = OffsetGuard(patience=step_timeout)
     with anyio.fail_after(step_timeout):
         committed = (await committed_offsets(admin, group, [tp]))[tp] or 0
@@ -155,19 +168,30 @@ async def scan_recent(
     chunk = min(max(2 * size, 256), scan)
     scanned = 0
     at_start = hi <= 0
-    while not at_start and len(found) <= size and scanned < scan:
+    reached = False
+    while not at_start and not reached and len(found) <= cap and scanned < scan:
         lo = max(0, hi - min(chunk, scan - scanned))
         with anyio.fail_after(step_timeout):
             records, lo, at_start = await read_range(reader, tp, lo, hi, guard)
-        found[:0] = [(r.offset, r.value) for r in records if r.key == key and is_stored(r)]
+        kept_now = [(r.offset, r.value) for r in records if r.key == key and is_stored(r)]
+        found[:0] = kept_now
+        if bound is not None:
+            ids = (frame_id(value) for _, value in kept_now)
+            reached = any(i is not None and i[:13] < bound for i in ids)
         scanned += hi - lo
         hi = lo
         chunk *= 2
-    kept, dropped = found[-size:], found[:-size]
-    truncated = any(offset >= committed for offset, _ in dropped) or (
-        not at_start and hi > committed
+    scanner = RecentScan(since, cap)
+    taken = 0
+    for _, value in reversed(found):
+        taken += 1
+        if not scanner.add(value):
+            break
+    dropped = found[: len(found) - taken]
+    truncated = not scanner.reached and (
+        any(offset >= committed for offset, _ in dropped) or (not at_start and hi > committed)
     )
-    return RecentFrames([value for _, value in kept], truncated)
+    return RecentFrames(scanner.result(evicted=False).frames, truncated, scanner.skipped)
 
 
 class KafkaStorageConsumer(StorageConsumer):

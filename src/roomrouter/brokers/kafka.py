@@ -918,7 +918,9 @@ class KafkaBroker(Broker):
 
     # -- persistence ----------------------------------------------------------------------------
 
-    async def recent(self, room: str) -> RecentFrames:
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
         """The room's last ``recent_size`` stored frames, read back from its partition (see
         ``_kafka_storage.scan_recent``). A marker appended first fixes the end: every frame
         whose publish returned before this call sits below it. One scan at a time per node."""
@@ -942,6 +944,8 @@ class KafkaBroker(Broker):
                     size=self.recent_size,
                     scan=self.recent_scan,
                     step_timeout=self.operation_timeout,
+                    since=since,
+                    limit=limit,
                 )
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka history read timed out") from exc

@@ -18,7 +18,14 @@ import anyio
 
 from .._errors import BrokerUnavailable, ConfigurationError
 from .._urls import redact
-from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
+from ._base import (
+    Broker,
+    BrokerContext,
+    RecentFrames,
+    RecentScan,
+    StorageConsumer,
+    StoredFrame,
+)
 
 __all__ = ["MemoryBroker", "MemoryHub"]
 
@@ -238,11 +245,17 @@ class MemoryBroker(Broker):
         else:
             self.hub._direct(namespace, to, frame)
 
-    async def recent(self, room: str) -> RecentFrames:
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
         recent = self.hub._recent.get((self._ctx.namespace, room))
         if recent is None:
             return RecentFrames([], truncated=False)
-        return RecentFrames(list(recent.frames), recent.truncated)
+        scan = RecentScan(since, limit)
+        for frame in reversed(recent.frames):  # no await in between: one consistent view
+            if not scan.add(frame):
+                break
+        return scan.result(evicted=recent.truncated)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _MemoryConsumer(self.hub, namespace, consumer, self.redelivery_after)

@@ -107,7 +107,14 @@ from .._errors import (
     StorageQueueLost,
 )
 from .._urls import pop_options, redact
-from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
+from ._base import (
+    Broker,
+    BrokerContext,
+    RecentFrames,
+    RecentScan,
+    StorageConsumer,
+    StoredFrame,
+)
 
 __all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
 
@@ -851,7 +858,9 @@ class RabbitMQBroker(Broker):
             ),
         ]
 
-    async def recent(self, room: str) -> RecentFrames:
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
         """Read the room's recent queue without consuming it.
 
         The reader takes the queue as its *exclusive* consumer (RabbitMQ refuses a second one:
@@ -863,6 +872,9 @@ class RabbitMQBroker(Broker):
         beyond that. Holding ``recent_size`` or more therefore means older frames exist or were
         dropped (the sentinel itself can push out one frame of a full queue), so the answer is
         True then — conservatively when exactly ``recent_size`` were ever published.
+
+        A queue is read from its head only, so ``since`` cannot shorten the read itself; it
+        shortens what is returned (and decoded by the router), newest first.
         """
         if self._ctx is None:
             raise BrokerUnavailable("RabbitMQ broker is not started")
@@ -888,9 +900,11 @@ class RabbitMQBroker(Broker):
                 if _really_cancelled():
                     raise
                 raise BrokerUnavailable(f"reading the recent queue failed: {exc!r}") from exc
-            return RecentFrames(
-                frames[-self.recent_size :], truncated=len(frames) >= self.recent_size
-            )
+            scan = RecentScan(since, limit)
+            for frame in reversed(frames[-self.recent_size :]):
+                if not scan.add(frame):
+                    break
+            return scan.result(evicted=len(frames) >= self.recent_size)
 
     async def _read_recent(self, conn: AbstractConnection, queue: str) -> list[bytes]:
         channel = await conn.channel(publisher_confirms=False)

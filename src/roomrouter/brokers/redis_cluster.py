@@ -706,16 +706,42 @@ class RedisClusterBroker(Broker):
             if isinstance(result, BaseException):
                 raise result
 
-    async def recent(self, room: str) -> RecentFrames:
+    async def recent(
+        self, room: str, *, since: str | None = None, limit: int | None = None
+    ) -> RecentFrames:
+        """Like ``RedisBroker.recent``: XREVRANGE in chunks from the newest entry until the
+        scan reached ``since`` or ``limit`` (on the shard's lane: the cluster broker keeps one
+        connection per master)."""
+        # Imported here: the rest of this module is another change's (issue 19, case 3).
+        from ._base import RecentScan
+        from .redis import _RECENT_CHUNK, _field
+
         key = self._recent_key(room)
-        entries = await self._submit(key, _pack(b"XRANGE", key, b"-", b"+"), 1)
-        if not entries:
-            return RecentFrames([], truncated=False)
-        info = await self._submit(key, _pack(b"XINFO", b"STREAM", key), 1)
-        fields = dict(zip(info[::2], info[1::2], strict=False))
-        added = int(fields.get(b"entries-added", len(entries)))
-        frames = [dict(zip(f[::2], f[1::2], strict=False))[b"f"] for _, f in entries]
-        return RecentFrames(frames, truncated=added > len(frames))
+        scan = RecentScan(since, limit)
+        top = b"+"
+        while True:
+            command = _pack(b"XREVRANGE", key, top, b"-", b"COUNT", _RECENT_CHUNK)
+            entries = await self._submit(key, command, 1)
+            going = True
+            for _, fields in entries:
+                going = scan.add(_field(fields, b"f"))
+                if not going:
+                    break
+            if not going or len(entries) < int(_RECENT_CHUNK):
+                break
+            top = b"(" + entries[-1][0]
+        evicted = False
+        if not scan.reached and not scan.full and (scan.frames or scan.skipped):
+            try:
+                info = await self._submit(key, _pack(b"XINFO", b"STREAM", key), 1)
+            except BrokerUnavailable:
+                evicted = True  # expired or replaced meanwhile: assume the worst
+            else:
+                stream = dict(zip(info[::2], info[1::2], strict=False))
+                added = stream.get(b"entries-added")
+                length = int(stream.get(b"length", 0))
+                evicted = length >= self.recent_size if added is None else int(added) > length
+        return scan.result(evicted)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _ClusterConsumer(cast(RedisBroker, self), store_key(namespace), consumer)

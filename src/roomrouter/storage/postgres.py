@@ -214,26 +214,45 @@ class PostgresSink(Sink):
         limit: int = 50,
     ) -> list[Envelope]:
         check_history_limit(limit)
-        where = ["room = $1"]
-        params: list[Any] = [room]
-        if after is not None:
-            params.append(after)
-            where.append(f"id > ${len(params)}")
-        if before is not None:
-            params.append(before)
-            where.append(f"id < ${len(params)}")
-        params.append(limit)
-        # Without `after` we want the newest `limit` rows: scan the index backwards, then put
-        # the page back in ascending order.
+        sql, params = self._history_query(room, before=before, after=after, limit=limit)
         descending = after is None
-        sql = (
-            f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
-            f"ORDER BY id {'DESC' if descending else 'ASC'} LIMIT ${len(params)}"
-        )
         rows = await self._execute("fetch", sql, *params)
         if descending:
             rows.reverse()
         return [row_to_envelope(*row) for row in rows]
+
+    def _history_query(
+        self, room: str, *, before: str | None, after: str | None, limit: int
+    ) -> tuple[str, list[Any]]:
+        """The history statement and its parameters. Bounds are row comparisons on
+        ``(room, id)`` and the order is ``room, id``: only the (room, id) index serves both,
+        so the planner cannot walk the primary key and filter the other rooms out (which it
+        prefers when ids are correlated with the heap, the usual case, at a cost of up to the
+        number of rooms times the rows asked; docs/architecture.md)."""
+        # Both ends as row comparisons on (room, id), which only that index evaluates: a
+        # room filter next to a comparison of id alone lets the planner take the primary key
+        # (it did so for `before`). The room's start is ''; its end, without `before`, is
+        # what `room = $1` bounds.
+        params: list[Any] = [room]
+        if after is not None:
+            params.append(after)
+            where = [f"(room, id) > ($1, ${len(params)})"]
+        else:
+            where = ["(room, id) >= ($1, '')"]
+        if before is not None:
+            params.append(before)
+            where.append(f"(room, id) < ($1, ${len(params)})")
+        else:
+            where.append("room = $1")
+        params.append(limit)
+        # Without `after` we want the newest `limit` rows: scan the index backwards, then put
+        # the page back in ascending order.
+        order = "room DESC, id DESC" if after is None else "room, id"
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
+            f"ORDER BY {order} LIMIT ${len(params)}"
+        )
+        return sql, params
 
     async def count(self, room: str | None = None) -> int:
         if room is None:
@@ -260,6 +279,13 @@ class PostgresSink(Sink):
         except _DRIVER_ERRORS as exc:
             raise SinkError(f"PostgreSQL: {_describe(exc)}") from exc
 
+    @property
+    def _room_index(self) -> str:
+        return (
+            f'CREATE INDEX IF NOT EXISTS "{self.table_prefix}_messages_room_id" '
+            f"ON {self._messages} (room, id)"
+        )
+
     async def _ensure_schema(self, conn: Any) -> None:
         # The advisory lock serialises concurrent first starts: CREATE TABLE IF NOT EXISTS alone
         # can still fail with a unique violation in pg_type when two sessions race.
@@ -279,6 +305,9 @@ class PostgresSink(Sink):
         value = await conn.fetchval(f"SELECT value FROM {self._meta} WHERE key = 'schema_version'")
         if value is not None:
             check_schema_version(value, f"PostgreSQL table {self._meta}")
+            # On every start: history reads need it (see _history_query), and a database
+            # whose index was lost or never made gets it back.
+            await conn.execute(self._room_index)
             return
         await conn.execute(
             f"CREATE TABLE IF NOT EXISTS {self._messages} ("
@@ -286,10 +315,7 @@ class PostgresSink(Sink):
             "origin text NOT NULL, ts double precision NOT NULL, payload bytea NOT NULL, "
             "headers text NOT NULL, stored_at timestamptz NOT NULL DEFAULT now())"
         )
-        await conn.execute(
-            f'CREATE INDEX IF NOT EXISTS "{self.table_prefix}_messages_room_id" '
-            f"ON {self._messages} (room, id)"
-        )
+        await conn.execute(self._room_index)
         await conn.execute(
             f"INSERT INTO {self._meta} (key, value) VALUES ('schema_version', $1)",
             str(SCHEMA_VERSION),

@@ -137,6 +137,19 @@ class SQLiteSink(Sink):
         limit: int = 50,
     ) -> list[Envelope]:
         check_history_limit(limit)
+        sql, params = self._history_query(room, before=before, after=after, limit=limit)
+        descending = after is None
+        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
+        if descending:
+            rows.reverse()
+        return [row_to_envelope(*row) for row in rows]
+
+    def _history_query(
+        self, room: str, *, before: str | None, after: str | None, limit: int
+    ) -> tuple[str, list[Any]]:
+        """The history statement and its parameters. SQLite's planner takes the (room, id)
+        index for these (tests/storage/test_history_index.py checks its plan); the order is
+        spelled ``room, id`` as in ``PostgresSink._history_query``, which is that index's."""
         where = ["room = ?"]
         params: list[Any] = [room]
         if after is not None:
@@ -147,16 +160,13 @@ class SQLiteSink(Sink):
             params.append(before)
         # Without `after` we want the newest `limit` rows: scan the index backwards, then put
         # the page back in ascending order.
-        descending = after is None
+        order = "room DESC, id DESC" if after is None else "room, id"
         sql = (
             f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
-            f"ORDER BY id {'DESC' if descending else 'ASC'} LIMIT ?"
+            f"ORDER BY {order} LIMIT ?"
         )
         params.append(limit)
-        rows = await self._run(lambda conn: conn.execute(sql, params).fetchall())
-        if descending:
-            rows.reverse()
-        return [row_to_envelope(*row) for row in rows]
+        return sql, params
 
     async def count(self, room: str | None = None) -> int:
         sql = f"SELECT count(*) FROM {self._messages}"
@@ -215,6 +225,10 @@ class SQLiteSink(Sink):
                     raise
             time.sleep(0.005)
 
+    @property
+    def _room_index(self) -> str:
+        return f"CREATE INDEX IF NOT EXISTS {self._messages}_room_id ON {self._messages} (room, id)"
+
     def _ensure_schema(self, conn: sqlite3.Connection) -> None:
         # IMMEDIATE takes the write lock up front, so two processes starting on a fresh file
         # cannot both decide the schema is missing.
@@ -235,6 +249,9 @@ class SQLiteSink(Sink):
             ).fetchone()
             if row is not None:
                 check_schema_version(row[0], f"{self.path!r} ({self._meta})")
+                # On every start: history reads need it, and a database whose index was lost
+                # or never made gets it back.
+                conn.execute(self._room_index)
                 return
             conn.execute(
                 f"CREATE TABLE IF NOT EXISTS {self._messages} ("
@@ -242,10 +259,7 @@ class SQLiteSink(Sink):
                 "ts REAL NOT NULL, payload BLOB NOT NULL, headers TEXT NOT NULL, "
                 "stored_at REAL NOT NULL)"
             )
-            conn.execute(
-                f"CREATE INDEX IF NOT EXISTS {self._messages}_room_id "
-                f"ON {self._messages} (room, id)"
-            )
+            conn.execute(self._room_index)
             conn.execute(
                 f"INSERT INTO {self._meta} (key, value) VALUES ('schema_version', ?)",
                 (str(SCHEMA_VERSION),),
