@@ -37,7 +37,9 @@ server drops shard subscribers of slots it no longer owns, e.g. after a failover
 maintenance task: it reloads the slot map, moves every subscription to its slot's current
 owner (unsubscribing the old one), closes connections no longer needed, and then calls
 ``on_reconnect`` if subscriptions were restored. A publish answered ``MOVED`` is sent again to
-the new owner (at most three times).
+the node the answer names, one answered ``ASK`` (its slot is being migrated) to the importing
+node with ``ASKING`` in front (at most three redirections); either was not executed, so the
+resend cannot do it twice.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ import anyio
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
@@ -98,8 +100,14 @@ def cluster_recent_key(namespace: str, room: str) -> bytes:
     return b"rr:" + _ns(namespace) + b":recent:{" + room.translate(_ESCAPES).encode() + b"}"
 
 
-def _redirect(reply: object) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK"))
+def _redirect(reply: object) -> AskError | None:
+    """The redirection a reply is, if any. redis-py parses ``-MOVED``/``-ASK`` into
+    :class:`MovedError`/:class:`AskError` (a ``MovedError`` is an ``AskError``) and strips the
+    prefix from the message, so the type says it, never the text."""
+    return reply if isinstance(reply, AskError) else None
+
+
+_ASKING = _pack(b"ASKING")
 
 
 @dataclass(eq=False, slots=True)
@@ -122,9 +130,10 @@ class _Shard:
 
 
 class _Item:
-    """A queued publisher command: ``slot`` routes it (again, after a MOVED)."""
+    """A queued publisher command: ``slot`` routes it, unless a redirection named the node to
+    send it to (``target``; ``asking``: an ASK, so it goes with ``ASKING`` in front)."""
 
-    __slots__ = ("future", "packed", "redirects", "replies", "slot")
+    __slots__ = ("asking", "future", "packed", "redirects", "replies", "slot", "target")
 
     def __init__(self, slot: int, packed: bytes, replies: int, future: asyncio.Future[Any]):
         self.slot = slot
@@ -132,6 +141,8 @@ class _Item:
         self.replies = replies
         self.future = future
         self.redirects = 0
+        self.target: str | None = None
+        self.asking = False
 
 
 @dataclass(eq=False, slots=True)
@@ -568,10 +579,12 @@ class RedisClusterBroker(Broker):
 
     def _enqueue(self, item: _Item) -> None:
         assert self._cluster is not None
-        try:
-            node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+        node = item.target
+        if node is None:
+            try:
+                node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
+            except RedisError as exc:
+                raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         lane = self._lanes.get(node)
         if lane is None:
             lane = self._lanes[node] = _Lane(node)
@@ -592,24 +605,30 @@ class RedisClusterBroker(Broker):
 
     async def _flush(self, lane: _Lane, batch: list[_Item]) -> None:
         results: list[Any] = []
-        redirected: list[_Item] = []
+        redirected: list[tuple[_Item, AskError]] = []
         sent = False
         try:
             conn = await self._publisher(lane)
             with anyio.fail_after(self.operation_timeout):
                 sent = True  # from here on Redis may run what it read
                 await conn.send_packed_command(
-                    b"".join(q.packed for q in batch), check_health=False
+                    b"".join(_ASKING + q.packed if q.asking else q.packed for q in batch),
+                    check_health=False,
                 )
                 for item in batch:
                     replies: list[Any] = []
-                    for _ in range(item.replies):
+                    for _ in range(item.replies + item.asking):
                         try:
                             replies.append(await conn.read_response())
                         except ResponseError as exc:  # a refusal: the stream stays in sync
                             replies.append(exc)
-                    if any(_redirect(r) for r in replies):
-                        redirected.append(item)
+                    if item.asking:
+                        del replies[0]  # ASKING's OK
+                    # A redirection is an answer without effect: a MULTI holding one is
+                    # discarded (EXECABORT), so sending the item again cannot do it twice.
+                    moved = next((m for r in replies if (m := _redirect(r)) is not None), None)
+                    if moved is not None:
+                        redirected.append((item, moved))
                         results.append(None)
                         continue
                     reply = replies[-1]
@@ -635,33 +654,33 @@ class RedisClusterBroker(Broker):
             else:
                 error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
             results.extend([error] * (len(batch) - len(results)))
+        again = {id(item) for item, _ in redirected}
         for item, result in zip(batch, results, strict=True):
-            if item.future.done() or item in redirected:
+            if item.future.done() or id(item) in again:
                 continue
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
         if redirected:
-            await self._redirect(redirected)
+            self._redirect(redirected)
 
-    async def _redirect(self, items: list[_Item]) -> None:
-        """Send again what the server answered MOVED/ASK, to the slot's new owner."""
-        self._request_resync()
-        try:
-            await self._refresh_slots()
-        except BrokerUnavailable as exc:
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        for item in items:
+    def _redirect(self, items: list[tuple[_Item, AskError]]) -> None:
+        """Send again what the server answered MOVED/ASK, to the node the answer names (not
+        the slot map's owner: the map may be older than the answer). ``MOVED`` also wakes the
+        maintenance task, which reloads the map and moves the subscriptions of the slot;
+        ``ASK`` (a slot being migrated) is for this one command, sent with ``ASKING``."""
+        for item, redirection in items:
             item.redirects += 1
             if item.future.done():
                 continue
             if item.redirects > _MAX_REDIRECTS:
                 item.future.set_exception(BrokerUnavailable("Redis Cluster kept redirecting"))
                 continue
+            item.target = f"{redirection.host}:{redirection.port}"
+            item.asking = not isinstance(redirection, MovedError)
+            if not item.asking:
+                self._request_resync()
             try:
                 self._enqueue(item)
             except BrokerUnavailable as exc:

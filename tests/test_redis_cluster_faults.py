@@ -1,0 +1,188 @@
+"""Redis Cluster faults of issue 19: a slot that moves under running publishers (MOVED and ASK
+followed), a seed node SIGKILLed under a running ``roomrouter worker`` (every cluster client
+survives it), and a master SIGKILLed during persisted publishes (outcomes classified exactly).
+
+Each test starts a cluster of its own (about 6 s with replicas), since it moves slots or kills
+nodes; each is bounded in count and time and marked slow."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from redis.crc import key_slot
+
+from roomrouter import BrokerUnavailable, RoomRouter
+from roomrouter.brokers.redis import store_key
+from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_channel
+
+from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
+from .helpers import eventually
+from .redis_cluster import RedisClusterServers, _cli, require_cluster_binaries
+
+pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parent.parent
+BROKER_OPTIONS: dict[str, Any] = {"health_interval": 1.0, "max_backoff": 0.5}
+
+
+def _start_cluster(replicas: int) -> Iterator[RedisClusterServers]:
+    from .backends import BACKENDS
+
+    require_cluster_binaries()
+    BACKENDS["redis-cluster"]("probe").available()
+    servers = RedisClusterServers(3, replicas=replicas)
+    servers.start()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[RedisClusterServers]:
+    """3 masters of its own, whose slots the test may move."""
+    yield from _start_cluster(0)
+
+
+@pytest.fixture
+def replicated_cluster() -> Iterator[RedisClusterServers]:
+    """3 masters with one replica each, whose nodes the test may kill."""
+    yield from _start_cluster(1)
+
+
+def _broker(router: RoomRouter) -> RedisClusterBroker:
+    assert isinstance(router.broker, RedisClusterBroker)
+    return router.broker
+
+
+async def _router(
+    stack: AsyncExitStack, port: int, namespace: str, **broker_options: Any
+) -> RoomRouter:
+    broker = RedisClusterBroker(host="127.0.0.1", port=port, **{**BROKER_OPTIONS, **broker_options})
+    router = RoomRouter(broker, namespace=namespace, **TEST_ROUTER_OPTIONS)
+    return await stack.enter_async_context(router)
+
+
+def _port(node: str) -> int:
+    return int(node.rpartition(":")[2])
+
+
+def _room_on(router: RoomRouter, master: str, avoid_slot: int, prefix: str = "room") -> str:
+    for i in range(5000):
+        room = f"{prefix}-{i}"
+        slot = key_slot(cluster_room_channel(router.namespace, room))
+        if _broker(router).shard_of(room) == master and slot != avoid_slot:
+            return room
+    raise AssertionError(f"no room on {master}")
+
+
+def _node_ids(servers: RedisClusterServers, *ports: int) -> dict[int, str]:
+    return {p: _cli(p, "CLUSTER", "MYID").strip() for p in ports}
+
+
+# -- case 3: MOVED and ASK ------------------------------------------------------------------------
+
+
+async def test_publishes_right_after_a_slot_move_are_redirected(
+    own_cluster: RedisClusterServers,
+) -> None:
+    """The publisher's slot map is stale (its health check is far away) when the room's slot
+    moves: 20 plain and 20 persisted publishes sent at once right after the move are answered
+    MOVED by the old owner, sent again to the new one, and all delivered."""
+    ns = unique_namespace()
+    async with AsyncExitStack() as stack:
+        a = await _router(stack, own_cluster.ports[0], ns)
+        b = await _router(stack, own_cluster.ports[0], ns, health_interval=60.0)
+        masters = await _broker(a)._masters()
+        ns_slot = key_slot(store_key(ns))
+        source = next(m for m in masters if m != _broker(a)._owner(store_key(ns)))
+        target = next(m for m in masters if m not in (source, _broker(a)._owner(store_key(ns))))
+        room = _room_on(a, source, ns_slot)
+        member = a.member("m")
+        await member.join(room)
+        await eventually(lambda: _assert(b.remote_hosts(room) == {a.node_id}))
+        slot = key_slot(cluster_room_channel(ns, room))
+        src, dst = _port(source), _port(target)
+        ids = _node_ids(own_cluster, src, dst)
+        assert "OK" in _cli(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[src])
+        assert "OK" in _cli(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[dst])
+        for port in own_cluster.ports:
+            _cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[dst])
+        # The member's node follows the slot (the old owner dropped its subscription)...
+        await eventually(
+            lambda: _assert(_broker(a).shard_of(room) == target and room in a.subscribed_rooms)
+        )
+
+        async def on_target() -> None:
+            assert await _broker(a).server_channels(target) == {room: 1}
+
+        await eventually(on_target, timeout=5)
+        # ...while the publisher still believes the old owner has it.
+        assert _broker(b).shard_of(room) == source
+        errors: list[BaseException] = []
+        sent: list[str] = []
+
+        async def publish(i: int) -> None:
+            try:
+                envelope = await b.publish(room, b"%d" % i, persist=i % 2 == 1)
+                sent.append(envelope.id)
+            except BrokerUnavailable as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(publish, i)
+        assert errors == []
+        got: set[str] = set()
+        with anyio.fail_after(5):
+            while len(got) < len(sent):
+                got.add((await member.receive()).id)
+        assert got == set(sent)
+
+
+async def test_persisted_publishes_during_a_slot_migration_follow_ask(
+    own_cluster: RedisClusterServers,
+) -> None:
+    """The room's slot is MIGRATING (not handed over yet) and the room has no recent cache on
+    the old owner: it answers ASK, the publish is sent with ASKING to the importing node, and
+    is stored there."""
+    ns = unique_namespace()
+    async with AsyncExitStack() as stack:
+        a = await _router(stack, own_cluster.ports[0], ns, health_interval=60.0)
+        masters = await _broker(a)._masters()
+        store_owner = _broker(a)._owner(store_key(ns))
+        source = next(m for m in masters if m != store_owner)
+        target = next(m for m in masters if m not in (source, store_owner))
+        room = _room_on(a, source, key_slot(store_key(ns)))
+        slot = key_slot(cluster_room_channel(ns, room))
+        src, dst = _port(source), _port(target)
+        ids = _node_ids(own_cluster, src, dst)
+        assert "OK" in _cli(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[src])
+        assert "OK" in _cli(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[dst])
+        sent = [await a.publish(room, b"during", persist=True) for _ in range(3)]
+        key = b"rr:" + ns.encode() + b":recent:{" + room.encode() + b"}"
+        # Stored on the importing node (read there with ASKING), none on the old owner.
+        assert await _xlen_asking(_broker(a), target, key) == len(sent)
+        assert _cli(src, "EXISTS", key.decode()).startswith("ASK")  # the key is not there
+
+
+async def _xlen_asking(broker: RedisClusterBroker, node: str, key: bytes) -> int:
+    conn = broker._connection(node, "inspect")
+    try:
+        await conn.connect()  # type: ignore[no-untyped-call]
+        await conn.send_packed_command(
+            b"*1\r\n$6\r\nASKING\r\n" + b"*2\r\n$4\r\nXLEN\r\n$%d\r\n%s\r\n" % (len(key), key)
+        )
+        assert await conn.read_response() == b"OK"
+        return int(await conn.read_response())
+    finally:
+        await conn.disconnect()
+
+
+def _assert(condition: bool) -> None:
+    assert condition
