@@ -7,6 +7,8 @@ nodes; each is bounded in count and time and marked slow."""
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from pathlib import Path
@@ -16,9 +18,10 @@ import anyio
 import pytest
 from redis.crc import key_slot
 
-from roomrouter import BrokerUnavailable, RoomRouter
+from roomrouter import BrokerUnavailable, PublishOutcomeUnknown, RoomRouter
 from roomrouter.brokers.redis import store_key
 from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_channel
+from roomrouter.storage import SQLiteSink, StorageWorker
 
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import eventually
@@ -186,3 +189,79 @@ async def _xlen_asking(broker: RedisClusterBroker, node: str, key: bytes) -> int
 
 def _assert(condition: bool) -> None:
     assert condition
+
+
+# -- case 5: outcomes of persisted publishes during a master kill ---------------------------------
+
+
+def _stored_ids(db: Path) -> list[str]:
+    with sqlite3.connect(db) as conn:
+        return [row[0] for row in conn.execute("SELECT id FROM roomrouter_messages")]
+
+
+async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
+    replicated_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    """SIGKILL of the master of some rooms (not of the storage stream's) while persisted
+    publishes run, 30 at a time, until its replica took over: a publish that failed with a
+    plain BrokerUnavailable ("not sent") is never stored; every acknowledged one is, once."""
+    ns = unique_namespace()
+    db = tmp_path / "sink.db"
+    async with AsyncExitStack() as stack:
+        probe = await _router(stack, replicated_cluster.ports[0], ns)
+        masters = await _broker(probe)._masters()
+        store_owner = _broker(probe)._owner(store_key(ns))
+        seed = f"127.0.0.1:{replicated_cluster.ports[0]}"
+        victim = next(m for m in masters if m not in (store_owner, seed))
+        ns_slot = key_slot(store_key(ns))
+        rooms = [_room_on(probe, m, ns_slot, f"r{i}") for i, m in enumerate(masters)]
+        rooms += [_room_on(probe, victim, ns_slot, "v")]
+        consumer = RedisClusterBroker(
+            host="127.0.0.1", port=_port(store_owner), redelivery_after=2.0
+        ).storage_consumer(ns, "w")
+        worker = StorageWorker(consumer, SQLiteSink(str(db)), max_delay=0.05, max_backoff=0.2)
+        outcome: dict[str, str] = {}
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+
+            async def publish(room: str, envelope_id: str) -> None:
+                try:
+                    await probe.publish(room, b"x", persist=True, id=envelope_id)
+                    outcome[envelope_id] = "ok"
+                except PublishOutcomeUnknown:
+                    outcome[envelope_id] = "unknown"
+                except BrokerUnavailable:
+                    outcome[envelope_id] = "not sent"
+
+            killed_at: float | None = None
+            ok_rounds_after_kill = 0
+            with anyio.fail_after(30):
+                for round_ in range(400):
+                    if round_ == 5:
+                        replicated_cluster.processes[_port(victim)].kill()
+                        killed_at = time.monotonic()
+                    ids = [probe._ids.next() for _ in range(30)]
+                    async with anyio.create_task_group() as burst:
+                        for i, envelope_id in enumerate(ids):
+                            burst.start_soon(publish, rooms[i % len(rooms)], envelope_id)
+                    if killed_at is not None and all(outcome[i] == "ok" for i in ids):
+                        ok_rounds_after_kill += 1
+                        if ok_rounds_after_kill == 3:
+                            break
+                    await anyio.sleep(0.02)
+            assert ok_rounds_after_kill == 3, "the rooms of the killed master never came back"
+
+            async def drained() -> None:
+                assert await consumer.pending() == 0
+                assert {i for i, o in outcome.items() if o == "ok"} <= set(_stored_ids(db))
+
+            await eventually(drained, timeout=15)
+            worker.stop()
+        stored = _stored_ids(db)
+        assert len(stored) == len(set(stored))
+        failed = {i for i, o in outcome.items() if o != "ok"}
+        assert failed, "the kill failed no publish: the test saw no fault"
+        not_sent = {i for i, o in outcome.items() if o == "not sent"}
+        wrongly = not_sent & set(stored)
+        assert not wrongly, f"{len(wrongly)} of {len(not_sent)} 'not sent' publishes were stored"
+        assert set(stored) <= set(outcome)

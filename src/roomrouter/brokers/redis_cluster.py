@@ -17,9 +17,12 @@ consumer group, XAUTOCLAIM redelivery and queue-loss epoch work unchanged, and n
 discover streams. The price: a persisted publish is two pipelined writes on (usually) two
 shards — ``XADD`` to the storage stream, and ``MULTI XADD recent / EXPIRE / SPUBLISH EXEC`` on
 the room's shard — sent at once and both awaited; ``publish_persistent`` returns only when
-both succeeded (acknowledged ⇒ stored), but a failed call may have done one of them (like
-:class:`~roomrouter.PublishOutcomeUnknown`). All persisted traffic of a namespace goes through
-one shard's stream; spread heavy load over namespaces.
+both succeeded (acknowledged ⇒ stored). A failed call says exactly what is known: plain
+:class:`~roomrouter.BrokerUnavailable` ("not sent") only if neither write may have run (not
+sent, refused, or redirected); once one was done or may have been (sent, then the connection
+failed; one shard down while the other stored it), :class:`~roomrouter.PublishOutcomeUnknown`.
+All persisted traffic of a namespace goes through one shard's stream; spread heavy load over
+namespaces.
 
 Connections. The slot map comes from redis-py's :class:`~redis.asyncio.cluster.RedisCluster`
 (``nodes_manager``); the data plane runs on raw connections of our own, because redis-py's
@@ -633,10 +636,14 @@ class RedisClusterBroker(Broker):
                         continue
                     reply = replies[-1]
                     if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
-                        reply = next((r for r in reply if isinstance(r, Exception)), reply[-1])
+                        # The transaction ran: an error inside it did not undo the others.
+                        inner = next((r for r in reply if isinstance(r, Exception)), None)
+                        reply = reply[-1] if inner is None else PublishOutcomeUnknown(
+                            f"Redis ran the transaction with an error: {inner}"
+                        )  # fmt: skip
                     elif item.replies > 1:
                         reply = next((r for r in replies if isinstance(r, Exception)), reply)
-                    if isinstance(reply, Exception):
+                    if isinstance(reply, Exception) and not isinstance(reply, BrokerUnavailable):
                         reply = BrokerUnavailable(f"Redis refused the command: {reply}")
                     results.append(reply)
         except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
@@ -721,9 +728,23 @@ class RedisClusterBroker(Broker):
         commands.append(_pack(b"EXEC"))
         cached = self._submit(recent, b"".join(commands), len(commands))
         results = await asyncio.gather(stored, cached, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return
+        for error in errors:
+            if not isinstance(error, BrokerUnavailable) or isinstance(error, PublishOutcomeUnknown):
+                raise error
+        if len(errors) == len(results):
+            raise errors[0]  # neither part left this node (or either was refused): not sent
+        # One part was done and the other not: the call did happen in part (stored without
+        # the recent cache and live publish, or the reverse), so it must not say "not sent",
+        # or a retry under a new id would store or deliver it twice.
+        done, failed = (
+            ("stored", "the recent cache and live publish")
+            if isinstance(results[1], BaseException)
+            else ("cached and published live", "the storage append")
+        )
+        raise PublishOutcomeUnknown(f"{done}, but {failed} failed: {errors[0]}") from errors[0]
 
     async def recent(self, room: str) -> RecentFrames:
         key = self._recent_key(room)
