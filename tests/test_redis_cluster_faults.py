@@ -7,7 +7,11 @@ nodes; each is bounded in count and time and marked slow."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack
@@ -187,6 +191,12 @@ async def _xlen_asking(broker: RedisClusterBroker, node: str, key: bytes) -> int
         await conn.disconnect()
 
 
+def _reap(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
 def _assert(condition: bool) -> None:
     assert condition
 
@@ -265,3 +275,84 @@ async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
         wrongly = not_sent & set(stored)
         assert not wrongly, f"{len(wrongly)} of {len(not_sent)} 'not sent' publishes were stored"
         assert set(stored) <= set(outcome)
+
+
+# -- case 4: a seed node SIGKILLed under running clients ------------------------------------------
+
+
+async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
+    replicated_cluster: RedisClusterServers, tmp_path: Path
+) -> None:
+    """`roomrouter worker`, a router and its cluster presence, all seeded with one master that
+    does not hold the storage stream; SIGKILL of that seed while persisted publishes run. The
+    worker keeps storing (every acknowledged id stored once) and stays alive, the router keeps
+    publishing and joining (presence included), and `roomrouter inspect` still answers."""
+    ns = unique_namespace()
+    db = tmp_path / "sink.db"
+    log_path = tmp_path / "worker.log"
+    async with AsyncExitStack() as stack:
+        probe = await _router(stack, replicated_cluster.ports[0], ns)
+        masters = await _broker(probe)._masters()
+        store_owner = _broker(probe)._owner(store_key(ns))
+        seed = next(m for m in masters if m != store_owner)
+        url = f"redis://{seed}/0?cluster=1&health_interval=1&max_backoff=0.5"
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        with log_path.open("wb") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "roomrouter.cli", "-v", "worker", "--broker", url,
+                 "--namespace", ns, "--sink", f"sqlite:///{db}", "--name", "w1",
+                 "--max-delay", "0.05"],
+                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        stack.callback(_reap, proc)
+        router = await stack.enter_async_context(
+            RoomRouter.from_url(
+                url, namespace=ns, presence=f"redis://{seed}/0?cluster=1", **TEST_ROUTER_OPTIONS
+            )
+        )
+        ns_slot = key_slot(store_key(ns))
+        rooms = [_room_on(probe, m, ns_slot, f"r{i}") for i, m in enumerate(masters)]
+        acked: list[str] = []
+        unknown: set[str] = set()
+
+        async def publish(room: str) -> None:
+            try:
+                acked.append((await router.publish(room, b"x", persist=True)).id)
+            except PublishOutcomeUnknown as exc:
+                assert exc.envelope_id is not None
+                unknown.add(exc.envelope_id)
+            except BrokerUnavailable:
+                pass  # the killed seed's rooms, until its replica takes over
+
+        async def burst() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(30):
+                    tg.start_soon(publish, rooms[i % len(rooms)])
+
+        await burst()
+
+        def stored_all() -> None:
+            assert db.exists() and set(acked) <= set(_stored_ids(db))
+
+        await eventually(stored_all, timeout=20, interval=0.1)
+        replicated_cluster.processes[_port(seed)].kill()
+        started = time.monotonic()
+        while time.monotonic() - started < 6:  # past the failover (node timeout 2 s)
+            await burst()
+            await anyio.sleep(0.1)
+        before = len(acked)
+        await burst()
+        assert len(acked) - before == 30, "publishing did not come back after the failover"
+        await eventually(stored_all, timeout=20, interval=0.1)
+        stored = _stored_ids(db)
+        assert len(stored) == len(set(stored)) and set(stored) <= set(acked) | unknown
+        assert proc.poll() is None, log_path.read_text()
+        # The router's presence, seeded with the dead node too, still works.
+        member = router.member("late")
+        for room in rooms:
+            await member.join(room)
+        assert [e.member for e in await router.presence(rooms[0])] == ["late"]
+        proc.send_signal(signal.SIGTERM)
+        await anyio.to_thread.run_sync(proc.wait, 15)
+        assert proc.returncode == 0, log_path.read_text()
+        assert b"stalled" not in log_path.read_bytes()

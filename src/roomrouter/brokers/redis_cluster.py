@@ -51,7 +51,7 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -63,7 +63,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
-from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 from .redis import (
     _ESCAPES,
     _NETWORK_ERRORS,
@@ -837,25 +837,112 @@ def _unescape(value: bytes) -> str:
 
 
 class _ClusterConsumer(_RedisConsumer):
-    """The storage consumer of :class:`RedisBroker`, on a cluster client: the stream, its
-    epoch and lost marks share the namespace's hash tag, so every command stays in one slot."""
+    """The storage consumer of :class:`RedisBroker`, on the master that owns the storage
+    stream's slot: the stream, its epoch and lost marks share the namespace's hash tag, so
+    every command goes to that one node, on a plain client of its own.
+
+    Not through redis-py's cluster client: that one finds the keys of XREADGROUP (a command
+    with "movable keys") by asking ``COMMAND GETKEYS`` of the node it started from, before
+    (and outside) its retry loop, so once that seed node dies every fetch fails forever even
+    though the stream's master is healthy. Here the slot is computed locally; after any
+    failure the slot map is reloaded from any node known (the seeds and every node the last
+    map listed) and the client moved to the slot's current owner."""
+
+    _cluster: RedisCluster | None = None
+    _node: str | None = None
+    _stale = False
 
     async def start(self) -> None:
         broker = cast(RedisClusterBroker, self._broker)
-        self._client = broker._cluster_client(
-            client_name=f"roomrouter-worker-{self._name.decode(errors='replace')}"
-        )
+        self._cluster = broker._cluster_client()
         try:
             with anyio.fail_after(broker.operation_timeout):
-                await self._client.initialize()
+                await self._cluster.initialize()
+                self._follow_owner()
                 self._epoch = await self._create_group()
-        except _NETWORK_ERRORS as exc:
+        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
+            await self.aclose()
+            if isinstance(exc, BrokerUnavailable):
+                raise
             raise BrokerUnavailable(f"cannot reach the Redis Cluster: {exc!r}") from exc
 
+    def _follow_owner(self) -> Any:
+        """Point the client at the current owner of the stream's slot (per the slot map);
+        returns the client it replaced, to be closed (or None)."""
+        from redis.asyncio import ConnectionPool, Redis
+
+        assert self._cluster is not None
+        broker = cast(RedisClusterBroker, self._broker)
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(key_slot(self._stream)).name
+        except RedisError as exc:
+            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+        if node == self._node and self._client is not None:
+            return None
+        old, self._node = self._client, node
+        host, _, port = node.rpartition(":")
+        pool = ConnectionPool(
+            connection_class=broker._connection_class, host=host, port=int(port),
+            client_name=f"roomrouter-worker-{self._name.decode(errors='replace')}",
+            **broker._conn_kwargs,
+        )  # fmt: skip
+        self._client = Redis(connection_pool=pool)
+        return old
+
+    async def _refresh(self) -> None:
+        assert self._cluster is not None
+        broker = cast(RedisClusterBroker, self._broker)
+        try:
+            with anyio.fail_after(broker.operation_timeout):
+                await self._cluster.nodes_manager.initialize()
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
+        old = self._follow_owner()
+        self._stale = False
+        if old is not None:
+            # Bounded: closing sockets to a dead node must not hold up the next fetch.
+            with anyio.move_on_after(1, shield=True):
+                try:
+                    await old.aclose(close_connection_pool=True)
+                except _NETWORK_ERRORS:
+                    pass
+
+    async def _guarded(self, call: Any, seconds: float) -> Any:
+        if self._stale:
+            await self._refresh()
+        try:
+            with anyio.fail_after(seconds):
+                return await call()
+        except TimeoutError as exc:
+            self._stale = True
+            raise BrokerUnavailable(f"no answer from Redis node {self._node} in time") from exc
+        except BrokerUnavailable:
+            self._stale = True  # the node died, failed over, or the slot moved: look again
+            raise
+
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        timeout = wait + 2 * self._broker.operation_timeout
+        frames: list[StoredFrame] = await self._guarded(
+            lambda: super(_ClusterConsumer, self).fetch(max_frames, wait), timeout
+        )
+        return frames
+
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        await self._guarded(
+            lambda: super(_ClusterConsumer, self).ack(frames), self._broker.operation_timeout
+        )
+
+    async def pending(self) -> int:
+        count: int = await self._guarded(
+            lambda: super(_ClusterConsumer, self).pending(), self._broker.operation_timeout
+        )
+        return count
+
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        await super().aclose()
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
             try:
-                await client.aclose()
+                await cluster.aclose()
             except _NETWORK_ERRORS:
                 pass
