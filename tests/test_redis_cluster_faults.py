@@ -7,6 +7,7 @@ nodes; each is bounded in count and time and marked slow."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -352,6 +353,28 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         for room in rooms:
             await member.join(room)
         assert [e.member for e in await router.presence(rooms[0])] == ["late"]
+        # A client started now, from a URL that lists the dead seed first, starts from the
+        # next one: `roomrouter inspect` sees the router, a new router publishes to it.
+        alive = next(m for m in masters if m != seed)
+        seeds = f"redis://{seed},{alive}/0?cluster=1"
+        inspect = await anyio.run_process(
+            [sys.executable, "-m", "roomrouter.cli", "inspect", "--broker", seeds,
+             "--namespace", ns, "--presence", seeds, "--wait", "1", "--json"],
+            cwd=ROOT, env=env, check=False,
+        )  # fmt: skip
+        assert inspect.returncode == 0, inspect.stderr.decode()
+        report = json.loads(inspect.stdout)
+        assert router.node_id in [n["id"] for n in report["nodes"]]
+        assert {"room": rooms[0], "hosts": sorted([router.node_id]), "presence": 1} in report[
+            "rooms"
+        ]
+        late = await stack.enter_async_context(
+            RoomRouter.from_url(seeds, namespace=ns, **TEST_ROUTER_OPTIONS)
+        )
+        sent = await late.publish(rooms[1], b"from a late node")
+        with anyio.fail_after(5):
+            while (await member.receive()).id != sent.id:
+                pass
         proc.send_signal(signal.SIGTERM)
         await anyio.to_thread.run_sync(proc.wait, 15)
         assert proc.returncode == 0, log_path.read_text()

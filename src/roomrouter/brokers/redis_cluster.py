@@ -54,9 +54,10 @@ from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisError, ResponseError
@@ -82,7 +83,7 @@ from .redis import (
     store_key,
 )
 
-__all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel"]
+__all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel", "split_seeds"]
 
 log = logging.getLogger("roomrouter.redis")
 
@@ -101,6 +102,28 @@ def cluster_room_channel(namespace: str, room: str) -> bytes:
 def cluster_recent_key(namespace: str, room: str) -> bytes:
     """``rr:<ns>:recent:{<room>}``: in the slot of the room's channel."""
     return b"rr:" + _ns(namespace) + b":recent:{" + room.translate(_ESCAPES).encode() + b"}"
+
+
+def split_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis://[auth@]h1:p1,h2:p2[,...]/...``: the URL with its first node only (for the
+    usual parser), and the other seed nodes as ``(host, port)`` (port 6379 if left out)."""
+    parts = urlsplit(url)
+    auth, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return url, []
+    first, *others = hosts.split(",")
+    seeds: list[tuple[str, int]] = []
+    for other in others:
+        host, colon, port = other.rpartition(":")
+        if not colon or host.endswith(":"):  # no port (an IPv6 address needs brackets)
+            host, port = other, "6379"
+        try:
+            seeds.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise ConfigurationError(f"bad seed node {other!r} in {redact(url)!r}") from None
+        if not seeds[-1][0]:
+            raise ConfigurationError(f"empty seed node in {redact(url)!r}")
+    return urlunsplit(parts._replace(netloc=auth + at + first)), seeds
 
 
 def _redirect(reply: object) -> AskError | None:
@@ -160,7 +183,9 @@ class _Lane:
 
 class RedisClusterBroker(Broker):
     """See the module docstring. ``host``/``port`` name any node of the cluster (the others
-    are found from it); the other ``connection_kwargs`` go to every connection."""
+    are found from it), ``seeds`` more ``(host, port)`` to start from if that one is down
+    (``redis://h1:7000,h2:7001/?cluster=1``); the other ``connection_kwargs`` go to every
+    connection."""
 
     name = "redis-cluster"
     counts_receivers = True
@@ -177,9 +202,11 @@ class RedisClusterBroker(Broker):
         recent_size: int = 1000,
         recent_ttl: int = 86_400,
         redelivery_after: float = 30.0,
+        seeds: Collection[tuple[str, int]] = (),
         **connection_kwargs: Any,
     ) -> None:
         self.host, self.port = host, port
+        self.seeds = [(h, int(p)) for h, p in seeds]
         self.operation_timeout = operation_timeout
         self.max_backoff = max_backoff
         self.health_interval = health_interval
@@ -209,8 +236,12 @@ class RedisClusterBroker(Broker):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisClusterBroker:
-        """``redis://[user:pass@]host[:port]/?cluster=1[&operation_timeout=5...]``."""
-        kwargs, found = _parse_url(url, (("cluster", _flag), ("sharded", _flag), *_URL_OPTIONS))
+        """``redis://[user:pass@]host[:port][,host2:port2...]/?cluster=1[&operation_timeout=5...]``
+        (every node listed is a seed: the client starts from whichever answers)."""
+        first, seeds = split_seeds(url)
+        if seeds:
+            options.setdefault("seeds", seeds)
+        kwargs, found = _parse_url(first, (("cluster", _flag), ("sharded", _flag), *_URL_OPTIONS))
         found.pop("cluster", None)
         if not found.pop("sharded", True):
             raise ConfigurationError(f"a Redis Cluster needs sharded pub/sub: {redact(url)!r}")
@@ -233,7 +264,11 @@ class RedisClusterBroker(Broker):
         if issubclass(self._connection_class, SSLConnection):
             kwargs["ssl"] = True
         kwargs.update(options)
-        return RedisCluster(host=self.host, port=self.port, protocol=2, **kwargs)
+        # Every seed: the first one listed may be the one that is down.
+        seeds = [ClusterNode(host, port) for host, port in self.seeds] or None
+        return RedisCluster(
+            host=self.host, port=self.port, startup_nodes=seeds, protocol=2, **kwargs
+        )
 
     def _owner(self, channel: bytes) -> str:
         assert self._cluster is not None

@@ -15,9 +15,11 @@ there: when several nodes clean up a dead node at once, each leave is published 
 
 On a Redis Cluster (``redis://host:port/?cluster=1``) the same keys live in the namespace's
 slot (the hash tag), so every MULTI and script stays on one shard; the client is redis-py's
-``RedisCluster``. Events stay on classic pub/sub, which a cluster carries to every node, so a
-watcher may listen on any node; a join's event is published by a one-line script that names
-its channel as a key, because a cluster transaction must know the slot of every command.
+``RedisCluster``, started from every node the URL lists (``redis://h1:7000,h2:7001/?cluster=1``)
+so that one of them being down does not stop a start. Events stay on classic pub/sub, which
+a cluster carries to every node, so a watcher may listen on any node; a join's event is
+published by a one-line script that names its channel as a key, because a cluster transaction
+must know the slot of every command.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
@@ -70,10 +72,18 @@ class RedisPresence(Presence):
     name = "redis"
 
     def __init__(
-        self, *, operation_timeout: float = 5.0, cluster: bool = False, **connection_kwargs: Any
+        self,
+        *,
+        operation_timeout: float = 5.0,
+        cluster: bool = False,
+        seeds: Sequence[tuple[str, int]] = (),
+        **connection_kwargs: Any,
     ) -> None:
         self.operation_timeout = operation_timeout
         self.cluster = cluster
+        if seeds and not cluster:
+            raise ConfigurationError("several Redis nodes are a Redis Cluster: add ?cluster=1")
+        self.seeds = [(h, int(p)) for h, p in seeds]
         connection_kwargs.setdefault("socket_connect_timeout", operation_timeout)
         connection_kwargs.setdefault("socket_timeout", operation_timeout)
         self._kwargs = connection_kwargs
@@ -90,9 +100,13 @@ class RedisPresence(Presence):
 
     @classmethod
     def from_url(cls, url: str) -> RedisPresence:
-        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``."""
-        kwargs, options = _parse_url(url, (("cluster", _flag), ("operation_timeout", float)))
-        return cls(**kwargs, **options)
+        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``; a
+        cluster's URL may list several seed nodes, ``redis://h1:7000,h2:7001/?cluster=1``."""
+        from ..brokers.redis_cluster import split_seeds
+
+        first, seeds = split_seeds(url)
+        kwargs, options = _parse_url(first, (("cluster", _flag), ("operation_timeout", float)))
+        return cls(**kwargs, **options, seeds=seeds)
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -139,8 +153,9 @@ class RedisPresence(Presence):
         connection_class = kwargs.pop("connection_class", None)
         if connection_class is not None and connection_class.__name__ == "SSLConnection":
             kwargs["ssl"] = True
+        seeds = [ClusterNode(host, port) for host, port in self.seeds] or None
         # Same commands as Redis for everything used here; typed as Redis for one code path.
-        return RedisCluster(**kwargs, protocol=2)  # type: ignore[return-value]
+        return RedisCluster(**kwargs, startup_nodes=seeds, protocol=2)  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         if self._client is None:
