@@ -26,10 +26,11 @@ from redis.crc import key_slot
 from roomrouter import BrokerUnavailable, PublishOutcomeUnknown, RoomRouter
 from roomrouter.brokers.redis import store_key
 from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_channel
+from roomrouter.presence import PresenceEvent
 from roomrouter.storage import SQLiteSink, StorageWorker
 
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
-from .helpers import eventually
+from .helpers import eventually, watch_presence_into
 from .redis_cluster import RedisClusterServers, _cli, require_cluster_binaries
 
 pytestmark = [pytest.mark.anyio, pytest.mark.slow]
@@ -281,13 +282,29 @@ async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
 # -- case 4: a seed node SIGKILLed under running clients ------------------------------------------
 
 
+def _replicated(servers: RedisClusterServers, master: str) -> bool:
+    """True once ``master``'s replica has everything the master wrote."""
+    port = _port(master)
+    info = dict(
+        line.split(":", 1) for line in _cli(port, "INFO", "replication").split() if ":" in line
+    )
+    offsets = [int(v.rpartition("offset=")[2].split(",")[0]) for k, v in info.items()
+               if k.startswith("slave") and "offset=" in v]  # fmt: skip
+    return bool(offsets) and min(offsets) >= int(info["master_repl_offset"])
+
+
+@pytest.mark.parametrize("seed_role", ["other master", "storage master"])
 async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
-    replicated_cluster: RedisClusterServers, tmp_path: Path
+    replicated_cluster: RedisClusterServers, tmp_path: Path, seed_role: str
 ) -> None:
-    """`roomrouter worker`, a router and its cluster presence, all seeded with one master that
-    does not hold the storage stream; SIGKILL of that seed while persisted publishes run. The
-    worker keeps storing (every acknowledged id stored once) and stays alive, the router keeps
-    publishing and joining (presence included), and `roomrouter inspect` still answers."""
+    """`roomrouter worker`, a router, its cluster presence and a presence watcher, all seeded
+    with one master: one that does not hold the storage stream (the worker's fetch used to
+    ask that seed for its keys forever), or the one that does (stream, control channels and
+    presence keys fail over). SIGKILL of the seed between bursts of persisted publishes (its
+    replica in sync first: Redis replicates asynchronously, and what a master acknowledged
+    and took with it is not roomrouter's to keep). The worker keeps storing (every
+    acknowledged id stored once) and stays alive, the router keeps publishing and joining,
+    presence and its events work, and `roomrouter inspect` answers."""
     ns = unique_namespace()
     db = tmp_path / "sink.db"
     log_path = tmp_path / "worker.log"
@@ -295,8 +312,8 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         probe = await _router(stack, replicated_cluster.ports[0], ns)
         masters = await _broker(probe)._masters()
         store_owner = _broker(probe)._owner(store_key(ns))
-        seed = next(m for m in masters if m != store_owner)
-        url = f"redis://{seed}/0?cluster=1&health_interval=1&max_backoff=0.5"
+        seed = next(m for m in masters if (m == store_owner) == (seed_role == "storage master"))
+        url = f"redis://{seed}/0?cluster=1&health_interval=1&max_backoff=0.5&redelivery_after=1"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
@@ -336,6 +353,19 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
             assert db.exists() and set(acked) <= set(_stored_ids(db))
 
         await eventually(stored_all, timeout=20, interval=0.1)
+        events: list[PresenceEvent] = []
+        ready = anyio.Event()
+        watch_scope = anyio.CancelScope()
+
+        async def watch() -> None:
+            with watch_scope:
+                await watch_presence_into(router, rooms[0], events, ready)
+
+        watcher = await stack.enter_async_context(anyio.create_task_group())
+        watcher.start_soon(watch)
+        await ready.wait()
+        for master in masters:
+            await eventually(lambda m=master: _assert(_replicated(replicated_cluster, m)))
         replicated_cluster.processes[_port(seed)].kill()
         started = time.monotonic()
         while time.monotonic() - started < 6:  # past the failover (node timeout 2 s)
@@ -353,6 +383,9 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         for room in rooms:
             await member.join(room)
         assert [e.member for e in await router.presence(rooms[0])] == ["late"]
+        await eventually(lambda: _assert(("join", "late") in [(e.kind, e.entry.member)
+                                                               for e in events]))  # fmt: skip
+        watch_scope.cancel()
         # A client started now, from a URL that lists the dead seed first, starts from the
         # next one: `roomrouter inspect` sees the router, a new router publishes to it.
         alive = next(m for m in masters if m != seed)

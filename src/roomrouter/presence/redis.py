@@ -324,7 +324,9 @@ class RedisPresence(Presence):
 
     async def _read_events(self) -> None:
         """Dispatch events to watchers. A lost connection is retried with backoff; redis-py
-        subscribes again to every channel when it reconnects."""
+        subscribes again to every channel when it reconnects. On a cluster the subscription
+        is pinned to one node, so after a failure it is moved: a fresh slot map, and a new
+        subscription on a live node (classic pub/sub reaches every node of a cluster)."""
         delay = 0.1
         try:
             while self._pubsub is not None:
@@ -339,12 +341,33 @@ class RedisPresence(Presence):
                     log.info("presence events: connection lost (%r); retrying", exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                    if self.cluster:
+                        await self._move_pubsub(pubsub)
                     continue
                 if message is None or message.get("type") != "message":
                     continue
                 self._dispatch(message["channel"], message["data"])
         finally:
             self._reader_running = False
+
+    async def _move_pubsub(self, old: PubSub) -> None:
+        """Cluster only: replace ``old`` (its node may be dead) by a subscription to every
+        watched channel on a live node, if one answers; else keep ``old`` for the next try."""
+        cluster: Any = self._r
+        new = cluster.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._call("events", cluster.nodes_manager.initialize())
+            if self._watchers:
+                await self._call("watch", new.subscribe(*self._watchers))
+        except BrokerUnavailable as exc:
+            log.info("presence events: no node to subscribe on yet (%s)", exc)
+            await _close_quietly(new)
+            return
+        if self._pubsub is not old:  # closed meanwhile
+            await _close_quietly(new)
+            return
+        self._pubsub = new
+        await _close_quietly(old)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
@@ -359,6 +382,14 @@ class RedisPresence(Presence):
                 self.events_lost += 1
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    with anyio.move_on_after(1, shield=True):
+        try:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError):
+            pass
 
 
 def _glob_escape(value: bytes) -> bytes:
