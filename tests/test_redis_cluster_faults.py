@@ -425,3 +425,34 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         await anyio.to_thread.run_sync(proc.wait, 15)
         assert proc.returncode == 0, log_path.read_text()
         assert b"stalled" not in log_path.read_bytes()
+
+
+async def test_a_cluster_entirely_down_is_waited_out_and_reported(
+    own_cluster: RedisClusterServers, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every node SIGKILLed: no node can give a slot map, which redis-py reports with its own
+    RedisClusterException (no RedisError). The router's maintenance task, the worker and
+    presence map it to BrokerUnavailable and go on waiting: no task dies, the worker reports
+    a stall."""
+    ns = unique_namespace()
+    async with AsyncExitStack() as stack:
+        url = own_cluster.url + "&health_interval=0.2&max_backoff=0.2"
+        router = await stack.enter_async_context(
+            RoomRouter.from_url(url, namespace=ns, presence=own_cluster.url, **TEST_ROUTER_OPTIONS)
+        )
+        consumer = RedisClusterBroker.from_url(url).storage_consumer(ns, "w")
+        worker = StorageWorker(
+            consumer, SQLiteSink(str(tmp_path / "sink.db")), name="w", max_delay=0.05,
+            max_backoff=0.1, stall_after=1.0,
+        )  # fmt: skip
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await router.publish("r", b"x", persist=True)
+            await eventually(lambda: _assert(worker.stats.acked == 1))
+            for proc in own_cluster.processes.values():
+                proc.kill()
+            await eventually(lambda: _assert(worker.stats.stalls == 1), timeout=5)
+            await anyio.sleep(1.5)  # several more refreshes of router, worker and presence
+            assert router.stats()["task_restarts"] == 0
+            assert worker.stats.stalls == 1
+            worker.stop()

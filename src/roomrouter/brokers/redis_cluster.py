@@ -60,7 +60,7 @@ import anyio
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
-from redis.exceptions import AskError, MovedError, RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisClusterException, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
@@ -88,6 +88,10 @@ __all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel", "
 log = logging.getLogger("roomrouter.redis")
 
 _MAX_REDIRECTS = 3
+
+#: What loading or reading the slot map raises: redis-py's cluster errors (no node reachable,
+#: a slot not covered) are not RedisErrors, and must not escape as if they were bugs.
+_SLOT_MAP_ERRORS = (*_NETWORK_ERRORS, RedisClusterException)
 
 
 def _ns(namespace: str) -> bytes:
@@ -274,7 +278,7 @@ class RedisClusterBroker(Broker):
         assert self._cluster is not None
         try:
             node = self._cluster.nodes_manager.get_node_from_slot(key_slot(channel))
-        except RedisError as exc:
+        except _SLOT_MAP_ERRORS as exc:
             raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         name: str = node.name
         return name
@@ -286,7 +290,7 @@ class RedisClusterBroker(Broker):
             try:
                 with anyio.fail_after(self.operation_timeout):
                     await self._cluster.nodes_manager.initialize()
-            except _NETWORK_ERRORS as exc:
+            except _SLOT_MAP_ERRORS as exc:
                 raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
 
     def _request_resync(self, *, lost: bool = False) -> None:
@@ -315,7 +319,7 @@ class RedisClusterBroker(Broker):
             with anyio.fail_after(self.operation_timeout):
                 await self._cluster.initialize()
             await self._ensure([self._control, self._direct])
-        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
+        except (*_SLOT_MAP_ERRORS, BrokerUnavailable) as exc:
             await self.aclose()
             if isinstance(exc, BrokerUnavailable):
                 raise
@@ -621,7 +625,7 @@ class RedisClusterBroker(Broker):
         if node is None:
             try:
                 node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
-            except RedisError as exc:
+            except _SLOT_MAP_ERRORS as exc:
                 raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         lane = self._lanes.get(node)
         if lane is None:
@@ -895,7 +899,7 @@ class _ClusterConsumer(_RedisConsumer):
                 await self._cluster.initialize()
                 self._follow_owner()
                 self._epoch = await self._create_group()
-        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
+        except (*_SLOT_MAP_ERRORS, BrokerUnavailable) as exc:
             await self.aclose()
             if isinstance(exc, BrokerUnavailable):
                 raise
@@ -910,7 +914,7 @@ class _ClusterConsumer(_RedisConsumer):
         broker = cast(RedisClusterBroker, self._broker)
         try:
             node = self._cluster.nodes_manager.get_node_from_slot(key_slot(self._stream)).name
-        except RedisError as exc:
+        except _SLOT_MAP_ERRORS as exc:
             raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         if node == self._node and self._client is not None:
             return None
@@ -930,7 +934,7 @@ class _ClusterConsumer(_RedisConsumer):
         try:
             with anyio.fail_after(broker.operation_timeout):
                 await self._cluster.nodes_manager.initialize()
-        except _NETWORK_ERRORS as exc:
+        except _SLOT_MAP_ERRORS as exc:
             raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
         old = self._follow_owner()
         self._stale = False

@@ -35,7 +35,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
 from ..brokers._base import TaskStarter
@@ -195,7 +195,8 @@ class RedisPresence(Presence):
                 return await coro
         except TimeoutError as exc:
             raise BrokerUnavailable(f"presence {what}: no answer from Redis in time") from exc
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RedisClusterException) as exc:
+            # RedisClusterException (no node reachable, slot not covered) is no RedisError.
             raise BrokerUnavailable(f"presence {what} failed: {exc!r}") from exc
 
     # -- entries ----------------------------------------------------------------------------------
