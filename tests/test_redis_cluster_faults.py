@@ -286,6 +286,19 @@ async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
 # -- case 4: a seed node SIGKILLed under running clients ------------------------------------------
 
 
+def _slot_owner(servers: RedisClusterServers, slot: int) -> str:
+    """``host:port`` of the master that owns ``slot`` (per ``CLUSTER NODES``)."""
+    for line in _cli(servers.ports[0], "CLUSTER", "NODES").splitlines():
+        fields = line.split()
+        if "master" not in fields[2]:
+            continue
+        for part in fields[8:]:
+            lo, _, hi = part.partition("-")
+            if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                return fields[1].partition("@")[0]
+    raise AssertionError(f"no owner of slot {slot}")
+
+
 def _replicated(servers: RedisClusterServers, master: str) -> bool:
     """True once ``master``'s replica has everything the master wrote."""
     port = _port(master)
@@ -301,22 +314,29 @@ def _replicated(servers: RedisClusterServers, master: str) -> bool:
 async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
     replicated_cluster: RedisClusterServers, tmp_path: Path, seed_role: str
 ) -> None:
-    """`roomrouter worker`, a router, its cluster presence and a presence watcher, all seeded
-    with one master: one that does not hold the storage stream (the worker's fetch used to
-    ask that seed for its keys forever), or the one that does (stream, control channels and
-    presence keys fail over). SIGKILL of the seed between bursts of persisted publishes (its
-    replica in sync first: Redis replicates asynchronously, and what a master acknowledged
-    and took with it is not roomrouter's to keep). The worker keeps storing (every
-    acknowledged id stored once) and stays alive, the router keeps publishing and joining,
-    presence and its events work, and `roomrouter inspect` answers."""
-    ns = unique_namespace()
+    """`roomrouter worker`, a router, its cluster presence and a presence watcher, all seeded with
+    the master of slot 0: redis-py's cluster client makes that node (the first master of
+    its map) the one it asks ``COMMAND GETKEYS`` for XREADGROUP, so the worker's fetch used
+    to fail forever once it died. The namespace's storage stream is on another master, or
+    on that one (stream, control channels and presence keys fail over). SIGKILL of the seed
+    between bursts of persisted publishes (its replica in sync first: Redis replicates
+    asynchronously, and what a master acknowledged and took with it is not roomrouter's to
+    keep). The worker keeps storing (every acknowledged id stored once) and stays alive,
+    the router keeps publishing and joining, presence and its events work, and `roomrouter
+    inspect` answers."""
+    seed = _slot_owner(replicated_cluster, 0)
+    ns = next(
+        ns for ns in (unique_namespace() for _ in range(1000))
+        if (_slot_owner(replicated_cluster, key_slot(store_key(ns))) == seed)
+        == (seed_role == "storage master")
+    )  # fmt: skip
     db = tmp_path / "sink.db"
     log_path = tmp_path / "worker.log"
     async with AsyncExitStack() as stack:
         probe = await _router(stack, replicated_cluster.ports[0], ns)
         masters = await _broker(probe)._masters()
         store_owner = _broker(probe)._owner(store_key(ns))
-        seed = next(m for m in masters if (m == store_owner) == (seed_role == "storage master"))
+        assert (store_owner == seed) == (seed_role == "storage master")
         url = f"redis://{seed}/0?cluster=1&health_interval=1&max_backoff=0.5&redelivery_after=1"
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         with log_path.open("wb") as log_file:
