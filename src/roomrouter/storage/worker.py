@@ -15,9 +15,10 @@ worker counts the loss window (``queue_recreated``), logs it once as an error an
 
 A worker that makes no progress says so. Progress is a batch acknowledged, or a fetch that
 found nothing to do; when neither happened for ``stall_after`` seconds while the worker kept
-failing (every fetch failed, or the sink would not take the batch in hand), it logs one ERROR
-and counts a stall (``stalls``, the ``roomrouter_worker_stalls_total`` metric), and logs again
-when it moves on. Retrying an outage in silence is how acknowledged messages go unstored.
+failing (every fetch or acknowledgement failed, or the sink would not take the batch in hand),
+it logs one ERROR and counts a stall (``stalls``, the ``roomrouter_worker_stalls_total``
+metric), and logs again when it moves on. Retrying an outage in silence is how acknowledged
+messages go unstored.
 """
 
 from __future__ import annotations
@@ -251,6 +252,7 @@ class StorageWorker:
             # Stored but not acknowledged: redelivered later and written again as a no-op.
             self.stats.queue_errors += 1
             log.warning("acknowledging %d frame(s) failed: %s", len(batch), exc)
+            self._no_progress(f"acknowledging what was stored failed; last: {exc}")
 
     def _no_progress(self, why: str) -> None:
         """After a failure: a stall if nothing progressed for ``stall_after`` seconds (one
