@@ -51,6 +51,8 @@ async def test_counters_and_gauges_follow_the_router_and_worker() -> None:
         assert families["roomrouter_members"].samples[0].value == 1
         assert families["roomrouter_published"].samples[0].value == 1
         assert families["roomrouter_worker_acked"].samples[0].labels == {"node": router.node_id}
+        # A stalled worker (issue 19) is visible to alerting, not only in its log.
+        assert families["roomrouter_worker_stalls"].type == "counter"
         await member.close()
         families = {
             f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())

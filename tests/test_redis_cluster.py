@@ -23,6 +23,7 @@ from roomrouter._envelope import encode_envelope
 from roomrouter.brokers.redis import key_prefix
 from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_channel
 from roomrouter.presence import PresenceEvent
+from roomrouter.presence.redis import RedisPresence
 
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import eventually, receive_n, watch_presence_into
@@ -416,5 +417,24 @@ async def test_cluster_url_options() -> None:
     with pytest.raises(ConfigurationError) as info:
         RoomRouter.from_url("redis://u:hunter2@h/0?cluster=1&operation_timeout=x", namespace="n")
     assert "hunter2" not in str(info.value)
+    # Several seed nodes: the client starts from whichever answers (issue 19).
+    broker = RoomRouter.from_url(
+        "redis://u:pw@h1:7000,h2:7001,[::1]:7002,h4/0?cluster=1&operation_timeout=2", namespace="n"
+    ).broker
+    assert isinstance(broker, RedisClusterBroker)
+    assert (broker.host, broker.port, broker.operation_timeout) == ("h1", 7000, 2.0)
+    assert broker.seeds == [("h2", 7001), ("::1", 7002), ("h4", 6379)]
+    assert broker._conn_kwargs["password"] == "pw"
+    presence = RedisPresence.from_url("redis://h1:7000,h2:7001/0?cluster=1")
+    assert (presence.cluster, presence.seeds) == (True, [("h2", 7001)])
+    for bad in (
+        "redis://u:hunter2@h1:7000,h2:x/?cluster=1",
+        "redis://u:hunter2@h1,:7001/?cluster=1",
+    ):
+        with pytest.raises(ConfigurationError) as info:
+            RoomRouter.from_url(bad, namespace="n")
+        assert "hunter2" not in str(info.value)
+    with pytest.raises(ConfigurationError):
+        RedisPresence.from_url("redis://h1:7000,h2:7001/0")  # several nodes: a cluster only
     # Without cluster=1 the single-Redis broker and its names are untouched.
     assert RoomRouter.from_url("redis://127.0.0.1:6379/0", namespace="n").broker.name == "redis"

@@ -131,25 +131,32 @@ def demo(
     "--max-delay", type=click.FloatRange(min=0), default=0.2, show_default=True,
     help="Seconds an envelope may wait for its batch to fill.",
 )  # fmt: skip
+@click.option(
+    "--stall-after", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+    help="Seconds of failing without progress before an ERROR says the worker is stalled.",
+)  # fmt: skip
 def worker(
-    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float
-) -> None:
+    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float,
+    stall_after: float,
+) -> None:  # fmt: skip
     """Move persisted messages from the broker's storage queue into a sink.
 
     Run one or more, anywhere: they are competing consumers, acknowledge only what the sink
     committed, and stop within a bounded time on SIGTERM.
     """
-    anyio.run(_run_worker, broker, namespace, sink, name, batch_size, max_delay)
+    anyio.run(_run_worker, broker, namespace, sink, name, batch_size, max_delay, stall_after)
 
 
 async def _run_worker(
-    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float
-) -> None:
+    broker: str, namespace: str, sink: str, name: str | None, batch_size: int, max_delay: float,
+    stall_after: float = 30.0,
+) -> None:  # fmt: skip
     from .storage import StorageWorker
 
     worker = StorageWorker.from_urls(
-        broker, namespace, sink, name=name, batch_size=batch_size, max_delay=max_delay
-    )
+        broker, namespace, sink, name=name, batch_size=batch_size, max_delay=max_delay,
+        stall_after=stall_after,
+    )  # fmt: skip
     async with anyio.create_task_group() as tg:
 
         async def on_signal() -> None:
@@ -166,7 +173,7 @@ async def _run_worker(
     print(
         f"stored {s.written} new, {s.acked} acknowledged, {s.batches} batches, "
         f"{s.dead_lettered} dead-lettered, {s.queue_recreated} queue losses, "
-        f"{s.abandoned} left to redeliver",
+        f"{s.abandoned} left to redeliver, {s.stalls} stall(s)",
         flush=True,
     )
 

@@ -17,9 +17,12 @@ consumer group, XAUTOCLAIM redelivery and queue-loss epoch work unchanged, and n
 discover streams. The price: a persisted publish is two pipelined writes on (usually) two
 shards — ``XADD`` to the storage stream, and ``MULTI XADD recent / EXPIRE / SPUBLISH EXEC`` on
 the room's shard — sent at once and both awaited; ``publish_persistent`` returns only when
-both succeeded (acknowledged ⇒ stored), but a failed call may have done one of them (like
-:class:`~roomrouter.PublishOutcomeUnknown`). All persisted traffic of a namespace goes through
-one shard's stream; spread heavy load over namespaces.
+both succeeded (acknowledged ⇒ stored). A failed call says exactly what is known: plain
+:class:`~roomrouter.BrokerUnavailable` ("not sent") only if neither write may have run (not
+sent, refused, or redirected); once one was done or may have been (sent, then the connection
+failed; one shard down while the other stored it), :class:`~roomrouter.PublishOutcomeUnknown`.
+All persisted traffic of a namespace goes through one shard's stream; spread heavy load over
+namespaces.
 
 Connections. The slot map comes from redis-py's :class:`~redis.asyncio.cluster.RedisCluster`
 (``nodes_manager``); the data plane runs on raw connections of our own, because redis-py's
@@ -37,7 +40,9 @@ server drops shard subscribers of slots it no longer owns, e.g. after a failover
 maintenance task: it reloads the slot map, moves every subscription to its slot's current
 owner (unsubscribing the old one), closes connections no longer needed, and then calls
 ``on_reconnect`` if subscriptions were restored. A publish answered ``MOVED`` is sent again to
-the new owner (at most three times).
+the node the answer names, one answered ``ASK`` (its slot is being migrated) to the importing
+node with ``ASKING`` in front (at most three redirections); either was not executed, so the
+resend cannot do it twice.
 """
 
 from __future__ import annotations
@@ -46,19 +51,20 @@ import asyncio
 import logging
 import re
 from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import AskError, MovedError, RedisClusterException, ResponseError
 
 from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
-from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
+from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 from .redis import (
     _ESCAPES,
     _NETWORK_ERRORS,
@@ -77,11 +83,15 @@ from .redis import (
     store_key,
 )
 
-__all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel"]
+__all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel", "split_seeds"]
 
 log = logging.getLogger("roomrouter.redis")
 
 _MAX_REDIRECTS = 3
+
+#: What loading or reading the slot map raises: redis-py's cluster errors (no node reachable,
+#: a slot not covered) are not RedisErrors, and must not escape as if they were bugs.
+_SLOT_MAP_ERRORS = (*_NETWORK_ERRORS, RedisClusterException)
 
 
 def _ns(namespace: str) -> bytes:
@@ -98,8 +108,36 @@ def cluster_recent_key(namespace: str, room: str) -> bytes:
     return b"rr:" + _ns(namespace) + b":recent:{" + room.translate(_ESCAPES).encode() + b"}"
 
 
-def _redirect(reply: object) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith(("MOVED", "ASK"))
+def split_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
+    """``redis://[auth@]h1:p1,h2:p2[,...]/...``: the URL with its first node only (for the
+    usual parser), and the other seed nodes as ``(host, port)`` (port 6379 if left out)."""
+    parts = urlsplit(url)
+    auth, at, hosts = parts.netloc.rpartition("@")
+    if "," not in hosts:
+        return url, []
+    first, *others = hosts.split(",")
+    seeds: list[tuple[str, int]] = []
+    for other in others:
+        host, colon, port = other.rpartition(":")
+        if not colon or host.endswith(":"):  # no port (an IPv6 address needs brackets)
+            host, port = other, "6379"
+        try:
+            seeds.append((host.strip("[]"), int(port)))
+        except ValueError:
+            raise ConfigurationError(f"bad seed node {other!r} in {redact(url)!r}") from None
+        if not seeds[-1][0]:
+            raise ConfigurationError(f"empty seed node in {redact(url)!r}")
+    return urlunsplit(parts._replace(netloc=auth + at + first)), seeds
+
+
+def _redirect(reply: object) -> AskError | None:
+    """The redirection a reply is, if any. redis-py parses ``-MOVED``/``-ASK`` into
+    :class:`MovedError`/:class:`AskError` (a ``MovedError`` is an ``AskError``) and strips the
+    prefix from the message, so the type says it, never the text."""
+    return reply if isinstance(reply, AskError) else None
+
+
+_ASKING = _pack(b"ASKING")
 
 
 @dataclass(eq=False, slots=True)
@@ -122,9 +160,10 @@ class _Shard:
 
 
 class _Item:
-    """A queued publisher command: ``slot`` routes it (again, after a MOVED)."""
+    """A queued publisher command: ``slot`` routes it, unless a redirection named the node to
+    send it to (``target``; ``asking``: an ASK, so it goes with ``ASKING`` in front)."""
 
-    __slots__ = ("future", "packed", "redirects", "replies", "slot")
+    __slots__ = ("asking", "future", "packed", "redirects", "replies", "slot", "target")
 
     def __init__(self, slot: int, packed: bytes, replies: int, future: asyncio.Future[Any]):
         self.slot = slot
@@ -132,6 +171,8 @@ class _Item:
         self.replies = replies
         self.future = future
         self.redirects = 0
+        self.target: str | None = None
+        self.asking = False
 
 
 @dataclass(eq=False, slots=True)
@@ -146,7 +187,9 @@ class _Lane:
 
 class RedisClusterBroker(Broker):
     """See the module docstring. ``host``/``port`` name any node of the cluster (the others
-    are found from it); the other ``connection_kwargs`` go to every connection."""
+    are found from it), ``seeds`` more ``(host, port)`` to start from if that one is down
+    (``redis://h1:7000,h2:7001/?cluster=1``); the other ``connection_kwargs`` go to every
+    connection."""
 
     name = "redis-cluster"
     counts_receivers = True
@@ -163,9 +206,11 @@ class RedisClusterBroker(Broker):
         recent_size: int = 1000,
         recent_ttl: int = 86_400,
         redelivery_after: float = 30.0,
+        seeds: Collection[tuple[str, int]] = (),
         **connection_kwargs: Any,
     ) -> None:
         self.host, self.port = host, port
+        self.seeds = [(h, int(p)) for h, p in seeds]
         self.operation_timeout = operation_timeout
         self.max_backoff = max_backoff
         self.health_interval = health_interval
@@ -195,8 +240,12 @@ class RedisClusterBroker(Broker):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisClusterBroker:
-        """``redis://[user:pass@]host[:port]/?cluster=1[&operation_timeout=5...]``."""
-        kwargs, found = _parse_url(url, (("cluster", _flag), ("sharded", _flag), *_URL_OPTIONS))
+        """``redis://[user:pass@]host[:port][,host2:port2...]/?cluster=1[&operation_timeout=5...]``
+        (every node listed is a seed: the client starts from whichever answers)."""
+        first, seeds = split_seeds(url)
+        if seeds:
+            options.setdefault("seeds", seeds)
+        kwargs, found = _parse_url(first, (("cluster", _flag), ("sharded", _flag), *_URL_OPTIONS))
         found.pop("cluster", None)
         if not found.pop("sharded", True):
             raise ConfigurationError(f"a Redis Cluster needs sharded pub/sub: {redact(url)!r}")
@@ -219,13 +268,17 @@ class RedisClusterBroker(Broker):
         if issubclass(self._connection_class, SSLConnection):
             kwargs["ssl"] = True
         kwargs.update(options)
-        return RedisCluster(host=self.host, port=self.port, protocol=2, **kwargs)
+        # Every seed: the first one listed may be the one that is down.
+        seeds = [ClusterNode(host, port) for host, port in self.seeds] or None
+        return RedisCluster(
+            host=self.host, port=self.port, startup_nodes=seeds, protocol=2, **kwargs
+        )
 
     def _owner(self, channel: bytes) -> str:
         assert self._cluster is not None
         try:
             node = self._cluster.nodes_manager.get_node_from_slot(key_slot(channel))
-        except RedisError as exc:
+        except _SLOT_MAP_ERRORS as exc:
             raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         name: str = node.name
         return name
@@ -237,7 +290,7 @@ class RedisClusterBroker(Broker):
             try:
                 with anyio.fail_after(self.operation_timeout):
                     await self._cluster.nodes_manager.initialize()
-            except _NETWORK_ERRORS as exc:
+            except _SLOT_MAP_ERRORS as exc:
                 raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
 
     def _request_resync(self, *, lost: bool = False) -> None:
@@ -266,7 +319,7 @@ class RedisClusterBroker(Broker):
             with anyio.fail_after(self.operation_timeout):
                 await self._cluster.initialize()
             await self._ensure([self._control, self._direct])
-        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
+        except (*_SLOT_MAP_ERRORS, BrokerUnavailable) as exc:
             await self.aclose()
             if isinstance(exc, BrokerUnavailable):
                 raise
@@ -568,10 +621,12 @@ class RedisClusterBroker(Broker):
 
     def _enqueue(self, item: _Item) -> None:
         assert self._cluster is not None
-        try:
-            node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
-        except RedisError as exc:
-            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+        node = item.target
+        if node is None:
+            try:
+                node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
+            except _SLOT_MAP_ERRORS as exc:
+                raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
         lane = self._lanes.get(node)
         if lane is None:
             lane = self._lanes[node] = _Lane(node)
@@ -592,32 +647,42 @@ class RedisClusterBroker(Broker):
 
     async def _flush(self, lane: _Lane, batch: list[_Item]) -> None:
         results: list[Any] = []
-        redirected: list[_Item] = []
+        redirected: list[tuple[_Item, AskError]] = []
         sent = False
         try:
             conn = await self._publisher(lane)
             with anyio.fail_after(self.operation_timeout):
                 sent = True  # from here on Redis may run what it read
                 await conn.send_packed_command(
-                    b"".join(q.packed for q in batch), check_health=False
+                    b"".join(_ASKING + q.packed if q.asking else q.packed for q in batch),
+                    check_health=False,
                 )
                 for item in batch:
                     replies: list[Any] = []
-                    for _ in range(item.replies):
+                    for _ in range(item.replies + item.asking):
                         try:
                             replies.append(await conn.read_response())
                         except ResponseError as exc:  # a refusal: the stream stays in sync
                             replies.append(exc)
-                    if any(_redirect(r) for r in replies):
-                        redirected.append(item)
+                    if item.asking:
+                        del replies[0]  # ASKING's OK
+                    # A redirection is an answer without effect: a MULTI holding one is
+                    # discarded (EXECABORT), so sending the item again cannot do it twice.
+                    moved = next((m for r in replies if (m := _redirect(r)) is not None), None)
+                    if moved is not None:
+                        redirected.append((item, moved))
                         results.append(None)
                         continue
                     reply = replies[-1]
                     if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
-                        reply = next((r for r in reply if isinstance(r, Exception)), reply[-1])
+                        # The transaction ran: an error inside it did not undo the others.
+                        inner = next((r for r in reply if isinstance(r, Exception)), None)
+                        reply = reply[-1] if inner is None else PublishOutcomeUnknown(
+                            f"Redis ran the transaction with an error: {inner}"
+                        )  # fmt: skip
                     elif item.replies > 1:
                         reply = next((r for r in replies if isinstance(r, Exception)), reply)
-                    if isinstance(reply, Exception):
+                    if isinstance(reply, Exception) and not isinstance(reply, BrokerUnavailable):
                         reply = BrokerUnavailable(f"Redis refused the command: {reply}")
                     results.append(reply)
         except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
@@ -635,33 +700,33 @@ class RedisClusterBroker(Broker):
             else:
                 error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
             results.extend([error] * (len(batch) - len(results)))
+        again = {id(item) for item, _ in redirected}
         for item, result in zip(batch, results, strict=True):
-            if item.future.done() or item in redirected:
+            if item.future.done() or id(item) in again:
                 continue
             if isinstance(result, BaseException):
                 item.future.set_exception(result)
             else:
                 item.future.set_result(result)
         if redirected:
-            await self._redirect(redirected)
+            self._redirect(redirected)
 
-    async def _redirect(self, items: list[_Item]) -> None:
-        """Send again what the server answered MOVED/ASK, to the slot's new owner."""
-        self._request_resync()
-        try:
-            await self._refresh_slots()
-        except BrokerUnavailable as exc:
-            for item in items:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-            return
-        for item in items:
+    def _redirect(self, items: list[tuple[_Item, AskError]]) -> None:
+        """Send again what the server answered MOVED/ASK, to the node the answer names (not
+        the slot map's owner: the map may be older than the answer). ``MOVED`` also wakes the
+        maintenance task, which reloads the map and moves the subscriptions of the slot;
+        ``ASK`` (a slot being migrated) is for this one command, sent with ``ASKING``."""
+        for item, redirection in items:
             item.redirects += 1
             if item.future.done():
                 continue
             if item.redirects > _MAX_REDIRECTS:
                 item.future.set_exception(BrokerUnavailable("Redis Cluster kept redirecting"))
                 continue
+            item.target = f"{redirection.host}:{redirection.port}"
+            item.asking = not isinstance(redirection, MovedError)
+            if not item.asking:
+                self._request_resync()
             try:
                 self._enqueue(item)
             except BrokerUnavailable as exc:
@@ -702,9 +767,23 @@ class RedisClusterBroker(Broker):
         commands.append(_pack(b"EXEC"))
         cached = self._submit(recent, b"".join(commands), len(commands))
         results = await asyncio.gather(stored, cached, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if not errors:
+            return
+        for error in errors:
+            if not isinstance(error, BrokerUnavailable) or isinstance(error, PublishOutcomeUnknown):
+                raise error
+        if len(errors) == len(results):
+            raise errors[0]  # neither part left this node (or either was refused): not sent
+        # One part was done and the other not: the call did happen in part (stored without
+        # the recent cache and live publish, or the reverse), so it must not say "not sent",
+        # or a retry under a new id would store or deliver it twice.
+        done, failed = (
+            ("stored", "the recent cache and live publish")
+            if isinstance(results[1], BaseException)
+            else ("cached and published live", "the storage append")
+        )
+        raise PublishOutcomeUnknown(f"{done}, but {failed} failed: {errors[0]}") from errors[0]
 
     async def recent(
         self, room: str, *, since: str | None = None, limit: int | None = None
@@ -823,25 +902,112 @@ def _unescape(value: bytes) -> str:
 
 
 class _ClusterConsumer(_RedisConsumer):
-    """The storage consumer of :class:`RedisBroker`, on a cluster client: the stream, its
-    epoch and lost marks share the namespace's hash tag, so every command stays in one slot."""
+    """The storage consumer of :class:`RedisBroker`, on the master that owns the storage
+    stream's slot: the stream, its epoch and lost marks share the namespace's hash tag, so
+    every command goes to that one node, on a plain client of its own.
+
+    Not through redis-py's cluster client: that one finds the keys of XREADGROUP (a command
+    with "movable keys") by asking ``COMMAND GETKEYS`` of the node it started from, before
+    (and outside) its retry loop, so once that seed node dies every fetch fails forever even
+    though the stream's master is healthy. Here the slot is computed locally; after any
+    failure the slot map is reloaded from any node known (the seeds and every node the last
+    map listed) and the client moved to the slot's current owner."""
+
+    _cluster: RedisCluster | None = None
+    _node: str | None = None
+    _stale = False
 
     async def start(self) -> None:
         broker = cast(RedisClusterBroker, self._broker)
-        self._client = broker._cluster_client(
-            client_name=f"roomrouter-worker-{self._name.decode(errors='replace')}"
-        )
+        self._cluster = broker._cluster_client()
         try:
             with anyio.fail_after(broker.operation_timeout):
-                await self._client.initialize()
+                await self._cluster.initialize()
+                self._follow_owner()
                 self._epoch = await self._create_group()
-        except _NETWORK_ERRORS as exc:
+        except (*_SLOT_MAP_ERRORS, BrokerUnavailable) as exc:
+            await self.aclose()
+            if isinstance(exc, BrokerUnavailable):
+                raise
             raise BrokerUnavailable(f"cannot reach the Redis Cluster: {exc!r}") from exc
 
+    def _follow_owner(self) -> Any:
+        """Point the client at the current owner of the stream's slot (per the slot map);
+        returns the client it replaced, to be closed (or None)."""
+        from redis.asyncio import ConnectionPool, Redis
+
+        assert self._cluster is not None
+        broker = cast(RedisClusterBroker, self._broker)
+        try:
+            node = self._cluster.nodes_manager.get_node_from_slot(key_slot(self._stream)).name
+        except _SLOT_MAP_ERRORS as exc:
+            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+        if node == self._node and self._client is not None:
+            return None
+        old, self._node = self._client, node
+        host, _, port = node.rpartition(":")
+        pool = ConnectionPool(
+            connection_class=broker._connection_class, host=host, port=int(port),
+            client_name=f"roomrouter-worker-{self._name.decode(errors='replace')}",
+            **broker._conn_kwargs,
+        )  # fmt: skip
+        self._client = Redis(connection_pool=pool)
+        return old
+
+    async def _refresh(self) -> None:
+        assert self._cluster is not None
+        broker = cast(RedisClusterBroker, self._broker)
+        try:
+            with anyio.fail_after(broker.operation_timeout):
+                await self._cluster.nodes_manager.initialize()
+        except _SLOT_MAP_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
+        old = self._follow_owner()
+        self._stale = False
+        if old is not None:
+            # Bounded: closing sockets to a dead node must not hold up the next fetch.
+            with anyio.move_on_after(1, shield=True):
+                try:
+                    await old.aclose(close_connection_pool=True)
+                except _NETWORK_ERRORS:
+                    pass
+
+    async def _guarded(self, call: Any, seconds: float) -> Any:
+        if self._stale:
+            await self._refresh()
+        try:
+            with anyio.fail_after(seconds):
+                return await call()
+        except TimeoutError as exc:
+            self._stale = True
+            raise BrokerUnavailable(f"no answer from Redis node {self._node} in time") from exc
+        except BrokerUnavailable:
+            self._stale = True  # the node died, failed over, or the slot moved: look again
+            raise
+
+    async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
+        timeout = wait + 2 * self._broker.operation_timeout
+        frames: list[StoredFrame] = await self._guarded(
+            lambda: super(_ClusterConsumer, self).fetch(max_frames, wait), timeout
+        )
+        return frames
+
+    async def ack(self, frames: Sequence[StoredFrame]) -> None:
+        await self._guarded(
+            lambda: super(_ClusterConsumer, self).ack(frames), self._broker.operation_timeout
+        )
+
+    async def pending(self) -> int:
+        count: int = await self._guarded(
+            lambda: super(_ClusterConsumer, self).pending(), self._broker.operation_timeout
+        )
+        return count
+
     async def aclose(self) -> None:
-        if self._client is not None:
-            client, self._client = self._client, None
+        await super().aclose()
+        if self._cluster is not None:
+            cluster, self._cluster = self._cluster, None
             try:
-                await client.aclose()
+                await cluster.aclose()
             except _NETWORK_ERRORS:
                 pass

@@ -15,9 +15,11 @@ there: when several nodes clean up a dead node at once, each leave is published 
 
 On a Redis Cluster (``redis://host:port/?cluster=1``) the same keys live in the namespace's
 slot (the hash tag), so every MULTI and script stays on one shard; the client is redis-py's
-``RedisCluster``. Events stay on classic pub/sub, which a cluster carries to every node, so a
-watcher may listen on any node; a join's event is published by a one-line script that names
-its channel as a key, because a cluster transaction must know the slot of every command.
+``RedisCluster``, started from every node the URL lists (``redis://h1:7000,h2:7001/?cluster=1``)
+so that one of them being down does not stop a start. Events stay on classic pub/sub, which
+a cluster carries to every node, so a watcher may listen on any node; a join's event is
+published by a one-line script that names its channel as a key, because a cluster transaction
+must know the slot of every command.
 """
 
 from __future__ import annotations
@@ -32,8 +34,8 @@ import msgspec
 from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from .._errors import BrokerUnavailable, ConfigurationError
 from ..brokers._base import TaskStarter
@@ -70,10 +72,18 @@ class RedisPresence(Presence):
     name = "redis"
 
     def __init__(
-        self, *, operation_timeout: float = 5.0, cluster: bool = False, **connection_kwargs: Any
+        self,
+        *,
+        operation_timeout: float = 5.0,
+        cluster: bool = False,
+        seeds: Sequence[tuple[str, int]] = (),
+        **connection_kwargs: Any,
     ) -> None:
         self.operation_timeout = operation_timeout
         self.cluster = cluster
+        if seeds and not cluster:
+            raise ConfigurationError("several Redis nodes are a Redis Cluster: add ?cluster=1")
+        self.seeds = [(h, int(p)) for h, p in seeds]
         connection_kwargs.setdefault("socket_connect_timeout", operation_timeout)
         connection_kwargs.setdefault("socket_timeout", operation_timeout)
         self._kwargs = connection_kwargs
@@ -90,9 +100,13 @@ class RedisPresence(Presence):
 
     @classmethod
     def from_url(cls, url: str) -> RedisPresence:
-        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``."""
-        kwargs, options = _parse_url(url, (("cluster", _flag), ("operation_timeout", float)))
-        return cls(**kwargs, **options)
+        """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``; a
+        cluster's URL may list several seed nodes, ``redis://h1:7000,h2:7001/?cluster=1``."""
+        from ..brokers.redis_cluster import split_seeds
+
+        first, seeds = split_seeds(url)
+        kwargs, options = _parse_url(first, (("cluster", _flag), ("operation_timeout", float)))
+        return cls(**kwargs, **options, seeds=seeds)
 
     # -- names ------------------------------------------------------------------------------------
 
@@ -139,8 +153,9 @@ class RedisPresence(Presence):
         connection_class = kwargs.pop("connection_class", None)
         if connection_class is not None and connection_class.__name__ == "SSLConnection":
             kwargs["ssl"] = True
+        seeds = [ClusterNode(host, port) for host, port in self.seeds] or None
         # Same commands as Redis for everything used here; typed as Redis for one code path.
-        return RedisCluster(**kwargs, protocol=2)  # type: ignore[return-value]
+        return RedisCluster(**kwargs, startup_nodes=seeds, protocol=2)  # type: ignore[return-value]
 
     async def aclose(self) -> None:
         if self._client is None:
@@ -180,7 +195,8 @@ class RedisPresence(Presence):
                 return await coro
         except TimeoutError as exc:
             raise BrokerUnavailable(f"presence {what}: no answer from Redis in time") from exc
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, RedisClusterException) as exc:
+            # RedisClusterException (no node reachable, slot not covered) is no RedisError.
             raise BrokerUnavailable(f"presence {what} failed: {exc!r}") from exc
 
     # -- entries ----------------------------------------------------------------------------------
@@ -309,7 +325,9 @@ class RedisPresence(Presence):
 
     async def _read_events(self) -> None:
         """Dispatch events to watchers. A lost connection is retried with backoff; redis-py
-        subscribes again to every channel when it reconnects."""
+        subscribes again to every channel when it reconnects. On a cluster the subscription
+        is pinned to one node, so after a failure it is moved: a fresh slot map, and a new
+        subscription on a live node (classic pub/sub reaches every node of a cluster)."""
         delay = 0.1
         try:
             while self._pubsub is not None:
@@ -324,12 +342,33 @@ class RedisPresence(Presence):
                     log.info("presence events: connection lost (%r); retrying", exc)
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
+                    if self.cluster:
+                        await self._move_pubsub(pubsub)
                     continue
                 if message is None or message.get("type") != "message":
                     continue
                 self._dispatch(message["channel"], message["data"])
         finally:
             self._reader_running = False
+
+    async def _move_pubsub(self, old: PubSub) -> None:
+        """Cluster only: replace ``old`` (its node may be dead) by a subscription to every
+        watched channel on a live node, if one answers; else keep ``old`` for the next try."""
+        cluster: Any = self._r
+        new = cluster.pubsub(ignore_subscribe_messages=True)
+        try:
+            await self._call("events", cluster.nodes_manager.initialize())
+            if self._watchers:
+                await self._call("watch", new.subscribe(*self._watchers))
+        except BrokerUnavailable as exc:
+            log.info("presence events: no node to subscribe on yet (%s)", exc)
+            await _close_quietly(new)
+            return
+        if self._pubsub is not old:  # closed meanwhile
+            await _close_quietly(new)
+            return
+        self._pubsub = new
+        await _close_quietly(old)
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
@@ -344,6 +383,14 @@ class RedisPresence(Presence):
                 self.events_lost += 1
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 pass
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    with anyio.move_on_after(1, shield=True):
+        try:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+        except (RedisError, OSError):
+            pass
 
 
 def _glob_escape(value: bytes) -> bytes:

@@ -12,6 +12,13 @@ reason, and acknowledged. A sink that is *unavailable* (plain :class:`~roomroute
 is retried with the batch held and nothing acknowledged. When the broker reports that the
 storage queue itself vanished and was recreated (:class:`~roomrouter.StorageQueueLost`), the
 worker counts the loss window (``queue_recreated``), logs it once as an error and goes on.
+
+A worker that makes no progress says so. Progress is a batch acknowledged, or a fetch that
+found nothing to do; when neither happened for ``stall_after`` seconds while the worker kept
+failing (every fetch or acknowledgement failed, or the sink would not take the batch in hand),
+it logs one ERROR and counts a stall (``stalls``, the ``roomrouter_worker_stalls_total``
+metric), and logs again when it moves on. Retrying an outage in silence is how acknowledged
+messages go unstored.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ class WorkerStats:
     refused: int = 0  # of those, envelopes the sink refused
     queue_recreated: int = 0  # storage queue found gone and recreated: each one a loss window
     abandoned: int = 0  # frames left unacknowledged at stop (they are redelivered)
+    stalls: int = 0  # times nothing was stored nor fetched for stall_after s (each logged ERROR)
 
 
 _MAX_REASON = 500  # characters of a driver's message kept per dead letter
@@ -69,7 +77,8 @@ class StorageWorker:
     A sink that is unavailable is retried with capped exponential backoff (up to
     ``max_backoff``), holding the batch: nothing is acknowledged, so nothing is lost. Frames
     that cannot be stored become dead letters (see the module docstring); ``name`` is recorded
-    with them.
+    with them. Failing for ``stall_after`` seconds without progress is a *stall*: logged as an
+    ERROR and counted (see the module docstring).
     """
 
     def __init__(
@@ -81,21 +90,27 @@ class StorageWorker:
         max_delay: float = 0.2,
         max_backoff: float = 5.0,
         stop_timeout: float = 5.0,
+        stall_after: float = 30.0,
         name: str = "",
     ) -> None:
-        if batch_size < 1 or max_delay < 0 or stop_timeout < 0:
-            raise ConfigurationError("batch_size must be >= 1, max_delay and stop_timeout >= 0")
+        if batch_size < 1 or max_delay < 0 or stop_timeout < 0 or stall_after <= 0:
+            raise ConfigurationError(
+                "batch_size must be >= 1, max_delay and stop_timeout >= 0, stall_after > 0"
+            )
         self.consumer = consumer
         self.sink = sink
         self.batch_size = batch_size
         self.max_delay = max_delay
         self.max_backoff = max_backoff
         self.stop_timeout = stop_timeout
+        self.stall_after = stall_after
         self.name = name
         self.stats = WorkerStats()
         self._stopping = False
         self._stop_event: anyio.Event | None = None
         self._scope: anyio.CancelScope | None = None
+        self._progress_at = 0.0  # when the worker last stored a batch or found nothing to do
+        self._stalled_since: float | None = None
         self.idle = anyio.Event()  # set whenever a fetch found the queue empty
 
     @classmethod
@@ -156,6 +171,7 @@ class StorageWorker:
             await self.consumer.start()
             stack.push_async_callback(self._close, self.sink.aclose)
             await self.sink.start()
+            self._progress_at = anyio.current_time()
             while not self._stopping:
                 batch = await self._collect()
                 if batch:
@@ -194,6 +210,7 @@ class StorageWorker:
             except RoomRouterError as exc:
                 self.stats.queue_errors += 1
                 log.warning("storage queue fetch failed (%s); retrying in %.2fs", exc, backoff)
+                self._no_progress(f"every storage queue fetch failed; last: {exc}")
                 await self._pause(backoff)
                 backoff = min(backoff * 2, self.max_backoff)
                 continue
@@ -201,6 +218,7 @@ class StorageWorker:
             if not frames:
                 if batch:
                     break
+                self._progressed()
                 self.idle.set()
                 self.idle = anyio.Event()
                 continue
@@ -229,10 +247,29 @@ class StorageWorker:
         try:
             await self.consumer.ack(batch)
             self.stats.acked += len(batch)
+            self._progressed()
         except RoomRouterError as exc:
             # Stored but not acknowledged: redelivered later and written again as a no-op.
             self.stats.queue_errors += 1
             log.warning("acknowledging %d frame(s) failed: %s", len(batch), exc)
+            self._no_progress(f"acknowledging what was stored failed; last: {exc}")
+
+    def _no_progress(self, why: str) -> None:
+        """After a failure: a stall if nothing progressed for ``stall_after`` seconds (one
+        ERROR and one count per stall)."""
+        now = anyio.current_time()
+        if self._stalled_since is None and now - self._progress_at >= self.stall_after:
+            self._stalled_since = self._progress_at
+            self.stats.stalls += 1
+            log.error("storage worker %s stalled: nothing stored for %.0fs while entries may be "
+                      "waiting: %s", self.name or "?", now - self._progress_at, why)  # fmt: skip
+
+    def _progressed(self) -> None:
+        self._progress_at = anyio.current_time()
+        if self._stalled_since is not None:
+            log.warning("storage worker %s moves again after %.0fs stalled", self.name or "?",
+                        self._progress_at - self._stalled_since)  # fmt: skip
+            self._stalled_since = None
 
     def _check(self, item: StoredFrame) -> Envelope | str:
         """The envelope of ``item``, or why it cannot be one."""
@@ -315,6 +352,7 @@ class StorageWorker:
                 if self._stopping:
                     return False
                 log.warning("%s failed (%s); retry in %.1fs", what, exc, backoff)
+                self._no_progress(f"the sink keeps failing ({what}); last: {exc}")
                 await self._pause(backoff)
                 if self._stopping:
                     return False
