@@ -1062,13 +1062,16 @@ class RoomRouter:
         have arrived in), once. Where that cannot be proved complete the members get a gap
         mark (:class:`~roomrouter.DeliveryGap`) first: live-only envelopes reached this room
         before (none is in any cache), the backend has no cache, the node had delivered no
-        persisted envelope of the room yet (no place to start from), its last one is no
-        longer in the cache, or the cache could not be read.
+        persisted envelope of the room yet (no place to start from) and the cache holds some
+        from other nodes, its last one is no longer in the cache, or the cache could not be
+        read. A room that has carried nothing but persisted envelopes here is taken to be
+        persisted-only: a first live-only one published during the outage is not seen.
         """
         last = self._last_persisted.get(room)
-        gap = room in self._live_rooms or last is None or not self.broker.supports_storage
+        storage = self.broker.supports_storage
+        gap = room in self._live_rooms or not storage
         missed: list[Envelope] = []
-        if last is not None and self.broker.supports_storage:
+        if storage and not (gap and last is None):
             try:
                 async with limiter:
                     cached = (await self._recent(room)).envelopes
@@ -1077,13 +1080,18 @@ class RoomRouter:
                             self.node_id, room, exc)  # fmt: skip
                 gap = True
             else:
-                at = next((i for i, e in enumerate(cached) if e.id == last), None)
-                if at is None:  # evicted or expired: what is left after it, but said
-                    gap = True
-                    cached = [e for e in cached if e.id > last]
+                cached = [e for e in cached if e.origin != self.node_id]  # never lost here
+                if last is None:
+                    # Nothing of the room delivered from the broker yet: no place to start
+                    # from. An empty cache proves nothing persisted was missed; else say so.
+                    gap = gap or bool(cached)
                 else:
-                    cached = cached[at + 1 :]
-                missed = [e for e in cached if e.origin != self.node_id]
+                    at = next((i for i, e in enumerate(cached) if e.id == last), None)
+                    if at is None:  # evicted or expired: what is left after it, but said
+                        gap = True
+                        missed = [e for e in cached if e.id > last]
+                    else:
+                        missed = cached[at + 1 :]
         if room in self._gap_pending:
             return  # reconnected again meanwhile: the next round reads from the same place
         held = self._gap_hold.pop(room, [])
