@@ -1075,8 +1075,8 @@ class RoomRouter:
             try:
                 async with limiter:
                     cached = (await self._recent(room)).envelopes
-            except RoomRouterError as exc:
-                log.warning("node %s: cannot read the cache of %r after a reconnect: %s",
+            except Exception as exc:  # whatever it was, the hold below must be released
+                log.warning("node %s: cannot read the cache of %r after a reconnect: %r",
                             self.node_id, room, exc)  # fmt: skip
                 gap = True
             else:
