@@ -333,19 +333,20 @@ class Member:
             self._stats.dropped_duplicate += 1
             return False
         inbox = self._inbox
-        size = len(envelope.payload)
+        held = self._bytes + len(envelope.payload)
         # An envelope always fits an inbox that holds no payload bytes: one bigger than
         # max_inbox_bytes (from a node with a larger max_payload) is kept alone, not refused.
-        if len(inbox) >= self._maxlen or (self._bytes and self._bytes + size > self._max_bytes):
+        if (held > self._max_bytes and self._bytes) or len(inbox) >= self._maxlen:
             if self._closed is not None:
                 return False
             if self._policy == "disconnect":
                 self._stats.members_disconnected += 1
                 self._close("overflow")
                 return False
-            self._drop_oldest(size)
+            self._drop_oldest(len(envelope.payload))
+            held = self._bytes + len(envelope.payload)
         inbox.append(envelope)
-        self._bytes += size
+        self._bytes = held
         if self._waiters:
             self._wake()
         return True
