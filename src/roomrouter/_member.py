@@ -333,10 +333,10 @@ class Member:
             self._stats.dropped_duplicate += 1
             return False
         inbox = self._inbox
-        held = self._bytes + len(envelope.payload)
+        total = self._bytes + len(envelope.payload)
         # An envelope always fits an inbox that holds no payload bytes: one bigger than
         # max_inbox_bytes (from a node with a larger max_payload) is kept alone, not refused.
-        if (held > self._max_bytes and self._bytes) or len(inbox) >= self._maxlen:
+        if (total > self._max_bytes and self._bytes) or len(inbox) >= self._maxlen:
             if self._closed is not None:
                 return False
             if self._policy == "disconnect":
@@ -344,9 +344,9 @@ class Member:
                 self._close("overflow")
                 return False
             self._drop_oldest(len(envelope.payload))
-            held = self._bytes + len(envelope.payload)
+            total = self._bytes + len(envelope.payload)
         inbox.append(envelope)
-        self._bytes = held
+        self._bytes = total
         if self._waiters:
             self._wake()
         return True
