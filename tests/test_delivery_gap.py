@@ -269,3 +269,23 @@ async def test_a_subscriber_killed_by_redis_loses_nothing_silently(redis: Redis)
         assert [e.id for e in got] == sorted(e.id for e in sent)  # all, once, in order
         got, gaps = await _collect(chat, settle=0.5)
         assert gaps == ["chat"], f"{50 - len(got)} live messages lost and nobody was told"
+
+
+async def test_a_position_the_cache_no_longer_holds_is_told_and_the_rest_recovered() -> None:
+    ns = unique_namespace()
+    outage = DataOutage(MemoryBroker(ns, recent_size=5))
+    async with (
+        RoomRouter(MemoryBroker(ns, recent_size=5), **TEST_ROUTER_OPTIONS) as a,
+        RoomRouter(outage, **TEST_ROUTER_OPTIONS) as b,
+    ):
+        member = b.member("m")
+        await member.join("saved")
+        await eventually(lambda: _assert(a.remote_hosts("saved") == {b.node_id}))
+        first = await a.publish("saved", b"seen", persist=True)
+        await eventually(lambda: _assert(member.pending() == 1))
+        outage.down = True
+        missed = [await a.publish("saved", b"%d" % i, persist=True) for i in range(8)]
+        outage.restore()  # the cache (5 entries) no longer holds `first`
+        got, gaps = await _collect(member)
+        assert gaps == ["saved"]
+        assert [e.id for e in got] == [first.id] + [e.id for e in missed[-5:]]
