@@ -516,6 +516,24 @@ async def test_undecodable_messages_are_dropped_and_counted(
     assert b.manager.undecodable == 1
 
 
+async def test_a_delivery_gap_is_counted_and_the_room_keeps_working(
+    nodes: list[Node], clients: Clients
+) -> None:
+    """Emits are live-only: after the broker's data connection came back (the broker calls
+    on_reconnect) the room's member raises DeliveryGap; the manager counts it, logs it and
+    goes on reading the room."""
+    a, b = nodes
+    alice, bob = await clients.connect(a), await clients.connect(b)
+    await alice.join("r")
+    await bob.join("r")
+    await a.sio.emit("m", "before", to="r")
+    assert await bob.wait_for("m", 1) == ["before"]
+    b.router._on_reconnect()  # what the broker calls once its data connection is restored
+    await eventually(lambda: _check(b.manager.delivery_gaps >= 1))
+    await a.sio.emit("m", "after", to="r")
+    assert await bob.wait_for("m", 2) == ["before", "after"]
+
+
 def load_example() -> Any:
     """examples/socketio/server.py as a module (examples are not a package)."""
     path = Path(__file__).parents[1] / "examples" / "socketio" / "server.py"

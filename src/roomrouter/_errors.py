@@ -9,6 +9,8 @@
     ├── PayloadTooLarge             (also a ValueError)
     ├── DuplicateMember             (also a ValueError)
     ├── MemberClosed                the member was closed (by the app or by its overflow policy)
+    ├── DeliveryGap                 messages of a room may have been lost (a lost data
+    │                               connection): raised once by ``receive()``, the member goes on
     ├── RouterNotRunning            used outside ``async with router``
     ├── BrokerError                 anything the broker client raised, mapped with ``from exc``
     │   ├── BrokerUnavailable       no connection, refused, nack: the operation did not happen
@@ -37,6 +39,7 @@ __all__ = [
     "BrokerError",
     "BrokerUnavailable",
     "ConfigurationError",
+    "DeliveryGap",
     "DuplicateMember",
     "HistoryUnavailable",
     "InvalidRoomName",
@@ -91,6 +94,25 @@ class MemberClosed(RoomRouterError):
         super().__init__(f"member {member_id!r} is closed: {reason}")
         self.member_id = member_id
         self.reason = reason
+
+
+class DeliveryGap(RoomRouterError):
+    """Messages of ``room`` may be missing at this point of the member's stream.
+
+    The node's data connection to the broker was lost and restored, and what was published
+    to ``room`` meanwhile could not all be recovered: live-only (not persisted) messages, a
+    backend without a recent-messages cache, or a cache that no longer reaches back to what
+    the node last delivered. Raised once, by the ``receive()`` (``receive_batch()``,
+    ``receive_nowait()``, ``async for``) that reaches the gap; the member stays in its rooms
+    and the next call goes on with what came after. An app that can resynchronise its client
+    does it here (e.g. ``history(room, after=<last id it saw>)`` for persisted messages, or
+    tell the client to reload). See "Delivery semantics" in docs/architecture.md.
+    """
+
+    def __init__(self, member_id: str, room: str) -> None:
+        super().__init__(f"member {member_id!r}: messages of room {room!r} may have been lost")
+        self.member_id = member_id
+        self.room = room
 
 
 class RouterNotRunning(RoomRouterError):

@@ -11,15 +11,25 @@ import anyio
 import anyio.lowlevel
 
 from ._envelope import Envelope
-from ._errors import MemberClosed
+from ._errors import DeliveryGap, MemberClosed
 from ._stats import Stats
 
 __all__ = ["Member", "Membership", "OverflowPolicy", "Recovery"]
 
-#: What a full inbox does with one more envelope: ``"drop_oldest"`` discards the oldest queued
-#: envelope (counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
+#: What a full inbox (``inbox_size`` envelopes, or ``max_inbox_bytes`` of payload) does with
+#: one more envelope: ``"drop_oldest"`` discards the oldest queued envelopes until it fits
+#: (each counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
 #: reason ``"overflow"`` (the app then closes the client's socket; it can recover by history).
 OverflowPolicy = Literal["drop_oldest", "disconnect"]
+
+
+class _Gap(Envelope, frozen=True):
+    """The place in an inbox where messages of ``room`` may be missing: ``receive()`` raises
+    :class:`DeliveryGap` when it reaches it. Never encoded, never seen by the app."""
+
+
+def _gap(room: str) -> _Gap:
+    return _Gap(id="", room=room, origin="", ts=0.0, payload=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,15 +65,22 @@ class Membership(Protocol):
 class Member:
     """One local member of a :class:`RoomRouter`: joins rooms and receives their envelopes.
 
-    Created by :meth:`RoomRouter.member`. Envelopes wait in a bounded inbox (``inbox_size``);
-    ``receive()`` takes them in arrival order, which for one publisher and one room is publish
-    order. A closed member's ``receive()`` still returns what was queued, then raises
-    :class:`MemberClosed`.
+    Created by :meth:`RoomRouter.member`. Envelopes wait in an inbox bounded in count
+    (``inbox_size``) and in payload bytes (``max_inbox_bytes``); ``receive()`` takes them in
+    arrival order, which for one publisher and one room is publish order. A closed member's
+    ``receive()`` still returns what was queued, then raises :class:`MemberClosed`.
+
+    Where messages of a room may have been lost (the node's data connection to the broker was
+    lost and what was published meanwhile could not all be recovered), the receive call that
+    reaches that place raises :class:`~roomrouter.DeliveryGap` once, and the next one goes on.
     """
 
     __slots__ = (
+        "_bytes",
         "_closed",
+        "_gaps",
         "_inbox",
+        "_max_bytes",
         "_maxlen",
         "_overlap",
         "_policy",
@@ -84,6 +101,7 @@ class Member:
         inbox_size: int,
         policy: OverflowPolicy,
         info: dict[str, str] | None = None,
+        max_bytes: int = 8 << 20,
     ) -> None:
         self.id = member_id
         #: The app's data about this member, shown by presence (``router.member(id, info=)``).
@@ -99,6 +117,11 @@ class Member:
         self._overlap: dict[str, dict[str, tuple[set[str], str]]] = {}
         self._inbox: deque[Envelope] = deque()
         self._maxlen = inbox_size
+        # Payload bytes the inbox holds: what this member keeps alive (a payload is shared by
+        # every member it went to, so this bounds a member's share, not a copy).
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._gaps = 0  # gap marks queued (see _Gap)
         self._policy = policy
         # The tasks waiting in receive(): a bare future each on asyncio, an anyio.Event
         # elsewhere (see _wait). Usually none or one; each has its own, so cancelling one
@@ -124,8 +147,12 @@ class Member:
         return self._closed
 
     def pending(self) -> int:
-        """Envelopes queued in the inbox."""
+        """Envelopes queued in the inbox (a queued :class:`~roomrouter.DeliveryGap` counts)."""
         return len(self._inbox)
+
+    def pending_bytes(self) -> int:
+        """Payload bytes of the envelopes queued in the inbox (bounded by ``max_inbox_bytes``)."""
+        return self._bytes
 
     async def join(self, room: str, *, since: str | None = None, history: int = 0) -> Recovery:
         """Join ``room``. When this returns, every envelope published to ``room`` afterwards, on
@@ -154,13 +181,18 @@ class Member:
         await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> Envelope:
-        """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty."""
+        """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty,
+        and :class:`~roomrouter.DeliveryGap` once where messages of a room may be missing."""
         inbox = self._inbox
         while not inbox:
             if self._closed is not None:
                 raise MemberClosed(self.id, self._closed)
             await self._wait()
-        return inbox.popleft()
+        envelope = inbox.popleft()
+        self._bytes -= len(envelope.payload)
+        if self._gaps and envelope.__class__ is _Gap:
+            self._raise_gap(envelope)
+        return envelope
 
     async def receive_batch(self, max_items: int | None = None) -> list[Envelope]:
         """Every queued envelope (at most ``max_items``), in arrival order; waits for one.
@@ -169,6 +201,7 @@ class Member:
         write several frames at once (one ``send`` of a JSON array, or several writes before
         one drain) pays one wake-up per batch instead of per envelope, which is what keeps
         a big room's fan-out cheap. Raises :class:`MemberClosed` once closed and empty.
+        A batch ends before a :class:`~roomrouter.DeliveryGap`; the next call raises it (once).
         """
         if max_items is not None and max_items < 1:
             raise ValueError(f"max_items must be >= 1: {max_items!r}")
@@ -177,16 +210,45 @@ class Member:
             if self._closed is not None:
                 raise MemberClosed(self.id, self._closed)
             await self._wait()
+        if self._gaps:
+            return self._batch_to_gap(max_items)
         if max_items is None or max_items >= len(inbox):
             batch = list(inbox)
             inbox.clear()
+            self._bytes = 0
             return batch
         popleft = inbox.popleft
-        return [popleft() for _ in range(max_items)]
+        batch = [popleft() for _ in range(max_items)]
+        self._bytes -= sum([len(envelope.payload) for envelope in batch])
+        return batch
+
+    def _batch_to_gap(self, max_items: int | None) -> list[Envelope]:
+        inbox = self._inbox
+        if inbox[0].__class__ is _Gap:
+            self._raise_gap(inbox.popleft())
+        popleft = inbox.popleft
+        batch: list[Envelope] = []
+        limit = len(inbox) if max_items is None else max_items
+        while inbox and len(batch) < limit and inbox[0].__class__ is not _Gap:
+            envelope = popleft()
+            self._bytes -= len(envelope.payload)
+            batch.append(envelope)
+        return batch
 
     def receive_nowait(self) -> Envelope | None:
-        """The next envelope if one is queued, else ``None``."""
-        return self._inbox.popleft() if self._inbox else None
+        """The next envelope if one is queued, else ``None`` (or :class:`DeliveryGap`, as
+        :meth:`receive`)."""
+        if not self._inbox:
+            return None
+        envelope = self._inbox.popleft()
+        self._bytes -= len(envelope.payload)
+        if self._gaps and envelope.__class__ is _Gap:
+            self._raise_gap(envelope)
+        return envelope
+
+    def _raise_gap(self, mark: Envelope) -> None:
+        self._gaps -= 1
+        raise DeliveryGap(self.id, mark.room)
 
     def __aiter__(self) -> Member:
         return self
@@ -199,7 +261,11 @@ class Member:
             if self._closed is not None:
                 raise StopAsyncIteration
             await self._wait()
-        return inbox.popleft()
+        envelope = inbox.popleft()
+        self._bytes -= len(envelope.payload)
+        if self._gaps and envelope.__class__ is _Gap:
+            self._raise_gap(envelope)
+        return envelope
 
     async def _wait(self) -> None:
         """Wait until the inbox gets an envelope or the member closes (or spuriously).
@@ -267,16 +333,52 @@ class Member:
             self._stats.dropped_duplicate += 1
             return False
         inbox = self._inbox
-        if len(inbox) >= self._maxlen:
+        total = self._bytes + len(envelope.payload)
+        # An envelope always fits an inbox that holds no payload bytes: one bigger than
+        # max_inbox_bytes (from a node with a larger max_payload) is kept alone, not refused.
+        if (total > self._max_bytes and self._bytes) or len(inbox) >= self._maxlen:
             if self._closed is not None:
                 return False
             if self._policy == "disconnect":
                 self._stats.members_disconnected += 1
                 self._close("overflow")
                 return False
-            inbox.popleft()
-            self._stats.dropped_overflow += 1
+            self._drop_oldest(len(envelope.payload))
+            total = self._bytes + len(envelope.payload)
         inbox.append(envelope)
+        self._bytes = total
+        if self._waiters:
+            self._wake()
+        return True
+
+    def _drop_oldest(self, size: int) -> None:
+        """Drop the oldest envelopes until one of ``size`` bytes fits. Gap marks are kept: they
+        hold no bytes, and dropping one would make a loss silent."""
+        inbox = self._inbox
+        marks: list[Envelope] = []
+        while inbox and (
+            len(inbox) + len(marks) >= self._maxlen
+            or (self._bytes and self._bytes + size > self._max_bytes)
+        ):
+            oldest = inbox.popleft()
+            if oldest.__class__ is _Gap:
+                marks.append(oldest)
+                continue
+            self._bytes -= len(oldest.payload)
+            self._stats.dropped_overflow += 1
+        if marks:
+            inbox.extendleft(reversed(marks))
+
+    def _deliver_gap(self, room: str) -> bool:
+        """Queue a gap mark for ``room`` (one, if the last queued is one already); False if
+        closed. It is never dropped by overflow (see _drop_oldest)."""
+        if self._closed is not None:
+            return False
+        inbox = self._inbox
+        if inbox and inbox[-1].__class__ is _Gap and inbox[-1].room == room:
+            return True
+        inbox.append(_gap(room))
+        self._gaps += 1
         if self._waiters:
             self._wake()
         return True
@@ -321,6 +423,7 @@ class Member:
         """Queue a recovery batch in order. It may exceed ``inbox_size`` once (it is bounded by
         the router's ``max_recover``): dropping recovered history would defeat the recovery."""
         self._inbox.extend(envelopes)
+        self._bytes += sum([len(envelope.payload) for envelope in envelopes])
         if envelopes and self._waiters:
             self._wake()
 

@@ -25,7 +25,7 @@ import msgspec
 
 from ._envelope import Envelope, decode_envelope
 from ._stats import Stats
-from .brokers._base import Broker
+from .brokers._base import Broker, RecentFrames
 from .storage._base import Sink
 
 __all__ = ["Cached", "Recoverer"]
@@ -166,8 +166,28 @@ class Recoverer:
                 del self._on_wire[room]
             flight.done.set()
 
+    async def in_cache_order(self, room: str, since: str | None) -> list[Envelope]:
+        """The room's cached envelopes in the cache's own order (the broker's), from about
+        ``since`` (see ``Broker.recent``): what a lost data connection missed is what came
+        after the last one delivered *in that order*, which ids from several nodes' clocks do
+        not give. Not shared: it runs once per room after a reconnect."""
+        if not self._broker.supports_storage:
+            return []
+        if self._cache_slots is None:
+            self._cache_slots = anyio.CapacityLimiter(self._reads)
+        async with self._cache_slots:
+            frames = await self._broker.recent(room, since=since, limit=self._max_recover)
+            return await self._decode(frames)
+
     async def _read(self, room: str, since: str | None) -> Cached:
         frames = await self._broker.recent(room, since=since, limit=self._max_recover)
+        envelopes = await self._decode(frames)
+        oldest = envelopes[0].id if envelopes else None
+        envelopes.sort(key=_by_id)
+        return Cached(envelopes, frames.truncated, [e.id for e in envelopes], oldest)
+
+    async def _decode(self, frames: RecentFrames) -> list[Envelope]:
+        """Decode in cache order, yielding now and then; garbage is skipped and counted."""
         stats = self._stats
         stats.dropped_recent_garbage += frames.skipped
         envelopes = []
@@ -178,9 +198,7 @@ class Recoverer:
                 envelopes.append(decode_envelope(frame))
             except (msgspec.DecodeError, msgspec.ValidationError):
                 stats.dropped_recent_garbage += 1
-        oldest = envelopes[0].id if envelopes else None
-        envelopes.sort(key=_by_id)
-        return Cached(envelopes, frames.truncated, [e.id for e in envelopes], oldest)
+        return envelopes
 
     # -- the sink -------------------------------------------------------------------------------
 

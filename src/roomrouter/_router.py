@@ -59,6 +59,9 @@ log = logging.getLogger("roomrouter")
 
 _NOTHING_RECOVERED = Recovery()
 
+#: Cache reads running at once after a reconnect (one per hosted room, see _recover_gap).
+_GAP_READS = 8
+
 
 def _by_id(envelope: Envelope) -> str:
     return envelope.id
@@ -176,6 +179,10 @@ class RoomRouter:
         linger: seconds a room stays subscribed after its last local member left (a rejoin in
             that window costs nothing). 0 unsubscribes at once.
         inbox_size, overflow: bound and policy of every member's inbox (see :class:`Member`).
+        max_inbox_bytes: payload bytes one member's inbox holds at most (the overflow policy
+            applies when one more would exceed it), so one slow member cannot keep more than
+            its share alive; at least ``max_payload``. Default ``max(8 MiB, 2 * max_payload)``.
+            :meth:`member` can set its own.
         max_payload: largest payload ``publish`` accepts, in bytes.
         max_room_length: longest room name accepted, in characters.
         heartbeat_interval, node_ttl: a node silent for ``node_ttl`` seconds is considered dead
@@ -216,6 +223,7 @@ class RoomRouter:
         inbox_size: int = 1024,
         overflow: OverflowPolicy = "drop_oldest",
         max_payload: int = 1 << 20,
+        max_inbox_bytes: int | None = None,
         max_room_length: int = MAX_ROOM_LENGTH,
         heartbeat_interval: float = 1.0,
         node_ttl: float = 5.0,
@@ -240,6 +248,13 @@ class RoomRouter:
             raise ConfigurationError(f"direct_max must be an int >= 0: {direct_max!r}")
         if inbox_size < 1 or max_payload < 0 or linger < 0:
             raise ConfigurationError("inbox_size must be >= 1; max_payload and linger >= 0")
+        if max_inbox_bytes is None:
+            max_inbox_bytes = max(8 << 20, 2 * max_payload)
+        elif not isinstance(max_inbox_bytes, int) or max_inbox_bytes < max(max_payload, 1):
+            raise ConfigurationError(
+                f"max_inbox_bytes must be an int >= max_payload ({max_payload}): "
+                f"{max_inbox_bytes!r}"
+            )
         if not 0 < heartbeat_interval < node_ttl:
             raise ConfigurationError("need 0 < heartbeat_interval < node_ttl")
         if suspect_interval is not None and not heartbeat_interval < suspect_interval <= node_ttl:
@@ -266,6 +281,7 @@ class RoomRouter:
         self.inbox_size = inbox_size
         self.overflow: OverflowPolicy = overflow
         self.max_payload = max_payload
+        self.max_inbox_bytes = max_inbox_bytes
         self.max_room_length = max_room_length
         self.direct_max = direct_max if broker.supports_direct else 0
         self._discovery_window = (
@@ -310,6 +326,17 @@ class RoomRouter:
             )
         )
         self._recovery = Recoverer(broker, sink, self._stats, max_recover)
+        # Delivery gaps (a lost data connection, see _on_reconnect): per hosted room the id of
+        # the last persisted envelope delivered from the broker (its place in the room's
+        # recent cache) and whether live-only envelopes came (those no cache can give back).
+        self._last_persisted: dict[str, str] = {}
+        self._live_rooms: set[str] = set()
+        # Rooms whose live envelopes are held while the cache is read after a reconnect, and
+        # the recovered ids whose live copies may still come (see _gap_filter).
+        self._gap_hold: dict[str, list[Envelope]] = {}
+        self._gap_overlap: dict[str, set[str]] = {}
+        self._gap_pending: set[str] = set()
+        self._gap_wake = anyio.Event()
         self._running = False
         self._host: _Host | None = None
 
@@ -436,6 +463,7 @@ class RoomRouter:
         self._spawn(tg, "control sender", self._cluster.run_sender)
         self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
         self._spawn(tg, "subscriptions", self._subs.run)
+        self._spawn(tg, "gap recovery", self._run_gap_recovery)
         if self._presence is not None:
             await self._presence.start(self.namespace, supervised)
             self._spawn(tg, "presence writer", self._presence.run_writer)
@@ -499,12 +527,15 @@ class RoomRouter:
         *,
         info: Mapping[str, str] | None = None,
         listed: bool = True,
+        max_inbox_bytes: int | None = None,
     ) -> Member:
         """Create a local member (one client connection). Ids are unique per router while open;
         a random id is chosen if none is given. ``info`` is the app's data about it that
         presence shows (e.g. ``{"name": "Alice"}``; text, at most 4 KiB in all).
         ``listed=False`` keeps it out of presence (an integration whose member stands for many
-        clients lists those itself, with :meth:`track_presence`)."""
+        clients lists those itself, with :meth:`track_presence`). ``max_inbox_bytes``
+        overrides the router's for this member (an envelope bigger than it is still queued,
+        alone)."""
         self._check_running()
         if member_id is None:
             member_id = secrets.token_hex(8)
@@ -513,7 +544,13 @@ class RoomRouter:
         if member_id in self._members:
             raise DuplicateMember(f"member {member_id!r} already exists on node {self.node_id}")
         details = _check_info(info)
-        member = Member(self, self._stats, member_id, self.inbox_size, self.overflow, details)
+        if max_inbox_bytes is None:
+            max_inbox_bytes = self.max_inbox_bytes
+        elif not isinstance(max_inbox_bytes, int) or max_inbox_bytes < 1:
+            raise ConfigurationError(f"max_inbox_bytes must be an int >= 1: {max_inbox_bytes!r}")
+        member = Member(
+            self, self._stats, member_id, self.inbox_size, self.overflow, details, max_inbox_bytes
+        )
         member.listed = listed
         self._members[member_id] = member
         return member
@@ -656,6 +693,7 @@ class RoomRouter:
             members.pop(member.id, None)
             if not members:
                 del self._local[room]
+                self._forget_gap_state(room)
         if self._presence is not None and join.entry is not None:
             self._presence.remove(room, join.entry)
         self._subs.release(room)
@@ -775,7 +813,7 @@ class RoomRouter:
     async def publish(
         self,
         room: str,
-        payload: bytes,
+        payload: bytes | bytearray | memoryview,
         *,
         exclude: Member | str | None = None,
         headers: Mapping[str, str] | None = None,
@@ -788,7 +826,9 @@ class RoomRouter:
         hosts the room (or ``persist`` is set); this call then returns when the broker accepted
         the frame. ``exclude`` skips one member (the sender's connection). ``id`` gives the
         envelope this id instead of a new one: a lowercase UUIDv7 string, normally the ``id``
-        of an envelope a failed publish returned or reported (see below).
+        of an envelope a failed publish returned or reported (see below). ``payload`` is
+        bytes-like (``bytes``, ``bytearray``, ``memoryview``; copied once into the envelope's
+        ``bytes``); anything else raises :class:`TypeError`.
 
         Errors, and whether to retry (local members were served either way):
 
@@ -804,6 +844,20 @@ class RoomRouter:
         self._check_running()
         validate_room(room, self.max_room_length)
         if not isinstance(payload, bytes):
+            # Bytes-like only, sized before the copy: bytes(5) would be five NUL bytes,
+            # bytes([104, 105]) b"hi", and bytes(10**12) a MemoryError before any size check.
+            if isinstance(payload, memoryview):
+                size = payload.nbytes
+            elif isinstance(payload, bytearray):
+                size = len(payload)
+            else:
+                raise TypeError(
+                    f"payload must be bytes, bytearray or memoryview, not {type(payload).__name__}"
+                )
+            if size > self.max_payload:
+                raise PayloadTooLarge(
+                    f"payload is {size} bytes; this router's max_payload is {self.max_payload}"
+                )
             payload = bytes(payload)
         if len(payload) > self.max_payload:
             raise PayloadTooLarge(
@@ -903,10 +957,19 @@ class RoomRouter:
         if envelope.origin == self.node_id:
             stats.dropped_echo += 1
             return
-        members = self._local.get(envelope.room)
+        room = envelope.room
+        members = self._local.get(room)
         if not members:
             stats.dropped_not_hosted += 1
             return
+        if (self._gap_hold or self._gap_overlap) and self._gap_filter(envelope):
+            return
+        # Where this node is in the room's stream, for a recovery after a lost connection: a
+        # dict store per envelope, per room (not per member).
+        if envelope.persist:
+            self._last_persisted[room] = envelope.id
+        elif room not in self._live_rooms:
+            self._live_rooms.add(room)
         delivered = 0  # counted here, added once: a big room runs this loop per member
         for member in tuple(members.values()):
             if member._deliver(envelope):
@@ -916,6 +979,121 @@ class RoomRouter:
     def _on_reconnect(self) -> None:
         self._stats.reconnects += 1
         self._cluster.on_reconnect()
+        # The data connection was lost: frames published meanwhile were not delivered. Hold
+        # each hosted room's live frames from now on (the broker calls this before it hands
+        # on any frame of the new connection) until its cache was read, see _recover_gap.
+        for room in self._local:
+            self._gap_hold.setdefault(room, [])
+            self._gap_pending.add(room)
+        self._gap_wake.set()
+
+    # -- delivery gaps (docs/architecture.md, "Delivery semantics") --------------------------------
+
+    def _gap_filter(self, envelope: Envelope) -> bool:
+        """True if ``envelope`` is not for the members now: held while its room's cache is
+        read, or the live copy of one already recovered from the cache (dropped)."""
+        room = envelope.room
+        held = self._gap_hold.get(room)
+        if held is not None:
+            held.append(envelope)
+            return True
+        recovered = self._gap_overlap.get(room)
+        if recovered is None or not envelope.persist:
+            return False
+        if envelope.id in recovered:
+            recovered.discard(envelope.id)
+            if not recovered:
+                del self._gap_overlap[room]
+            self._stats.dropped_duplicate += 1
+            return True
+        # A persisted frame the cache read did not hold was written after it: the live copies
+        # of what it held (same server order as the cache) have all come by now.
+        del self._gap_overlap[room]
+        return False
+
+    async def _run_gap_recovery(self) -> None:
+        limiter = anyio.CapacityLimiter(_GAP_READS)
+        while True:
+            await self._gap_wake.wait()
+            self._gap_wake = anyio.Event()
+            while self._gap_pending:
+                rooms = list(self._gap_pending)
+                self._gap_pending.clear()
+                async with anyio.create_task_group() as tg:
+                    for room in rooms:
+                        tg.start_soon(self._recover_gap, room, limiter)
+
+    async def _recover_gap(self, room: str, limiter: anyio.CapacityLimiter) -> None:
+        """Give ``room``'s members what was published while the data connection was down.
+
+        Persisted envelopes come back from the room's recent cache: everything after the last
+        one this node delivered, in cache order (the broker's order, the order they would
+        have arrived in), once. Where that cannot be proved complete the members get a gap
+        mark (:class:`~roomrouter.DeliveryGap`) first: live-only envelopes reached this room
+        before (none is in any cache), the backend has no cache, the node had delivered no
+        persisted envelope of the room yet (no place to start from) and the cache holds some
+        from other nodes, its last one is no longer in the cache, or the cache could not be
+        read. A room that has carried nothing but persisted envelopes here is taken to be
+        persisted-only: a first live-only one published during the outage is not seen.
+        """
+        last = self._last_persisted.get(room)
+        storage = self.broker.supports_storage
+        gap = room in self._live_rooms or not storage
+        missed: list[Envelope] = []
+        if storage and not (gap and last is None):
+            try:
+                async with limiter:
+                    cached = await self._recovery.in_cache_order(room, last)
+            except Exception as exc:  # whatever it was, the hold below must be released
+                log.warning("node %s: cannot read the cache of %r after a reconnect: %r",
+                            self.node_id, room, exc)  # fmt: skip
+                gap = True
+            else:
+                cached = [e for e in cached if e.origin != self.node_id]  # never lost here
+                if last is None:
+                    # Nothing of the room delivered from the broker yet: no place to start
+                    # from. An empty cache proves nothing persisted was missed; else say so.
+                    gap = gap or bool(cached)
+                else:
+                    at = next((i for i, e in enumerate(cached) if e.id == last), None)
+                    if at is None:  # evicted or expired: what is left after it, but said
+                        gap = True
+                        missed = [e for e in cached if e.id > last]
+                    else:
+                        missed = cached[at + 1 :]
+        if room in self._gap_pending:
+            return  # reconnected again meanwhile: the next round reads from the same place
+        held = self._gap_hold.pop(room, [])
+        members = self._local.get(room)
+        if not members:
+            return
+        stats = self._stats
+        if gap:
+            stats.delivery_gaps += 1
+            for member in tuple(members.values()):
+                member._deliver_gap(room)
+        self._gap_overlap.pop(room, None)  # a previous round's: those copies will not come
+        recovered = {e.id for e in missed}
+        before = stats.remote_deliveries
+        for envelope in missed:
+            self._deliver_remote(envelope)
+        stats.recovered_after_reconnect += stats.remote_deliveries - before
+        arrived = {e.id for e in held}
+        for envelope in held:
+            if envelope.id in recovered:
+                stats.dropped_duplicate += 1
+            else:
+                self._deliver_remote(envelope)
+        if any(e.persist and e.id not in recovered for e in held):
+            return  # the live stream passed the cache read: no copy of it is still to come
+        still_to_come = recovered - arrived
+        if still_to_come:
+            self._gap_overlap[room] = still_to_come
+
+    def _forget_gap_state(self, room: str) -> None:
+        self._last_persisted.pop(room, None)
+        self._live_rooms.discard(room)
+        self._gap_overlap.pop(room, None)
 
     # -- introspection --------------------------------------------------------------------------
 

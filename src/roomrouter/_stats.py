@@ -66,6 +66,11 @@ class Stats:
     dropped_control_auth: int = 0
     nodes_expired: int = 0
     reconnects: int = 0
+    #: Envelopes delivered from a room's recent cache after a reconnect (missed while the data
+    #: connection was down), counted per member; and rooms whose members were told of a gap
+    #: (:class:`~roomrouter.DeliveryGap`), once per room and reconnect.
+    recovered_after_reconnect: int = 0
+    delivery_gaps: int = 0
     #: Presence writes applied, failed attempts (retried), and writes dropped (queue full).
     presence_writes: int = 0
     presence_errors: int = 0

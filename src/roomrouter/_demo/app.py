@@ -83,6 +83,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketDiscon
 from .._envelope import Envelope
 from .._errors import (
     ConfigurationError,
+    DeliveryGap,
     HistoryUnavailable,
     MemberClosed,
     RoomRouterError,
@@ -408,6 +409,11 @@ class _Connection:
                     envelope = await member.receive()
                 except MemberClosed:
                     break
+                except DeliveryGap:
+                    # Messages may be missing (the node lost its broker connection): the
+                    # client recovers them as after an overflow, by reconnecting with `since`.
+                    await self._close(CLOSE_OVERFLOW, "messages missed: reconnect with since")
+                    return True
                 if member.close_reason == "overflow":
                     break  # the client recovers what is queued, and more, with `since`
                 frame = self._message_frame(envelope)

@@ -44,6 +44,7 @@ import msgspec
 from .._envelope import Envelope
 from .._errors import (
     ConfigurationError,
+    DeliveryGap,
     InvalidRoomName,
     MemberClosed,
     MissingDependency,
@@ -229,6 +230,9 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         #: handling raised (logged); for monitoring.
         self.undecodable = 0
         self.handler_errors = 0
+        #: Rooms told their messages may be missing (:class:`~roomrouter.DeliveryGap`: the
+        #: node's data connection was lost; Socket.IO emits are live-only, so they are gone).
+        self.delivery_gaps = 0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -559,7 +563,18 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
     async def _read(self, link: _Link) -> None:
         """The reader of one link: handles each envelope in turn (so per room and origin in
         publish order); a bad one is counted and logged, never the end of the reader."""
-        async for envelope in link.member:
+        while True:
+            try:
+                envelope = await link.member.receive()
+            except MemberClosed:
+                break
+            except DeliveryGap:
+                self.delivery_gaps += 1
+                self._get_logger().warning(
+                    "roomrouter manager: emits to %s may have been lost (broker connection lost)",
+                    link.name,
+                )
+                continue
             try:
                 message = _decoder.decode(envelope.payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
