@@ -1,4 +1,4 @@
-"""The contract suite: DESIGN.md guarantees 1-5 and 9, for every backend, with three nodes that
+"""The contract suite: docs/architecture.md guarantees 1-5 and 9, for every backend, with three nodes that
 each have their own broker connections."""
 
 from __future__ import annotations

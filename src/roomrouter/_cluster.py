@@ -4,7 +4,7 @@ Every node keeps its own copy, fed by control frames over the broker's control p
 router asks it one question on the hot path, :meth:`ClusterView.has_remote_host` — a dict
 lookup, no I/O — to decide whether a publish must go to the broker at all.
 
-Why the answer is never stale in a way that loses a message (DESIGN.md guarantee 2, the
+Why the answer is never stale in a way that loses a message (docs/architecture.md, guarantee 2, the
 argument is written out in docs/architecture.md):
 
 * A node announces a room (``Host``) only *after* the broker confirmed its subscription, and

@@ -18,7 +18,7 @@ A room's states::
 
 **Readiness is one state per room**: every acquire of a room that is not ``ready`` waits for the
 same attempt, whichever member asked first, so no join returns before the cluster knows this
-node hosts the room (DESIGN.md guarantee 2). All transitions are made synchronously, before any
+node hosts the room (docs/architecture.md, guarantee 2). All transitions are made synchronously, before any
 ``await``, so a join that lands while an unsubscribe is on the wire is never mistaken for
 "already subscribed", and an acquire is paired with exactly one release whatever races it.
 

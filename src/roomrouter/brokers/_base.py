@@ -160,7 +160,7 @@ class Broker(ABC):
         (:attr:`counts_receivers`), else ``None``.
         """
 
-    # -- persistence (optional capability; DESIGN.md section 1, points 3 and 4) -----------------
+    # -- persistence (optional capability; docs/architecture.md, guarantees 6 and 7) ----------
 
     #: True if the backend has a durable storage queue and a recent-messages cache.
     supports_storage: ClassVar[bool] = False
