@@ -1,9 +1,9 @@
 """Backends the contract suite runs over, and how each one is checked against the broker itself.
 
-Each backend is a small class: ``broker()`` makes a fresh broker for one node (its own
-connections), ``check_subscriptions(routers)`` asserts docs/architecture.md guarantee 4 by reading the
-broker's own state. A backend whose server is not reachable is skipped with the reason, except
-under CI (``CI`` set), where it fails: backend tests must run there.
+Each backend is a small class: ``broker()`` makes a fresh broker for one node (its own connections),
+``check_subscriptions(routers)`` asserts docs/architecture.md guarantee 4 by reading the broker's
+own state. A backend whose server is not reachable is skipped with the reason, except under CI
+(``CI`` set), where it fails: backend tests must run there.
 """
 
 from __future__ import annotations

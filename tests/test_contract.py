@@ -1,5 +1,5 @@
-"""The contract suite: docs/architecture.md guarantees 1-5 and 9, for every backend, with three nodes that
-each have their own broker connections."""
+"""The contract suite: docs/architecture.md guarantees 1-5 and 9, for every backend, with three
+nodes that each have their own broker connections."""
 
 from __future__ import annotations
 

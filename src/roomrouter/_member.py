@@ -156,7 +156,8 @@ class Member:
 
     async def join(self, room: str, *, since: str | None = None, history: int = 0) -> Recovery:
         """Join ``room``. When this returns, every envelope published to ``room`` afterwards, on
-        any node of a healthy cluster, is delivered to this member (docs/architecture.md, guarantee 2).
+        any node of a healthy cluster, is delivered to this member (docs/architecture.md,
+        guarantee 2).
 
         With ``since=<id of the last envelope the client saw>`` (a reconnect), the inbox first
         receives every stored message of the room after that id, in id order, then live ones:

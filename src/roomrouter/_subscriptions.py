@@ -17,9 +17,9 @@ A room's states::
     queued | subscribing --failure--> (absent): every waiting join fails
 
 **Readiness is one state per room**: every acquire of a room that is not ``ready`` waits for the
-same attempt, whichever member asked first, so no join returns before the cluster knows this
-node hosts the room (docs/architecture.md, guarantee 2). All transitions are made synchronously, before any
-``await``, so a join that lands while an unsubscribe is on the wire is never mistaken for
+same attempt, whichever member asked first, so no join returns before the cluster knows this node
+hosts the room (docs/architecture.md, guarantee 2). All transitions are made synchronously, before
+any ``await``, so a join that lands while an unsubscribe is on the wire is never mistaken for
 "already subscribed", and an acquire is paired with exactly one release whatever races it.
 
 The reconciler takes at most one batch of each kind per round, alternating, so neither a flood

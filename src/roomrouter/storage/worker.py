@@ -3,7 +3,8 @@
 Several workers on one namespace are competing consumers: each frame is handed to one of
 them, and to another one if its holder dies before acknowledging it. A worker acknowledges a
 batch only after the sink committed it, and the sink writes idempotently by envelope id, so
-every persisted message is stored exactly once even across crashes (docs/architecture.md, guarantee 6).
+every persisted message is stored exactly once even across crashes (docs/architecture.md,
+guarantee 6).
 
 What cannot be stored never blocks what can: a frame that is not an envelope, has the wrong
 shape, or that the sink refuses (:class:`~roomrouter.SinkRefused`; a refused batch is bisected
