@@ -12,9 +12,11 @@ tests run beside it:
 * Servers the tests start themselves are per process, so per xdist worker: the shared Tansu
   (``tests/kafka_server.py``) and the shared Redis Cluster (``tests/redis_cluster.py``) are
   started on first use in each worker, on random free ports (``tests/ports.py``); a fault test
-  starts a server of its own (``PrivateRedis``, ``TansuServer``, ``RedisClusterServers``).
+  starts a server of its own (``PrivateRedis``, ``TansuServer``, ``RedisClusterServers``; a new
+  one takes its port from ``tests.ports.free_port()``).
 * On the shared servers (Redis 6379, RabbitMQ, PostgreSQL, MariaDB, NATS) a test touches only
-  what it named: a ``unique_namespace()``, a unique table prefix, its own connections.
+  what it named: a ``unique_namespace()``, a unique table prefix, its own connections; files
+  go under ``tmp_path``.
 * A test that disturbs a shared server for everyone (FLUSHALL, DEBUG, SHUTDOWN or CONFIG SET on
   6379, ``rabbitmqctl close_all_connections``, restarting a service) or that must not share
   the CPU (a load run whose figures or deadlines assume an idle host) is marked
