@@ -17,11 +17,13 @@ tests run beside it:
 * On the shared servers (Redis 6379, RabbitMQ, PostgreSQL, MariaDB, NATS) a test touches only
   what it named: a ``unique_namespace()``, a unique table prefix, its own connections; files
   go under ``tmp_path``.
-* A test that disturbs a shared server for everyone (FLUSHALL, DEBUG, SHUTDOWN or CONFIG SET on
-  6379, ``rabbitmqctl close_all_connections``, restarting a service) or that must not share
-  the CPU (a load run whose figures or deadlines assume an idle host) is marked
-  ``@pytest.mark.serial``: it runs in the second pass, alone. Under an xdist worker it is
-  skipped (and fails under CI), so it can never run beside others by mistake.
+* A test that disturbs a shared server for everyone (FLUSHALL, DEBUG, SHUTDOWN, CONFIG SET or
+  ``CLIENT KILL TYPE ...`` on 6379, ``rabbitmqctl close_all_connections``, restarting a
+  service) or that must not share the CPU (a load run whose figures or deadlines assume an
+  idle host) is marked ``@pytest.mark.serial``: it runs in the second pass, alone. Better
+  still, it uses a server of its own (``private_redis``) and stays in the first pass. Under
+  an xdist worker a serial test is skipped (and fails under CI), so it can never run beside
+  others by mistake.
 """
 
 from __future__ import annotations
