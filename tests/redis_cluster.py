@@ -3,10 +3,11 @@
 :class:`RedisClusterServers` starts ``masters`` redis-server processes in cluster mode (plus
 ``replicas`` per master), joins them with ``redis-cli --cluster create`` and waits for
 ``cluster_state:ok`` on every node. :func:`shared_cluster` starts one 3-master cluster per test
-process on first use (the ``redis-cluster`` backend of ``tests/backends.py`` calls it); the
-session fixture ``redis_cluster_session`` in ``conftest.py`` stops it at the end of the session
-(and ``atexit`` does if the session never gets there). The failover test starts its own cluster
-with replicas, so promoting one disturbs nobody else.
+process (so one per pytest-xdist worker) on first use (the ``redis-cluster`` backend of
+``tests/backends.py`` calls it); the session fixture ``redis_cluster_session`` in
+``conftest.py`` stops it at the end of the session (and ``atexit`` does if the session never
+gets there). The failover test starts its own cluster with replicas, so promoting one disturbs
+nobody else.
 
 Every wait is bounded; a process that outlives ``stop`` is killed.
 """
@@ -17,7 +18,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from .ports import free_port
 
 __all__ = ["RedisClusterServers", "require_cluster_binaries", "shared_cluster"]
 
@@ -51,17 +53,7 @@ def _free_ports(count: int) -> list[int]:
     # A cluster node also listens on port + 10000 (the cluster bus): both must be free.
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port + 10000 > 65535 or port in ports:
-            continue
-        try:
-            with socket.socket() as bus:
-                bus.bind(("127.0.0.1", port + 10000))
-        except OSError:
-            continue
-        ports.append(port)
+        ports.append(free_port(offset=10000, exclude=frozenset(ports)))
     return ports
 
 
@@ -169,12 +161,17 @@ def shared_cluster() -> RedisClusterServers:
     if _failed is not None:
         raise RuntimeError(_failed)
     if _shared is None:
-        servers = RedisClusterServers(3)
-        try:
-            servers.start()
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-            _failed = f"could not start a Redis Cluster: {exc}"
-            raise RuntimeError(_failed) from exc
+        for attempt in range(3):
+            servers = RedisClusterServers(3)
+            try:
+                servers.start()
+                break
+            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+                # A port taken between the probe and a node's bind (tests/ports.py) fails one
+                # attempt; new ports are drawn for the next.
+                if attempt == 2:
+                    _failed = f"could not start a Redis Cluster: {exc}"
+                    raise RuntimeError(_failed) from exc
         atexit.register(servers.stop)
         _shared = servers
     return _shared

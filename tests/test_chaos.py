@@ -38,7 +38,8 @@ from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import eventually
 from .test_redis import PrivateRedis
 
-pytestmark = [pytest.mark.anyio, pytest.mark.slow]
+# Serial: a steady publish rate, processes killed and restarted, for ~35 s: a load run.
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.serial]
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE_PATH = Path("/tmp/roomrouter-chaos-table.txt")

@@ -299,9 +299,11 @@ async def test_two_nodes_share_rooms_and_history(backend: Backend, tmp_path: Pat
     """Two demo servers on one broker and one SQLite file, as `roomrouter demo --broker URL
     --port N` twice: clients on different nodes talk, each node runs a storage worker, and
     history reads the shared file. Runs on every selected backend."""
-    # Memory: the two servers share a named hub of this process.
+    # Memory: the two servers share a named hub of this process. The storage group's session
+    # (redelivery_after) is the backend's test value, as in the other storage tests.
     memory = f"memory://demo-{backend.namespace}"
-    url = backend.process_url() if backend.url_for_process else memory
+    redelivery = backend.redelivery_after
+    url = backend.process_url(redelivery_after=redelivery) if backend.url_for_process else memory
     persistent = broker_from_url(url).supports_storage
     settings = DemoSettings(
         broker=url, namespace=backend.namespace, sink=f"sqlite:///{tmp_path / 'chat.db'}"
@@ -325,7 +327,12 @@ async def test_two_nodes_share_rooms_and_history(backend: Backend, tmp_path: Pat
                 assert a["acked"] + b["acked"] >= 2
 
             if persistent:
-                await eventually(stored)
+                # The two workers form one storage group, and a group stores nothing while it
+                # forms: on Kafka the coordinator answers the first JoinGroup only after a delay
+                # (Tansu: half the session timeout) and the second worker's join makes a
+                # rebalance of up to one more session. Both workers joined just now, so the
+                # frames can wait up to about two sessions for a worker to own their partition.
+                await eventually(stored, timeout=5 + 2 * redelivery)
         async with client(node_b) as carol:
             joined = await carol.join("lobby", "carol")
             if persistent:

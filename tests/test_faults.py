@@ -33,6 +33,7 @@ async def process_backend(request: pytest.FixtureRequest):  # type: ignore[no-un
         await backend.cleanup()
 
 
+@pytest.mark.serial  # times the expiry against the TTL with 0.5 s of slack: an idle host
 async def test_killed_node_leaves_the_cluster_view_within_its_ttl(
     process_backend: Backend,
 ) -> None:

@@ -344,6 +344,7 @@ async def process_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backe
         await backend.cleanup()
 
 
+@pytest.mark.serial  # 10,000 persisted publishes and two worker processes: a load run
 async def test_sigkilled_worker_process_loses_nothing(
     process_backend: Backend, tmp_path: Path
 ) -> None:

@@ -152,6 +152,7 @@ async def test_presence_is_off_unless_asked_for() -> None:
         RoomRouter.from_url("amqp://guest:guest@127.0.0.1/", presence=True)
 
 
+@pytest.mark.serial  # times the expiry against the TTL with 0.8 s of slack: an idle host
 @pytest.mark.parametrize("broker_name", ["redis", "rabbitmq"])
 async def test_killed_node_vanishes_from_presence_within_its_ttl(broker_name: str) -> None:
     backend = BACKENDS[broker_name](unique_namespace())

@@ -439,6 +439,7 @@ async def test_queue_deleted_under_the_node_is_rebuilt(nodes: NodeFactory) -> No
     assert b.stats()["reconnects"] == 1 and b.stats()["task_restarts"] == 0
 
 
+@pytest.mark.serial  # closes every connection on the server, other tests' too
 async def test_server_closes_every_connection(nodes: NodeFactory) -> None:
     ctl = _rabbitmqctl()
     a, b, c = await nodes(3)

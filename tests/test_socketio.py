@@ -277,7 +277,13 @@ async def test_enter_and_leave_room_of_a_client_on_another_node(
     bob = await clients.connect(b)
     await a.sio.enter_room(bob.sid, "stage")  # bob is on b: the request travels to b
     name = a.name("stage")
-    await eventually(lambda: _check(b.router.node_id in a.router.remote_hosts(name)))
+    # Wait for b's join to have *returned* (the room is in its local rooms): only then is every
+    # later emit delivered (join => deliver). a lists b as a host as soon as it applies b's
+    # announcement, while b's join still waits for a's acknowledgement; an emit made then can
+    # reach b before its member is in the room and be dropped there (seen on Kafka, where the
+    # acknowledgement takes two trips through the control partition under load).
+    await eventually(lambda: _check(name in b.router.local_rooms))
+    assert b.router.node_id in a.router.remote_hosts(name)
     assert a.sio.rooms(bob.sid) == []  # python-socketio semantics: rooms are local knowledge
     assert set(b.sio.rooms(bob.sid)) == {bob.sid, "stage"}
     await a.sio.emit("show", "on", to="stage")

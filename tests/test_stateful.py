@@ -81,6 +81,7 @@ class _ModelMember:
     may: set[str] = field(default_factory=set)  # ids it may receive (raced, or left after)
     got: list[Envelope] = field(default_factory=list)
     closed: bool = False
+    joined: dict[str, int] = field(default_factory=dict)  # room -> step its join was seen
 
 
 class RouterMachine(RuleBasedStateMachine):
@@ -96,6 +97,8 @@ class RouterMachine(RuleBasedStateMachine):
         self.sent: dict[str, Envelope] = {}
         self.in_flight: dict[str, set[str]] = {}  # room -> ids published since the last settle
         self.counter = 0
+        self.step = 0  # rule runs so far, to say in a failure when a message was published
+        self.sent_step: dict[str, int] = {}
 
     def teardown(self) -> None:
         try:
@@ -132,6 +135,7 @@ class RouterMachine(RuleBasedStateMachine):
 
     @rule(lanes=lanes_of_ops())
     def concurrently(self, lanes: list[list[Op]]) -> None:
+        self.step += 1
         members = list(self.slots)  # the members the slots hold as the batch starts
         results = self.portal.call(self._run_lanes, lanes, members)
         closed = {op[1] for lane in lanes for op in lane if op[0] == "close"}
@@ -142,6 +146,7 @@ class RouterMachine(RuleBasedStateMachine):
                     continue
                 env: Envelope = results[li][oi]
                 self.sent[env.id] = env
+                self.sent_step[env.id] = self.step
                 room = op[2]
                 for slot, m in enumerate(members):
                     verdict = self._verdict(lanes, li, oi, slot, m, room, slot in closed)
@@ -183,12 +188,14 @@ class RouterMachine(RuleBasedStateMachine):
                 if room in actual and room not in m.rooms:
                     m.may |= self.in_flight.get(room, set())
                     m.rooms.add(room)
+                    m.joined[room] = self.step
                 elif room not in actual and room in m.rooms:
                     self._left(m, {room})
                 elif "leave" in kinds:
                     self._left(m, {room})  # a leave raced: in-flight ones may or may not come
                     if room in actual:
                         m.rooms.add(room)
+                        m.joined[room] = self.step
 
     @staticmethod
     def _verdict(
@@ -254,7 +261,9 @@ class RouterMachine(RuleBasedStateMachine):
             missing = m.must - set(ids)
             assert not missing, f"{m.member.id} missed {len(missing)} message(s)"
             extra = set(ids) - m.must - m.may
-            assert not extra, f"{m.member.id} got {len(extra)} message(s) it must not"
+            assert not extra, f"{m.member.id} got {len(extra)} message(s) it must not: " + (
+                self._describe(m, extra)
+            )
             # Guarantee 3 is per room: one publisher's rooms may travel different paths (Kafka
             # partitions, read by one consumer in no cross-partition order), so order is
             # checked per (publisher, room).
@@ -286,6 +295,22 @@ class RouterMachine(RuleBasedStateMachine):
             assert s["published"] == s["broker_publishes"] + s["bypassed_publishes"]
 
     # -- helpers --------------------------------------------------------------------------------
+
+    def _describe(self, m: _ModelMember, ids: set[str]) -> str:
+        """When each of ``ids`` was published and since when ``m`` is in its room: a stray
+        copy of an older message still in flight to the node reads differently from a message
+        of a room the member was never in."""
+        out = []
+        for i in sorted(ids):
+            env = self.sent.get(i)
+            if env is None:
+                out.append(f"{i} (never published by the model)")
+                continue
+            out.append(
+                f"{i} ({env.room!r} from {env.origin}, published at step {self.sent_step[i]}; "
+                f"member in it since step {m.joined.get(env.room)}, now {self.step})"
+            )
+        return ", ".join(out)
 
     def _left(self, m: _ModelMember, rooms: set[str]) -> None:
         gone = rooms & m.rooms
