@@ -174,6 +174,7 @@ class _Child:
                 stream.close()
 
 
+@pytest.mark.serial
 async def test_joins_on_survivors_complete_within_a_second_of_a_peer_sigkill(
     process_backend: Backend,
 ) -> None:
@@ -214,6 +215,7 @@ async def test_joins_on_survivors_complete_within_a_second_of_a_peer_sigkill(
             child.close()
 
 
+@pytest.mark.serial
 async def test_node_stalled_past_the_suspect_interval_loses_nothing(
     process_backend: Backend,
 ) -> None:
@@ -264,6 +266,7 @@ async def test_node_stalled_past_the_suspect_interval_loses_nothing(
             child.close()
 
 
+@pytest.mark.serial
 async def test_an_observer_whose_loop_was_blocked_expires_no_peer(
     process_backend: Backend,
 ) -> None:

@@ -263,6 +263,7 @@ async def test_concurrent_recoveries_of_a_room_share_one_read() -> None:
 # -- history reads have a budget of their own ---------------------------------------------
 
 
+@pytest.mark.serial
 async def test_history_reads_do_not_wait_behind_publishes(private_redis: PrivateRedis) -> None:
     """A recovery's read must not queue behind publishes on the publisher's pipeline (nor
     share their timeout): with Redis refusing writes for a while (CLIENT PAUSE WRITE), a

@@ -81,6 +81,7 @@ def _since_index(i: int) -> int:
     return CACHED - 2 - i % 60
 
 
+@pytest.mark.serial
 async def test_a_reconnect_storm_recovers_every_member_exactly(backend: Backend) -> None:
     rooms = [f"hall-{r}" for r in range(ROOMS)]
     router = RoomRouter(
