@@ -348,8 +348,15 @@ async def test_slot_migration_is_followed(own_cluster: RedisClusterServers) -> N
 
         await eventually(moved, timeout=5)
         sent = await b.publish(room, b"on the new owner")
-        while (await receive_n(member, 1))[0].id != sent.id:
-            pass
+        with anyio.fail_after(5):
+            while True:
+                try:
+                    if (await member.receive()).id == sent.id:
+                        break
+                except DeliveryGap:
+                    # The move resubscribed the room: a probe may have been lost, and said so
+                    # (the mark can come after the probe that found the new owner).
+                    pass
         assert key_slot(channel) in _slots_of(own_cluster, masters[2])
         assert took < 5
 
