@@ -566,17 +566,23 @@ class RedisBroker(Broker):
             try:
                 yield read
             except ResponseError as exc:
-                self._read_idle.append(conn)  # a refusal leaves the connection in sync
+                await self._park_reader(conn)  # a refusal leaves the connection in sync
                 raise BrokerUnavailable(f"Redis refused the history read: {exc}") from exc
             except BaseException as exc:  # cut short mid-reply: the connection is unusable
-                await _quiet_disconnect(conn)
+                with anyio.CancelScope(shield=True):  # closed even when cancelled
+                    await _quiet_disconnect(conn)
                 if isinstance(exc, _NETWORK_ERRORS):
                     raise BrokerUnavailable(f"Redis history read failed: {exc!r}") from exc
                 raise
-            if self._closed:
-                await _quiet_disconnect(conn)
-            else:
-                self._read_idle.append(conn)
+            await self._park_reader(conn)
+
+    async def _park_reader(self, conn: Connection) -> None:
+        """Keep a history-read connection for the next read, or close it if the broker closed
+        meanwhile (aclose only sees the idle ones)."""
+        if self._closed:
+            await _quiet_disconnect(conn)
+        else:
+            self._read_idle.append(conn)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _RedisConsumer(self, store_key(namespace), consumer)
@@ -649,6 +655,13 @@ class RedisBroker(Broker):
             except _NETWORK_ERRORS as exc:
                 await _quiet_disconnect(conn)
                 raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+            except BaseException:  # cancelled mid-connect: the socket may be open already
+                with anyio.CancelScope(shield=True):
+                    await _quiet_disconnect(conn)
+                raise
+            if self._closed:  # closed while connecting: aclose() could not see this one
+                await _quiet_disconnect(conn)
+                raise BrokerUnavailable("broker closed")
             self._pub = conn
         return self._pub
 
