@@ -229,6 +229,7 @@ class ClusterView:
         self._states_named: set[str] = set()  # nodes named live by the States seen
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
+        self._hello_window = False  # a discovery window runs (nobody counts the nodes)
         self.suspect_interval = (
             suspect_interval
             if suspect_interval is not None
@@ -389,9 +390,15 @@ class ClusterView:
         self._states_seen.clear()
         self._states_named.clear()
         self._hello_answered = anyio.Event()
+        self._hello_window = False
+        # A broker that cannot count a broadcast's receivers may count the nodes that will
+        # hear it: before the Hello, so that every node counted has its control plane
+        # subscribed already (docs/architecture.md, "The cluster view", rule 2).
+        counted = None if self._broker.counts_receivers else await self._broker.count_nodes()
         receivers = await self._send(self._hello())
-        if receivers is not None:
-            self._hello_expected = max(receivers - 1, 0)
+        expected = counted if receivers is None else max(receivers - 1, 0)
+        if expected is not None:
+            self._hello_expected = expected
             self._check_hello_done()
             with anyio.move_on_after(self.node_ttl):
                 await self._hello_answered.wait()
@@ -401,15 +408,18 @@ class ClusterView:
                 log.warning(
                     "node %s: %d of %d other subscriber(s) of the control channel did not "
                     "answer within %.1fs%s; starting anyway",
-                    self.node_id, self._hello_expected - len(self._states_seen),
-                    self._hello_expected, self.node_ttl,
+                    self.node_id, expected - len(self._states_seen), expected, self.node_ttl,
                     f" (silent nodes: {sorted(silent)})" if silent else
                     " (no node named them: subscribers that are no node, e.g. a monitor?)",
                 )  # fmt: skip
         else:
-            # The broker cannot count who heard us: give everyone a window to answer.
+            # Nobody can count who heard us: give everyone a window to answer, ended early
+            # once every node named in the answers' live lists answered (at least one did).
             self._hello_expected = None
-            await anyio.sleep(discovery_window)
+            self._hello_window = True
+            self._check_hello_done()
+            with anyio.move_on_after(discovery_window):
+                await self._hello_answered.wait()
 
     async def leave_cluster(self) -> None:
         with anyio.move_on_after(1.0, shield=True):
@@ -648,9 +658,11 @@ class ClusterView:
 
     def _check_hello_done(self) -> None:
         expected = self._hello_expected
-        if expected is None:
-            return
         seen = self._states_seen
+        if expected is None:
+            if self._hello_window and seen and self._states_named <= seen:
+                self._hello_answered.set()
+            return
         # Every subscriber the broker counted answered; or every node the answers know of did
         # (the count may include subscribers that are no node). A node unknown to all who
         # answered is starting itself: it hosts nothing yet and has our Hello.

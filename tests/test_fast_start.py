@@ -1,0 +1,90 @@
+"""A node's start is exact without a fixed window (issue 20, point 1; docs/architecture.md,
+"The cluster view", rule 2).
+
+python-socketio starts its client manager on the first connection, and that connection waits
+for the start: with a 2 s discovery window (RabbitMQ, Kafka) a default
+``socketio.AsyncClient().connect()``, which waits 1 s, failed on a freshly started node. These
+tests use the router's *default* timings (not the tests' short heartbeats and windows).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
+
+import anyio
+import pytest
+import socketio
+
+from roomrouter import RoomRouter
+from roomrouter.integrations.socketio import RoomRouterManager
+
+from .backends import BACKENDS, Backend
+from .conftest import selected_backends, unique_namespace
+from .test_socketio import broker_url, serve
+
+pytestmark = pytest.mark.anyio
+
+FRESH_BACKENDS = [
+    name for name in ("memory", "redis", "rabbitmq", "kafka") if name in selected_backends()
+]
+
+
+@pytest.fixture(params=FRESH_BACKENDS)
+async def fresh_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    instance = BACKENDS[request.param](unique_namespace())
+    instance.available()
+    try:
+        yield instance
+    finally:
+        await instance.cleanup()
+
+
+async def test_a_default_client_connects_to_a_fresh_node_without_a_startup_hook(
+    fresh_backend: Backend,
+) -> None:
+    # No on_startup=manager.start, no router options: the manager starts on the first
+    # connection, which must not outwait the client's default 1 s connect wait.
+    manager = RoomRouterManager(broker_url(fresh_backend), namespace=fresh_backend.namespace)
+    async with serve(manager) as node:
+        client = socketio.AsyncClient(reconnection=False)
+        try:
+            await client.connect(node.url)
+            assert client.connected
+            assert client.get_sid("/") is not None
+        finally:
+            await client.disconnect()
+
+
+async def test_joining_three_live_nodes_on_rabbitmq_is_well_under_the_old_window() -> None:
+    """The start of a node with 3 live peers waited the whole 2 s discovery window on
+    RabbitMQ; it now waits for exactly the 3 answers (figures: docs/architecture.md)."""
+    if "rabbitmq" not in selected_backends():
+        pytest.skip("RabbitMQ not selected")
+    backend = BACKENDS["rabbitmq"](unique_namespace())
+    backend.available()
+    try:
+        async with AsyncExitStack() as stack:
+            # Default timings: heartbeat 1 s, so the old window was 2 s.
+            peers = [RoomRouter(backend.broker(), namespace=backend.namespace) for _ in range(3)]
+            for peer in peers:
+                await stack.enter_async_context(peer)
+            async with anyio.create_task_group() as tg:
+                for peer in peers:
+                    tg.start_soon(peer.member().join, f"room-{peer.node_id}")
+            took = []
+            for _ in range(3):
+                router = RoomRouter(backend.broker(), namespace=backend.namespace)
+                started = time.perf_counter()
+                async with router:
+                    took.append(time.perf_counter() - started)
+                    # It learned every peer's room before its start returned.
+                    for peer in peers:
+                        assert router.remote_hosts(f"room-{peer.node_id}") == {peer.node_id}
+                    assert router.stats()["discovery_timeouts"] == 0
+            print(f"start with 3 live peers on RabbitMQ: {[round(t, 3) for t in took]} s")
+            assert statistics.median(took) < 1.0, took
+    finally:
+        await backend.cleanup()
