@@ -15,7 +15,9 @@ argument is written out in docs/architecture.md):
   once — so every later barrier waits for it — and answers ``State`` with its hosted rooms as
   of that moment. Rooms announced before that moment are in the ``State``; the starting node's
   router becomes usable only after it collected the ``State`` of every node the broker says
-  heard the ``Hello`` (or, on a broker that cannot count receivers, after a discovery window).
+  heard the ``Hello``, or every node the broker counted before it (RabbitMQ: the consumers
+  of a shared queue); when nobody can count, after a discovery window, which ends early once
+  every node named in the answers' live lists answered.
 * Control frames of one node arrive in the order it sent them (broker guarantee 3) and carry a
   generation number, so a receiver detects a gap (after a reconnect) and asks for a full
   ``State`` (``Sync``). A node first heard through anything but ``Hello`` or ``State`` — one
