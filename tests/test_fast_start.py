@@ -88,3 +88,33 @@ async def test_joining_three_live_nodes_on_rabbitmq_is_well_under_the_old_window
             assert statistics.median(took) < 1.0, took
     finally:
         await backend.cleanup()
+
+
+@pytest.mark.parametrize("name", ["rabbitmq", "kafka"])
+async def test_nodes_starting_at_once_each_start_without_waiting_a_window(name: str) -> None:
+    """Concurrent starts: a node counted must hear the Hello (RabbitMQ counts before it), and
+    a node starting at the same time whose Hello this one heard counts as answered. Either
+    mistake makes a start wait for an answer that never comes (the TTL, or the window)."""
+    if name not in selected_backends():
+        pytest.skip(f"{name} not selected")
+    backend = BACKENDS[name](unique_namespace())
+    backend.available()
+    took: dict[str, float] = {}
+    try:
+        async with AsyncExitStack() as stack:
+            routers = [RoomRouter(backend.broker(), namespace=backend.namespace) for _ in range(4)]
+
+            async def start(router: RoomRouter) -> None:
+                started = time.perf_counter()
+                await stack.enter_async_context(router)
+                took[router.node_id] = time.perf_counter() - started
+
+            async with anyio.create_task_group() as tg:
+                for router in routers:
+                    tg.start_soon(start, router)
+            print(f"4 concurrent starts on {name}: {sorted(round(t, 3) for t in took.values())} s")
+            for router in routers:
+                assert router.stats()["discovery_timeouts"] == 0
+            assert max(took.values()) < 1.5, took
+    finally:
+        await backend.cleanup()

@@ -611,6 +611,11 @@ class ClusterView:
         elif isinstance(msg, Hello):
             node.started, node.members = msg.started, msg.members
             self._set_rooms(msg.node, node, msg.gen, msg.rooms)
+            # Its whole state, said after this node's control plane was subscribed (it was
+            # heard): as good as a State for a start that waits (a node starting at the same
+            # time may never hear this node's Hello, and answer it).
+            self._states_seen.add(msg.node)
+            self._check_hello_done()
             self._reply(self._state(), msg.node)
             # It may have missed the Host of a join that waits for it (it reconnected): send
             # those again, after the State, so it acknowledges instead of timing out.
