@@ -118,3 +118,40 @@ async def test_nodes_starting_at_once_each_start_without_waiting_a_window(name: 
             assert max(took.values()) < 1.5, took
     finally:
         await backend.cleanup()
+
+
+async def test_a_consumer_of_the_nodes_queue_that_is_no_node_does_not_slow_starts() -> None:
+    """RabbitMQ counts the consumers of ``rr.{ns}.nodes``; one that is no node never answers,
+    and the start ends once every node the answers name has answered (as with a Redis
+    monitor, tests/test_discovery.py)."""
+    if "rabbitmq" not in selected_backends():
+        pytest.skip("RabbitMQ not selected")
+    import aiormq
+
+    from roomrouter.brokers.rabbitmq import amqp_name
+
+    backend = BACKENDS["rabbitmq"](unique_namespace())
+    backend.available()
+    try:
+        async with RoomRouter(backend.broker(), namespace=backend.namespace) as first:
+            stranger = await aiormq.connect("amqp://guest:guest@127.0.0.1:5672/")
+            try:
+                channel = await stranger.channel()
+
+                async def ignore(message: object) -> None:
+                    pass
+
+                nodes_queue = amqp_name(backend.namespace, "nodes")
+                await channel.basic_consume(nodes_queue, ignore, no_ack=True)
+                declared = await channel.queue_declare(nodes_queue, passive=True)
+                assert declared.consumer_count == 2  # the first node and the stranger
+                started = time.perf_counter()
+                async with RoomRouter(backend.broker(), namespace=backend.namespace) as second:
+                    took = time.perf_counter() - started
+                    assert took < 1.0, f"the start waited {took:.2f}s for a consumer"
+                    assert second.stats()["discovery_timeouts"] == 0
+                    assert first.node_id in second.live_nodes()
+            finally:
+                await stranger.close()
+    finally:
+        await backend.cleanup()
