@@ -88,6 +88,7 @@ class State(_Msg, tag="s"):
     started: float = 0.0
     members: int = 0
     sync: int = 0  # the Sync this answers (0: none); trailing, so older nodes ignore it
+    ready: bool = False  # the sender's own start is done (its live list is complete)
 
 
 class Host(_Msg, tag="+"):
@@ -229,6 +230,9 @@ class ClusterView:
         self._barriers: dict[int, _Barrier] = {}
         self._states_seen: set[str] = set()
         self._states_named: set[str] = set()  # nodes named live by the States seen
+        self._hellos_seen: set[str] = set()  # nodes whose Hello was heard during the start
+        self._ready_seen = False  # a State came from a node whose own start was done
+        self._ready = False  # this node's start is done
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
         self._hello_window = False  # a discovery window runs (nobody counts the nodes)
@@ -391,6 +395,8 @@ class ClusterView:
         """Say Hello and wait until every node that heard it answered with its State."""
         self._states_seen.clear()
         self._states_named.clear()
+        self._hellos_seen.clear()
+        self._ready_seen = False
         self._hello_answered = anyio.Event()
         self._hello_window = False
         # A broker that cannot count a broadcast's receivers may count the nodes that will
@@ -416,12 +422,13 @@ class ClusterView:
                 )  # fmt: skip
         else:
             # Nobody can count who heard us: give everyone a window to answer, ended early
-            # once every node named in the answers' live lists answered (at least one did).
+            # once a node whose start was done answered and every node named answered.
             self._hello_expected = None
             self._hello_window = True
             self._check_hello_done()
             with anyio.move_on_after(discovery_window):
                 await self._hello_answered.wait()
+        self._ready = True
 
     async def leave_cluster(self) -> None:
         with anyio.move_on_after(1.0, shield=True):
@@ -612,9 +619,9 @@ class ClusterView:
             node.started, node.members = msg.started, msg.members
             self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             # Its whole state, said after this node's control plane was subscribed (it was
-            # heard): as good as a State for a start that waits (a node starting at the same
-            # time may never hear this node's Hello, and answer it).
-            self._states_seen.add(msg.node)
+            # heard): as good as a State from a node the answers name (a node starting at
+            # the same time may never hear this node's Hello, and answer it).
+            self._hellos_seen.add(msg.node)
             self._check_hello_done()
             self._reply(self._state(), msg.node)
             # It may have missed the Host of a join that waits for it (it reconnected): send
@@ -629,6 +636,7 @@ class ClusterView:
                 self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             self._states_seen.add(msg.node)
             self._states_named.update(n for n in msg.live if n != self.node_id)
+            self._ready_seen |= msg.ready
             self._check_hello_done()
             if msg.sync and msg.sync == self._sync_seq:
                 self._sync_answered.add(msg.node)
@@ -647,7 +655,7 @@ class ClusterView:
     def _state(self, sync: int = 0) -> State:
         return State(
             self.node_id, self._gen, self._hosted(), sorted(self._nodes), self.started,
-            self._local_members(), sync,
+            self._local_members(), sync, self._ready,
         )  # fmt: skip
 
     def nodes(self) -> list[NodeInfo]:
@@ -666,14 +674,18 @@ class ClusterView:
     def _check_hello_done(self) -> None:
         expected = self._hello_expected
         seen = self._states_seen
+        # A node named by the answers has answered if we have its State or heard its Hello.
+        named_answered = self._states_named <= seen | self._hellos_seen
         if expected is None:
-            if self._hello_window and seen and self._states_named <= seen:
+            # A window: only a node whose own start was done knows every live node (a young
+            # one may not know them yet), so one of them must have answered.
+            if self._hello_window and self._ready_seen and named_answered:
                 self._hello_answered.set()
             return
         # Every subscriber the broker counted answered; or every node the answers know of did
         # (the count may include subscribers that are no node). A node unknown to all who
         # answered is starting itself: it hosts nothing yet and has our Hello.
-        if len(seen) >= expected or (seen and self._states_named <= seen):
+        if len(seen) >= expected or (seen and named_answered):
             self._hello_answered.set()
 
     def _request_sync(self, node_id: str) -> None:
