@@ -738,10 +738,10 @@ class KafkaBroker(Broker):
 
     async def count_nodes(self) -> int | None:
         """0 if this node's marker is the control partition's first record: every node
-        appends one before it says anything, so no node entered the partition before, and
-        any that enters later reads from its own marker on, past ours (the Hello, Hosts and
-        States it says after it reach this node). Otherwise unknown: Kafka says nobody who
-        reads a partition without a consumer group (docs/architecture.md, rule 2)."""
+        appends one before it says anything, so no node entered the partition before; one
+        that enters later appends its marker after ours, so all it says (its Hello first)
+        reaches this node. Otherwise unknown: Kafka says nobody who reads a partition
+        without a consumer group (docs/architecture.md, "The cluster view", rule 2)."""
         return 0 if self._control_marker == 0 else None
 
     async def _wait_session(self) -> _Session:
