@@ -10,9 +10,12 @@ tests use the router's *default* timings (not the tests' short heartbeats and wi
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import anyio
 import pytest
@@ -21,7 +24,7 @@ import socketio
 from roomrouter import RoomRouter
 from roomrouter.integrations.socketio import RoomRouterManager
 
-from .backends import BACKENDS, Backend
+from .backends import BACKENDS, Backend, require_tcp
 from .conftest import selected_backends, unique_namespace
 from .test_socketio import broker_url, serve
 
@@ -155,3 +158,17 @@ async def test_a_consumer_of_the_nodes_queue_that_is_no_node_does_not_slow_start
                 await stranger.close()
     finally:
         await backend.cleanup()
+
+
+def test_the_start_benchmark_runs() -> None:
+    """benchmarks/start.py, tiny (Redis, once): it starts 3 peer processes and checks that
+    the timed node knew their rooms when its start returned."""
+    require_tcp("127.0.0.1", 6379, "Redis")
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "start.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--backends", "redis", "--repeats", "1"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[1:]]
+    assert [row[:2] for row in rows] == [["redis", "empty"], ["redis", "emptied"], ["redis", "3"]]
