@@ -15,7 +15,9 @@ argument is written out in docs/architecture.md):
   once — so every later barrier waits for it — and answers ``State`` with its hosted rooms as
   of that moment. Rooms announced before that moment are in the ``State``; the starting node's
   router becomes usable only after it collected the ``State`` of every node the broker says
-  heard the ``Hello`` (or, on a broker that cannot count receivers, after a discovery window).
+  heard the ``Hello``, or every node the broker counted before it (RabbitMQ: the consumers
+  of a shared queue); when nobody can count, after a discovery window, which ends early once
+  every node named in the answers' live lists answered.
 * Control frames of one node arrive in the order it sent them (broker guarantee 3) and carry a
   generation number, so a receiver detects a gap (after a reconnect) and asks for a full
   ``State`` (``Sync``). A node first heard through anything but ``Hello`` or ``State`` — one
@@ -86,6 +88,7 @@ class State(_Msg, tag="s"):
     started: float = 0.0
     members: int = 0
     sync: int = 0  # the Sync this answers (0: none); trailing, so older nodes ignore it
+    ready: bool = False  # the sender's own start is done (its live list is complete)
 
 
 class Host(_Msg, tag="+"):
@@ -227,8 +230,12 @@ class ClusterView:
         self._barriers: dict[int, _Barrier] = {}
         self._states_seen: set[str] = set()
         self._states_named: set[str] = set()  # nodes named live by the States seen
+        self._hellos_seen: set[str] = set()  # nodes whose Hello was heard during the start
+        self._ready_seen = False  # a State came from a node whose own start was done
+        self._ready = False  # this node's start is done
         self._hello_answered = anyio.Event()
         self._hello_expected: int | None = None
+        self._hello_window = False  # a discovery window runs (nobody counts the nodes)
         self.suspect_interval = (
             suspect_interval
             if suspect_interval is not None
@@ -388,10 +395,18 @@ class ClusterView:
         """Say Hello and wait until every node that heard it answered with its State."""
         self._states_seen.clear()
         self._states_named.clear()
+        self._hellos_seen.clear()
+        self._ready_seen = False
         self._hello_answered = anyio.Event()
+        self._hello_window = False
+        # A broker that cannot count a broadcast's receivers may count the nodes that will
+        # hear it: before the Hello, so that every node counted has its control plane
+        # subscribed already (docs/architecture.md, "The cluster view", rule 2).
+        counted = None if self._broker.counts_receivers else await self._broker.count_nodes()
         receivers = await self._send(self._hello())
-        if receivers is not None:
-            self._hello_expected = max(receivers - 1, 0)
+        expected = counted if receivers is None else max(receivers - 1, 0)
+        if expected is not None:
+            self._hello_expected = expected
             self._check_hello_done()
             with anyio.move_on_after(self.node_ttl):
                 await self._hello_answered.wait()
@@ -401,15 +416,19 @@ class ClusterView:
                 log.warning(
                     "node %s: %d of %d other subscriber(s) of the control channel did not "
                     "answer within %.1fs%s; starting anyway",
-                    self.node_id, self._hello_expected - len(self._states_seen),
-                    self._hello_expected, self.node_ttl,
+                    self.node_id, expected - len(self._states_seen), expected, self.node_ttl,
                     f" (silent nodes: {sorted(silent)})" if silent else
                     " (no node named them: subscribers that are no node, e.g. a monitor?)",
                 )  # fmt: skip
         else:
-            # The broker cannot count who heard us: give everyone a window to answer.
+            # Nobody can count who heard us: give everyone a window to answer, ended early
+            # once a node whose start was done answered and every node named answered.
             self._hello_expected = None
-            await anyio.sleep(discovery_window)
+            self._hello_window = True
+            self._check_hello_done()
+            with anyio.move_on_after(discovery_window):
+                await self._hello_answered.wait()
+        self._ready = True
 
     async def leave_cluster(self) -> None:
         with anyio.move_on_after(1.0, shield=True):
@@ -599,6 +618,11 @@ class ClusterView:
         elif isinstance(msg, Hello):
             node.started, node.members = msg.started, msg.members
             self._set_rooms(msg.node, node, msg.gen, msg.rooms)
+            # Its whole state, said after this node's control plane was subscribed (it was
+            # heard): as good as a State from a node the answers name (a node starting at
+            # the same time may never hear this node's Hello, and answer it).
+            self._hellos_seen.add(msg.node)
+            self._check_hello_done()
             self._reply(self._state(), msg.node)
             # It may have missed the Host of a join that waits for it (it reconnected): send
             # those again, after the State, so it acknowledges instead of timing out.
@@ -612,6 +636,7 @@ class ClusterView:
                 self._set_rooms(msg.node, node, msg.gen, msg.rooms)
             self._states_seen.add(msg.node)
             self._states_named.update(n for n in msg.live if n != self.node_id)
+            self._ready_seen |= msg.ready
             self._check_hello_done()
             if msg.sync and msg.sync == self._sync_seq:
                 self._sync_answered.add(msg.node)
@@ -630,7 +655,7 @@ class ClusterView:
     def _state(self, sync: int = 0) -> State:
         return State(
             self.node_id, self._gen, self._hosted(), sorted(self._nodes), self.started,
-            self._local_members(), sync,
+            self._local_members(), sync, self._ready,
         )  # fmt: skip
 
     def nodes(self) -> list[NodeInfo]:
@@ -648,13 +673,19 @@ class ClusterView:
 
     def _check_hello_done(self) -> None:
         expected = self._hello_expected
-        if expected is None:
-            return
         seen = self._states_seen
+        # A node named by the answers has answered if we have its State or heard its Hello.
+        named_answered = self._states_named <= seen | self._hellos_seen
+        if expected is None:
+            # A window: only a node whose own start was done knows every live node (a young
+            # one may not know them yet), so one of them must have answered.
+            if self._hello_window and self._ready_seen and named_answered:
+                self._hello_answered.set()
+            return
         # Every subscriber the broker counted answered; or every node the answers know of did
         # (the count may include subscribers that are no node). A node unknown to all who
         # answered is starting itself: it hosts nothing yet and has our Hello.
-        if len(seen) >= expected or (seen and self._states_named <= seen):
+        if len(seen) >= expected or (seen and named_answered):
             self._hello_answered.set()
 
     def _request_sync(self, node_id: str) -> None:

@@ -189,8 +189,9 @@ class RoomRouter:
             by the others, and its rooms with it.
         barrier_timeout: how long a first join waits for a silent node's acknowledgement before
             presuming it dead (defaults to ``node_ttl``).
-        discovery_window: on brokers that cannot count receivers, how long a starting node
-            listens for the others' state (defaults to ``2 * heartbeat_interval``).
+        discovery_window: on brokers that can count neither receivers nor nodes (Kafka, past
+            a namespace's first node), the longest a starting node listens for the others'
+            state (defaults to ``2 * heartbeat_interval``).
         sink: where history is read from (a :class:`~roomrouter.storage.Sink` or a URL such as
             ``"sqlite:///chat.db"`` or ``"postgresql://user@host/db"``); the router opens and
             closes it. Storage workers write it (``roomrouter worker``).

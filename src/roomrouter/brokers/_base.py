@@ -160,6 +160,18 @@ class Broker(ABC):
         (:attr:`counts_receivers`), else ``None``.
         """
 
+    async def count_nodes(self) -> int | None:
+        """How many *other* nodes must answer a ``Hello`` broadcast after this returns, for a
+        broker whose :meth:`publish_control` cannot count receivers; ``None`` if unknown (the
+        router then waits a discovery window, ended early by the answers' live lists).
+
+        Exact means two things (docs/architecture.md, "The cluster view", rule 2): every node
+        counted hears a broadcast sent after the count returns (while it lives), and every
+        node that may host a room whose ``Host`` this node did not receive is counted. Called
+        once per start, after :meth:`start` returned.
+        """
+        return None
+
     # -- persistence (optional capability; docs/architecture.md, guarantees 6 and 7) ----------
 
     #: True if the backend has a durable storage queue and a recent-messages cache.

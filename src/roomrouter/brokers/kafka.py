@@ -50,7 +50,9 @@ partition itself and the broker seeks back to it.
 
 **Control plane.** Control frames are records on the control partition, so a frame sent to one
 node is still read by all, and skipped by key. ``counts_receivers`` is False: Kafka cannot say
-who read a record, so a starting router listens for ``discovery_window`` seconds.
+who read a record, so a starting router listens for ``discovery_window`` seconds, unless its
+marker is the control partition's first record (:meth:`KafkaBroker.count_nodes`) or the first
+answers' live lists say everyone answered.
 
 **Publishing.** One producer per node, ``acks="all"`` by default, ``linger_ms`` 0 by default;
 no idempotent or transactional producer (Tansu refuses them). :meth:`publish` appends
@@ -311,6 +313,7 @@ class KafkaBroker(Broker):
         # room key -> (partition, first offset to deliver)
         self._rooms: dict[bytes, tuple[int, int]] = {}
         self._positions: dict[TopicPartition, int] = {}  # next offset to read, per assigned tp
+        self._control_marker = -1  # the offset of this node's last control-partition marker
         # Publishing (see _enqueue): the send queue in call order, the records the producer
         # holds in hand order, and how many of the current session's are unacknowledged.
         self._queue: deque[_Send] = deque()
@@ -516,6 +519,7 @@ class KafkaBroker(Broker):
         self._rooms = {
             key: (rooms[key], markers[rooms[key]] + 1) for key in self._rooms if key in rooms
         }
+        self._control_marker = control_marker[0]
         self._positions = {session.control_tp: control_marker[0] + 1}
         self._assign(session, {p: markers[p] + 1 for p in markers})
 
@@ -731,6 +735,14 @@ class KafkaBroker(Broker):
                 self._assign(session, {})
             except ERRORS as exc:
                 raise BrokerUnavailable(f"Kafka unassign failed: {exc!r}") from exc
+
+    async def count_nodes(self) -> int | None:
+        """0 if this node's marker is the control partition's first record: every node
+        appends one before it says anything, so no node entered the partition before; one
+        that enters later appends its marker after ours, so all it says (its Hello first)
+        reaches this node. Otherwise unknown: Kafka says nobody who reads a partition
+        without a consumer group (docs/architecture.md, "The cluster view", rule 2)."""
+        return 0 if self._control_marker == 0 else None
 
     async def _wait_session(self) -> _Session:
         while self._session is None:

@@ -400,6 +400,7 @@ class RabbitMQBroker(Broker):
         self._store_q = amqp_name(ns, "store")
         self._control_x = amqp_name(ns, "control", exchange=True)
         self._direct_x = amqp_name(ns, "direct", exchange=True)
+        self._nodes_q = amqp_name(ns, "nodes")
         self._node_key = routing_key(context.node_id)
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
@@ -525,6 +526,13 @@ class RabbitMQBroker(Broker):
                 )
                 await channel.queue_bind(queue, self._control_x, routing_key="")
                 await channel.queue_bind(queue, self._direct_x, routing_key=self._node_key)
+                # Counted as a node only from here on, with the control plane bound: a node
+                # that counts the consumers and then says Hello is heard by every one it
+                # counted (count_nodes; docs/architecture.md, "The cluster view", rule 2).
+                await channel.queue_declare(
+                    self._nodes_q, durable=True, arguments={"x-expires": _NODES_EXPIRE_MS}
+                )
+                await channel.basic_consume(self._nodes_q, _ignore, no_ack=True)
             # Rooms may come and go while the held ones are rebound (unsubscribe works while
             # disconnected): repeat until the bindings match the held set.
             bound: set[str] = set()
@@ -679,6 +687,24 @@ class RabbitMQBroker(Broker):
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
                 raise BrokerUnavailable(f"RabbitMQ queue.unbind failed: {exc!r}") from exc
             raise
+
+    async def count_nodes(self) -> int | None:
+        """The other consumers of the namespace's ``nodes`` queue: every node consumes it on
+        its subscriber connection once its control plane is bound, and nothing is ever routed
+        to it. A passive ``queue.declare`` answers with the queue's consumer count, as the
+        queue itself holds it when it answers (docs/architecture.md, "The cluster view")."""
+        channel = self._sub_ch
+        if channel is None or not self._sub_ready:
+            raise BrokerUnavailable("RabbitMQ subscriber connection is down")
+        try:
+            with anyio.fail_after(self.operation_timeout):
+                declared = await channel.queue_declare(self._nodes_q, passive=True)
+        except BaseException as exc:
+            self._break_subscriber()
+            if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
+                raise BrokerUnavailable(f"cannot count the nodes on RabbitMQ: {exc!r}") from exc
+            raise
+        return max((declared.consumer_count or 0) - 1, 0)
 
     # -- publishing -----------------------------------------------------------------------------
 
@@ -977,6 +1003,14 @@ class RabbitMQBroker(Broker):
                 )
         except TimeoutError as exc:
             raise BrokerUnavailable(f"RabbitMQ management API timed out on {path}") from exc
+
+
+#: The ``nodes`` queue (consumed by every node, never routed to) goes once unused this long.
+_NODES_EXPIRE_MS = 3_600_000
+
+
+async def _ignore(message: DeliveredMessage) -> None:
+    """The ``nodes`` queue's consumer: it counts, it never receives."""
 
 
 async def _declare_storage(channel: AbstractChannel, exchange: str, queue: str) -> None:
