@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import subprocess
@@ -454,6 +455,18 @@ async def test_mysql_unreachable_raises_sink_error() -> None:
         await sink.start()
     assert type(info.value) is SinkError
     assert "hunter2" not in str(info.value) and "hunter2" not in repr(sink)
+
+
+async def test_mysql_restart_logs_no_warning(
+    mysql_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncmy logs each server note as a WARNING; a start on existing tables makes none."""
+    from .conftest import MYSQL_URL
+
+    for _ in range(2):
+        async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+            await sink.write(envelopes("lobby", 2))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 async def test_mysql_server_errors_are_mapped(mysql_prefix: str) -> None:

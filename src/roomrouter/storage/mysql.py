@@ -340,9 +340,13 @@ class MySQLSink(Sink):
             [(locked,)] = await cur.fetchall()
             if locked != 1:
                 raise SinkError(f"timed out waiting for the schema lock of {self._meta}")
+            # asyncmy logs every server note as a WARNING: "table already exists" on each
+            # start is not one.
+            await cur.execute("SET SESSION sql_notes = 0")
             try:
                 await self._create_tables(cur)
             finally:
+                await cur.execute("SET SESSION sql_notes = 1")
                 await cur.execute("SELECT RELEASE_LOCK(%s)", (f"roomrouter:{self.table_prefix}",))
 
     async def _create_tables(self, cur: Any) -> None:
