@@ -1,8 +1,8 @@
 """MySQL and MariaDB sink, on an asyncmy connection pool (asyncio only, as asyncmy is).
 
 asyncmy, not aiomysql. Both are asyncio ports of PyMySQL's protocol and write a batch at
-about the same rate here, asyncmy a little faster on large batches (docs/architecture.md,
-"Storage sinks", has the figures). What decides: asyncmy's protocol code is compiled and it is
+about the same rate here, asyncmy ahead on the largest batches (docs/architecture.md, "The
+MySQL / MariaDB sink", has the figures). What decides: asyncmy's protocol code is compiled and it is
 released regularly, with type hints; aiomysql's latest release still imports, from PyMySQL
 1.2, a placeholder left where a bytes escaper used to be, so any bytes parameter (every
 payload) fails with ``TypeError`` unless PyMySQL is held below 1.2.
@@ -156,7 +156,8 @@ class MySQLSink(Sink):
                 **self._connect,
             )
         except _DRIVER_ERRORS as exc:
-            raise SinkError(f"cannot connect to MySQL: {_describe(exc)}") from exc
+            where = f"{self._connect['host']}:{self._connect['port']}"
+            raise SinkError(f"cannot connect to MySQL at {where}: {_describe(exc)}") from exc
         try:
             await self._with_connection(pool, self._ensure_schema)
         except BaseException as exc:
