@@ -99,6 +99,9 @@ async def test_a_failing_batch_writes_nothing(sink: Sink) -> None:
     assert info.value.__cause__ is not None
     assert await sink.count() == 0
     assert await sink.write(good) == 3
+    # Reading such a room is refused the same way, never a bare UnicodeError.
+    with pytest.raises(SinkError):
+        await sink.history(bad.room)
 
 
 # --- reads --------------------------------------------------------------------------------

@@ -422,9 +422,12 @@ def _connect_options(url: str) -> dict[str, Any]:
 
 
 def _utf8(text: str) -> bytes:
-    # Ids and rooms are VARBINARY: sent as their UTF-8 bytes. A lone surrogate raises
-    # UnicodeEncodeError here, which the caller reports as a refusal.
-    return text.encode()
+    """An id or room as stored (VARBINARY: its UTF-8 bytes). A lone surrogate has none: that
+    value is refused, as the other sinks' drivers refuse it."""
+    try:
+        return text.encode()
+    except UnicodeError as exc:
+        raise SinkRefused(f"MySQL refused the data: {_describe(exc)}") from exc
 
 
 def _refused(exc: BaseException) -> bool:
