@@ -513,6 +513,25 @@ async def test_mysql_refuses_values_too_long_and_writes_none_of_the_batch(
     assert info.value.__cause__ is not None
 
 
+async def test_mysql_refuses_a_message_larger_than_the_server_takes(mysql_prefix: str) -> None:
+    """Past max_allowed_packet (16 MiB here) the server breaks the connection mid-statement
+    ("Packet sequence number wrong"): a plain SinkError, which a worker would retry for ever.
+    It is refused up front instead; a large message within the bound is stored."""
+    from .conftest import MYSQL_URL, mysql_fetch
+
+    [(max_packet,)] = await mysql_fetch("SELECT @@max_allowed_packet")
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        [huge] = envelopes("lobby", 1, payload=bytes(int(max_packet) + 1))
+        with pytest.raises(SinkRefused, match="max_allowed_packet"):
+            await sink.write([huge, *envelopes("lobby", 2)])
+        assert await sink.count() == 0
+        # All NUL, the worst case of escaping (each byte doubled), just under the bound.
+        [large] = envelopes("lobby", 1, payload=bytes((int(max_packet) - 1_200_000) // 2))
+        assert await sink.write([large, *envelopes("lobby", 2)]) == 3
+        [stored] = await sink.history("lobby", limit=1, before=large.id + "0")
+        assert stored.payload == large.payload
+
+
 async def test_mysql_a_lost_connection_is_an_outage_and_the_sink_recovers(
     mysql_prefix: str,
 ) -> None:

@@ -17,7 +17,8 @@ byte order, as the contract requires, with no collation and no trailing-space pa
 ``utf8mb4_bin`` ``'a'`` and ``'a '`` are the same key). The (room, id) index bounds their
 lengths: an id of at most 255 bytes and a room name of at most 2,800 bytes of UTF-8 (any room
 of up to 700 characters; longer ones only if mostly ASCII). A longer one is refused
-(:class:`~roomrouter.SinkRefused`) and lands in the dead letters. Each connection runs in strict
+(:class:`~roomrouter.SinkRefused`) and lands in the dead letters, as does a message that
+could exceed the server's ``max_allowed_packet`` once escaped. Each connection runs in strict
 mode (``STRICT_ALL_TABLES``), so a bad value is an error, never a silent truncation.
 """
 
@@ -62,6 +63,10 @@ _SQL_MODE: Final = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
 # Longest id and room, in bytes: together they fit InnoDB's 3,072-byte index key.
 MAX_ID_BYTES: Final = 255
 MAX_ROOM_BYTES: Final = 2800
+
+# asyncmy groups the rows of executemany into statements of about this many bytes, so a row
+# may share its statement with up to this much of others; plus the statement's own text.
+_STATEMENT_SLACK: Final = 1_024_000 + 64 * 1024
 
 # Server error numbers about the *values* of a row: retrying the same rows cannot succeed, a
 # batch without them can. 1048 NULL in a NOT NULL column, 1153 a packet (a row) larger than
@@ -126,6 +131,7 @@ class MySQLSink(Sink):
         self._dead = f"`{self.table_prefix}_dead_letters`"
         self._room_index_name = f"{self.table_prefix}_messages_room_id"
         self._pool: Any = None
+        self._max_row = 0  # bytes; set by start() from the server's max_allowed_packet
         self._started = False
         self._closed = False
 
@@ -200,6 +206,7 @@ class MySQLSink(Sink):
                 (_utf8(e.id), _utf8(e.room), e.origin, e.ts, e.payload, encode_headers(e.headers))
                 for e in batch
             ]
+            self._check_sizes(rows)
             await conn.begin()
             async with conn.cursor() as cur:
                 # The driver folds the rows into multi-row INSERTs (several if they would
@@ -209,6 +216,23 @@ class MySQLSink(Sink):
             return int(inserted or 0)
 
         return await self._run(insert)
+
+    def _check_sizes(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Refuse a row the server could never take: a statement larger than its
+        ``max_allowed_packet`` fails, and past 16 MiB (several protocol packets) it fails as a
+        broken connection, which would otherwise be retried for ever. The bound is the
+        escaped worst case (binary doubles, UTF-8 text up to 8 bytes a character), so the
+        verdict depends on the sizes only, never on the bytes."""
+        for row in rows:
+            id_, room, origin, _, payload, headers = row
+            worst = 2 * (len(id_) + len(room) + len(payload)) + 8 * (len(origin) + len(headers))
+            if worst + 64 > self._max_row:
+                raise SinkRefused(
+                    f"MySQL refused the data: message {id_.decode()!r} with a "
+                    f"{len(payload):,}-byte payload may exceed the server's max_allowed_packet "
+                    f"({self._max_row + _STATEMENT_SLACK:,} bytes) once escaped; raise it to "
+                    "store such messages"
+                )
 
     async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
@@ -351,6 +375,9 @@ class MySQLSink(Sink):
                 await cur.execute("SELECT RELEASE_LOCK(%s)", (f"roomrouter:{self.table_prefix}",))
 
     async def _create_tables(self, cur: Any) -> None:
+        await cur.execute("SELECT @@max_allowed_packet")
+        [(max_packet,)] = await cur.fetchall()
+        self._max_row = int(max_packet) - _STATEMENT_SLACK
         options = "ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 COLLATE=utf8mb4_bin"
         await cur.execute(
             f"CREATE TABLE IF NOT EXISTS {self._meta} (`key` VARCHAR(64) NOT NULL PRIMARY KEY, "
