@@ -558,6 +558,41 @@ async def test_mysql_a_lost_connection_is_an_outage_and_the_sink_recovers(
         assert await sink.count() == 6
 
 
+async def test_mysql_a_write_stuck_behind_a_lock_is_an_outage(mysql_prefix: str) -> None:
+    """Another transaction holds one of the batch's ids: the write waits for the lock until
+    its command timeout, fails as a plain SinkError (worth retrying), writes nothing, and the
+    retry after the lock is gone stores the batch."""
+    from .conftest import MYSQL_URL, mysql_connect
+
+    batch = envelopes("lobby", 50)
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix, command_timeout=1.0) as sink:
+        holder = await mysql_connect()
+        try:
+            async with holder.cursor() as cur:
+                await cur.execute("BEGIN")
+                await cur.execute(
+                    f"INSERT INTO {mysql_prefix}_messages (id, room, origin, ts, payload, "
+                    "headers) VALUES (%s, 'lobby', 'x', 0, '', '{}')",
+                    (batch[25].id,),
+                )
+            with pytest.raises(SinkError) as info:
+                await sink.write(batch)
+            assert type(info.value) is SinkError, info.value
+            async with holder.cursor() as cur:
+                await cur.execute("ROLLBACK")
+        finally:
+            await holder.ensure_closed()
+        assert await sink.count() == 0
+        with anyio.fail_after(20):
+            while True:  # the server may still be finishing the abandoned statement
+                try:
+                    assert await sink.write(batch) == 50
+                    break
+                except SinkError:
+                    await anyio.sleep(0.2)
+        assert [e.id for e in await sink.history("lobby", limit=100)] == ids(batch)
+
+
 def test_mysql_error_numbers_are_classified() -> None:
     """The table behind the classification: values refused, the rest transient."""
     from asyncmy import errors
