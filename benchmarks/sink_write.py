@@ -20,6 +20,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -75,8 +76,8 @@ async def drop_mysql_tables(url: str, prefix: str) -> None:
         await sink._run(lambda conn: _drop_mysql(conn, prefix))
 
 
-async def _drop_mysql(conn: object, prefix: str) -> None:
-    async with conn.cursor() as cur:  # type: ignore[attr-defined]
+async def _drop_mysql(conn: Any, prefix: str) -> None:
+    async with conn.cursor() as cur:
         await cur.execute(
             f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters"
         )

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -112,8 +113,8 @@ async def _drop_pg(url: str, prefix: str) -> None:
 async def _drop_mysql(url: str, prefix: str) -> None:
     from roomrouter.storage import MySQLSink
 
-    async def drop(conn: object) -> None:
-        async with conn.cursor() as cur:  # type: ignore[attr-defined]
+    async def drop(conn: Any) -> None:
+        async with conn.cursor() as cur:
             await cur.execute(
                 f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters"
             )

@@ -1,4 +1,5 @@
-"""The sink contract (``roomrouter.storage._base``), run against SQLite and PostgreSQL."""
+"""The sink contract (``roomrouter.storage._base``), run against SQLite, PostgreSQL and MySQL
+(MariaDB)."""
 
 from __future__ import annotations
 
