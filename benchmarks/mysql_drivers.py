@@ -8,6 +8,11 @@ worker does, and prints messages per second, the median of ``--repeat`` runs.
 
     PYTHONPATH=src python benchmarks/mysql_drivers.py [--n 20000] [--batch-sizes 100,500,1000]
         [--repeat 3] [--url mysql://root@127.0.0.1:3306/test]
+
+aiomysql 0.3.2 fails on bytes parameters with PyMySQL 1.2 (see roomrouter/storage/mysql.py):
+measure it with PyMySQL 1.1 first on the path, e.g. ``pip install --target /tmp/pm11
+"PyMySQL<1.2"`` and ``PYTHONPATH=/tmp/pm11:src``. Needs both drivers installed (asyncmy comes
+with the ``mysql`` extra; ``pip install aiomysql``).
 """
 
 from __future__ import annotations
@@ -95,9 +100,10 @@ async def run_once(driver: str, url: str, items: list[Envelope], batch: int) -> 
                     written += await cur.executemany(sql, rows)
                     await conn.commit()
             elapsed = time.perf_counter() - started
-            async with conn.cursor() as cur:
-                await cur.execute(f"DROP TABLE {table}")
     finally:
+        # Also after a failure (aiomysql with PyMySQL >= 1.2 fails on the first batch).
+        async with pool.acquire() as conn, conn.cursor() as cur:
+            await cur.execute(f"DROP TABLE IF EXISTS {table}")
         pool.close()
         await pool.wait_closed()
     if written != len(items):

@@ -65,7 +65,9 @@ async def drop_tables(dsn: str, prefix: str) -> None:
 
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute(f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta")
+        await conn.execute(
+            f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters"
+        )
     finally:
         await conn.close()
 

@@ -104,7 +104,7 @@ async def _drop_pg(url: str, prefix: str) -> None:
 
     conn = await asyncpg.connect(url)
     try:
-        for table in ("messages", "meta"):
+        for table in ("messages", "meta", "dead_letters"):
             await conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table}")
     finally:
         await conn.close()
