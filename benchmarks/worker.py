@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import anyio
 
@@ -43,6 +44,8 @@ def _broker(name: str, args: argparse.Namespace) -> Broker:
 def _sink(kind: str, args: argparse.Namespace, tag: str) -> Sink:
     if kind == "sqlite":
         return sink_from_url(f"sqlite:///{Path(args.tmp) / (tag + '.db')}")
+    if kind == "mysql":
+        return sink_from_url(f"{args.mysql_url}?table_prefix=bench_{tag}")
     return sink_from_url(f"{args.postgres_url}?table_prefix=bench_{tag}")
 
 
@@ -91,6 +94,8 @@ async def run_one(backend: str, sink_kind: str, args: argparse.Namespace) -> tup
         print(f"    warning: {written} rows written for {args.n} messages")
     if sink_kind == "postgresql":
         await _drop_pg(args.postgres_url, f"bench_{tag}")
+    if sink_kind == "mysql":
+        await _drop_mysql(args.mysql_url, f"bench_{tag}")
     return (args.n - base) / elapsed, working
 
 
@@ -99,16 +104,29 @@ async def _drop_pg(url: str, prefix: str) -> None:
 
     conn = await asyncpg.connect(url)
     try:
-        for table in ("messages", "meta"):
+        for table in ("messages", "meta", "dead_letters"):
             await conn.execute(f"DROP TABLE IF EXISTS {prefix}_{table}")
     finally:
         await conn.close()
 
 
+async def _drop_mysql(url: str, prefix: str) -> None:
+    from roomrouter.storage import MySQLSink
+
+    async def drop(conn: Any) -> None:
+        async with conn.cursor() as cur:
+            await cur.execute(
+                f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters"
+            )
+
+    async with MySQLSink(url, table_prefix=prefix) as sink:
+        await sink._run(drop)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--backends", default="memory,redis")
-    parser.add_argument("--sinks", default="sqlite,postgresql")
+    parser.add_argument("--sinks", default="sqlite,postgresql,mysql")
     parser.add_argument("--n", type=int, default=20_000)
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--workers", type=int, default=2)
@@ -124,6 +142,9 @@ async def main() -> None:
     parser.add_argument(
         "--postgres-url",
         default=os.environ.get("POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"),
+    )
+    parser.add_argument(
+        "--mysql-url", default=os.environ.get("MYSQL_URL", "mysql://root@127.0.0.1:3306/test")
     )
     args = parser.parse_args()
     rows = []

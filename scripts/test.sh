@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install roomrouter with every extra into .venv and run the linters and the test suite.
-# Backend tests need Redis, RabbitMQ and PostgreSQL on 127.0.0.1 (Kafka is started by the tests);
+# Backend tests need Redis, RabbitMQ, PostgreSQL and MariaDB on 127.0.0.1 (Kafka is started by the tests);
 # without CI set, a missing server skips its tests with the reason, with CI set it fails them.
 #
 # Without arguments the suite runs in two passes (see tests/conftest.py): every test not marked

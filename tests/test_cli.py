@@ -148,3 +148,20 @@ def test_reprs_and_errors_hide_the_password() -> None:
         with pytest.raises(ConfigurationError) as info:
             RoomRouter.from_url(url)
         assert SECRET not in str(info.value) and "***" in str(info.value), info.value
+
+
+async def test_mysql_sink_failures_are_one_line() -> None:
+    require_tcp("127.0.0.1", 3306, "MariaDB")
+    port = _free_port()
+    line = await _fails_in_one_line(
+        *_worker("memory://", f"mysql://root:{SECRET}@127.0.0.1:{port}/test")
+    )
+    assert f"MySQL at 127.0.0.1:{port}" in line
+    line = await _fails_in_one_line(*_worker("memory://", f"mysql://root:{SECRET}@127.0.0.1/test"))
+    assert "Access denied" in line
+    line = await _fails_in_one_line(*_worker("memory://", "mariadb://root@127.0.0.1/nosuchdb"))
+    assert "nosuchdb" in line
+    line = await _fails_in_one_line(
+        *_worker("memory://", f"mysql://root:{SECRET}@127.0.0.1/test?table_prefix=No")
+    )
+    assert "table_prefix" in line

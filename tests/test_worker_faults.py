@@ -32,7 +32,7 @@ from roomrouter.storage._base import Sink
 from .backends import BACKENDS, Backend, require_tcp
 from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
 from .helpers import eventually
-from .storage.conftest import PG_DSN, drop_postgres_tables
+from .storage.conftest import MYSQL_URL, PG_DSN, drop_mysql_tables, drop_postgres_tables
 from .test_redis import PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -225,24 +225,52 @@ async def test_poison_entries_are_dead_lettered_and_never_block_the_rest(
 # --- envelopes the sink refuses -----------------------------------------------------------
 
 
-async def test_envelopes_the_sink_refuses_are_dead_lettered_and_the_rest_stored(
-    sbackend: Backend, pg_prefix: str
-) -> None:
-    """A forged envelope with NUL in ``origin`` makes PostgreSQL refuse its whole batch; the
-    batch is split until the bad row is alone, so every good one is stored. NUL in ``room`` is
-    refused by the worker's own check before the sink."""
-    from roomrouter.storage import PostgresSink
+@pytest.fixture(params=["postgresql", "mysql"])
+async def sql_store(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Any, bytes]]:
+    """A factory of sinks on one fresh SQL store, and a forged frame that store refuses: NUL
+    in ``origin`` for PostgreSQL; for MySQL (which keeps NUL) a room name within the router's
+    limit but longer than the sink's column (error 1406, data too long)."""
+    prefix = f"rrtest_{uuid.uuid4().hex[:16]}"
+    if request.param == "postgresql":
+        from roomrouter.storage import PostgresSink
 
+        require_tcp("127.0.0.1", 5432, "PostgreSQL")
+        try:
+            yield (
+                (lambda: PostgresSink(PG_DSN, table_prefix=prefix)),
+                _forged(origin="evil\x00node"),
+            )
+        finally:
+            await drop_postgres_tables(prefix)
+    else:
+        from roomrouter.storage import MySQLSink
+
+        require_tcp("127.0.0.1", 3306, "MariaDB")
+        try:
+            yield (
+                (lambda: MySQLSink(MYSQL_URL, table_prefix=prefix)),
+                _forged(room="\U0001f389" * 701),
+            )
+        finally:
+            await drop_mysql_tables(prefix)
+
+
+async def test_envelopes_the_sink_refuses_are_dead_lettered_and_the_rest_stored(
+    sbackend: Backend, sql_store: tuple[Any, bytes]
+) -> None:
+    """A forged envelope the database refuses makes it refuse its whole batch; the batch is
+    split until the bad row is alone, so every good one is stored. NUL in ``room`` is refused
+    by the worker's own check before the sink."""
     backend = sbackend
-    bad = [_forged(origin="evil\x00node"), _forged(room="evil\x00room")]
+    make_sink, refused = sql_store
+    bad = [refused, _forged(room="evil\x00room")]
     async with AsyncExitStack() as stack:
         router = await _router(stack, backend)
         sent = [await router.publish("R", b"%d" % i, persist=True) for i in range(30)]
         await _inject(backend, bad)
         sent += [await router.publish("R", b"%d" % i, persist=True) for i in range(30, 60)]
-        sink = PostgresSink(PG_DSN, table_prefix=pg_prefix)
-        worker = _worker(backend, sink, batch_size=64, max_delay=0.3)
-        reader = await stack.enter_async_context(PostgresSink(PG_DSN, table_prefix=pg_prefix))
+        worker = _worker(backend, make_sink(), batch_size=64, max_delay=0.3)
+        reader = await stack.enter_async_context(make_sink())
 
         async def all_stored() -> None:
             assert await reader.count() == len(sent)
@@ -354,24 +382,52 @@ class _Proxy:
                 tg.start_soon(copy, server, client)
 
 
+@pytest.mark.parametrize("database", ["postgresql", "mysql"])
 async def test_worker_process_exits_on_sigterm_while_the_sink_is_down(
-    pg_prefix: str, tmp_path: Path
+    database: str, tmp_path: Path
 ) -> None:
-    """`roomrouter worker` on PostgreSQL through a proxy; the proxy is cut (the database is
-    gone for the worker), frames keep coming, SIGTERM: the process exits within its stop
-    timeout, and what it held is stored by the next worker."""
-    from roomrouter.brokers.redis import RedisBroker
+    """`roomrouter worker` on PostgreSQL (MySQL) through a proxy; the proxy is cut (the
+    database is gone for the worker), frames keep coming, SIGTERM: the process exits within
+    its stop timeout, and what it held is stored by the next worker."""
+    from roomrouter.storage import MySQLSink, PostgresSink
 
     require_tcp("127.0.0.1", 6379, "Redis")
-    from roomrouter.storage import PostgresSink
+    prefix = f"rrtest_{uuid.uuid4().hex[:16]}"
+    if database == "postgresql":
+        require_tcp("127.0.0.1", 5432, "PostgreSQL")
+        port, url = 5432, "postgresql://postgres@127.0.0.1:{port}/test?table_prefix={prefix}"
+
+        def direct_sink() -> Sink:
+            return PostgresSink(PG_DSN, table_prefix=prefix)
+    else:
+        require_tcp("127.0.0.1", 3306, "MariaDB")
+        port, url = 3306, "mysql://root@127.0.0.1:{port}/test?table_prefix={prefix}"
+
+        def direct_sink() -> Sink:
+            return MySQLSink(MYSQL_URL, table_prefix=prefix)
+
+    try:
+        await _sigterm_while_the_sink_is_down(tmp_path, port, url, prefix, direct_sink)
+    finally:
+        with anyio.CancelScope(shield=True):
+            if database == "postgresql":
+                await drop_postgres_tables(prefix)
+            else:
+                await drop_mysql_tables(prefix)
+
+
+async def _sigterm_while_the_sink_is_down(
+    tmp_path: Path, port: int, url: str, prefix: str, direct_sink: Any
+) -> None:
+    from roomrouter.brokers.redis import RedisBroker
 
     ns = unique_namespace()
     log_path = tmp_path / "worker.log"
     async with AsyncExitStack() as stack:
         tg = await stack.enter_async_context(anyio.create_task_group())
-        proxy = _Proxy(5432)
+        proxy = _Proxy(port)
         await tg.start(proxy.run)
-        dsn = f"postgresql://postgres@127.0.0.1:{proxy.port}/test?table_prefix={pg_prefix}"
+        dsn = url.format(port=proxy.port, prefix=prefix)
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
         with log_path.open("wb") as log_file:
             proc = subprocess.Popen(
@@ -386,7 +442,7 @@ async def test_worker_process_exits_on_sigterm_while_the_sink_is_down(
                 namespace=ns, **TEST_ROUTER_OPTIONS,
             )  # fmt: skip
             router = await stack.enter_async_context(router)
-            reader = await stack.enter_async_context(PostgresSink(PG_DSN, table_prefix=pg_prefix))
+            reader = await stack.enter_async_context(direct_sink())
             first = [await router.publish("R", b"%d" % i, persist=True) for i in range(10)]
 
             async def stored_first() -> None:
@@ -414,7 +470,7 @@ async def test_worker_process_exits_on_sigterm_while_the_sink_is_down(
         consumer = RedisBroker(host="127.0.0.1", port=6379, redelivery_after=1).storage_consumer(
             ns, "w2"
         )
-        again = StorageWorker(consumer, PostgresSink(PG_DSN, table_prefix=pg_prefix), name="w2")
+        again = StorageWorker(consumer, direct_sink(), name="w2")
 
         async def all_stored() -> None:
             assert await reader.count() == 20

@@ -121,7 +121,12 @@ def demo(
 @cli.command()
 @click.option("--broker", required=True, help="Broker URL, e.g. redis://127.0.0.1:6379/0.")
 @click.option("--namespace", required=True, help="Cluster namespace whose queue to drain.")
-@click.option("--sink", required=True, help="sqlite:///path.db or postgresql://user@host/db.")
+@click.option(
+    "--sink",
+    required=True,
+    help="sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db "
+    "(any with ?table_prefix=name).",
+)
 @click.option("--name", default=None, help="Consumer name (default: host-pid).")
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=500, show_default=True,

@@ -1,11 +1,12 @@
 """Fixtures for the sink contract suite: one ``store`` per backend, isolated per test.
 
 A ``Store`` makes any number of sinks on the same storage (a temp SQLite file, or a unique
-PostgreSQL table prefix dropped afterwards) and reads or tampers with the schema version
+PostgreSQL / MySQL table prefix dropped afterwards) and reads or tampers with the schema version
 through the raw driver, behind the sink's back.
 
 PostgreSQL is expected at ``ROOMROUTER_TEST_POSTGRES`` (default
-``postgresql://postgres@127.0.0.1:5432/test``). If it cannot be reached its tests are skipped,
+``postgresql://postgres@127.0.0.1:5432/test``), MariaDB (or MySQL) at ``ROOMROUTER_TEST_MYSQL``
+(default ``mysql://root@127.0.0.1:3306/test``). If one cannot be reached its tests are skipped,
 except when ``CI`` is set: there a missing server is a failure, not a skip.
 """
 
@@ -22,12 +23,14 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from roomrouter.storage import PostgresSink, Sink, SQLiteSink
+from roomrouter.storage import MySQLSink, PostgresSink, Sink, SQLiteSink
 
 PG_DSN = os.environ.get("ROOMROUTER_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("ROOMROUTER_TEST_MYSQL", "mysql://root@127.0.0.1:3306/test")
 
 # Probed once per session: a down server costs one connection attempt, not one per test.
 _pg_probe: list[str | None] = []
+_mysql_probe: list[str | None] = []
 
 
 @pytest.fixture
@@ -75,6 +78,84 @@ async def pg_prefix(postgres_dsn: str) -> AsyncIterator[str]:
         yield prefix
     finally:
         await drop_postgres_tables(prefix)
+
+
+async def mysql_connect() -> Any:
+    """A raw asyncmy connection to the test server (autocommit), behind any sink's back."""
+    import asyncmy
+
+    where = urlsplit(MYSQL_URL)
+    return await asyncmy.connect(
+        host=where.hostname or "127.0.0.1",
+        port=where.port or 3306,
+        user=where.username or "root",
+        password=where.password or "",
+        db=where.path.lstrip("/"),
+        charset="utf8mb4",
+        autocommit=True,
+        connect_timeout=5,
+    )
+
+
+async def mysql_fetch(sql: str, *args: object) -> list[tuple[Any, ...]]:
+    """Run one statement on a fresh connection of its own, behind any sink's back."""
+    conn = await mysql_connect()
+    try:
+        async with conn.cursor() as cur:
+            await cur.execute(sql, args or None)
+            return list(await cur.fetchall() or [])
+    finally:
+        await conn.ensure_closed()
+
+
+async def drop_mysql_tables(prefix: str) -> None:
+    await mysql_fetch(
+        f"DROP TABLE IF EXISTS {prefix}_messages, {prefix}_meta, {prefix}_dead_letters"
+    )
+
+
+@pytest.fixture
+async def mysql_url() -> str:
+    """The test server's URL; skips the test if it is not reachable (fails it under CI)."""
+    if not _mysql_probe:
+        try:
+            conn = await mysql_connect()
+        except Exception as exc:
+            _mysql_probe.append(f"{type(exc).__name__}: {exc}")
+        else:
+            await conn.ensure_closed()
+            _mysql_probe.append(None)
+    reason = _mysql_probe[0]
+    if reason is not None:
+        where = urlsplit(MYSQL_URL)
+        message = f"MariaDB/MySQL not reachable at {where.hostname}:{where.port or 3306}: {reason}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return MYSQL_URL
+
+
+@pytest.fixture
+async def mysql_prefix(mysql_url: str) -> AsyncIterator[str]:
+    """A table prefix no other test uses; its tables are dropped afterwards."""
+    prefix = f"rrtest_{uuid.uuid4().hex[:16]}"
+    try:
+        yield prefix
+    finally:
+        await drop_mysql_tables(prefix)
+
+
+def _mysql_store(prefix: str) -> Store:
+    async def read() -> str | None:
+        rows = await mysql_fetch(f"SELECT value FROM {prefix}_meta WHERE `key` = 'schema_version'")
+        return str(rows[0][0]) if rows else None
+
+    async def write(version: str) -> None:
+        await mysql_fetch(
+            f"UPDATE {prefix}_meta SET value = %s WHERE `key` = 'schema_version'", version
+        )
+
+    return Store("mysql", lambda: MySQLSink(MYSQL_URL, table_prefix=prefix), read, write)
 
 
 def _sqlite_store(path: Path) -> Store:
@@ -125,10 +206,12 @@ def pg() -> Callable[..., Awaitable[list[dict[str, Any]]]]:
     return pg_fetch
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", "postgresql", "mysql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
     if request.param == "sqlite":
         return _sqlite_store(tmp_path / "messages.db")
+    if request.param == "mysql":
+        return _mysql_store(request.getfixturevalue("mysql_prefix"))
     return _postgres_store(request.getfixturevalue("pg_prefix"))
 
 

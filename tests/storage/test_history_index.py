@@ -13,9 +13,9 @@ import pytest
 
 from roomrouter import Envelope
 from roomrouter._envelope import IdGenerator
-from roomrouter.storage import PostgresSink, SQLiteSink
+from roomrouter.storage import MySQLSink, PostgresSink, SQLiteSink
 
-from .conftest import pg_fetch
+from .conftest import MYSQL_URL, mysql_fetch, pg_fetch
 
 pytestmark = pytest.mark.anyio
 
@@ -104,6 +104,46 @@ async def test_sqlite_history_uses_the_room_index(tmp_path: Path) -> None:
             assert [e.id for e in await sink.history("room3", **shape)] == _expected(
                 envelopes, **shape
             )
+
+
+async def test_mysql_history_uses_the_room_index(mysql_prefix: str) -> None:
+    """MariaDB's ANALYZE: one range of the (room, id) index, read in its order (no filesort),
+    and no row read beyond the page (MySQL would rather walk the primary key in id order for
+    ``ORDER BY ... LIMIT``, reading every room's rows)."""
+    envelopes = _envelopes()
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        await sink.write(envelopes)
+        await mysql_fetch(f"ANALYZE TABLE {mysql_prefix}_messages")
+        for shape in _shapes(envelopes):
+            sql, params = sink._history_query("room3", **shape)
+            [(text,)] = await mysql_fetch(f"ANALYZE FORMAT=JSON {sql}", *params)
+            plan = json.loads(text)
+            assert "filesort" not in text and "temporary" not in text, (shape, plan)
+            [step] = plan["query_block"]["nested_loop"]
+            table = step["table"]
+            assert table["key"] == f"{mysql_prefix}_messages_room_id", (shape, plan)
+            assert table["access_type"] in ("range", "ref"), (shape, plan)
+            assert table["r_rows"] <= shape["limit"], (shape, plan)
+            assert table["r_filtered"] == 100, (shape, plan)
+            assert [e.id for e in await sink.history("room3", **shape)] == _expected(
+                envelopes, **shape
+            )
+
+
+async def test_mysql_database_without_the_room_index_gets_it_on_start(mysql_prefix: str) -> None:
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix):
+        pass
+    index = f"{mysql_prefix}_messages_room_id"
+    await mysql_fetch(f"DROP INDEX `{index}` ON {mysql_prefix}_messages")
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        await sink.write(_envelopes()[:50])
+        assert len(await sink.history("room3")) == 3
+    rows = await mysql_fetch(
+        "SELECT column_name FROM information_schema.statistics WHERE table_schema = DATABASE() "
+        "AND index_name = %s ORDER BY seq_in_index",
+        index,
+    )
+    assert [r[0] for r in rows] == ["room", "id"]
 
 
 def _expected(

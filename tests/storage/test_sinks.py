@@ -1,7 +1,9 @@
-"""The sink contract (``roomrouter.storage._base``), run against SQLite and PostgreSQL."""
+"""The sink contract (``roomrouter.storage._base``), run against SQLite, PostgreSQL and MySQL
+(MariaDB)."""
 
 from __future__ import annotations
 
+import logging
 import random
 import sqlite3
 import subprocess
@@ -19,8 +21,8 @@ from hypothesis import strategies as st
 
 import roomrouter.storage
 from roomrouter._envelope import Envelope, IdGenerator
-from roomrouter._errors import ConfigurationError, MissingDependency, SinkError
-from roomrouter.storage import PostgresSink, Sink, SQLiteSink, sink_from_url
+from roomrouter._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused
+from roomrouter.storage import MySQLSink, PostgresSink, Sink, SQLiteSink, sink_from_url
 from roomrouter.storage._base import SCHEMA_VERSION
 
 if TYPE_CHECKING:
@@ -98,6 +100,9 @@ async def test_a_failing_batch_writes_nothing(sink: Sink) -> None:
     assert info.value.__cause__ is not None
     assert await sink.count() == 0
     assert await sink.write(good) == 3
+    # Reading such a room is refused the same way, never a bare UnicodeError.
+    with pytest.raises(SinkError):
+        await sink.history(bad.room)
 
 
 # --- reads --------------------------------------------------------------------------------
@@ -360,6 +365,8 @@ def test_a_bad_table_prefix_is_refused(prefix: object) -> None:
         SQLiteSink(":memory:", table_prefix=prefix)  # type: ignore[arg-type]
     with pytest.raises(ConfigurationError, match="table_prefix"):
         PostgresSink("postgresql://u@h/db", table_prefix=prefix)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError, match="table_prefix"):
+        MySQLSink("mysql://u@h/db", table_prefix=prefix)  # type: ignore[arg-type]
 
 
 # --- backend specifics --------------------------------------------------------------------
@@ -446,6 +453,220 @@ async def test_postgres_orders_ids_bytewise_whatever_the_database_locale(
     assert {r["column_name"]: r["collation_name"] for r in rows} == {"id": "C", "room": "C"}
 
 
+async def test_mysql_unreachable_raises_sink_error() -> None:
+    sink = MySQLSink("mysql://root:hunter2@127.0.0.1:1/test", connect_timeout=5)
+    with pytest.raises(SinkError, match=r"cannot connect to MySQL at 127\.0\.0\.1:1:") as info:
+        await sink.start()
+    assert type(info.value) is SinkError
+    assert "hunter2" not in str(info.value) and "hunter2" not in repr(sink)
+
+
+async def test_mysql_restart_logs_no_warning(
+    mysql_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """asyncmy logs each server note as a WARNING; a start on existing tables makes none."""
+    from .conftest import MYSQL_URL
+
+    for _ in range(2):
+        async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+            await sink.write(envelopes("lobby", 2))
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
+async def test_mysql_server_errors_are_mapped(mysql_prefix: str) -> None:
+    from asyncmy.errors import ProgrammingError
+
+    from .conftest import MYSQL_URL, mysql_fetch
+
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        await mysql_fetch(f"DROP TABLE {mysql_prefix}_messages")
+        with pytest.raises(SinkError) as info:
+            await sink.write(envelopes("lobby", 1))
+        # A missing table is an outage to report, not a refusal of the rows.
+        assert type(info.value) is SinkError
+        assert isinstance(info.value.__cause__, ProgrammingError)
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["room", "origin", "id"],
+)
+async def test_mysql_refuses_values_too_long_and_writes_none_of_the_batch(
+    mysql_prefix: str, field: str
+) -> None:
+    """Strict mode: a value too long for its column is refused (error 1406), never truncated;
+    the rest of the batch is not written either, and written alone it is stored."""
+    from .conftest import MYSQL_URL
+
+    good = envelopes("lobby", 3)
+    values = {"room": "\U0001f389" * 701, "origin": "o" * 70_000, "id": "z" * 256}
+    fields = {"id": "zz", "room": "lobby", "origin": "n", **{field: values[field]}}
+    bad = Envelope(ts=0.0, payload=b"", **fields)
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        with pytest.raises(SinkRefused, match="1406") as info:
+            await sink.write([*good, bad])
+        assert await sink.count() == 0
+        assert await sink.write(good) == 3
+        # At the limit it fits: 700 four-byte characters is 2,800 bytes.
+        edge = Envelope(id="y" * 255, room="\U0001f389" * 700, origin="n", ts=0.0, payload=b"")
+        assert await sink.write([edge]) == 1
+        assert [e.id for e in await sink.history(edge.room)] == [edge.id]
+    assert info.value.__cause__ is not None
+
+
+async def test_mysql_refuses_a_message_larger_than_the_server_takes(mysql_prefix: str) -> None:
+    """Past max_allowed_packet (16 MiB here) the server breaks the connection mid-statement
+    ("Packet sequence number wrong"): a plain SinkError, which a worker would retry for ever.
+    It is refused up front instead; a large message within the bound is stored."""
+    from .conftest import MYSQL_URL, mysql_fetch
+
+    [(max_packet,)] = await mysql_fetch("SELECT @@max_allowed_packet")
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        [huge] = envelopes("lobby", 1, payload=bytes(int(max_packet) + 1))
+        with pytest.raises(SinkRefused, match="max_allowed_packet"):
+            await sink.write([huge, *envelopes("lobby", 2)])
+        assert await sink.count() == 0
+        # All NUL, the worst case of escaping (each byte doubled), just under the bound.
+        [large] = envelopes("lobby", 1, payload=bytes((int(max_packet) - 1_200_000) // 2))
+        assert await sink.write([large, *envelopes("lobby", 2)]) == 3
+        [stored] = await sink.history("lobby", limit=1, before=large.id + "0")
+        assert stored.payload == large.payload
+
+
+async def test_mysql_a_lost_connection_is_an_outage_and_the_sink_recovers(
+    mysql_prefix: str,
+) -> None:
+    from .conftest import MYSQL_URL, mysql_fetch
+
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix, max_pool_size=1) as sink:
+        await sink.write(envelopes("lobby", 1))
+        # The server ends the sink's (only) connection behind its back.
+        [(conn_id,)] = await mysql_fetch(
+            "SELECT id FROM information_schema.processlist WHERE info IS NULL AND db = 'test' "
+            "AND id <> CONNECTION_ID() ORDER BY time LIMIT 1"
+        )
+        await mysql_fetch(f"KILL CONNECTION {int(conn_id)}")
+        batch = envelopes("lobby", 5)
+        outcomes: list[object] = []
+        for _ in range(3):  # the first try may meet the dead connection; a retry must work
+            try:
+                outcomes.append(await sink.write(batch))
+                break
+            except SinkError as exc:
+                assert type(exc) is SinkError, exc  # transient, not SinkRefused
+                outcomes.append(exc)
+        assert outcomes[-1] == 5, outcomes
+        assert await sink.count() == 6
+
+
+async def test_mysql_a_write_stuck_behind_a_lock_is_an_outage(mysql_prefix: str) -> None:
+    """Another transaction holds one of the batch's ids: the write waits for the lock until
+    its command timeout, fails as a plain SinkError (worth retrying), writes nothing, and the
+    retry after the lock is gone stores the batch."""
+    from .conftest import MYSQL_URL, mysql_connect
+
+    batch = envelopes("lobby", 50)
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix, command_timeout=1.0) as sink:
+        holder = await mysql_connect()
+        try:
+            async with holder.cursor() as cur:
+                await cur.execute("BEGIN")
+                await cur.execute(
+                    f"INSERT INTO {mysql_prefix}_messages (id, room, origin, ts, payload, "
+                    "headers) VALUES (%s, 'lobby', 'x', 0, '', '{}')",
+                    (batch[25].id,),
+                )
+            with pytest.raises(SinkError) as info:
+                await sink.write(batch)
+            assert type(info.value) is SinkError, info.value
+            async with holder.cursor() as cur:
+                await cur.execute("ROLLBACK")
+        finally:
+            await holder.ensure_closed()
+        assert await sink.count() == 0
+        with anyio.fail_after(20):
+            while True:  # the server may still be finishing the abandoned statement
+                try:
+                    assert await sink.write(batch) == 50
+                    break
+                except SinkError:
+                    await anyio.sleep(0.2)
+        assert [e.id for e in await sink.history("lobby", limit=100)] == ids(batch)
+
+
+def test_mysql_error_numbers_are_classified() -> None:
+    """The table behind the classification: values refused, the rest transient."""
+    from asyncmy import errors
+
+    from roomrouter.storage.mysql import _refused
+
+    refused = {
+        1048: "Column cannot be null",
+        1264: "Out of range value",
+        1366: "Incorrect string value",
+        1406: "Data too long",
+        1292: "Truncated incorrect value",
+    }
+    transient = {
+        1205: "Lock wait timeout exceeded",
+        1213: "Deadlock found",
+        2013: "Lost connection",
+        2006: "MySQL server has gone away",
+        1146: "Table doesn't exist",
+    }
+    for code, text in refused.items():
+        assert _refused(errors.DataError(code, text)), code
+    for code, text in transient.items():
+        assert not _refused(errors.OperationalError(code, text)), code
+    assert _refused(UnicodeEncodeError("utf-8", "\ud800", 0, 1, "surrogates not allowed"))
+
+
+async def test_mysql_a_cancelled_write_is_committed_whole_or_not_at_all(mysql_prefix: str) -> None:
+    """Cancelled at many points of a batch large enough to take several INSERT statements:
+    each time either all of it is stored or none; a partial commit would show as a later
+    write of the same batch inserting some but not all."""
+    from .conftest import MYSQL_URL
+
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        seen: set[int] = set()
+        for n, delay in enumerate([0.0, 0.002, 0.01, 0.03, 0.08, 0.15, 0.25, 0.4, 0.6, 3.0]):
+            batch = envelopes(f"room-{n}", 12_000, payload=bytes(200))
+            with anyio.move_on_after(delay):
+                await sink.write(batch)
+            again = await sink.write(batch)
+            assert again in (0, len(batch)), (delay, again)
+            seen.add(again)
+            assert await sink.count(f"room-{n}") == len(batch)
+    # Both outcomes happened, so the cancellations landed inside the write.
+    assert seen == {0, len(batch)}, seen
+
+
+async def test_mysql_names_and_payloads_roundtrip(mysql_prefix: str) -> None:
+    """utf8mb4 end to end (emoji in room, origin, headers), binary payloads, and byte-exact
+    keys: trailing spaces and case make different rooms and ids."""
+    from .conftest import MYSQL_URL
+
+    rooms = ["\U0001f389 party", "\U0001f389 party ", "Party", "party", "\u00e9"]
+    items = [
+        Envelope(
+            id=f"{IdGenerator().next()}",
+            room=room,
+            origin="node-\U0001f680",
+            ts=1.5,
+            payload=bytes(range(256)) + "\U0001f600".encode(),
+            headers={"\U0001f511": "\U0001f512 \x00"},
+            persist=True,
+        )
+        for room in rooms
+    ]
+    items.append(msgspec.structs.replace(items[0], id=items[0].id + " "))
+    async with MySQLSink(MYSQL_URL, table_prefix=mysql_prefix) as sink:
+        assert await sink.write(items) == len(items)
+        for room in rooms:
+            stored = await sink.history(room)
+            assert stored == [e for e in items if e.room == room]
+
+
 # --- URLs and exports ---------------------------------------------------------------------
 
 
@@ -496,7 +717,13 @@ def test_postgres_urls(url: str, dsn: str, prefix: str) -> None:
     [
         "",
         "messages.db",
-        "mysql://u@h/db",
+        "mysqlx://u@h/db",
+        "mysql://u@h",
+        "mysql://u@h/",
+        "mysql://u@h:port/db",
+        "mysql://u@h/db?ssl=1",
+        "mariadb://u@h/db?table_prefix=Bad",
+        "mysql://u@h/db?table_prefix=a&table_prefix=b",
         "sqlite://",
         "sqlite:///",
         "sqlite://host/x.db",
@@ -512,9 +739,41 @@ def test_bad_urls_raise_configuration_error(url: str) -> None:
         sink_from_url(url)
 
 
-def test_error_messages_do_not_repeat_a_password() -> None:
+@pytest.mark.parametrize(
+    ("url", "connect", "prefix"),
+    [
+        (
+            "mysql://app:s%40cret@db.local:3307/chat",
+            {"host": "db.local", "port": 3307, "user": "app", "password": "s@cret", "db": "chat"},
+            "roomrouter",
+        ),
+        (
+            "MariaDB://root@127.0.0.1/test?table_prefix=t1",
+            {"host": "127.0.0.1", "port": 3306, "user": "root", "password": "", "db": "test"},
+            "t1",
+        ),
+    ],
+)
+def test_mysql_urls(url: str, connect: dict[str, object], prefix: str) -> None:
+    sink = sink_from_url(url)
+    assert isinstance(sink, MySQLSink)
+    assert (sink._connect, sink.table_prefix) == (connect, prefix)
+    assert "cret" not in repr(sink)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://u:hunter2@h:port/db",
+        "mysql://u:hunter2@h:port/db",
+        "mysql://u:hunter2@h/db?ssl=1",
+        "mysql://u:hunter2@h/",
+        "mariadb://u:hunter2@h/db?table_prefix=Bad",
+    ],
+)
+def test_error_messages_do_not_repeat_a_password(url: str) -> None:
     with pytest.raises(ConfigurationError) as info:
-        sink_from_url("postgresql://u:hunter2@h:port/db")
+        sink_from_url(url)
     assert "hunter2" not in str(info.value)
 
 
@@ -524,6 +783,31 @@ def test_a_missing_asyncpg_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(MissingDependency, match=r'pip install "roomrouter\[postgres\]"'):
         sink_from_url("postgresql://u@h/db")
     assert isinstance(sink_from_url("sqlite:///x.db"), SQLiteSink)
+
+
+def test_a_missing_asyncmy_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncmy", None)  # makes `import asyncmy` fail
+    monkeypatch.delitem(sys.modules, "roomrouter.storage.mysql", raising=False)
+    with pytest.raises(MissingDependency, match=r'pip install "roomrouter\[mysql\]"'):
+        sink_from_url("mysql://u@h/db")
+    with pytest.raises(MissingDependency, match=r'pip install "roomrouter\[mysql\]"'):
+        roomrouter.storage.MySQLSink  # noqa: B018
+    assert isinstance(sink_from_url("sqlite:///x.db"), SQLiteSink)
+
+
+def test_importing_storage_does_not_import_asyncmy() -> None:
+    code = (
+        "import sys, roomrouter.storage as s; s.sink_from_url('sqlite://:memory:'); "
+        "assert 'asyncmy' not in sys.modules, 'asyncmy imported'; "
+        "s.MySQLSink; assert 'asyncmy' in sys.modules"
+    )
+    src = Path(roomrouter.storage.__file__).parents[2]
+    subprocess.run(
+        [sys.executable, "-W", "error", "-c", code],
+        check=True,
+        env={"PYTHONPATH": str(src)},
+        timeout=30,
+    )
 
 
 def test_importing_storage_does_not_import_asyncpg() -> None:
@@ -544,7 +828,7 @@ def test_importing_storage_does_not_import_asyncpg() -> None:
 def test_exports() -> None:
     names = roomrouter.storage.__all__
     assert names == sorted(names)
-    assert {"PostgresSink", "SQLiteSink", "Sink", "sink_from_url"} <= set(names)
+    assert {"MySQLSink", "PostgresSink", "SQLiteSink", "Sink", "sink_from_url"} <= set(names)
     for name in names:
         assert getattr(roomrouter.storage, name) is not None
     with pytest.raises(AttributeError):

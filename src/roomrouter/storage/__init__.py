@@ -1,8 +1,8 @@
 """Persistence: sinks that store envelopes durably, and the worker that feeds them.
 
-``PostgresSink`` is imported on first access, so ``import roomrouter.storage`` never imports
-asyncpg; without the ``roomrouter[postgres]`` extra that access raises
-:class:`~roomrouter.MissingDependency`.
+``PostgresSink`` and ``MySQLSink`` are imported on first access, so ``import roomrouter.storage``
+never imports asyncpg or asyncmy; without the ``roomrouter[postgres]`` (``roomrouter[mysql]``)
+extra that access raises :class:`~roomrouter.MissingDependency`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ from .sqlite import SQLiteSink
 from .worker import StorageWorker, WorkerStats
 
 if TYPE_CHECKING:
+    from .mysql import MySQLSink
     from .postgres import PostgresSink
 
 __all__ = [
     "DeadLetter",
+    "MySQLSink",
     "PostgresSink",
     "SQLiteSink",
     "Sink",
@@ -33,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from .postgres import PostgresSink
 
         return PostgresSink
+    if name == "MySQLSink":
+        from .mysql import MySQLSink
+
+        return MySQLSink
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

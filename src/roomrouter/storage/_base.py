@@ -96,7 +96,7 @@ class Sink(ABC):
     run concurrently.
     """
 
-    #: Short backend name (``"sqlite"``, ``"postgresql"``).
+    #: Short backend name (``"sqlite"``, ``"postgresql"``, ``"mysql"``).
     name: str
 
     @abstractmethod

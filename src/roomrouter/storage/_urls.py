@@ -6,11 +6,14 @@
 ``sqlite://:memory:``               a private in-memory database (also ``sqlite:///:memory:``)
 ``postgresql://user@host:5432/db``  PostgreSQL through asyncpg (also ``postgres://``); the
                                     ``roomrouter[postgres]`` extra must be installed
+``mysql://user:pw@host:3306/db``    MySQL or MariaDB through asyncmy (also ``mariadb://``); the
+                                    ``roomrouter[mysql]`` extra must be installed
 ==================================  ===========================================================
 
-Both accept ``?table_prefix=name``. Other query parameters of a PostgreSQL URL are handed to
-asyncpg unchanged (``sslmode``, server settings, ...); a SQLite URL accepts no other. Error
-messages never repeat a PostgreSQL URL, which may hold a password.
+All accept ``?table_prefix=name`` (default ``roomrouter``: the tables are ``<name>_messages``,
+``<name>_meta`` and ``<name>_dead_letters``). Other query parameters of a PostgreSQL URL are
+handed to asyncpg unchanged (``sslmode``, server settings, ...); a SQLite or MySQL URL accepts
+no other. Error messages never repeat a password (URLs are shown redacted).
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ _MEMORY_LOCATIONS = (":memory:", "/:memory:")
 def sink_from_url(url: str) -> Sink:
     """Return an unstarted sink for ``url``; raise ConfigurationError if the URL is not valid.
 
-    The PostgreSQL backend is imported only when a PostgreSQL URL is given; if asyncpg is not
-    installed this raises :class:`~roomrouter.MissingDependency`, which names the extra.
+    The PostgreSQL (MySQL) backend is imported only when a PostgreSQL (MySQL) URL is given; if
+    asyncpg (asyncmy) is not installed this raises :class:`~roomrouter.MissingDependency`,
+    which names the extra.
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"a sink URL must be a str, not {type(url).__name__}")
@@ -45,8 +49,11 @@ def sink_from_url(url: str) -> Sink:
         return _sqlite(url, rest)
     if scheme in ("postgresql", "postgres"):
         return _postgres(url)
+    if scheme in ("mysql", "mariadb"):
+        return _mysql(url)
     raise ConfigurationError(
-        f"unknown sink URL scheme {scheme!r}: use sqlite:// or postgresql:// (or postgres://)"
+        f"unknown sink URL scheme {scheme!r}: use sqlite://, postgresql:// (or postgres://) "
+        "or mysql:// (or mariadb://)"
     )
 
 
@@ -88,6 +95,26 @@ def _postgres(url: str) -> Sink:
     if table_prefix is None:
         return PostgresSink(dsn)
     return PostgresSink(dsn, table_prefix=table_prefix)
+
+
+def _mysql(url: str) -> Sink:
+    from .mysql import MySQLSink  # here, so asyncmy is imported only when asked for
+
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        raise ConfigurationError(f"MySQL URL {redact(url)!r} is not valid: {exc}") from None
+    options = _query(parts.query, "the MySQL URL")
+    table_prefix = options.pop("table_prefix", None)
+    if options:
+        raise ConfigurationError(
+            f"unknown option(s) {sorted(options)} in MySQL URL {redact(url)!r}: "
+            "the only one is table_prefix"
+        )
+    base = urlunsplit(parts._replace(query=""))
+    if table_prefix is None:
+        return MySQLSink(base)
+    return MySQLSink(base, table_prefix=table_prefix)
 
 
 def _query(query: str, where: str) -> dict[str, str]:
