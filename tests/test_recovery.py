@@ -21,7 +21,7 @@ from roomrouter.storage import SQLiteSink
 from .backends import BACKENDS, Backend, key_prefix_of
 from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
 from .faulty import ControlFault
-from .helpers import drain, receive_n
+from .helpers import drain, eventually, receive_n
 from .test_redis import PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -291,6 +291,60 @@ async def test_history_reads_do_not_wait_behind_publishes(private_redis: Private
             await client.aclose()
         assert recovery.count >= 14 and recovery.complete
         assert took < 0.7, f"the recovery waited {took:.2f}s behind a paused publish"
+
+
+async def test_cluster_history_reads_do_not_wait_behind_publishes() -> None:
+    """The same on Redis Cluster: with the room's shard refusing writes for a while (CLIENT
+    PAUSE WRITE there), a persisted publish to the room waits on the shard's pipelined
+    connection, and a join with ``since`` still reads the shard's recent cache at once."""
+    from redis.asyncio import Redis
+
+    from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+    backend = BACKENDS["redis-cluster"](unique_namespace())
+    backend.available()
+    try:
+        async with _router_on(backend, operation_timeout=3) as router:
+            broker = router.broker
+            assert isinstance(broker, RedisClusterBroker)
+            sent = [await router.publish("r", b"%d" % i, persist=True) for i in range(20)]
+            member = router.member("m")
+            await router.member("keeper").join("r")  # the room is subscribed already
+            host, _, port = broker.shard_of("r").rpartition(":")
+            client = Redis(host=host, port=int(port))
+            try:
+                await client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(router.publish, "r", b"paused", persist=True))
+                    await anyio.sleep(0.1)  # that publish is on the wire, waiting for Redis
+                    started = anyio.current_time()
+                    recovery = await member.join("r", since=sent[5].id)
+                    took = anyio.current_time() - started
+            finally:
+                await client.execute_command("CLIENT", "UNPAUSE")
+                await client.aclose()
+            assert recovery.count >= 14 and recovery.complete
+            assert took < 0.7, f"the recovery waited {took:.2f}s behind a paused publish"
+            reads = await _clients_named(host, int(port), broker.client_name("read"))
+            assert reads >= 1, "the history read did not run on a connection of its own"
+
+        async def closed() -> None:
+            assert await _clients_named(host, int(port), broker.client_name("read")) == 0
+
+        await eventually(closed, timeout=3)  # closed with the broker
+    finally:
+        await backend.cleanup()
+
+
+async def _clients_named(host: str, port: int, name: str) -> int:
+    from redis.asyncio import Redis
+
+    client = Redis(host=host, port=port)
+    try:
+        listing = await client.client_list()
+    finally:
+        await client.aclose()
+    return sum(entry.get("name") == name for entry in listing)
 
 
 async def test_concurrent_recoveries_of_a_room_share_one_sink_read(tmp_path: Path) -> None:
