@@ -33,6 +33,9 @@ cluster pub/sub confirms nothing and hides which node holds what. Per shard mast
   in one write and confirmed by the reader;
 * a *publisher* connection with a flusher task: concurrent publishes are grouped by the owner
   of their slot and each group is sent as one pipeline, like :class:`RedisBroker`'s.
+* once a history read went there, up to ``READERS`` *history-read* connections
+  (:class:`~roomrouter.brokers._redis_common.HistoryReaders`, as on a single Redis), so that
+  recoveries never wait behind the publisher pipeline nor share its timeout.
 
 Following the cluster. A lost subscriber connection, an unsolicited ``sunsubscribe`` (the
 server drops shard subscribers of slots it no longer owns, e.g. after a failover), a
