@@ -3,7 +3,8 @@
 ``ControlFault(inner)`` delegates everything to a real broker (any backend) but sits between
 the broker and the router's control handler: it can delay every incoming control frame (a slow
 link: a join barrier then really waits), drop the next frames of one kind (frames lost while a
-connection was down), and fake a reconnect (the router then says Hello again).
+connection was down), and fake a reconnect (the router then says Hello again). Its recent
+reads can be held in flight and made to fail.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ class ControlFault(Broker):
         self._context: BrokerContext | None = None
         self.recent_error: Exception | None = None  # what recent() raises while set
         self.recent_reads = 0
+        #: While set, recent() waits for this event before it answers (or fails): a recovery
+        #: held in flight, so that the test can act meanwhile.
+        self.recent_hold: anyio.Event | None = None
 
     # -- faults ---------------------------------------------------------------------------------
 
@@ -114,6 +118,8 @@ class ControlFault(Broker):
         self, room: str, *, since: str | None = None, limit: int | None = None
     ) -> RecentFrames:
         self.recent_reads += 1
+        if self.recent_hold is not None:
+            await self.recent_hold.wait()
         if self.recent_error is not None:
             raise self.recent_error
         return await self.inner.recent(room, since=since, limit=limit)

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import pytest
 
-from roomrouter import BrokerUnavailable, Envelope, HistoryUnavailable, RoomRouter
+from roomrouter import BrokerUnavailable, Envelope, HistoryUnavailable, Member, RoomRouter
 from roomrouter._envelope import encode_envelope
 from roomrouter.brokers._base import RECENT_SKEW_MS
 from roomrouter.brokers.memory import MemoryBroker
@@ -21,7 +21,7 @@ from roomrouter.storage import SQLiteSink
 from .backends import BACKENDS, Backend, key_prefix_of
 from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
 from .faulty import ControlFault
-from .helpers import drain, receive_n
+from .helpers import drain, eventually, receive_n
 from .test_redis import PrivateRedis
 
 pytestmark = pytest.mark.anyio
@@ -74,6 +74,105 @@ async def test_a_join_whose_recovery_failed_leaves_the_member_out_and_a_retry_re
             got = await receive_n(m, 21)
             assert [e.id for e in got[:20]] == [e.id for e in sent[10:]]
             assert got[20].payload == b"while out"
+
+
+async def _second_joins_during_a_held_recovery(
+    outcome: str, kinds: tuple[str, ...]
+) -> tuple[list[object], RoomRouter, list[Envelope], Member]:
+    """A member joins ``r`` with ``since`` while its recovery is held in flight; then the
+    same member joins ``r`` again, once per ``kinds`` at once (``plain``, ``since``,
+    ``history``), and the first's recovery is let go: it fails (``outcome="fail"``), its
+    caller is cancelled (``"cancel"``) or it succeeds (``"ok"``). Returns what each second
+    join returned (with whether the member was in the room then) or raised, the router
+    (running: the caller closes it), the sent envelopes and the member."""
+    fault = ControlFault(MemoryBroker(unique_namespace()))
+    router = _router(fault)
+    await router.__aenter__()
+    sent = [await router.publish("r", b"%d" % i, persist=True) for i in range(10)]
+    member = router.member("m")
+    fault.recent_hold = anyio.Event()
+    if outcome == "fail":
+        fault.recent_error = BrokerUnavailable("the recent cache is down")
+    seconds: list[object] = [None] * len(kinds)
+    first: list[object] = []
+
+    async def first_join(scope: anyio.CancelScope) -> None:
+        with scope:
+            try:
+                first.append(await member.join("r", since=sent[2].id))
+            except HistoryUnavailable as exc:
+                first.append(exc)
+
+    async def second_join(i: int) -> None:
+        try:
+            if kinds[i] == "plain":
+                recovery = await member.join("r")
+            elif kinds[i] == "history":
+                recovery = await member.join("r", history=2)
+            else:
+                recovery = await member.join("r", since=sent[4].id)
+            seconds[i] = (recovery, "r" in member.rooms)
+        except HistoryUnavailable as exc:
+            seconds[i] = exc
+
+    scope = anyio.CancelScope()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(first_join, scope)
+
+            def reading() -> None:  # the first joined live and is reading history
+                assert fault.recent_reads > 0
+
+            await eventually(reading, interval=0.005)
+            assert "r" in member.rooms
+            for i in range(len(kinds)):
+                tg.start_soon(second_join, i)
+            await anyio.sleep(0.1)  # the second joins are in, waiting or (before) returned
+            if outcome == "cancel":
+                scope.cancel()
+            hold, fault.recent_hold = fault.recent_hold, None
+            hold.set()
+    assert len(first) == (outcome != "cancel")
+    return seconds, router, sent, member
+
+
+async def test_a_second_join_during_a_recovery_that_fails_fails_too() -> None:
+    """A second join of the same member and room returned once the first's *live* join was
+    done, and reported success; the first's recovery then failed, which takes the member out
+    of the room: the second join's "joined" was false. It now waits for the first's whole
+    outcome, and fails with it."""
+    kinds = ("plain", "since", "since", "history")
+    seconds, router, _, member = await _second_joins_during_a_held_recovery("fail", kinds)
+    try:
+        assert all(isinstance(s, HistoryUnavailable) for s in seconds), seconds
+        assert member.rooms == frozenset()
+        assert "r" not in router.local_rooms
+    finally:
+        await router.__aexit__(None, None, None)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "kinds"),
+    [("ok", ("plain", "since", "since", "history")), ("cancel", ("since", "since", "since"))],
+)
+async def test_a_second_join_during_a_recovery_returns_with_its_outcome(
+    outcome: str, kinds: tuple[str, ...]
+) -> None:
+    """When the first's recovery succeeds, the second joins return with the member in the
+    room and the first's recovery delivered. When the first's caller is cancelled during its
+    recovery (which takes the member out), one second join makes the join with its own
+    recovery and the others wait for it: each returns with the member in the room, and what
+    was missed after its ``since`` comes first, once."""
+    seconds, router, sent, member = await _second_joins_during_a_held_recovery(outcome, kinds)
+    try:
+        assert all(isinstance(s, tuple) and s[1] for s in seconds), seconds
+        assert member.rooms == frozenset({"r"})
+        later = await router.publish("r", b"later")
+        got = [e.id for e in await drain(member, settle=0.05)]
+        since = 2 if outcome == "ok" else 4
+        assert got == [e.id for e in sent[since + 1 :]] + [later.id]
+    finally:
+        await router.__aexit__(None, None, None)
 
 
 async def test_a_join_whose_sink_failed_leaves_the_member_out(tmp_path: Path) -> None:
@@ -292,6 +391,60 @@ async def test_history_reads_do_not_wait_behind_publishes(private_redis: Private
             await client.aclose()
         assert recovery.count >= 14 and recovery.complete
         assert took < 0.7, f"the recovery waited {took:.2f}s behind a paused publish"
+
+
+async def test_cluster_history_reads_do_not_wait_behind_publishes() -> None:
+    """The same on Redis Cluster: with the room's shard refusing writes for a while (CLIENT
+    PAUSE WRITE there), a persisted publish to the room waits on the shard's pipelined
+    connection, and a join with ``since`` still reads the shard's recent cache at once."""
+    from redis.asyncio import Redis
+
+    from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+    backend = BACKENDS["redis-cluster"](unique_namespace())
+    backend.available()
+    try:
+        async with _router_on(backend, operation_timeout=3) as router:
+            broker = router.broker
+            assert isinstance(broker, RedisClusterBroker)
+            sent = [await router.publish("r", b"%d" % i, persist=True) for i in range(20)]
+            member = router.member("m")
+            await router.member("keeper").join("r")  # the room is subscribed already
+            host, _, port = broker.shard_of("r").rpartition(":")
+            client = Redis(host=host, port=int(port))
+            try:
+                await client.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(partial(router.publish, "r", b"paused", persist=True))
+                    await anyio.sleep(0.1)  # that publish is on the wire, waiting for Redis
+                    started = anyio.current_time()
+                    recovery = await member.join("r", since=sent[5].id)
+                    took = anyio.current_time() - started
+            finally:
+                await client.execute_command("CLIENT", "UNPAUSE")
+                await client.aclose()
+            assert recovery.count >= 14 and recovery.complete
+            assert took < 0.7, f"the recovery waited {took:.2f}s behind a paused publish"
+            reads = await _clients_named(host, int(port), broker.client_name("read"))
+            assert reads >= 1, "the history read did not run on a connection of its own"
+
+        async def closed() -> None:
+            assert await _clients_named(host, int(port), broker.client_name("read")) == 0
+
+        await eventually(closed, timeout=3)  # closed with the broker
+    finally:
+        await backend.cleanup()
+
+
+async def _clients_named(host: str, port: int, name: str) -> int:
+    from redis.asyncio import Redis
+
+    client = Redis(host=host, port=port)
+    try:
+        listing = await client.client_list()
+    finally:
+        await client.aclose()
+    return sum(entry.get("name") == name for entry in listing)
 
 
 async def test_concurrent_recoveries_of_a_room_share_one_sink_read(tmp_path: Path) -> None:

@@ -18,7 +18,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from roomrouter import ConfigurationError, DeliveryGap, Envelope, Member, RoomRouter
+from roomrouter import (
+    ConfigurationError,
+    DeliveryGap,
+    Envelope,
+    HistoryUnavailable,
+    Member,
+    RoomRouter,
+)
 from roomrouter._envelope import encode_envelope
 from roomrouter.brokers.redis import key_prefix
 from roomrouter.brokers.redis_cluster import RedisClusterBroker, cluster_room_channel
@@ -266,6 +273,51 @@ async def test_manual_failover_of_a_shard_master_is_survived(
         assert got.id == sent.id
         assert a.stats()["task_restarts"] == 0
         assert took < 5
+
+
+async def test_history_reads_follow_a_failover(failover_cluster: RedisClusterServers) -> None:
+    """History reads have connections of their own per shard master: after a manual failover
+    of the room's master, recoveries read from the promoted replica, and the resync closes
+    the read connections to the old master (a replica now)."""
+    async with AsyncExitStack() as stack:
+        nodes = Nodes(failover_cluster, stack)
+        [a] = await nodes.start(1)
+        broker = _broker(a)
+        old = broker.shard_of("r")
+        sent = [await a.publish("r", b"%d" % i, persist=True) for i in range(20)]
+        assert [e.id for e in await a.history("r", limit=50)] == [e.id for e in sent]
+        client = nodes.node_client(old)
+        stack.push_async_callback(client.aclose)
+        name = broker.client_name("read")
+        assert any(c.get("name") == name for c in await client.client_list())
+        replica = _replica_of(failover_cluster, old)
+        assert "OK" in _cli(replica, "CLUSTER", "FAILOVER")
+        deadline = time.monotonic() + 15
+        while "role:master" not in _cli(replica, "INFO", "replication"):
+            assert time.monotonic() < deadline, "the replica was not promoted"
+            await anyio.sleep(0.05)
+        members = [a.member(f"m{i}") for i in range(10)]
+
+        async def recovered(i: int) -> None:
+            with anyio.fail_after(10):
+                while True:
+                    try:
+                        await members[i].join("r", since=sent[i].id)
+                        break
+                    except HistoryUnavailable:  # the first read may meet the old master
+                        await anyio.sleep(0.1)
+            got = [await members[i].receive() for _ in sent[i + 1 :]]
+            assert [e.id for e in got] == [e.id for e in sent[i + 1 :]]
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(members)):
+                tg.start_soon(recovered, i)
+        await eventually(lambda: _assert(broker.shard_of("r") == f"127.0.0.1:{replica}"))
+
+        async def old_reads_closed() -> None:
+            assert not any(c.get("name") == name for c in await client.client_list())
+
+        await eventually(old_reads_closed, timeout=5)
 
 
 async def test_a_killed_shard_master_is_survived(failover_cluster: RedisClusterServers) -> None:

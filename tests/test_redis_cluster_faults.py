@@ -181,6 +181,56 @@ async def test_persisted_publishes_during_a_slot_migration_follow_ask(
         assert _cli(src, "EXISTS", key.decode()).startswith("ASK")  # the key is not there
 
 
+async def test_history_reads_follow_a_slot_migration(own_cluster: RedisClusterServers) -> None:
+    """History reads run on connections of their own, which follow the slot like publishes:
+    while the room's slot migrates and its recent cache was moved already, the old owner
+    answers ASK and the read goes with ASKING to the importing node; once the slot is handed
+    over, a reader whose slot map is stale is answered MOVED and reads from the new owner.
+    Twenty recoveries at once each time, all exact."""
+    ns = unique_namespace()
+    async with AsyncExitStack() as stack:
+        a = await _router(stack, own_cluster.ports[0], ns)
+        b = await _router(stack, own_cluster.ports[0], ns, health_interval=60.0)
+        masters = await _broker(a)._masters()
+        store_owner = _broker(a)._owner(store_key(ns))
+        source = next(m for m in masters if m != store_owner)
+        target = next(m for m in masters if m not in (source, store_owner))
+        room = _room_on(a, source, key_slot(store_key(ns)))
+        sent = [await a.publish(room, b"%d" % i, persist=True) for i in range(30)]
+        assert len(await b.history(room, limit=100)) == 30  # b reads on the source once
+        slot = key_slot(cluster_room_channel(ns, room))
+        src, dst = _port(source), _port(target)
+        ids = _node_ids(own_cluster, src, dst)
+        key = b"rr:" + ns.encode() + b":recent:{" + room.encode() + b"}"
+        assert "OK" in _cli(dst, "CLUSTER", "SETSLOT", str(slot), "IMPORTING", ids[src])
+        assert "OK" in _cli(src, "CLUSTER", "SETSLOT", str(slot), "MIGRATING", ids[dst])
+        moved = _cli(src, "MIGRATE", "127.0.0.1", str(dst), key.decode(), "0", "5000")
+        assert "OK" in moved, moved
+        assert _cli(src, "XLEN", key.decode()).startswith("ASK")
+
+        async def recover_all(router: RoomRouter, tag: str) -> None:
+            members = [router.member(f"{tag}{i}") for i in range(20)]
+            results: dict[int, list[str]] = {}
+
+            async def rejoin(i: int) -> None:
+                await members[i].join(room, since=sent[i].id)
+                results[i] = [e.id for e in await drain(members[i], settle=0)]
+
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(rejoin, i)
+            for i in range(20):
+                assert results[i] == [e.id for e in sent[i + 1 :]], (tag, i)
+
+        assert _broker(b).shard_of(room) == source
+        await recover_all(b, "ask")
+        for port in own_cluster.ports:
+            _cli(port, "CLUSTER", "SETSLOT", str(slot), "NODE", ids[dst])
+        assert _broker(b).shard_of(room) == source  # stale: the old owner answers MOVED
+        await recover_all(b, "moved")
+        await eventually(lambda: _assert(_broker(b).shard_of(room) == target))
+
+
 async def _xlen_asking(broker: RedisClusterBroker, node: str, key: bytes) -> int:
     conn = broker._connection(node, "inspect")
     try:

@@ -166,11 +166,14 @@ class Member:
         returned :class:`Recovery` says how many came and whether the window was complete.
 
         Joining a room twice is a no-op; a second join while the first is in progress waits for
-        it and returns when the room is ready. A :meth:`leave` during a join wins: the member is
-        then not in the room, and the join returns. Raises :class:`~roomrouter.InvalidRoomName`,
-        :class:`~roomrouter.MemberClosed`, or :class:`~roomrouter.BrokerUnavailable` (the join
-        did not happen), or :class:`~roomrouter.HistoryUnavailable` (the history could not
-        be read: the member is left out of the room, so a retry recovers from ``since``).
+        its whole outcome, history included: it returns when the first did (the member is in
+        the room) and raises :class:`~roomrouter.HistoryUnavailable` if the first's history
+        could not be read (the member is then out). A :meth:`leave` during a join wins: the
+        member is then not in the room, and the join returns. Raises
+        :class:`~roomrouter.InvalidRoomName`, :class:`~roomrouter.MemberClosed`, or
+        :class:`~roomrouter.BrokerUnavailable` (the join did not happen), or
+        :class:`~roomrouter.HistoryUnavailable` (the history could not be read: the member is
+        left out of the room, so a retry recovers from ``since``).
         """
         self._check_open()
         return await self._router._join(self, room, since=since, history=history)

@@ -70,13 +70,25 @@ def _by_id(envelope: Envelope) -> str:
 @dataclass(slots=True, eq=False)
 class _Join:
     """One member's join of one room: in flight until ``done``; ``joined`` while the member
-    is in the room (receiving); ``active`` until a leave or a close ended it."""
+    is in the room (receiving); ``active`` until a leave or a close ended it. A join with
+    ``since``/``history`` has ``recovered``, set once its history was read (or failed:
+    ``recovery_error``; or its caller was cancelled: ``abandoned``)."""
 
     done: anyio.Event = field(default_factory=anyio.Event)
     joined: bool = False
     active: bool = True
     error: RoomRouterError | None = None
     entry: PresenceEntry | None = None  # what the presence store holds for it, if any
+    recovered: anyio.Event | None = None
+    recovery_error: HistoryUnavailable | None = None
+    abandoned: bool = False
+
+    def end_recovery(
+        self, error: HistoryUnavailable | None = None, *, abandoned: bool = False
+    ) -> None:
+        if self.recovered is not None and not self.recovered.is_set():
+            self.recovery_error, self.abandoned = error, abandoned
+            self.recovered.set()
 
 
 @dataclass(slots=True, eq=False)
@@ -584,19 +596,19 @@ class RoomRouter:
                 f"history must be between 0 and max_recover={self.max_recover}"
             )
         self._require_persistence()
-        if room in self._joins.get(member, ()):  # joined or joining: like a second join
-            await self._join_live(member, room)
-            return _NOTHING_RECOVERED
+        if room in self._joins.get(member, ()) and await self._await_join(member, room):
+            return _NOTHING_RECOVERED  # joined or joining (and then joined): a second join
         # Live envelopes of the room are held back from the inbox while the history is read,
         # then merged with it: the join comes first, so nothing published after it is missed,
         # and the merge by id removes what both paths delivered.
         held: list[Envelope] = []
         member._recovering[room] = held
         try:
-            await self._join_live(member, room)
+            join = await self._join_live(member, room, recovering=True)
         except BaseException:
             member._recovering.pop(room, None)
             raise
+        assert join is not None  # none was there (checked above, with no await since)
         try:
             if since is not None:
                 found, complete = await self._recovery.since(room, since)
@@ -605,11 +617,20 @@ class RoomRouter:
         except BaseException as exc:
             # The join did not deliver what it promised: the member is left out of the room
             # (and what the join acquired released), so a retry recovers from the start.
+            # Second joins waiting for this one fail with it, or, if its caller was
+            # cancelled, make the join themselves.
             member._recovering.pop(room, None)
             self._leave(member, room)
+            if not isinstance(exc, Exception):
+                join.end_recovery(abandoned=True)
+                raise
+            error = HistoryUnavailable(f"history of {room!r} could not be read: {exc}")
+            error.__cause__ = exc  # for the waiters' errors (see _await_join)
+            join.end_recovery(error)
             if isinstance(exc, RoomRouterError):
-                raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
+                raise error from exc
             raise
+        join.end_recovery()
         member._recovering.pop(room, None)
         if room not in self._rooms_of(member):  # left (or closed) while the history was read
             return _NOTHING_RECOVERED
@@ -631,25 +652,51 @@ class RoomRouter:
         last = found[-1].id if found else None
         return Recovery(count=recovered, complete=complete, last_id=last)
 
-    async def _join_live(self, member: Member, room: str) -> None:
-        """Return once ``member`` is in ``room`` and the room is ready (or the member left it
-        again meanwhile: a leave that came later wins)."""
+    async def _await_join(self, member: Member, room: str) -> bool:
+        """Wait for ``member``'s join of ``room`` that is there already, if any, until the
+        member is in the room *for good*: the room ready and, for a join with ``since`` or
+        ``history``, its history read. A second join returning earlier said "joined" while
+        the first's failed recovery could still take the member out. Returns False if there
+        is none (any more: a join cancelled by its caller is its caller's business, not
+        ours), True once it ended joined (or left meanwhile: a leave that came later wins);
+        raises what made it fail."""
         while True:
             member._check_open()
-            joins = self._joins.setdefault(member, {})
-            current = joins.get(room)
+            current = self._joins.get(member, {}).get(room)
             if current is None:
-                break
-            if current.joined:
+                return False
+            waited = False
+            if not current.joined:
+                await current.done.wait()
+                waited = True
+                if current.error is not None:
+                    raise current.error
+                if not current.joined and current.active:
+                    continue  # that join was cancelled: make our own
+            if current.recovered is not None and not current.recovered.is_set():
+                await current.recovered.wait()
+                waited = True
+                if current.recovery_error is not None:
+                    error = current.recovery_error
+                    raise HistoryUnavailable(str(error)) from error.__cause__
+                if current.abandoned:
+                    continue
+            if not waited:
                 await anyio.lowlevel.checkpoint()
-                return
-            await current.done.wait()
-            if current.error is not None:
-                raise current.error
-            if current.joined or not current.active:
-                return
-            # That join was cancelled (its caller's business, not ours): make our own.
-        join = joins[room] = _Join()
+            return True
+
+    async def _join_live(
+        self, member: Member, room: str, *, recovering: bool = False
+    ) -> _Join | None:
+        """Return once ``member`` is in ``room`` and the room is ready (or the member left it
+        again meanwhile: a leave that came later wins). Returns the join it made, None if it
+        waited for one that was there (see _await_join). ``recovering``: the caller reads the
+        history next and ends the join's recovery (``_Join.end_recovery``)."""
+        if await self._await_join(member, room):
+            return None
+        # No await since _await_join found no join: this one is the only one.
+        joins = self._joins.setdefault(member, {})
+        join = joins[room] = _Join(recovered=anyio.Event() if recovering else None)
         try:
             await self._subs.acquire(room)
         except BaseException as exc:
@@ -657,19 +704,22 @@ class RoomRouter:
                 del joins[room]
             if isinstance(exc, RoomRouterError):
                 join.error = exc
+            join.end_recovery(abandoned=True)  # nothing to recover into: waiters look again
             join.done.set()
             raise
         if not join.active:  # left, or the member closed, while the join was on the wire
             self._subs.release(room)
+            join.end_recovery()  # the leave came later and wins: nothing for waiters to wait
             join.done.set()
             member._check_open()
-            return
+            return join
         join.joined = True
         self._local.setdefault(room, {})[member.id] = member
         if self._presence is not None and member.listed:
             join.entry = PresenceEntry(member.id, self.node_id, time.time(), member.info)
             self._presence.add(room, join.entry)
         join.done.set()
+        return join
 
     def _leave(self, member: Member, room: str) -> None:
         joins = self._joins.get(member)

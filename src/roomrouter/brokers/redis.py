@@ -22,8 +22,9 @@ each. Both reconnect on their own; the subscriber connection, once back, restore
 subscription before it tells the router (``on_reconnect``).
 
 History reads (:meth:`RedisBroker.recent`) are the exception to "two": they run on up to
-``_READERS`` connections of their own, opened on first use, so they never queue behind
-publishes nor share their timeout (docs/architecture.md, "Recovery at scale").
+``READERS`` connections of their own (:class:`~roomrouter.brokers._redis_common.HistoryReaders`,
+shared with Redis Cluster), opened on first use, so they never queue behind publishes nor
+share their timeout (docs/architecture.md, "Recovery at scale").
 """
 
 from __future__ import annotations
@@ -33,8 +34,7 @@ import logging
 import os
 import re
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -42,7 +42,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import anyio
 import msgspec
 from redis.asyncio.connection import Connection, parse_url
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from .._errors import (
     BrokerUnavailable,
@@ -55,22 +55,17 @@ from ._base import (
     Broker,
     BrokerContext,
     RecentFrames,
-    RecentScan,
     StorageConsumer,
     StoredFrame,
 )
+from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
+from ._redis_common import HistoryReaders, scan_recent
+from ._redis_common import pack as _pack
+from ._redis_common import quiet_disconnect as _quiet_disconnect
 
 __all__ = ["RedisBroker", "key_prefix", "store_key"]
 
 log = logging.getLogger("roomrouter.redis")
-
-_NETWORK_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
-
-# History reads: connections per node, and stream entries per XREVRANGE round trip (small
-# enough that one reply parses in well under a heartbeat, large enough that a full cache of
-# 1,000 takes four round trips).
-_READERS = 4
-_RECENT_CHUNK = b"250"
 
 
 def _flag(value: str) -> bool:
@@ -156,14 +151,6 @@ def _pack_publish(command: bytes, channel: bytes, frame: bytes) -> bytes:
     )  # fmt: skip
 
 
-def _pack(*args: bytes) -> bytes:
-    """RESP encoding of one command of byte-string arguments."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
 class _Queued:
     """One entry of the publisher queue: pre-encoded command(s), how many replies they produce,
     and the future of the caller (resolved with the last reply)."""
@@ -235,8 +222,7 @@ class RedisBroker(Broker):
         self._flush_wake = anyio.Event()
         self._closed = False
         self._last_read = 0.0
-        self._read_idle: list[Connection] = []  # history-read connections (see recent)
-        self._read_slots: anyio.CapacityLimiter | None = None
+        self._readers = HistoryReaders(lambda: self._new_connection("read"), operation_timeout)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisBroker:
@@ -283,9 +269,7 @@ class RedisBroker(Broker):
                 except _NETWORK_ERRORS:
                     pass
         self._sub = self._pub = None
-        readers, self._read_idle = self._read_idle, []
-        for conn in readers:
-            await _quiet_disconnect(conn)
+        await self._readers.aclose()
         self._fail_batches(BrokerUnavailable("broker closed"))
         self._fail_queue(BrokerUnavailable("broker closed"))
 
@@ -510,79 +494,15 @@ class RedisBroker(Broker):
         self, room: str, *, since: str | None = None, limit: int | None = None
     ) -> RecentFrames:
         """The room's recent stream read backwards from its newest entry (XREVRANGE in chunks
-        of ``_RECENT_CHUNK``) until :class:`RecentScan` has reached ``since`` or ``limit``.
+        of ``RECENT_CHUNK``) until :class:`RecentScan` has reached ``since`` or ``limit``.
 
         History reads never share the publisher's pipeline or its timeout: they run on a few
-        connections of their own (``_READERS``), each round trip within ``operation_timeout``,
+        connections of their own (``READERS``), each round trip within ``operation_timeout``,
         so a storm of recoveries cannot make publishes time out, nor the reverse. A read is
         idempotent: any failure is a plain ``BrokerUnavailable``.
         """
-        key = self._recent_key(room)
-        scan = RecentScan(since, limit)
-        async with self._reader() as read:
-            top = b"+"
-            while True:
-                entries = await read(b"XREVRANGE", key, top, b"-", b"COUNT", _RECENT_CHUNK)
-                going = True
-                for _, fields in entries:
-                    going = scan.add(_field(fields, b"f"))
-                    if not going:
-                        break
-                if not going or len(entries) < int(_RECENT_CHUNK):
-                    break
-                top = b"(" + entries[-1][0]
-            evicted = False
-            if not scan.reached and not scan.full and (scan.frames or scan.skipped):
-                # The scan ran out of entries above `since`: whether older ones were trimmed
-                # away decides `truncated` (entries-added counts every XADD the key had).
-                try:
-                    info = await read(b"XINFO", b"STREAM", key)
-                except ResponseError:  # expired or replaced meanwhile: assume the worst
-                    evicted = True
-                else:
-                    stream = dict(zip(info[::2], info[1::2], strict=False))
-                    added = stream.get(b"entries-added")
-                    length = int(stream.get(b"length", 0))
-                    evicted = length >= self.recent_size if added is None else int(added) > length
-        return scan.result(evicted)
-
-    @asynccontextmanager
-    async def _reader(self) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
-        """One of this node's history-read connections, as a ``read(*command)`` function."""
-        if self._read_slots is None:
-            self._read_slots = anyio.CapacityLimiter(_READERS)
-        async with self._read_slots:
-            if self._closed:
-                raise BrokerUnavailable("broker closed")
-            conn = self._read_idle.pop() if self._read_idle else self._new_connection("read")
-
-            async def read(*command: bytes) -> Any:
-                with anyio.fail_after(self.operation_timeout):
-                    if not conn.is_connected:
-                        await conn.connect()  # type: ignore[no-untyped-call]
-                    await conn.send_packed_command(_pack(*command), check_health=False)
-                    return await conn.read_response()
-
-            try:
-                yield read
-            except ResponseError as exc:
-                await self._park_reader(conn)  # a refusal leaves the connection in sync
-                raise BrokerUnavailable(f"Redis refused the history read: {exc}") from exc
-            except BaseException as exc:  # cut short mid-reply: the connection is unusable
-                with anyio.CancelScope(shield=True):  # closed even when cancelled
-                    await _quiet_disconnect(conn)
-                if isinstance(exc, _NETWORK_ERRORS):
-                    raise BrokerUnavailable(f"Redis history read failed: {exc!r}") from exc
-                raise
-            await self._park_reader(conn)
-
-    async def _park_reader(self, conn: Connection) -> None:
-        """Keep a history-read connection for the next read, or close it if the broker closed
-        meanwhile (aclose only sees the idle ones)."""
-        if self._closed:
-            await _quiet_disconnect(conn)
-        else:
-            self._read_idle.append(conn)
+        async with self._readers.reading() as read:
+            return await scan_recent(read, self._recent_key(room), since, limit, self.recent_size)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _RedisConsumer(self, store_key(namespace), consumer)
@@ -902,16 +822,6 @@ def _frames(entries: list[Any]) -> list[StoredFrame]:
     return out
 
 
-def _field(fields: list[Any] | None, name: bytes) -> bytes | None:
-    """Field ``name`` of a raw (RESP2) stream entry, or None if the entry has none."""
-    if fields:
-        for i in range(0, len(fields) - 1, 2):
-            if fields[i] == name:
-                value: bytes = fields[i + 1]
-                return value
-    return None
-
-
 def _confirm(table: dict[bytes, deque[_Batch]], channel: bytes) -> None:
     waiters = table.get(channel)
     if waiters:
@@ -926,10 +836,3 @@ def _chunks(items: list[bytes], size: int) -> list[list[bytes]]:
 
 def _glob_escape(value: bytes) -> bytes:
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", value)
-
-
-async def _quiet_disconnect(conn: Connection) -> None:
-    try:
-        await conn.disconnect()
-    except _NETWORK_ERRORS:
-        pass

@@ -33,6 +33,9 @@ cluster pub/sub confirms nothing and hides which node holds what. Per shard mast
   in one write and confirmed by the reader;
 * a *publisher* connection with a flusher task: concurrent publishes are grouped by the owner
   of their slot and each group is sent as one pipeline, like :class:`RedisBroker`'s.
+* once a history read went there, up to ``READERS`` *history-read* connections
+  (:class:`~roomrouter.brokers._redis_common.HistoryReaders`, as on a single Redis), so that
+  recoveries never wait behind the publisher pipeline nor share its timeout.
 
 Following the cluster. A lost subscriber connection, an unsolicited ``sunsubscribe`` (the
 server drops shard subscribers of slots it no longer owns, e.g. after a failover), a
@@ -53,6 +56,7 @@ import re
 from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
@@ -65,19 +69,20 @@ from redis.exceptions import AskError, MovedError, RedisClusterException, Respon
 from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
+from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
+from ._redis_common import HistoryReaders, scan_recent
+from ._redis_common import pack as _pack
+from ._redis_common import quiet_disconnect as _quiet_disconnect
 from .redis import (
     _ESCAPES,
-    _NETWORK_ERRORS,
     _URL_OPTIONS,
     RedisBroker,
     _Batch,
     _confirm,
     _fail_batches,
     _flag,
-    _pack,
     _pack_publish,
     _parse_url,
-    _quiet_disconnect,
     _RedisConsumer,
     key_prefix,
     store_key,
@@ -232,6 +237,7 @@ class RedisClusterBroker(Broker):
         self._rooms: dict[bytes, str] = {}  # channel -> room, for every subscribed room
         self._shards: dict[str, _Shard] = {}
         self._lanes: dict[str, _Lane] = {}
+        self._readers: dict[str, HistoryReaders] = {}  # history reads, per shard master
         self._lock = anyio.Lock()  # subscriptions: subscribe, unsubscribe, resync
         self._refresh_lock = anyio.Lock()
         self._resync_wake = anyio.Event()
@@ -343,6 +349,9 @@ class RedisClusterBroker(Broker):
             for item in queued:
                 if not item.future.done():
                     item.future.set_exception(error)
+        readers, self._readers = self._readers, {}
+        for pool in readers.values():
+            await pool.aclose()
         if self._cluster is not None:
             try:
                 await self._cluster.aclose()
@@ -548,6 +557,10 @@ class RedisClusterBroker(Broker):
             if shard.node not in needed and not shard.confirm:
                 self._drop_shard(shard, BrokerUnavailable("connection no longer needed"))
                 await _quiet_disconnect(shard.conn)
+        assert self._cluster is not None
+        masters = {node.name for node in self._cluster.get_primaries()}
+        for node in [n for n in self._readers if n not in masters]:
+            await self._readers.pop(node).aclose()
         return restored
 
     async def _ping_idle(self) -> None:
@@ -789,38 +802,45 @@ class RedisClusterBroker(Broker):
         self, room: str, *, since: str | None = None, limit: int | None = None
     ) -> RecentFrames:
         """Like ``RedisBroker.recent``: XREVRANGE in chunks from the newest entry until the
-        scan reached ``since`` or ``limit`` (on the shard's lane: the cluster broker keeps one
-        connection per master)."""
-        # Imported here: the rest of this module is another change's (issue 19, case 3).
-        from ._base import RecentScan
-        from .redis import _RECENT_CHUNK, _field
-
+        scan reached ``since`` or ``limit``, on history-read connections of their own to the
+        room's shard master (never the shard's publisher pipeline, nor its timeout). A
+        ``MOVED``/``ASK`` answer sends the scan again to the node it names (``ASK``: each
+        command with ``ASKING``; a read has no effect, so a scan cut short is simply redone);
+        a failed read wakes the resync, which follows a failover."""
         key = self._recent_key(room)
-        scan = RecentScan(since, limit)
-        top = b"+"
-        while True:
-            command = _pack(b"XREVRANGE", key, top, b"-", b"COUNT", _RECENT_CHUNK)
-            entries = await self._submit(key, command, 1)
-            going = True
-            for _, fields in entries:
-                going = scan.add(_field(fields, b"f"))
-                if not going:
-                    break
-            if not going or len(entries) < int(_RECENT_CHUNK):
-                break
-            top = b"(" + entries[-1][0]
-        evicted = False
-        if not scan.reached and not scan.full and (scan.frames or scan.skipped):
+        target: str | None = None
+        asking = False
+        for _ in range(_MAX_REDIRECTS + 1):
+            readers = self._readers_of(target or self._owner(key))
+            redirection: AskError | None = None
             try:
-                info = await self._submit(key, _pack(b"XINFO", b"STREAM", key), 1)
+                async with readers.reading() as read:
+                    scan_read = partial(read, asking=True) if asking else read
+                    try:
+                        return await scan_recent(scan_read, key, since, limit, self.recent_size)
+                    except AskError as exc:  # answered without effect: the connection is fine
+                        redirection = exc
             except BrokerUnavailable:
-                evicted = True  # expired or replaced meanwhile: assume the worst
-            else:
-                stream = dict(zip(info[::2], info[1::2], strict=False))
-                added = stream.get(b"entries-added")
-                length = int(stream.get(b"length", 0))
-                evicted = length >= self.recent_size if added is None else int(added) > length
-        return scan.result(evicted)
+                self._request_resync()  # the shard may have failed over, or the slot moved
+                raise
+            assert redirection is not None
+            target = f"{redirection.host}:{redirection.port}"
+            asking = not isinstance(redirection, MovedError)
+            if not asking:
+                self._request_resync()
+        raise BrokerUnavailable("Redis Cluster kept redirecting the history read")
+
+    def _readers_of(self, node: str) -> HistoryReaders:
+        """This node's history-read connections to shard master ``node`` (made on first use;
+        the resync closes those of nodes that are no longer masters)."""
+        if self._closed:
+            raise BrokerUnavailable("broker closed")
+        readers = self._readers.get(node)
+        if readers is None:
+            readers = self._readers[node] = HistoryReaders(
+                partial(self._connection, node, "read"), self.operation_timeout
+            )
+        return readers
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _ClusterConsumer(cast(RedisBroker, self), store_key(namespace), consumer)
