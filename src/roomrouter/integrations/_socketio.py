@@ -532,19 +532,19 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
                     found[message.offset] = (message.offset, message.event, message.args)
         return [found[offset] for offset in sorted(found)]
 
-    async def connect(self, sid: Any, namespace: Any) -> None:
+    async def connect(self, sid: Any, namespace: Any) -> Any:
         """Mark the client connected (the server sent its CONNECT answer); a recovered one then
         gets what it missed and what was held back for it, in offset order, then goes live."""
-        await super().connect(sid, namespace)
+        sid = await super().connect(sid, namespace)
         key = (namespace or "/", sid)
         sent: set[str] = set()
         while True:
             held = self._holds.get(key)
             if held is None:
-                return
+                return sid
             if not held:
                 del self._holds[key]  # no await since the check: nothing can slip past
-                return
+                return sid
             batch = {offset: (event, args) for offset, event, args in held if offset not in sent}
             held.clear()
             for offset in sorted(batch):
