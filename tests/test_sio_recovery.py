@@ -160,7 +160,10 @@ async def redis() -> AsyncIterator[Backend]:
 
 @asynccontextmanager
 async def node(
-    backend: Backend, window: float = 10.0, skip_middlewares: bool = True
+    backend: Backend,
+    window: float = 10.0,
+    skip_middlewares: bool = True,
+    static_files: dict[str, Any] | None = None,
 ) -> AsyncIterator[Node]:
     manager = RoomRouterManager(
         backend.process_url(), namespace=backend.namespace, **TEST_ROUTER_OPTIONS
@@ -168,7 +171,8 @@ async def node(
     connects: list[tuple[str, bool]] = []
     sio = make_server(manager, window, connects, skip_middlewares)
     await manager.start()
-    async with serve_asgi(socketio.ASGIApp(sio, on_shutdown=sio.shutdown)) as url:
+    app = socketio.ASGIApp(sio, static_files=static_files, on_shutdown=sio.shutdown)
+    async with serve_asgi(app) as url:
         yield Node(sio, manager, url, connects)
 
 
