@@ -29,7 +29,6 @@ from typing import Any, ClassVar, Final
 
 import msgspec
 
-from .._envelope import IdGenerator
 from .._errors import ConfigurationError, MissingDependency
 from ._socketio import Restore, RoomKey, RoomRouterManager
 
@@ -56,6 +55,9 @@ class _Session(msgspec.Struct, array_like=True):
     since: str
     data: Any = None
 
+
+#: roomrouter.brokers.redis's escapes for a namespace in a key (not imported: needs redis).
+_ESCAPES: Final = str.maketrans({"%": "%25", ":": "%3A", "{": "%7B", "}": "%7D"})
 
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(_Session)
@@ -109,23 +111,32 @@ class RedisSessionStore(SessionStore):
         except ImportError as exc:  # pragma: no cover - the redis extra
             raise MissingDependency("redis", "redis") from exc
         self._redis = redis.asyncio.Redis.from_url(url)
+        self._closed = False
 
     async def put(self, items: list[tuple[str, bytes]], ttl: float) -> None:
+        if self._closed:
+            # After the server's shutdown (a transport its web server closed later): the
+            # session written while connected stands. A closed client would reconnect.
+            return
         async with self._redis.pipeline(transaction=False) as pipe:
             for key, value in items:
                 pipe.set(key, value, px=max(1, int(ttl * 1000)))
             await pipe.execute()
 
     async def take(self, key: str) -> bytes | None:
+        if self._closed:
+            return None
         value = await self._redis.getdel(key)
         if value is None:
             return None
         return value if isinstance(value, bytes) else value.encode()
 
     async def delete(self, key: str) -> None:
-        await self._redis.delete(key)
+        if not self._closed:
+            await self._redis.delete(key)
 
     async def aclose(self) -> None:
+        self._closed = True
         await self._redis.aclose()
 
 
@@ -192,7 +203,6 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
         self.sessions: SessionStore = (
             RedisSessionStore(store) if isinstance(store, str) else MemorySessionStore()
         )
-        self._ids = IdGenerator()
         manager.recovery = True
         manager.on_rooms_changed = self._save
 
@@ -206,8 +216,10 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
     # -- the protocol ---------------------------------------------------------------------------
 
     def _key(self, namespace: str, pid: str) -> str:
-        router = self.manager.router
-        return f"rr:{{{router.namespace}}}:sio-session:{namespace}:{pid}"
+        # Under the roomrouter namespace's Redis prefix (``rr:{<namespace>}:``, escaped as the
+        # Redis broker does), so that whatever clears a namespace clears its sessions too.
+        escaped = self.manager.router.namespace.translate(_ESCAPES)
+        return f"rr:{{{escaped}}}:sio-session:{namespace}:{pid}"
 
     async def _handle_connect(self, eio_sid: Any, namespace: Any, data: Any) -> None:
         if not self._csr:
@@ -232,7 +244,7 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
         # A new session (an unknown or expired pid too, silently) starts now; a recovered
         # one keeps its pid and goes on from its offset (chosen in _send_packet).
         self._pending[eio_sid, namespace] = (
-            (self._new_pid(), self._ids.next()),
+            (self._new_pid(), self.manager.offset_now()),
             (pid, since) if restore is not None and pid is not None and since else None,
             restore,
         )
@@ -399,6 +411,8 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
         await super().disconnect(sid, namespace=namespace, ignore_queue=ignore_queue)
 
     async def shutdown(self) -> None:
+        """python-socketio's ``shutdown`` (which closes no client: the web server's exit does,
+        a transport close, so its clients' sessions are kept for another node)."""
         if self._refresher is not None:
             self._refresher.cancel()
         await super().shutdown()
