@@ -7,6 +7,7 @@ Redis (each its own uvicorn server, manager and router). What socket.io 4.6+ cli
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -275,6 +276,34 @@ async def test_recovery_while_events_are_emitted_loses_and_repeats_nothing(
         assert [e[1] for e in missed] == list(range(20)) and events[:20] == missed
         for low, high in ((20, 60), (60, 100)):
             assert [e[1] for e in events if low <= e[1] < high] == list(range(low, high))
+
+
+async def test_a_storm_of_reconnects_all_recover(redis: Backend) -> None:
+    """150 clients reconnect to the other node at once (more than redis-py's default pool
+    allows at once: the session store queues its reads instead of failing them)."""
+    async with cluster(redis) as (nodes, raws):
+        a, b = nodes
+        everyone = [await raws.open(a.url) for _ in range(150)]
+        await asyncio.gather(*(r.call("join", f"r{i % 5}") for i, r in enumerate(everyone)))
+        for i in range(5):
+            await emit_each(b, ["before"], f"r{i}")
+        offsets = [e[0][2] for e in await asyncio.gather(*(r.wait_events(1) for r in everyone))]
+        known = [(r.connected["sid"], r.connected["pid"]) for r in everyone if r.connected]
+        await asyncio.gather(*(r.ws.close() for r in everyone))
+        await eventually(lambda: _check(not any(a.manager.is_connected(s, "/") for s, _ in known)))
+        for i in range(5):
+            await emit_each(b, [1, 2, 3], f"r{i}")
+        again = await asyncio.gather(
+            *(
+                raws.open(b.url, {"pid": pid, "offset": offset})
+                for (_, pid), offset in zip(known, offsets, strict=True)
+            )
+        )
+        assert [r.connected["sid"] if r.connected else None for r in again] == [
+            sid for sid, _ in known
+        ]
+        for events in await asyncio.gather(*(r.wait_events(3) for r in again)):
+            assert [e[1] for e in events] == [1, 2, 3]
 
 
 async def test_a_zero_event_reconnect_recovers_from_its_connection(redis: Backend) -> None:

@@ -103,14 +103,19 @@ class MemorySessionStore(SessionStore):
 
 
 class RedisSessionStore(SessionStore):
-    """Sessions in Redis: ``SET PX`` (pipelined), ``GETDEL`` (Redis 6.2+)."""
+    """Sessions in Redis: ``SET PX`` (pipelined), ``GETDEL`` (Redis 6.2+), on at most 8
+    connections."""
 
     def __init__(self, url: str) -> None:
         try:
             import redis.asyncio
         except ImportError as exc:  # pragma: no cover - the redis extra
             raise MissingDependency("redis", "redis") from exc
-        self._redis = redis.asyncio.Redis.from_url(url)
+        # A few connections, waited for: a reconnect storm (a thousand GETDELs at once) queues
+        # on them instead of failing with "Too many connections".
+        pool = redis.asyncio.BlockingConnectionPool.from_url(url, max_connections=8, timeout=10)
+        self._pool = pool
+        self._redis = redis.asyncio.Redis(connection_pool=pool)
         self._closed = False
 
     async def put(self, items: list[tuple[str, bytes]], ttl: float) -> None:
@@ -138,6 +143,7 @@ class RedisSessionStore(SessionStore):
     async def aclose(self) -> None:
         self._closed = True
         await self._redis.aclose()
+        await self._pool.disconnect()
 
 
 class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
