@@ -517,3 +517,35 @@ async def test_recovery_needs_a_roomrouter_manager_with_a_cache() -> None:
             client_manager=RoomRouterManager("memory://x"),
             connection_state_recovery={"max_disconnection_duration": 5, "bogus": 1},
         )
+
+
+async def test_recovery_on_the_memory_backend_with_sessions_in_process() -> None:
+    """memory:// nodes of one process: the sessions stay in the process (no Redis needed)."""
+    url = f"memory://sio-recovery-{unique_namespace()}"
+    async with AsyncExitStack() as stack:
+        nodes = []
+        for _ in range(2):
+            manager = RoomRouterManager(url, **TEST_ROUTER_OPTIONS)
+            connects: list[tuple[str, bool]] = []
+            sio = make_server(manager, 10.0, connects)
+            app = socketio.ASGIApp(sio, on_shutdown=sio.shutdown)
+            nodes.append(
+                Node(sio, manager, await stack.enter_async_context(serve_asgi(app)), connects)
+            )
+        tg = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(tg.cancel_scope.cancel)
+        raws = Raws(stack, tg)
+        a, b = nodes
+        raw = await raws.open(a.url, {"name": "di"})
+        assert raw.connected is not None
+        sid, pid = raw.connected["sid"], raw.connected["pid"]
+        await raw.call("join", "r")
+        await emit_each(b, [1])
+        offset = (await raw.wait_events(1))[0][2]
+        await drop(raw, a)
+        await emit_each(b, [2])
+        await emit_each(a, [3])
+        again = await raws.open(b.url, {"pid": pid, "offset": offset})
+        assert again.connected == {"sid": sid, "pid": pid}
+        assert [e[1] for e in await again.wait_events(2)] == [2, 3]
+        assert (await again.call("whoami"))["session"] == {"name": "di"}
