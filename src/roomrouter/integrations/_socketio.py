@@ -35,7 +35,9 @@ import functools
 import json
 import logging
 import secrets
+import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -60,7 +62,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess by the tests
     raise MissingDependency("socketio", "socketio") from exc
 
-__all__ = ["RoomRouterManager"]
+__all__ = ["RoomRouterManager", "Restore"]
 
 #: A Socket.IO room: a name, or ``None`` for "every client of the namespace". Integers are
 #: allowed since python-socketio allows any hashable; they stay distinct from their str form.
@@ -83,6 +85,9 @@ class _Emit(msgspec.Struct, array_like=True, tag=1):
     #: For an emit to several rooms (one envelope per room): its id, so that a receiving node
     #: serves a client in several of the rooms once, as python-socketio's managers do.
     multi: str | None = None
+    #: With connection state recovery (:mod:`._sio_recovery`): the emit's offset, sent to
+    #: every client as its last argument; the same in every room's envelope of the emit.
+    offset: str | None = None
 
 
 class _Disconnect(msgspec.Struct, array_like=True, tag=2):
@@ -147,6 +152,40 @@ def _skips(skip_sid: Any) -> list[str]:
     if skip_sid is None:
         return []
     return [s for s in (skip_sid if isinstance(skip_sid, list) else [skip_sid]) if s is not None]
+
+
+class _OffsetIds:
+    """UUIDv7 ids whose 12 ``rand_a`` bits are the sub-millisecond fraction (RFC 9562,
+    method 3), strictly increasing here. Offsets of emits made by nodes of one host (or with
+    synchronised clocks) then follow the time of the emits to about 0.25 µs; the router's
+    ids, with a counter from a random start, leave ids of two nodes in one millisecond
+    unordered, which would send a recovered client two nodes' emits out of order."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = 0  # milliseconds << 12 | fraction
+
+    def next(self) -> str:
+        ns = time.time_ns()
+        stamp = ((ns // 1_000_000) << 12) | ((ns % 1_000_000) * 4096 // 1_000_000)
+        self._last = stamp = max(stamp, self._last + 1)
+        rand = secrets.randbits(62)
+        value = ((stamp >> 12) << 80) | (0x7 << 76) | ((stamp & 0xFFF) << 64) | (0b10 << 62) | rand
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@dataclass(eq=False, slots=True)
+class Restore:
+    """A session to restore in ``pre_connect``: its sid and rooms, and the offset after which
+    its client missed the room emits. ``recovered`` is set once it was (all missed emits
+    found); otherwise the connection was made a new session."""
+
+    sid: str
+    rooms: list[RoomKey]
+    since: str
+    recovered: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -233,6 +272,18 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         #: Rooms told their messages may be missing (:class:`~roomrouter.DeliveryGap`: the
         #: node's data connection was lost; Socket.IO emits are live-only, so they are gone).
         self.delivery_gaps = 0
+        # Connection state recovery (set by roomrouter's AsyncServer, see _sio_recovery):
+        # whether room emits carry offsets and are persisted, the offsets' generator, and the
+        # clients being recovered: (namespace, sid) -> packets held back until their missed
+        # ones were sent, as (offset, event, args).
+        self.recovery = False
+        self._offsets = _OffsetIds()
+        self._holds: dict[tuple[str, str], list[tuple[str, str, list[Any]]]] = {}
+        #: (eio sid, namespace) -> the session the next pre_connect restores (set by the
+        #: server); its ``recovered`` says afterwards whether it was.
+        self.restoring: dict[tuple[Any, str], Restore] = {}
+        #: Called after a local client's rooms changed (the server re-saves its session).
+        self.on_rooms_changed: Callable[[str, str], Awaitable[None]] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -422,6 +473,11 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
     async def pre_connect(self, eio_sid: Any, namespace: Any) -> Any:
         """Register the client, then host its sid room and its namespace's room. A client that
         cannot be hosted (broker down) is refused: the server answers CONNECT_ERROR."""
+        restore = self.restoring.pop((eio_sid, namespace), None)
+        if restore is not None:
+            sid = await self._restore(eio_sid, namespace, restore)
+            if sid is not None:
+                return sid
         sid = await super().pre_connect(eio_sid, namespace)
         if sid is None:
             return None
@@ -438,6 +494,91 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             await self._close_released()
             raise
         return sid
+
+    async def _restore(self, eio_sid: Any, namespace: str, restore: Restore) -> str | None:
+        """Register the client under its previous sid in its previous rooms, and hold back
+        what is emitted to it from now on until :meth:`connect`; then read what it missed
+        after ``restore.since`` from the rooms' recent caches. None if it cannot be restored
+        (the sid is in use here, or the caches no longer hold all it missed)."""
+        sid, key = restore.sid, (namespace, restore.sid)
+        if self._is_local(sid, namespace) or key in self._holds:
+            return None
+        self._holds[key] = []
+        try:
+            self.basic_enter_room(sid, namespace, None, eio_sid=eio_sid)
+            self.basic_enter_room(sid, namespace, sid, eio_sid=eio_sid)
+            self.pending_connect.setdefault(namespace, []).append(sid)
+            await self._host(self.room_name(namespace, None), namespace, None)
+            await self._host(self.room_name(namespace, sid), namespace, sid)
+            for room in restore.rooms:
+                await self.enter_room(sid, namespace, room, eio_sid=eio_sid)
+            # From here every emit to its rooms reaches this node (held back for it): what it
+            # missed before is in the caches, read now.
+            missed = await self._missed(sid, namespace, [None, sid, *restore.rooms], restore.since)
+        except Exception:
+            self._get_logger().exception("roomrouter manager: cannot restore %s", sid)
+            missed = None
+        if missed is None:
+            self._holds.pop(key, None)
+            self.basic_disconnect(sid, namespace)
+            await self._close_released()
+            return None
+        self._holds[key][:0] = missed
+        restore.recovered = True
+        return sid
+
+    def offset_now(self) -> str:
+        """A new offset: a position after every emit offset this node made so far, and after
+        those of other nodes made before now (clocks allowing)."""
+        return self._offsets.next()
+
+    async def _missed(
+        self, sid: str, namespace: str, rooms: list[RoomKey], since: str
+    ) -> list[tuple[str, str, list[Any]]] | None:
+        """The emits to ``rooms`` with an offset after ``since`` that ``sid`` was not skipped
+        from, once each, in offset order; None if a cache may have lost some."""
+        recovery = self.router._recovery
+        reads = await asyncio.gather(
+            *(recovery.since(self.room_name(namespace, room), since) for room in rooms)
+        )
+        found: dict[str, tuple[str, str, list[Any]]] = {}
+        for envelopes, complete in reads:
+            if not complete:
+                return None
+            for envelope in envelopes:
+                try:
+                    message = _decoder.decode(envelope.payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    continue
+                if (
+                    isinstance(message, _Emit)
+                    and message.offset is not None
+                    and message.offset > since
+                    and message.ack is None
+                    and sid not in message.skip
+                ):
+                    found[message.offset] = (message.offset, message.event, message.args)
+        return [found[offset] for offset in sorted(found)]
+
+    async def connect(self, sid: Any, namespace: Any) -> Any:
+        """Mark the client connected (the server sent its CONNECT answer); a recovered one then
+        gets what it missed and what was held back for it, in offset order, then goes live."""
+        sid = await super().connect(sid, namespace)
+        key = (namespace or "/", sid)
+        sent: set[str] = set()
+        while True:
+            held = self._holds.get(key)
+            if held is None:
+                return sid
+            if not held:
+                del self._holds[key]  # no await since the check: nothing can slip past
+                return sid
+            batch = {offset: (event, args) for offset, event, args in held if offset not in sent}
+            held.clear()
+            for offset in sorted(batch):
+                sent.add(offset)
+                event, args = batch[offset]
+                await super().emit(event, (*args, offset), namespace or "/", room=sid)
 
     async def enter_room(self, sid: Any, namespace: Any, room: Any, eio_sid: Any = None) -> None:
         """Add a client of this node to ``room`` (returns once the node hosts the room), or ask
@@ -457,6 +598,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             raise
         if sid in self.rooms.get(namespace, {}).get(room, ()):  # not left meanwhile
             self.router.track_presence(name, str(sid))
+        if self.on_rooms_changed is not None and self.is_connected(sid, namespace):
+            await self.on_rooms_changed(sid, namespace)
 
     async def leave_room(self, sid: Any, namespace: Any, room: Any) -> None:
         """Remove a client of this node from ``room`` (the node leaves the roomrouter room with
@@ -468,6 +611,8 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             return
         await super().leave_room(sid, namespace, room)
         await self._close_released()
+        if self.on_rooms_changed is not None and self.is_connected(sid, namespace):
+            await self.on_rooms_changed(sid, namespace)
 
     async def close_room(self, room: Any, namespace: Any) -> None:
         """Remove every client of every node from ``room``."""
@@ -491,6 +636,7 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         or, called by the application, disconnect a client of any node."""
         namespace = namespace or "/"
         if kwargs.get("ignore_queue"):
+            self._holds.pop((namespace, sid), None)
             await super().disconnect(sid, namespace)
             await self._close_released()
         elif self.is_connected(sid, namespace):
@@ -526,10 +672,16 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         if callback is not None and (room is None or len(rooms) != 1):
             raise ValueError("Cannot use callback without a room set.")  # as python-socketio
         remote = not (callback is not None and self.is_sid_room(namespace, rooms[0]))
+        # With recovery, an emit without ack carries an offset (socket.io's rule) and is
+        # persisted: one id per room's envelope, the newest being the offset everyone gets.
+        ids = [self._offsets.next() for _ in names] if self.recovery and callback is None else []
+        offset = ids[-1] if ids else None
         if remote:
             await self._ready()
             multi = secrets.token_hex(8) if len(rooms) > 1 else None
-            payload = _encode(_Emit(event, _as_args(data), rooms, _skips(skip_sid), None, multi))
+            payload = _encode(
+                _Emit(event, _as_args(data), rooms, _skips(skip_sid), None, multi, offset)
+            )
             if len(payload) > self.router.max_payload:
                 # Refused before anyone is served: not only the emitting node's clients.
                 raise PayloadTooLarge(
@@ -537,15 +689,20 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
                     f"{self.router.max_payload}"
                 )
         # Local clients first, in process: the broker is for the other nodes only.
-        await super().emit(event, data, namespace, room=room, skip_sid=skip_sid, callback=callback)
+        if offset is None:
+            await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
+            )
+        else:
+            await self._serve(event, _as_args(data), namespace, rooms, _skips(skip_sid), offset)
         if not remote:
             return  # a client of this node is on no other node
         if callback is not None:
             await self._host(self._node_room(self.router.node_id), "", None)
             ack = self._generate_ack_id(rooms[0], callback)
             payload = _encode(_Emit(event, _as_args(data), rooms, _skips(skip_sid), ack))
-        for name in names:
-            await self._publish_to(name, payload)
+        for i, name in enumerate(names):
+            await self._publish_to(name, payload, id=ids[i] if ids else None)
 
     # -- to and from the other nodes ---------------------------------------------------------------
 
@@ -554,11 +711,38 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
         for room in rooms:
             await self._publish_to(self.room_name(namespace, room), payload)
 
-    async def _publish_to(self, name: str, payload: bytes) -> None:
+    async def _publish_to(self, name: str, payload: bytes, *, id: str | None = None) -> None:
         await self._ready()
         link = self._links.get(name)
         # This node's clients were served by python-socketio already: not again via its member.
-        await self.router.publish(name, payload, exclude=link.member if link else None)
+        # An emit with an offset is persisted: that is what puts it in the room's recent cache,
+        # which recoveries read (docs/socketio.md, "Connection state recovery").
+        await self.router.publish(
+            name, payload, exclude=link.member if link else None, persist=id is not None, id=id
+        )
+
+    async def _serve(
+        self,
+        event: str,
+        args: list[Any],
+        namespace: str,
+        rooms: list[RoomKey],
+        skip: list[str],
+        offset: str,
+    ) -> None:
+        """Send an emit with an offset to this node's clients of ``rooms``: a client being
+        recovered gets it later, in offset order with its missed ones (see ``_holds``)."""
+        skip = list(skip)
+        if self._holds:
+            members = self.rooms.get(namespace, {})
+            for (held_ns, sid), held in self._holds.items():
+                if held_ns != namespace or sid in skip:
+                    continue
+                if any(sid in members.get(room, ()) for room in rooms):
+                    held.append((offset, event, args))
+                    skip.append(sid)
+        room: Any = rooms[0] if len(rooms) == 1 else rooms
+        await super().emit(event, (*args, offset), namespace, room=room, skip_sid=skip)
 
     async def _read(self, link: _Link) -> None:
         """The reader of one link: handles each envelope in turn (so per room and origin in
@@ -630,6 +814,11 @@ class RoomRouterManager(socketio.AsyncManager):  # type: ignore[misc]
             self._served[message.multi] = served
             if len(self._served) > _SERVED_EMITS:
                 self._served.popitem(last=False)
+        if message.offset is not None and message.ack is None:
+            await self._serve(
+                message.event, message.args, namespace, [link.room], list(skip), message.offset
+            )
+            return
         callback = None
         if message.ack is not None:
             callback = functools.partial(

@@ -1,11 +1,13 @@
 """python-socketio on roomrouter: :class:`RoomRouterManager` is a client manager for
 ``socketio.AsyncServer`` that routes each Socket.IO room through a roomrouter room, so a node
-receives only the messages of rooms it has clients in.
+receives only the messages of rooms it has clients in. :class:`AsyncServer` is
+``socketio.AsyncServer`` with socket.io's connection state recovery across nodes.
 
 Needs the ``socketio`` extra: ``pip install "roomrouter[socketio]"``; importing this module
 without it raises :class:`~roomrouter.MissingDependency`.
 """
 
+from ._sio_recovery import AsyncServer
 from ._socketio import RoomRouterManager
 
-__all__ = ["RoomRouterManager"]
+__all__ = ["AsyncServer", "RoomRouterManager"]
