@@ -1,1 +1,34 @@
-"""Broker backends."""
+"""Broker backends and the public contract a backend implements.
+
+A backend (built in, or a third party's) is written against these names only: the
+:class:`Broker` ABC and the :class:`BrokerContext` the router hands it, and, for a backend
+with a storage queue and recent caches, :class:`StorageConsumer`, :class:`StoredFrame`,
+:class:`RecentFrames` and :class:`RecentScan`. Each guarantee a backend must give is
+numbered in the :class:`Broker` module's docstring and in docs/architecture.md.
+"""
+
+from ._base import (
+    RECENT_SKEW_MS,
+    Broker,
+    BrokerContext,
+    RecentFrames,
+    RecentScan,
+    StorageConsumer,
+    StoredFrame,
+    TaskStarter,
+    frame_id,
+    recent_bound,
+)
+
+__all__ = [
+    "RECENT_SKEW_MS",
+    "Broker",
+    "BrokerContext",
+    "RecentFrames",
+    "RecentScan",
+    "StorageConsumer",
+    "StoredFrame",
+    "TaskStarter",
+    "frame_id",
+    "recent_bound",
+]
