@@ -65,9 +65,13 @@ The client is aiormq, the AMQP layer under aio-pika (the ``rabbitmq`` extra). ai
 ``Exchange.publish`` holds the channel lock until each frame is written, and even aiormq's
 ``basic_publish`` costs one writer round and one ``send`` syscall per message; publishes are
 therefore framed here and written in batches on aiormq's connection, with aiormq's own
-confirmation bookkeeping (``_send``). aio-pika's robust connection restores what *it* declared,
-on its schedule; the node must restore *its* held rooms and then tell the router, so the
-reconnect is managed here, as in the Redis backend.
+confirmation bookkeeping. Publishes go through the transport core's
+:class:`~roomrouter.brokers.transport.Outbox` (the settle rule: "not sent" vs "outcome
+unknown"): a publish gets its delivery tag only when its bytes are packed, after
+``Transmit.sent()``, so one the outbox failed as "not sent" is never written. aio-pika's robust
+connection restores what *it* declared, on its schedule; the node must restore *its* held rooms
+and then tell the router, so both connections follow the core's reconnect template
+(:func:`~roomrouter.brokers.transport.keep_connected`).
 """
 
 from __future__ import annotations
@@ -75,6 +79,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import importlib.metadata
 import json
 import logging
 import struct
@@ -82,12 +87,13 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Collection, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
+import aiohttp
 import aiormq
 import anyio
-import anyio.abc
 from aiormq.abc import AbstractChannel, AbstractConnection, ChannelFrame, DeliveredMessage
 from aiormq.exceptions import (
     AMQPError,
@@ -115,6 +121,7 @@ from ._base import (
     StorageConsumer,
     StoredFrame,
 )
+from .transport import Backoff, Outbox, Send, keep_connected
 
 __all__ = ["RabbitMQBroker", "amqp_name", "routing_key"]
 
@@ -123,6 +130,82 @@ log = logging.getLogger("roomrouter.rabbitmq")
 _ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError, EOFError, RuntimeError)
 _MAX_PLAIN_KEY = 200
 _MAX_WRITE = 256 * 1024
+_MAX_BATCH = 4096  # publishes packed per transmit (one outbox take)
+
+# -- the aiormq adapter: every aiormq internal this backend touches ------------------------------
+
+#: The aiormq versions whose internals were checked (the ``aiormq`` pin of the rabbitmq extra).
+AIORMQ_SUPPORTED = ">=7.2,<8"
+
+
+def check_aiormq_version(version: str) -> None:
+    """Refuse an aiormq outside :data:`AIORMQ_SUPPORTED`: this backend writes frames on its
+    connection's write queue and registers confirmations on its channels directly."""
+    try:
+        major, minor = (int(p) for p in version.split(".")[:2])
+    except ValueError:
+        major = minor = -1
+    if not (7, 2) <= (major, minor) < (8, 0):
+        raise ConfigurationError(
+            f"the RabbitMQ backend supports aiormq {AIORMQ_SUPPORTED}, not aiormq {version} "
+            f'(it relies on a few of its internals): pip install "aiormq{AIORMQ_SUPPORTED}"'
+        )
+
+
+check_aiormq_version(importlib.metadata.version("aiormq"))
+
+
+def expect_confirm(channel: aiormq.Channel) -> asyncio.Future[Any]:
+    """Take the next delivery tag of a confirm channel and register its confirmation, as
+    ``basic_publish`` does: aiormq resolves it on an ack, fails it with ``DeliveryError`` on a
+    nack and with the close reason when the channel closes."""
+    channel.delivery_tag += 1
+    confirmation: asyncio.Future[Any] = channel.create_future()
+    channel.confirmations[channel.delivery_tag] = confirmation
+    return confirmation
+
+
+async def write_frames(channel: aiormq.Channel, payload: bytes) -> None:
+    """Queue wire bytes (whole frames) on the channel's connection; its writer sends them."""
+    await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
+
+
+class _Publish:
+    """One publish in the outbox; ``channel`` is the confirm channel it was packed for."""
+
+    __slots__ = ("channel", "exchange", "frame", "key", "persist_key")
+
+    def __init__(self, exchange: bytes, key: bytes, frame: bytes, persist_key: str | None) -> None:
+        self.exchange = exchange
+        self.key = key
+        self.frame = frame
+        self.persist_key = persist_key
+        self.channel: aiormq.Channel | None = None
+
+
+def _confirmed(send: Send[_Publish], service: str, confirmation: asyncio.Future[Any]) -> None:
+    """Settle a sent publish from its confirmation: an ack resolves it, a nack refuses it (an
+    answer: not published), a closed channel leaves its outcome unknown."""
+    if confirmation.cancelled():
+        send.fail(service, "its channel was closed")
+        return
+    exc = confirmation.exception()
+    if exc is None:
+        send.resolve()
+    elif isinstance(exc, DeliveryError):
+        send.refuse(BrokerUnavailable(f"{service} refused the publish (nack)"))
+    else:
+        send.fail(service, f"its channel was closed ({_reason(exc)})")
+
+
+def _reason(exc: BaseException) -> str:
+    """A readable reason from an aiormq/pamqp exception (the server's reply text if any)."""
+    args = exc.args
+    if len(args) >= 2 and isinstance(args[1], str) and args[1]:
+        return args[1]
+    return str(exc) or type(exc).__name__
+
+
 _HASH_MARK = "~"
 # Persistence keys on the data exchange. Room keys are one word of base64url or ``~`` + 64 hex
 # digits, so neither of these can ever equal one.
@@ -332,15 +415,10 @@ class RabbitMQBroker(Broker):
         self._pub_broken: asyncio.Future[None] | None = None
         self._pub_up = anyio.Event()
         self._max_body = 0
-        # Wire bytes of publishes registered on ``_outbox_channel`` and not yet written, each
-        # with its delivery tag (0: a declare or bind, no confirmation).
-        self._outbox: list[tuple[bytes, int]] = []
-        self._outbox_channel: aiormq.Channel | None = None
-        # The highest delivery tag handed to ``_written_channel``'s connection: a publish at or
-        # below it may have reached RabbitMQ, one above it has not left this node.
-        self._written_channel: aiormq.Channel | None = None
-        self._written_tag = 0
-        self._flush_wake = anyio.Event()
+        host = parts.hostname or "127.0.0.1"
+        self._outbox: Outbox[_Publish] = Outbox(
+            f"RabbitMQ at {host}:{parts.port or 5672}", operation_timeout, errors=_ERRORS
+        )
         # Recent-messages queues declared on ``_declared_channel``: room key -> when (monotonic).
         self._declared: dict[str, float] = {}
         self._declared_channel: aiormq.Channel | None = None
@@ -405,20 +483,24 @@ class RabbitMQBroker(Broker):
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
         self._direct_xb = self._direct_x.encode()
-        await self._connect_publisher()
+        pub = await self._connect_publisher()
         try:
-            await self._connect_subscriber()
+            sub = await self._open("sub")
+            await self._setup_subscriber(sub)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self._close_publisher()
             raise
-        context.task_group.start_soon(self._watch_publisher, name=f"amqp pub {context.node_id}")
-        context.task_group.start_soon(self._flush_loop, name=f"amqp flusher {context.node_id}")
-        context.task_group.start_soon(self._watch_subscriber, name=f"amqp sub {context.node_id}")
+        node, tg = context.node_id, context.task_group
+        tg.start_soon(self._outbox.watch, name=f"amqp outbox {node}")
+        tg.start_soon(self._send_loop, name=f"amqp sender {node}")
+        tg.start_soon(self._keep_publisher, pub, name=f"amqp pub {node}")
+        tg.start_soon(self._keep_subscriber, sub, name=f"amqp sub {node}")
 
     async def aclose(self) -> None:
         self._closed = True
         self._sub_ready = False
+        self._outbox.close("the broker is closed")
         conns = (self._sub_conn, self._pub_conn)
         self._sub_conn = self._sub_ch = self._pub_conn = self._pub_ch = None
         for conn in conns:
@@ -453,7 +535,7 @@ class RabbitMQBroker(Broker):
 
     # -- publisher connection -------------------------------------------------------------------
 
-    async def _connect_publisher(self) -> None:
+    async def _connect_publisher(self) -> AbstractConnection:
         conn = await self._open("pub")
         try:
             with anyio.fail_after(self.operation_timeout):
@@ -461,7 +543,7 @@ class RabbitMQBroker(Broker):
                 # The storage queue exists before the first persisted frame can be confirmed:
                 # a frame routed to no storage queue would be confirmed and lost.
                 await _declare_storage(channel, self._data_x, self._store_q)
-            # The concrete class: _send registers confirmations on it directly.
+            # The concrete class: the sender registers confirmations on it directly.
             assert isinstance(channel, aiormq.Channel) and channel.publisher_confirms
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
@@ -473,40 +555,48 @@ class RabbitMQBroker(Broker):
         self._pub_broken = asyncio.get_running_loop().create_future()
         self._max_body = conn.connection_tune.frame_max - 8  # frame header (7) + frame end (1)
         self._pub_up.set()
+        return conn
 
     async def _close_publisher(self) -> None:
         conn, self._pub_conn, self._pub_ch = self._pub_conn, None, None
         if conn is not None:
             await self._quiet_close(conn)
 
-    async def _watch_publisher(self) -> None:
+    async def _keep_publisher(self, held: AbstractConnection) -> None:
+        """The publisher connection, restored by the transport core's reconnect template.
+        Publishes are not held across a loss: the in-flight ones are settled as "outcome
+        unknown" when it is noticed, and queued ones wait for the next channel."""
         assert self._ctx is not None
-        while not self._closed:
-            conn, channel, broken = self._pub_conn, self._pub_ch, self._pub_broken
-            if conn is not None and channel is not None and broken is not None:
+        first: list[AbstractConnection] = [held]
+
+        async def connect() -> AbstractConnection:
+            if self._closed:
+                await anyio.sleep_forever()  # aclose: the task group cancels this task
+            return first.pop() if first else await self._connect_publisher()
+
+        async def serve(conn: AbstractConnection) -> None:
+            channel, broken = self._pub_ch, self._pub_broken
+            if channel is not None and broken is not None:
                 await _first_closed(conn, channel, broken)
-                if self._closed:
-                    return
-                log.warning("node %s: RabbitMQ publisher connection lost", self._ctx.node_id)
-                self._pub_up = anyio.Event()
-                await self._close_publisher()
-            delay = 0.05
-            while not self._closed:
-                try:
-                    await self._connect_publisher()
-                    break
-                except BrokerUnavailable as exc:
-                    log.info("node %s: RabbitMQ publisher reconnect failed (%s); retry in %.2fs",
-                             self._ctx.node_id, exc, delay)  # fmt: skip
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff)
+            if self._closed:
+                await anyio.sleep_forever()
+            self._pub_up = anyio.Event()
+            self._outbox.fail_in_flight("the publisher connection was lost")
+            await self._close_publisher()
+
+        await keep_connected(
+            connect,
+            serve,
+            backoff=Backoff(0.05, self.max_backoff),
+            what=f"node {self._ctx.node_id}: RabbitMQ publisher connection",
+        )
 
     # -- subscriber connection ------------------------------------------------------------------
 
-    async def _connect_subscriber(self) -> None:
-        """Connect, declare, bind the control plane and every held room, consume."""
+    async def _setup_subscriber(self, conn: AbstractConnection) -> None:
+        """On a new connection: declare, bind the control plane and every held room, consume
+        (the queue is closed with ``conn`` if this fails)."""
         assert self._ctx is not None
-        conn = await self._open("sub")
         self._epoch += 1
         queue = amqp_name(self._ctx.namespace, "node", self._ctx.node_id, str(self._epoch))
         try:
@@ -574,42 +664,54 @@ class RabbitMQBroker(Broker):
         if self._sub_broken is not None and not self._sub_broken.done():
             self._sub_broken.set_result(None)
 
-    async def _watch_subscriber(self) -> None:
+    async def _keep_subscriber(self, held: AbstractConnection) -> None:
+        """The subscriber connection, restored by the transport core's reconnect template:
+        connect, redeclare the queue (under a new name) and rebind every held room, then tell
+        the router (``on_reconnect``)."""
         assert self._ctx is not None
         ctx = self._ctx
-        while not self._closed:
-            conn, channel, broken = self._sub_conn, self._sub_ch, self._sub_broken
-            if conn is None or channel is None or broken is None:
-                return  # closed
-            await _first_closed(conn, channel, broken)
+        first: list[AbstractConnection] = [held]
+
+        async def connect() -> AbstractConnection:
             if self._closed:
-                return
-            # Synchronously, before any await: a subscribe in flight now sees a new epoch.
-            if self._sub_ready:
-                self._sub_ready = False
-                self._epoch += 1
-            log.warning("node %s: RabbitMQ subscriber connection lost", ctx.node_id)
-            self._sub_conn = self._sub_ch = None
-            await self._quiet_close(conn)
-            delay = 0.05
-            while not self._closed:
-                try:
-                    await self._connect_subscriber()
-                    break
-                except BrokerUnavailable as exc:
-                    log.info("node %s: RabbitMQ reconnect failed (%s); retry in %.2fs",
-                             ctx.node_id, exc, delay)  # fmt: skip
-                    await anyio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff)
-            if self._closed:
-                return
+                await anyio.sleep_forever()  # aclose: the task group cancels this task
+            return first.pop() if first else await self._open("sub")
+
+        async def restore(conn: AbstractConnection) -> None:
+            if conn is held:
+                return  # set up by start()
+            await self._setup_subscriber(conn)
             # The router answers a reconnect with control frames: let the publisher come back
             # first (it was most likely cut at the same time), but do not wait forever.
             with anyio.move_on_after(self.operation_timeout):
                 await self._pub_up.wait()
+
+        def on_restored() -> None:
             log.info("node %s: RabbitMQ reconnected, %d room(s) restored",
                      ctx.node_id, len(self._rooms))  # fmt: skip
             ctx.on_reconnect()
+
+        async def serve(conn: AbstractConnection) -> None:
+            channel, broken = self._sub_ch, self._sub_broken
+            if channel is not None and broken is not None:
+                await _first_closed(conn, channel, broken)
+            if self._closed:
+                await anyio.sleep_forever()
+            # Synchronously, before any await: a subscribe in flight now sees a new epoch.
+            if self._sub_ready:
+                self._sub_ready = False
+                self._epoch += 1
+            self._sub_conn = self._sub_ch = None
+            await self._quiet_close(conn)
+
+        await keep_connected(
+            connect,
+            serve,
+            restore=restore,
+            on_restored=on_restored,
+            backoff=Backoff(0.05, self.max_backoff),
+            what=f"node {ctx.node_id}: RabbitMQ subscriber connection",
+        )
 
     async def _on_message(self, message: DeliveredMessage) -> None:
         # aiormq runs this in one task per delivery, created in delivery order; everything up to
@@ -721,107 +823,67 @@ class RabbitMQBroker(Broker):
     async def _publish(
         self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
     ) -> None:
-        channel = self._pub_ch
-        confirmation = self._send(exchange, key, frame, persist_key)
-        tag = channel.delivery_tag if channel is not None else 0
+        # Queued before the first await: call order is send order (the transport core).
+        item = _Publish(exchange, key.encode(), frame, persist_key)
         try:
-            async with asyncio.timeout(self.operation_timeout):
-                await confirmation
-        except DeliveryError as exc:
-            raise BrokerUnavailable(f"RabbitMQ refused the publish (nack): {exc!r}") from exc
-        except TimeoutError as exc:
-            # No confirmation in time: the connection is as good as dead; do not let later
-            # publishes queue behind it until the heartbeat notices.
-            self._break_publisher()
-            reason = f"RabbitMQ did not confirm the publish within {self.operation_timeout}s"
-            raise self._failed(channel, tag, reason) from exc
-        except (*_ERRORS, asyncio.CancelledError) as exc:
-            if _really_cancelled():
-                raise
-            raise self._failed(channel, tag, f"RabbitMQ publish failed: {exc!r}") from exc
+            await self._outbox.submit(item)
+        except PublishOutcomeUnknown:
+            if item.channel is not None and item.channel is self._pub_ch:
+                # No confirmation on the live channel in time: the connection is as good as
+                # dead; do not let later publishes queue behind it until the heartbeat notices.
+                self._break_publisher()
+            raise
 
-    def _failed(self, channel: aiormq.Channel | None, tag: int, reason: str) -> BrokerUnavailable:
-        """The error of a publish that got no confirmation: ambiguous if its bytes were handed to
-        the connection (RabbitMQ may have routed it and the confirm was lost), else not sent."""
-        if channel is not None and channel is self._written_channel and tag <= self._written_tag:
-            return PublishOutcomeUnknown(f"{reason}; it was sent, so it may have been published")
-        return BrokerUnavailable(f"{reason}; it was not sent")
+    async def _send_loop(self) -> None:
+        """The outbox's sender: pack each batch on the live confirm channel and write it.
 
-    def _send(
-        self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
-    ) -> asyncio.Future[Any]:
-        """Register one publish on the confirm channel and queue its wire bytes; no await.
-
-        With ``persist_key`` (a room's routing key) the frame is persistent and also routed to
-        the storage queue and that room's recent-messages queue, which is declared and bound
-        first (no-wait, on this channel, so in order) if this channel has not done so lately.
-
-        This is what aiormq's ``basic_publish`` does, minus its per-message channel lock and
-        write round trip: the delivery tag is taken and the bytes are queued in call order, and
-        the flusher writes everything queued meanwhile in one go. The confirmation future
-        belongs to the channel, so a nack, a channel close or a lost connection resolves it.
-        """
-        channel = self._pub_ch
-        if channel is None or channel.is_closed:
-            raise BrokerUnavailable("RabbitMQ publisher connection is down")
-        if self._outbox_channel is not channel:
-            # Bytes for an older channel must never reach a new connection (their delivery tags
-            # belong to the old channel, whose close already failed their confirmations).
-            self._outbox, self._outbox_channel = [], channel
-        properties = b""
-        if persist_key is not None:
-            self._outbox.extend((f, 0) for f in self._declare_recent(channel, persist_key))
-            properties = _persistent_properties([_STORE_KEY, _recent_key(persist_key)])
-        confirmation = channel.create_future()
-        channel.delivery_tag += 1
-        channel.confirmations[channel.delivery_tag] = confirmation
-        self._outbox.append(
-            (
-                _publish_frames(
-                    channel.number, exchange, key.encode(), frame, self._max_body, properties
-                ),
-                channel.delivery_tag,
-            )
-        )
-        self._flush_wake.set()
-        return confirmation
-
-    async def _flush_loop(self) -> None:
+        A publish gets its delivery tag (and its confirmation future on the channel) only
+        after ``Transmit.sent()``, in the same synchronous step that packs its bytes: one the
+        outbox gave up as "not sent" never gets a tag, so it can never be written later.
+        RabbitMQ numbers a channel's publishes in the order it reads them, so a tag taken and
+        not written would shift every later confirmation: a write that fails or times out
+        breaks the channel (the watcher reconnects)."""
+        outbox = self._outbox
         while True:
-            await self._flush_wake.wait()
-            self._flush_wake = anyio.Event()
-            while self._outbox:
-                # Everything queued while the previous write was waiting goes out as one write
-                # (bounded, so one huge backlog does not become one huge buffer).
-                channel, outbox = self._outbox_channel, self._outbox
-                count = size = last_tag = 0
-                for chunk, tag in outbox:
-                    count += 1
-                    size += len(chunk)
-                    last_tag = max(last_tag, tag)
-                    if size >= _MAX_WRITE:
-                        break
-                payload = b"".join(chunk for chunk, _ in outbox[:count])
-                del outbox[:count]
+            try:
+                batch = await outbox.take(_MAX_BATCH)
+            except BrokerUnavailable:
+                return  # the outbox is closed
+            async with outbox.transmit(batch) as tx:
+                channel = self._pub_ch
                 if channel is None or channel.is_closed:
-                    continue  # its confirmations were failed with the channel
-                if self._written_channel is not channel:
-                    self._written_channel, self._written_tag = channel, 0
-                # Counted as sent before the put: once the put starts, the connection's writer
-                # may send the bytes even if this task is interrupted.
-                self._written_tag = max(self._written_tag, last_tag)
-                await self._write(channel, payload)
-
-    async def _write(self, channel: aiormq.Channel, payload: bytes) -> None:
-        # The connection's write queue is bounded and drained by its writer task; a dead or
-        # blocked connection would hold this put forever, and every later publish behind it.
-        try:
-            with anyio.fail_after(self.operation_timeout):
-                await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-        except (*_ERRORS, asyncio.CancelledError):
-            if _really_cancelled():
-                raise
-            self._break_publisher()
+                    raise BrokerUnavailable("RabbitMQ publisher connection is down")
+                number, max_body, service = channel.number, self._max_body, outbox.service
+                # Whole frames only per write: aiormq's heartbeats share the write queue.
+                writes: list[bytes] = []
+                chunks: list[bytes] = []
+                size = 0
+                for send in tx.sent():
+                    item = send.item
+                    item.channel = channel
+                    properties = b""
+                    if item.persist_key is not None:
+                        chunks += self._declare_recent(channel, item.persist_key)
+                        properties = _persistent_properties(
+                            [_STORE_KEY, _recent_key(item.persist_key)]
+                        )
+                    chunk = _publish_frames(
+                        number, item.exchange, item.key, item.frame, max_body, properties
+                    )
+                    chunks.append(chunk)
+                    size += len(chunk)
+                    expect_confirm(channel).add_done_callback(partial(_confirmed, send, service))
+                    if size >= _MAX_WRITE:  # bounded writes: a backlog is not one huge buffer
+                        writes.append(b"".join(chunks))
+                        chunks, size = [], 0
+                if chunks:
+                    writes.append(b"".join(chunks))
+                try:
+                    for payload in writes:
+                        await write_frames(channel, payload)
+                except BaseException:
+                    self._break_publisher()
+                    raise
 
     def _break_publisher(self) -> None:
         if self._pub_broken is not None and not self._pub_broken.done():
@@ -906,7 +968,7 @@ class RabbitMQBroker(Broker):
             raise BrokerUnavailable("RabbitMQ broker is not started")
         queue = self._recent_queue(routing_key(room))
         deadline = anyio.current_time() + self.operation_timeout
-        delay = 0.002
+        backoff = Backoff(0.002, 0.05)
         while True:
             conn = self._sub_conn
             if conn is None or conn.is_closed:
@@ -917,10 +979,10 @@ class RabbitMQBroker(Broker):
             except ChannelNotFoundEntity:
                 return RecentFrames([], truncated=False)  # nothing persisted lately
             except (ChannelAccessRefused, ChannelLockedResource) as exc:
+                delay = backoff.next()  # another reader holds it for a few milliseconds
                 if anyio.current_time() + delay >= deadline:
                     raise BrokerUnavailable(f"recent queue of {room!r} stayed locked") from exc
-                await anyio.sleep(delay)  # another reader holds it for a few milliseconds
-                delay = min(delay * 2, 0.05)
+                await anyio.sleep(delay)
                 continue
             except (*_ERRORS, asyncio.CancelledError) as exc:
                 if _really_cancelled():
@@ -996,13 +1058,15 @@ class RabbitMQBroker(Broker):
 
     async def management_request(self, path: str, method: str = "GET") -> Any:
         """Send one request to the management HTTP API; return the decoded JSON answer."""
+        url = self.management_url + path
         try:
             with anyio.fail_after(self.operation_timeout):
-                return await _http_json(
-                    method, self.management_url + path, self._user, self._password
-                )
+                return await _http_json(method, url, self._user, self._password)
         except TimeoutError as exc:
-            raise BrokerUnavailable(f"RabbitMQ management API timed out on {path}") from exc
+            raise BrokerUnavailable(
+                f"RabbitMQ management API at {redact(url)}: no answer within "
+                f"{self.operation_timeout} s"
+            ) from exc
 
 
 #: The ``nodes`` queue (consumed by every node, never routed to) goes once unused this long.
@@ -1263,41 +1327,26 @@ async def _first_closed(
 
 
 async def _http_json(method: str, url: str, user: str, password: str) -> Any:
-    """One HTTP/1.0 request (no chunked answers, the server closes) returning decoded JSON."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    host = parts.hostname or "127.0.0.1"
-    path = parts.path + (f"?{parts.query}" if parts.query else "")
-    auth = base64.b64encode(f"{user}:{password}".encode()).decode()
-    request = (
-        f"{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\nAuthorization: Basic {auth}\r\n"
-        "Accept: application/json\r\n\r\n"
-    ).encode()
-    chunks: list[bytes] = []
+    """One request to the management HTTP API (aiohttp, a session per request: these are
+    rare, and a broker that is never started holds nothing to close) returning decoded JSON.
+    Basic auth by header: ``aiohttp.BasicAuth`` is deprecated from aiohttp 3.14 on."""
+    credentials = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    headers = {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
     try:
-        stream: anyio.abc.ByteStream
-        if tls:
-            stream = await anyio.connect_tcp(host, port, tls=True)
-        else:
-            stream = await anyio.connect_tcp(host, port)
-        async with stream:
-            await stream.send(request)
-            while True:
-                try:
-                    chunks.append(await stream.receive())
-                except (anyio.EndOfStream, anyio.BrokenResourceError):
-                    break
-    except OSError as exc:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.request(method, url, headers=headers) as response,
+        ):
+            if response.status // 100 != 2:
+                raise BrokerUnavailable(
+                    f"RabbitMQ management API at {redact(url)}: HTTP {response.status} "
+                    f"{response.reason or ''}".rstrip()
+                )
+            body = await response.read()
+    except (aiohttp.ClientError, OSError) as exc:
         raise BrokerUnavailable(
-            f"RabbitMQ management API at {redact(url)} failed: {exc!r}"
+            f"cannot reach the RabbitMQ management API at {redact(url)}: {_reason(exc)}"
         ) from exc
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status = head.split(b"\r\n", 1)[0].split()
-    if len(status) < 2 or not status[1].startswith(b"2"):
-        raise BrokerUnavailable(
-            f"RabbitMQ management API: {head[:200]!r} for {method} {redact(url)}"
-        )
     if not body:
         return None
     try:
