@@ -21,7 +21,13 @@ import anyio
 import anyio.abc
 import pytest
 
-from roomrouter import BrokerUnavailable, ConfigurationError, Envelope, RoomRouter
+from roomrouter import (
+    BrokerUnavailable,
+    ConfigurationError,
+    Envelope,
+    PublishOutcomeUnknown,
+    RoomRouter,
+)
 from roomrouter._envelope import encode_envelope
 from roomrouter.brokers.rabbitmq import (
     RabbitMQBroker,
@@ -402,6 +408,60 @@ async def test_unreachable_broker_fails_publishes_within_the_timeout(
     await eventually(lambda: _assert(a.stats()["reconnects"] == 1))  # and the subscriber one
     await eventually(lambda: _bindings_match([a, b]))
     assert a.stats()["task_restarts"] == 0
+
+
+async def test_a_publish_failed_as_not_sent_is_never_delivered(
+    proxy: TcpProxy, nodes: NodeFactory
+) -> None:
+    """The settle rule on the wire: concurrent publishers run while the publisher connection
+    is cut and comes back. A publish told "not sent" (BrokerUnavailable, not
+    PublishOutcomeUnknown) must never reach a member, not even later on the new connection;
+    every confirmed one must."""
+    [b] = await nodes(1)  # direct connection: receives
+    [a] = await nodes(1, url=proxy.url + "?operation_timeout=0.5")
+    member = b.member("m")
+    await member.join("R")
+    await eventually(lambda: _assert(a.remote_hosts("R") == {b.node_id}))
+    confirmed: set[bytes] = set()
+    not_sent: set[bytes] = set()
+    unknown: set[bytes] = set()
+    received: set[bytes] = set()
+    phase = "before"
+
+    async def publisher(task: int) -> None:
+        for i in range(100_000):
+            payload = b"%d-%d" % (task, i)
+            try:
+                await a.publish("R", payload)
+            except PublishOutcomeUnknown:
+                unknown.add(payload)
+            except BrokerUnavailable:
+                not_sent.add(payload)
+            else:
+                confirmed.add(payload)
+                if phase == "restored" and len(confirmed) > 50:
+                    return
+            await anyio.sleep(0.002)
+
+    async def receiver() -> None:
+        while True:
+            received.add((await member.receive()).payload)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        async with anyio.create_task_group() as publishers:
+            for task in range(4):
+                publishers.start_soon(publisher, task)
+            await eventually(lambda: _assert(len(confirmed) >= 20))
+            proxy.cut()
+            await eventually(lambda: _assert(len(not_sent) >= 20))
+            confirmed.clear()
+            proxy.restore()
+            phase = "restored"
+        await eventually(lambda: _assert(confirmed <= received), timeout=5)
+        await anyio.sleep(0.5)  # anything still on its way arrives by now
+        tg.cancel_scope.cancel()
+    assert not_sent and not (not_sent & received), sorted(not_sent & received)[:5]
 
 
 # -- reconnect ------------------------------------------------------------------------------------
