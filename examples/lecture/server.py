@@ -74,9 +74,7 @@ def create_app(
     recovery: dict[str, Any] = {"max_disconnection_duration": window}
     if presence.startswith(("redis://", "rediss://")):
         recovery["store"] = presence  # sessions where every node finds them
-    sio = AsyncServer(
-        async_mode="asgi", client_manager=manager, connection_state_recovery=recovery
-    )
+    sio = AsyncServer(async_mode="asgi", client_manager=manager, connection_state_recovery=recovery)
     node = manager.router.node_id
 
     @sio.on("join")
