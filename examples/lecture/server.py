@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ import anyio
 import socketio
 import uvicorn
 
-from roomrouter import ConfigurationError, RoomRouterError
+from roomrouter import ConfigurationError, RoomRouter, RoomRouterError
 from roomrouter.integrations.socketio import AsyncServer, RoomRouterManager, StoredEmit
 
 HERE = Path(__file__).parent
@@ -67,10 +68,15 @@ def create_app(
     window: float = float(DEFAULTS["window"]),
     **router_options: Any,
 ) -> tuple[socketio.ASGIApp, AsyncServer]:
-    """The node's ASGI app (Socket.IO, the page, the history endpoint) and its server."""
-    manager = RoomRouterManager(
+    """The node's ASGI app (Socket.IO, the page, the history endpoint) and its server. Its
+    router (``sio.manager.router``) is the caller's to start before serving and to close
+    after ``sio.shutdown()``."""
+    # The router is built here and started by the caller (serve()): so a node that cannot
+    # reach a service fails before it listens, in one line.
+    router = RoomRouter.from_url(
         broker, namespace=namespace, presence=presence, sink=sink, **router_options
     )
+    manager = RoomRouterManager(router=router)
     recovery: dict[str, Any] = {"max_disconnection_duration": window}
     if presence.startswith(("redis://", "rediss://")):
         recovery["store"] = presence  # sessions where every node finds them
@@ -131,7 +137,8 @@ def create_app(
         """``GET /rooms/{room}/messages?before=<id>&limit=<n>``; everything else is a 404."""
         if scope["type"] != "http":
             return
-        parts = scope["path"].split("/")
+        # The raw path: a room name may hold a slash (percent-encoded by the page).
+        parts = (scope.get("raw_path") or scope["path"].encode()).decode("latin-1").split("/")
         if len(parts) != 4 or parts[1] != "rooms" or parts[3] != "messages" or not parts[2]:
             await _answer(send, 404, {"error": "not found"})
             return
@@ -139,7 +146,7 @@ def create_app(
             await _answer(send, 405, {"error": "GET only"})
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        room = unquote(parts[2])
+        room = unquote(parts[2], errors="strict")
         before = query.get("before", [None])[0] or None
         try:
             limit = int(query.get("limit", ["50"])[0])
@@ -218,12 +225,12 @@ async def serve(args: argparse.Namespace) -> None:
         namespace=args.namespace,
         window=args.window,
     )
+    router = sio.manager.router
     # In the cluster before the port opens; a failure is one line, not a traceback.
     try:
-        await sio.manager.start()
+        await router.start()
     except RoomRouterError as exc:
         print(f"lecture: cannot start: {exc}", file=sys.stderr)
-        await sio.shutdown()
         raise SystemExit(2) from None
     config = uvicorn.Config(
         app,
@@ -242,9 +249,13 @@ async def serve(args: argparse.Namespace) -> None:
         await server.serve()
     finally:
         await sio.shutdown()
+        await router.aclose()
 
 
 def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # aiormq logs each failed connect in its own words; the start's error says it once.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
         args = parse_args(argv)
         anyio.run(serve, args)
