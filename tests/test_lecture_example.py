@@ -409,3 +409,47 @@ async def test_a_node_that_cannot_reach_its_broker_says_so_in_one_line(tmp_path:
     assert result.returncode == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("lecture: cannot start:"), err
     assert "secret-pw" not in err
+
+
+async def test_async_server_history_reads_emits_back_by_their_offsets(tmp_path: Path) -> None:
+    """``AsyncServer.history`` (what the example's endpoint serves), in one process on the
+    memory backend with an SQLite sink nobody writes (so the recent cache answers): each
+    emit once under the offset its clients get, an emit to several rooms in each of them,
+    ``before``/``after``/``limit`` exact, emits with a callback left out, bad arguments
+    refused; without connection state recovery nothing is persisted, so it refuses."""
+    from roomrouter import ConfigurationError
+    from roomrouter.integrations.socketio import AsyncServer
+
+    manager = RoomRouterManager(
+        f"memory://lecture-{unique_namespace()}",
+        namespace="history",
+        sink=f"sqlite:///{tmp_path / 'h.db'}",
+    )
+    sio = AsyncServer(client_manager=manager, connection_state_recovery={})
+    try:
+        for i in range(6):
+            await sio.emit("m", {"i": i}, to="r1")
+            await sio.emit("both", i, to=["r1", "r2"])
+        stored = await sio.history("r1", limit=100)
+        assert [(e.event, e.args) for e in stored] == [
+            (event, [arg]) for i in range(6) for event, arg in (("m", {"i": i}), ("both", i))
+        ]
+        ids = [e.id for e in stored]
+        assert ids == sorted(ids) and len(set(ids)) == 12
+        in_r2 = await sio.history("r2", limit=100)
+        assert [(e.id, e.args) for e in in_r2] == [(e.id, e.args) for e in stored[1::2]]
+        # Pages: ``before`` an offset of a multi-room emit (whose r1 envelope id is below it)
+        # does not give that emit again.
+        assert await sio.history("r1", before=ids[5], limit=3) == stored[2:5]
+        assert await sio.history("r1", before=ids[1], limit=3) == stored[:1]
+        assert await sio.history("r1", after=ids[5], limit=4) == stored[6:10]
+        assert await sio.history("r1", after=ids[-1]) == []
+        assert (await sio.history("r1", limit=2)) == stored[-2:]
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"before": ids[0], "after": ids[0]}):
+            with pytest.raises(ConfigurationError):
+                await sio.history("r1", **bad)  # type: ignore[arg-type]
+    finally:
+        await sio.shutdown()
+    plain = AsyncServer(client_manager=RoomRouterManager("memory://", namespace="plain"))
+    with pytest.raises(ConfigurationError, match="connection_state_recovery"):
+        await plain.history("r1")
