@@ -275,6 +275,9 @@ async def test_posts_are_paged_by_the_history_endpoint_and_stored_once_in_mysql(
         status, body = await http_get(f"{a}/rooms/r/messages?{bad}")
         assert status == 400 and "limit" in body["error"]
     assert (await http_get(f"{a}/rooms/r"))[0] == 404
+    assert (await http_get(f"{a}/rooms/%ff/messages"))[0] == 400  # not UTF-8
+    status, body = await http_get(f"{a}/rooms/{'x' * 2000}/messages")
+    assert status == 400 and "limit" in body["error"]  # too long a room name
 
     async def all_stored() -> None:
         assert await stored_ids(mysql_prefix, room) == [(i, 1) for i, _ in sent]

@@ -146,7 +146,11 @@ def create_app(
             await _answer(send, 405, {"error": "GET only"})
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-        room = unquote(parts[2], errors="strict")
+        try:
+            room = unquote(parts[2], errors="strict")
+        except UnicodeDecodeError:
+            await _answer(send, 400, {"error": "the room name is not UTF-8"})
+            return
         before = query.get("before", [None])[0] or None
         try:
             limit = int(query.get("limit", ["50"])[0])
