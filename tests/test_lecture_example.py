@@ -231,11 +231,12 @@ async def test_posts_are_paged_by_the_history_endpoint_and_stored_once_in_mysql(
     lecture: Lecture,
     mysql_prefix: str,  # noqa: F811 - the fixture
 ) -> None:
-    """Two nodes, one worker: 30 posts from clients of both nodes at once reach both clients
+    """Two nodes, two workers: 30 posts from clients of both nodes at once reach both clients
     with their ids; the history endpoint of either node pages them exactly (``before``,
     ``limit``, id order, ``more``); MySQL holds each one once."""
     a, b = await lecture.node("a"), await lecture.node("b")
-    lecture.worker()
+    lecture.worker("worker1")
+    lecture.worker("worker2")  # competing consumers
     room = "hall 1/é"  # a slash and a non-ASCII letter in the path
     async with Client(a) as alice, Client(b) as bob:
         assert (await alice.join(room, "alice"))["missed"] == []
@@ -283,6 +284,7 @@ async def test_posts_are_paged_by_the_history_endpoint_and_stored_once_in_mysql(
         assert await stored_ids(mysql_prefix, room) == [(i, 1) for i, _ in sent]
 
     await eventually(all_stored, timeout=15, interval=0.2)
+    assert await mysql_fetch(f"SELECT COUNT(*) FROM {mysql_prefix}_dead_letters") == [(0,)]
 
 
 async def test_a_join_after_the_history_read_catches_up_and_duplicates_are_dropped_by_id(
