@@ -101,11 +101,11 @@ def create_app(
             await sio.leave_room(sid, previous)
         try:
             await sio.enter_room(sid, room)  # returns once every node can reach this client
-        except RoomRouterError as exc:
+            # Read after entering: whatever is sent from now on comes live, the rest is here.
+            missed = await sio.history(room, after=after, limit=MAX_CATCH_UP)
+            here = len(await manager.cluster_participants("/", room))
+        except RoomRouterError as exc:  # a service down, a bad room name: said to the page
             return {"error": str(exc)}
-        # Read after entering: whatever is sent from now on comes live, the rest is here.
-        missed = await sio.history(room, after=after, limit=MAX_CATCH_UP)
-        here = len(await manager.cluster_participants("/", room))
         return {
             "room": room,
             "node": node,
