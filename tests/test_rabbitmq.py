@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -29,12 +31,9 @@ from roomrouter import (
     RoomRouter,
 )
 from roomrouter._envelope import encode_envelope
-from roomrouter.brokers.rabbitmq import (
-    RabbitMQBroker,
-    _publish_frames,
-    _room_of_key,
-    routing_key,
-)
+from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+from roomrouter.brokers.rabbitmq._names import room_of_key
+from roomrouter.brokers.rabbitmq._wire import persistent_properties, publish_frames
 
 from .backends import RabbitMQBackend
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
@@ -76,6 +75,12 @@ async def nodes(rabbit: RabbitMQBackend) -> AsyncIterator[NodeFactory]:
 def _broker(router: RoomRouter) -> RabbitMQBroker:
     assert isinstance(router.broker, RabbitMQBroker)
     return router.broker
+
+
+def _publisher_channel(router: RoomRouter) -> object:
+    publisher = _broker(router)._publisher
+    assert publisher is not None
+    return publisher.channel
 
 
 async def _queue_bindings(router: RoomRouter) -> list[dict[str, Any]]:
@@ -213,6 +218,38 @@ async def proxy() -> AsyncIterator[TcpProxy]:
         tg.cancel_scope.cancel()
 
 
+# -- the aiormq adapter ---------------------------------------------------------------------------
+
+
+def test_the_aiormq_adapter_refuses_an_unchecked_aiormq_version() -> None:
+    """The backend writes on aiormq internals read in 7.x: importing it next to another aiormq
+    is a clear configuration error naming the supported range, not a corrupted publish path."""
+    from roomrouter.brokers.rabbitmq import _aiormq
+
+    _aiormq.check_version("7.2.4")
+    _aiormq.check_version("7.9")
+    for version in ("8.0.0", "7.1.9", "6.8.1", "nonsense"):
+        with pytest.raises(ConfigurationError, match=re.escape(f"aiormq {_aiormq.SUPPORTED}")):
+            _aiormq.check_version(version)
+    # And at import: a fresh interpreter whose aiormq says 8.0.0.
+    code = (
+        "import importlib.metadata as m\n"
+        "real = m.version\n"
+        "m.version = lambda name: '8.0.0' if name == 'aiormq' else real(name)\n"
+        "from roomrouter import ConfigurationError\n"
+        "try:\n"
+        "    import roomrouter.brokers.rabbitmq\n"
+        "except ConfigurationError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.startswith("refused: the RabbitMQ backend supports aiormq >=7.2,<8"), (
+        result.stdout + result.stderr
+    )
+
+
 # -- routing keys ---------------------------------------------------------------------------------
 
 SPECIAL = [
@@ -237,9 +274,9 @@ def test_routing_keys_are_single_literal_words() -> None:
         assert not set(key) & {".", "*", "#"}, key
         assert len(key.encode()) <= 255
         if key.startswith("~"):
-            assert len(name.encode()) > 150 and _room_of_key(key) is None
+            assert len(name.encode()) > 150 and room_of_key(key) is None
         else:
-            assert _room_of_key(key) == name
+            assert room_of_key(key) == name
 
 
 def test_from_url_options() -> None:
@@ -270,7 +307,7 @@ def test_publish_framing_matches_pamqp(size: int) -> None:
         ContentHeader(0, len(body), commands.Basic.Properties()),
     ] + [ContentBody(body[i : i + max_body]) for i in range(0, len(body), max_body)]
     wire = b"".join(pamqp.frame.marshal(frame, 7) for frame in expected)
-    assert _publish_frames(7, exchange.encode(), key.encode(), body, max_body) == wire
+    assert publish_frames(7, exchange.encode(), key.encode(), body, max_body) == wire
 
 
 async def test_broker_syntax_names_reach_only_their_members(nodes: NodeFactory) -> None:
@@ -399,7 +436,7 @@ async def test_unreachable_broker_fails_publishes_within_the_timeout(
 
     # Connections cut and refused: an error at once, not a hang.
     proxy.cut()
-    await eventually(lambda: _assert(_broker(a)._pub_ch is None))
+    await eventually(lambda: _assert(_publisher_channel(a) is None))
     with anyio.fail_after(1), pytest.raises(BrokerUnavailable):
         await a.publish("R", b"no connection")
 
@@ -547,8 +584,6 @@ def test_persistent_properties_match_pamqp() -> None:
     from pamqp import commands
     from pamqp.header import ContentHeader
 
-    from roomrouter.brokers.rabbitmq import _persistent_properties
-
     body, key = b"x" * 10, routing_key("room")
     bcc = ["~store", f"~recent.{key}"]
     properties = commands.Basic.Properties(headers={"BCC": bcc}, delivery_mode=2)
@@ -559,8 +594,8 @@ def test_persistent_properties_match_pamqp() -> None:
             ContentHeader(0, len(body), properties),
         )
     )
-    wire = _publish_frames(
-        3, b"x", key.encode(), body, 4088, _persistent_properties([k.encode() for k in bcc])
+    wire = publish_frames(
+        3, b"x", key.encode(), body, 4088, persistent_properties([k.encode() for k in bcc])
     )
     assert wire.startswith(expected)
 
