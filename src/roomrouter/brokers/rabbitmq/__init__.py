@@ -27,12 +27,14 @@ from a room just unbound) is counted in :attr:`filtered`.
 Two connections per node, as RabbitMQ recommends (flow control throttles a publishing
 connection, which must not stall consumption): the *subscriber* connection holds the queue, its
 bindings and the consumer; the *publisher* connection has one channel in confirm mode.
-``publish`` returns once RabbitMQ confirmed the frame (a nack or a lost connection raises
-:class:`~roomrouter.BrokerUnavailable`); many publishes are outstanding at once on the channel,
-in call order. Each connection is watched by a task that reconnects with capped exponential
-backoff; the subscriber side redeclares the queue (under a new name: the old exclusive queue may
-linger until the server notices the dead connection), rebinds every held room and the control
-plane, consumes again, and only then calls ``on_reconnect``.
+``publish`` returns once RabbitMQ confirmed the frame; a nack raises
+:class:`~roomrouter.BrokerUnavailable`, and so does a failure before the frame was written ("not
+sent"), while a lost connection or a missing confirmation after it raises
+:class:`~roomrouter.PublishOutcomeUnknown`. Many publishes are outstanding at once on the
+channel, in call order. Each connection is kept by a task that reconnects with capped
+exponential backoff; the subscriber side redeclares the queue (under a new name: the old
+exclusive queue may linger until the server notices the dead connection), rebinds every held
+room and the control plane, consumes again, and only then calls ``on_reconnect``.
 
 Persistence. A persisted frame is *one* confirmed publish on the data exchange, with delivery
 mode 2 and a ``BCC`` header (RabbitMQ's sender-selected distribution: extra routing keys,
@@ -57,7 +59,7 @@ Call order is send order, since it is the same confirm channel and outbox as ``p
   not quorum: it is a cache, requeued frames must keep their places, and it is one per room.
   (A stream per namespace would avoid a queue per room, but RabbitMQ < 3.13 cannot filter a
   stream by room, so every read would scan the namespace's whole retained traffic.)
-* *Storage workers* consume the storage queue with manual acks (``_RabbitMQConsumer``). A dead
+* *Storage workers* consume the storage queue with manual acks (``_storage``). A dead
   worker's unacknowledged frames are requeued by RabbitMQ the moment its connection closes, so
   ``redelivery_after`` has nothing to do here.
 
@@ -65,13 +67,20 @@ The client is aiormq, the AMQP layer under aio-pika (the ``rabbitmq`` extra). ai
 ``Exchange.publish`` holds the channel lock until each frame is written, and even aiormq's
 ``basic_publish`` costs one writer round and one ``send`` syscall per message; publishes are
 therefore framed here and written in batches on aiormq's connection, with aiormq's own
-confirmation bookkeeping. Publishes go through the transport core's
+confirmation bookkeeping: the three aiormq internals this needs are in ``_aiormq``, which
+refuses an aiormq version they were not read in. Publishes go through the transport core's
 :class:`~roomrouter.brokers.transport.Outbox` (the settle rule: "not sent" vs "outcome
 unknown"): a publish gets its delivery tag only when its bytes are packed, after
 ``Transmit.sent()``, so one the outbox failed as "not sent" is never written. aio-pika's robust
 connection restores what *it* declared, on its schedule; the node must restore *its* held rooms
 and then tell the router, so both connections follow the core's reconnect template
-(:func:`~roomrouter.brokers.transport.keep_connected`).
+(:func:`~roomrouter.brokers.transport.keep_connected`). The management HTTP API is read
+through aiohttp.
+
+Modules: ``_broker`` (the node: subscriber connection, subscriptions, recent reads,
+introspection), ``_publisher`` (the confirm channel, its outbox and sender), ``_storage`` (the
+storage queue's consumer), ``_recent`` (the non-consuming read), ``_wire`` (AMQP framing),
+``_names``, ``_management``, ``_common`` and ``_aiormq`` (the adapter).
 """
 
 from __future__ import annotations

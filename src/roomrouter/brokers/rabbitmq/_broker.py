@@ -185,7 +185,6 @@ class RabbitMQBroker(Broker):
         self._ctx = context
         ns = context.namespace
         self._data_x = amqp_name(ns, "data", exchange=True)
-        self._store_q = amqp_name(ns, "store")
         self._control_x = amqp_name(ns, "control", exchange=True)
         self._direct_x = amqp_name(ns, "direct", exchange=True)
         self._nodes_q = amqp_name(ns, "nodes")
@@ -194,10 +193,11 @@ class RabbitMQBroker(Broker):
         self._control_xb = self._control_x.encode()
         self._direct_xb = self._direct_x.encode()
         parts = urlsplit(self._url)
+        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
         publisher = self._publisher = Publisher(
             self._url,
             name=self.connection_name("pub"),
-            service=f"RabbitMQ at {parts.hostname or '127.0.0.1'}:{parts.port or 5672}",
+            service=f"RabbitMQ at {parts.hostname or '127.0.0.1'}:{port}",
             namespace=ns,
             operation_timeout=self.operation_timeout,
             max_backoff=self.max_backoff,
@@ -299,7 +299,7 @@ class RabbitMQBroker(Broker):
 
     def _break_subscriber(self) -> None:
         """Give up the subscriber connection whose state is unknown (a failed or cancelled bind
-        or unbind): the watcher closes it and rebuilds exactly the held rooms."""
+        or unbind): the reconnect closes it and rebuilds exactly the held rooms."""
         if self._sub_ready:
             self._sub_ready = False
             self._epoch += 1
@@ -314,7 +314,7 @@ class RabbitMQBroker(Broker):
         ctx = self._ctx
         first: list[AbstractConnection] = [held]
 
-        async def connect() -> AbstractConnection:
+        async def reconnect() -> AbstractConnection:
             if self._closed:
                 await anyio.sleep_forever()  # aclose: the task group cancels this task
             return first.pop() if first else await self._open("sub")
@@ -351,7 +351,7 @@ class RabbitMQBroker(Broker):
             await quiet_close(conn, self.operation_timeout)
 
         await keep_connected(
-            connect,
+            reconnect,
             serve,
             restore=restore,
             on_restored=on_restored,
@@ -389,7 +389,7 @@ class RabbitMQBroker(Broker):
                 except (*ERRORS, asyncio.CancelledError):
                     if really_cancelled():
                         raise
-                    # The channel is gone; the watcher rebuilds it.
+                    # The channel is gone; the reconnect rebuilds it.
 
     # -- subscriptions --------------------------------------------------------------------------
 
@@ -477,7 +477,7 @@ class RabbitMQBroker(Broker):
         return None
 
     # -- persistence ----------------------------------------------------------------------------
-    # See "Persistence" in the module docstring.
+    # See "Persistence" in the package docstring.
 
     async def publish_persistent(
         self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
