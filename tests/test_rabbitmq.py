@@ -38,6 +38,7 @@ from roomrouter.brokers.rabbitmq._wire import persistent_properties, publish_fra
 from .backends import RabbitMQBackend
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import drain, eventually, receive_n
+from .ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -291,6 +292,32 @@ def test_from_url_options() -> None:
         RabbitMQBroker.from_url(AMQP + "?prefetch=lots")
     with pytest.raises(ConfigurationError):
         RabbitMQBroker.from_url(AMQP + "?prefetch=0")
+
+
+async def test_management_api_answers_and_failures_are_one_clear_line(
+    rabbit: RabbitMQBackend,
+) -> None:
+    """The management HTTP client (aiohttp): a JSON answer decoded; a refused login, an
+    unknown path and a closed port each one BrokerUnavailable that names the API, without the
+    password or a client library's repr."""
+    overview = await RabbitMQBroker(AMQP).management_request("/api/overview")
+    assert "rabbitmq_version" in overview
+    wrong = RabbitMQBroker("amqp://guest:s3cret-pw@127.0.0.1:5672/")
+    with pytest.raises(BrokerUnavailable, match="HTTP 401") as refused:
+        await wrong.management_request("/api/overview")
+    with pytest.raises(BrokerUnavailable, match="HTTP 404"):
+        await RabbitMQBroker(AMQP).management_request("/api/queues/%2F/rr.no-such-queue")
+    port = free_port()
+    closed = RabbitMQBroker(AMQP, management_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(BrokerUnavailable) as unreachable:
+        await closed.management_request("/api/overview")
+    assert str(unreachable.value) == (
+        f"RabbitMQ management API at http://127.0.0.1:{port}/api/overview failed: "
+        "connection refused"
+    )
+    for error in (refused.value, unreachable.value):
+        text = str(error)
+        assert "s3cret" not in text and "<" not in text and "\n" not in text
 
 
 @pytest.mark.parametrize("size", [0, 1, 100, 4088, 4089, 10_000])
