@@ -119,17 +119,16 @@ import asyncio
 import functools
 import logging
 import re
-from collections import deque
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlsplit
 
 import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
 
-from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
+from .._errors import BrokerUnavailable, ConfigurationError
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
@@ -137,6 +136,7 @@ from ._kafka_common import (
     LEGAL_TOPIC,
     STORED_HEADERS,
     OffsetGuard,
+    describe,
     ensure_topics,
     names,
     partition,
@@ -144,6 +144,7 @@ from ._kafka_common import (
     retrieve,
 )
 from ._kafka_storage import KafkaStorageConsumer, open_admin, open_reader, scan_recent
+from .transport import Backoff, Outbox, Send, keep_connected
 
 __all__ = ["KafkaBroker"]
 
@@ -152,42 +153,178 @@ log = logging.getLogger("roomrouter.kafka")
 _BROADCAST = b"*"
 
 
-@dataclass(slots=True, eq=False)
-class _Send:
-    """One frame waiting in the send queue, then for the broker's acknowledgement.
-
-    ``future`` is what the publishing call awaits; whoever settles it first wins (the
-    producer's answer, the watchdog at the deadline, ``aclose``), and a cancelled caller
-    cancels it, which tells the sender to drop the frame if it has not handed it on yet."""
+class _Record(NamedTuple):
+    """What one publish sends: a record of the control or the data topic."""
 
     control: bool
     key: bytes
     value: bytes
-    deadline: float  # loop time; non-decreasing along the queue (one timeout for all)
     stored: bool  # also a storage-queue record (carries STORED_HEADERS)
-    future: asyncio.Future[None]
-
-    def fail(self, error: BaseException) -> None:
-        if not self.future.done():
-            self.future.set_exception(error)
 
 
-def _settle(items: list[_Send], future: asyncio.Future[Any]) -> None:
-    """Settle the publishes of one batch from the producer's answer for it."""
-    error: BaseException | None = None
-    if future.cancelled():
-        error = PublishOutcomeUnknown("Kafka send cancelled after the producer took it")
-    elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
-        if _refused(exc):
-            error = BrokerUnavailable(f"Kafka refused the record: {exc!r}")
-        else:
-            error = PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}")
-    for item in items:
-        if not item.future.done():
-            if error is None:
-                item.future.set_result(None)
+#: Publishes taken from the queue at a time while a round fills its producer batches.
+_CHUNK = 256
+
+
+class _Publisher:
+    """The publish path on the transport core's :class:`~.transport.Outbox` (see
+    "Publishing" in the module docstring).
+
+    A record is *sent* exactly when the producer took its batch (``send_batch`` returned):
+    until then a failure or its deadline makes it "not sent" and it is never handed on
+    afterwards; from then on the producer's answer settles it, or the loss of the session
+    (:meth:`detach`), or the outbox's watchdog at the deadline ("outcome unknown").
+    """
+
+    def __init__(
+        self, service: str, timeout: float, max_pending: int, data_topic: str, control_topic: str
+    ) -> None:
+        self.outbox: Outbox[_Record] = Outbox(service, timeout, errors=ERRORS)
+        #: The bound on records handed to the producer and not answered (backpressure).
+        self.max_pending = max_pending
+        #: Records of the current producer handed on and not answered yet.
+        self.unacked = 0
+        self._topics = (data_topic, control_topic)
+        self._producer: Any = None
+        self._partitions = 1
+        self._epoch = 0  # counts producers: answers of an older one do not count
+        self._waiting = False
+        self._wake = anyio.Event()
+
+    def attach(self, producer: Any, partitions: int) -> None:
+        """Send through ``producer`` (of a new session) from now on."""
+        self._producer, self._partitions = producer, partitions
+        self._epoch += 1
+        self.unacked = 0
+        self._wake_sender()
+
+    def detach(self, reason: str) -> None:
+        """The session is lost: stop sending, and the records it had will never be answered
+        through it ("outcome unknown")."""
+        self._producer = None
+        self.outbox.fail_in_flight(reason)
+
+    def _wake_sender(self) -> None:
+        if self._waiting:
+            self._waiting = False
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The sender and the outbox's deadline watchdog, until cancelled (which settles every
+        publish left)."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self.outbox.watch)
+            tg.start_soon(self._send_loop)
+
+    async def _send_loop(self) -> None:
+        """Hand queued records to the producer, many per round, without awaiting answers.
+
+        Order: one task hands records in queue order, and the producer keeps one partition's
+        records in that order. Bound: at most ``max_pending`` handed and unanswered; beyond
+        that the queue waits (backpressure: the callers stay suspended, in call order)."""
+        outbox = self.outbox
+        while True:
+            producer = self._producer
+            room = self.max_pending - self.unacked
+            if producer is None or room <= 0:
+                # The watchdog fails what expires meanwhile; attach() or an answer wakes us.
+                self._waiting = True
+                self._wake = anyio.Event()
+                await self._wake.wait()
+                continue
+            sends = await outbox.take(limit=min(room, _CHUNK))
+            if self._producer is not producer:  # the session went while the queue was empty
+                outbox.requeue(sends)
+                continue
+            await self._round(producer, sends, room)
+
+    async def _round(self, producer: Any, sends: list[Send[_Record]], room: int) -> None:
+        """Move ``sends`` (and more from the queue's head) into one producer batch per
+        partition and hand those on, without awaiting the answers; one done callback per batch
+        settles its publishes. The producer builds batches itself too, but its ``send()``
+        costs a coroutine, a future and metadata lookups per record -- most of the
+        publisher's time.
+
+        Handing a batch waits when the partition already has one waiting to go (the producer
+        keeps one per partition, behind the one in flight); the round's deadline (its first
+        record's) bounds that wait, and what was not handed by then is "not sent"."""
+        outbox = self.outbox
+        partitions = self._partitions
+        now = asyncio.get_running_loop().time()
+        batches: dict[int, tuple[Any, list[Send[_Record]]]] = {}  # partition -> (builder, sends)
+        taken: list[Send[_Record]] = []
+        # Fill: synchronous, so nothing joins the queue's head meanwhile. Stops at a full
+        # batch (the rest goes back to the head for the next round) or at the bound.
+        while sends:
+            for i, send in enumerate(sends):
+                if send.future.done():  # the caller gave up
+                    continue
+                if send.deadline <= now:  # too late: it would be handed on past its deadline
+                    send.fail(outbox.service, f"not taken within {outbox.timeout} s")
+                    continue
+                item = send.item
+                part = -1 if item.control else partition(item.key, partitions)
+                entry = batches.get(part)
+                if entry is None:
+                    entry = batches[part] = (producer.create_batch(), [])
+                headers = STORED_HEADERS if item.stored else None
+                if (
+                    entry[0].append(timestamp=None, key=item.key, value=item.value, headers=headers)
+                    is None
+                ):  # full (a first record always fits)
+                    outbox.requeue(sends[i:])
+                    sends = []
+                    break
+                entry[1].append(send)
+                taken.append(send)
             else:
-                item.future.set_exception(error)
+                more = room - len(taken)
+                sends = outbox.take_nowait(min(more, _CHUNK)) if more > 0 else []
+        if not taken:
+            return
+        epoch = self._epoch
+        async with outbox.transmit(taken) as tx:
+            for part, (builder, part_sends) in batches.items():
+                topic = self._topics[part < 0]
+                try:
+                    future = await producer.send_batch(builder, topic, partition=max(part, 0))
+                except ERRORS as exc:  # the producer did not take it
+                    for send in part_sends:
+                        send.fail(outbox.service, describe(exc))
+                    continue
+                # Handed on (no await since send_batch returned): from now on each may
+                # reach the broker.
+                live = tx.sent(part_sends)
+                self.unacked += len(part_sends)
+                future.add_done_callback(
+                    functools.partial(self._answered, epoch, len(part_sends), live)
+                )
+
+    def _answered(
+        self, epoch: int, count: int, sends: list[Send[_Record]], future: asyncio.Future[Any]
+    ) -> None:
+        """Settle the publishes of one producer batch from its answer."""
+        if epoch == self._epoch:
+            self.unacked -= count
+            if self._waiting and self.unacked < self.max_pending:
+                self._wake_sender()
+        if future.cancelled():
+            for send in sends:
+                send.fail(self.outbox.service, "the producer dropped the record")
+        elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
+            if _refused(exc):
+                error = BrokerUnavailable(
+                    f"{self.outbox.service} refused the record: {describe(exc)}"
+                )
+                for send in sends:
+                    send.refuse(error)
+            else:
+                reason = f"no acknowledgement ({describe(exc)})"
+                for send in sends:
+                    send.fail(self.outbox.service, reason)
+        else:
+            for send in sends:
+                send.resolve()
 
 
 def _refused(exc: BaseException) -> bool:
@@ -216,8 +353,8 @@ class _Session:
     admin: Any = None
 
 
-class _SessionLost(Exception):
-    pass
+class _SessionLost(BrokerUnavailable):
+    """The session failed (the reader, the health probe, or a client call)."""
 
 
 class KafkaBroker(Broker):
@@ -314,17 +451,8 @@ class KafkaBroker(Broker):
         self._rooms: dict[bytes, tuple[int, int]] = {}
         self._positions: dict[TopicPartition, int] = {}  # next offset to read, per assigned tp
         self._control_marker = -1  # the offset of this node's last control-partition marker
-        # Publishing (see _enqueue): the send queue in call order, the records the producer
-        # holds in hand order, and how many of the current session's are unacknowledged.
-        self._queue: deque[_Send] = deque()
-        self._inflight: deque[_Send] = deque()
-        self._unacked = 0
-        self._epoch = 0  # counts sessions: answers of an older producer do not count
-        self._sender_idle = False
-        self._send_wake = anyio.Event()
-        self._watch_idle = False
-        self._watch_wake = anyio.Event()
-        self._watching = False  # the watchdog runs: only then may a publish wait
+        # Publishing: made by start() (it needs the topics), gone with the router's tasks.
+        self._publisher: _Publisher | None = None
         self._probe_seen = 0
         self._probe_event = anyio.Event()
         self._history_lock = anyio.Lock()  # one recent() scan at a time per node
@@ -414,32 +542,41 @@ class KafkaBroker(Broker):
         self._direct_key = b"@" + context.node_id.encode()
         self._probe_key = b"#" + context.node_id.encode()
         self._client_id = "roomrouter-" + re.sub(r"[^A-Za-z0-9_.-]", "_", context.node_id)
+        service = "Kafka at " + ",".join(self.bootstrap_servers)
+        publisher = _Publisher(
+            service,
+            self.operation_timeout,
+            self.max_pending,
+            self._data_topic,
+            self._control_topic,
+        )
+        self._publisher = publisher
         # A broker that just created the topics may refuse the first writes for a moment
         # (Tansu answers UNKNOWN_SERVER_ERROR): retry within the operation timeout.
         deadline = anyio.current_time() + self.operation_timeout
-        delay = 0.05
+        backoff = self._backoff()
         while True:
             try:
                 await self._connect(deadline - anyio.current_time())
                 break
             except BrokerUnavailable:
+                delay = backoff.next()
                 if anyio.current_time() + delay >= deadline:
                     raise
                 await anyio.sleep(delay)
-                delay *= 2
+        # The publisher's task runs the outbox's watchdog: it starts before any deadline can
+        # pass, and once the router's tasks are gone, it has failed every publish left.
+        context.task_group.start_soon(publisher.run, name=f"kafka sender {context.node_id}")
         context.task_group.start_soon(self._supervise, name=f"kafka reader {context.node_id}")
-        context.task_group.start_soon(self._send_loop, name=f"kafka sender {context.node_id}")
-        self._watching = True  # from now on: the task starts before any deadline can pass
-        context.task_group.start_soon(self._watchdog, name=f"kafka publish timer {context.node_id}")
+
+    def _backoff(self) -> Backoff:
+        return Backoff(min(0.05, self.max_backoff), self.max_backoff)
 
     async def aclose(self) -> None:
         self._closed = True
-        self._watching = False
-        error = BrokerUnavailable("broker closed")
-        # Failed, not removed: the sender may be inside send() with the head; it drops
-        # settled records itself.
-        for item in self._queue:
-            item.fail(error)
+        publisher = self._publisher
+        if publisher is not None:
+            publisher.outbox.fail_queued("the broker was closed")
         session, self._session = self._session, None
         sessions = [*self._closing, *([session] if session is not None else [])]
         self._closing.clear()
@@ -449,11 +586,10 @@ class KafkaBroker(Broker):
                     await _close_session(each)
         # Stopping the producer answers what it held; a stop cut short may not have, and the
         # watchdog goes with the router: nobody may wait on them for ever.
-        for item in self._inflight:
-            item.fail(PublishOutcomeUnknown("Kafka broker closed with the record in flight"))
-        self._inflight.clear()
+        if publisher is not None:
+            publisher.outbox.close("the broker was closed")
 
-    async def _connect(self, limit: float | None = None) -> None:
+    async def _connect(self, limit: float | None = None) -> _Session:
         """Open a session: topics, clients, control partition entered, rooms restored.
         Takes at most ``limit`` seconds (default: the operation timeout)."""
         options = self.client_options_with(self._client_id)
@@ -498,12 +634,10 @@ class KafkaBroker(Broker):
                 f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
             ) from exc
         self._session = session
-        # A new producer: the old one's records are answered (or not) by it, not counted here.
-        self._epoch += 1
-        self._unacked = 0
         self._connected.set()
-        if self._queue:
-            self._wake_sender()
+        assert self._publisher is not None
+        self._publisher.attach(producer, partitions)
+        return session
 
     async def _restore(self, session: _Session) -> None:
         """Enter the control partition and every room's partition at fresh markers.
@@ -572,70 +706,72 @@ class KafkaBroker(Broker):
     # -- reader and health ------------------------------------------------------------------------
 
     async def _supervise(self) -> None:
-        """Run the reader and the health probe; on failure reconnect and restore."""
+        """Keep a session (the transport core's reconnect template): serve it -- the reader
+        and the health probe -- until it is lost, then reconnect with capped backoff
+        (recreating missing topics, re-entering every partition at fresh markers) and tell
+        the router. A session that fails at once, again and again (a broker that accepts
+        connections but not our records), meets a growing delay, not a reconnect storm."""
         assert self._ctx is not None
-        node_id = self._ctx.node_id
-        backoff = 0.0
-        while not self._closed:
-            session = self._session
-            if session is None:
-                # A session that fails at once, again and again (a broker that accepts
-                # connections but not our records), must not turn into a reconnect storm.
-                await anyio.sleep(backoff)
-                await self._reconnect()
-                continue
-            began = anyio.current_time()
-            reason: BaseException | None = None
-            async with anyio.create_task_group() as tg:
+        await keep_connected(
+            self._session_or_connect,
+            self._serve,
+            on_restored=self._reconnected,
+            backoff=self._backoff(),
+            what=f"node {self._ctx.node_id}: Kafka session",
+            errors=ERRORS,
+            stable_after=10 * self.health_interval,
+        )
 
-                async def watch(loop: Any, session: _Session = session) -> None:
-                    nonlocal reason
-                    try:
-                        await loop(session)
-                    except (*ERRORS, _SessionLost, BrokerUnavailable) as exc:
-                        reason = exc
-                    except Exception as exc:  # unexpected: log it, but keep the node alive
-                        reason = exc
-                        log.exception("node %s: Kafka reader failed", node_id)
-                    tg.cancel_scope.cancel()
+    async def _session_or_connect(self) -> _Session:
+        """The session start() opened, the first time; a new one after a loss."""
+        if self._closed:
+            await anyio.sleep_forever()
+        session = self._session
+        return session if session is not None else await self._connect()
 
-                tg.start_soon(watch, self._read_loop)
-                tg.start_soon(watch, self._probe_loop)
-            if self._closed:
-                return
-            log.warning("node %s: Kafka session lost: %r", node_id, reason)
-            if anyio.current_time() - began < 10 * self.health_interval:
-                backoff = min(max(2 * backoff, 0.05), self.max_backoff)
-            else:
-                backoff = 0.0
-            if self._session is session:
-                self._session = None
-                self._connected = anyio.Event()
-                # Close in the background: a producer flushing to a dead broker takes up to the
-                # request timeout, and the reconnect should not wait for that.
-                self._closing.add(session)
-                self._ctx.task_group.start_soon(self._close_lost, session)
+    def _reconnected(self) -> None:
+        assert self._ctx is not None
+        log.info("node %s: Kafka reconnected, %d room(s) restored",
+                 self._ctx.node_id, len(self._rooms))  # fmt: skip
+        self._ctx.on_reconnect()
+
+    async def _serve(self, session: _Session) -> None:
+        """Run the reader and the health probe until either fails; then drop the session
+        (closed in the background) and raise why."""
+        assert self._ctx is not None
+        ctx = self._ctx
+        reason: BaseException | None = None
+        async with anyio.create_task_group() as tg:
+
+            async def watch(loop: Any) -> None:
+                nonlocal reason
+                try:
+                    await loop(session)
+                except (*ERRORS, BrokerUnavailable) as exc:
+                    reason = exc
+                except Exception as exc:  # unexpected: log it, but keep the node alive
+                    reason = exc
+                    log.exception("node %s: Kafka reader failed", ctx.node_id)
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch, self._read_loop)
+            tg.start_soon(watch, self._probe_loop)
+        if self._closed:
+            await anyio.sleep_forever()  # aclose closes the clients; the router cancels us
+        if self._session is session:
+            self._session = None
+            self._connected = anyio.Event()
+            assert self._publisher is not None
+            self._publisher.detach("the session was lost")
+            # Close in the background: a producer flushing to a dead broker takes up to the
+            # request timeout, and the reconnect should not wait for that.
+            self._closing.add(session)
+            ctx.task_group.start_soon(self._close_lost, session)
+        raise _SessionLost(describe(reason) if reason is not None else "the reader stopped")
 
     async def _close_lost(self, session: _Session) -> None:
         await _close_session_quietly(session, 2 * self.operation_timeout)
         self._closing.discard(session)  # not on cancellation: aclose finishes the job
-
-    async def _reconnect(self) -> None:
-        assert self._ctx is not None
-        delay = 0.05
-        while not self._closed:
-            try:
-                await self._connect()
-            except BrokerUnavailable as exc:
-                log.info("node %s: Kafka reconnect failed (%s); retry in %.2fs",
-                         self._ctx.node_id, exc, delay)  # fmt: skip
-                await anyio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff)
-                continue
-            log.info("node %s: Kafka reconnected, %d room(s) restored",
-                     self._ctx.node_id, len(self._rooms))  # fmt: skip
-            self._ctx.on_reconnect()
-            return
 
     async def _read_loop(self, session: _Session) -> None:
         assert self._ctx is not None
@@ -754,7 +890,7 @@ class KafkaBroker(Broker):
     # -- publishing -----------------------------------------------------------------------------
 
     async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
-        await self._enqueue(False, room.encode(), frame)
+        await self._submit(_Record(False, room.encode(), frame, False))
 
     async def publish_persistent(
         self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
@@ -762,171 +898,22 @@ class KafkaBroker(Broker):
         """One record, like :meth:`publish`, flagged for storage: the data topic is the storage
         queue and the recent-messages cache at once. ``live`` changes nothing -- a node that
         does not host the room drops the record by key, as it drops any foreign room's."""
-        await self._enqueue(False, room.encode(), frame, stored=True)
+        await self._submit(_Record(False, room.encode(), frame, True))
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
-        await self._enqueue(True, _BROADCAST if to is None else b"@" + to.encode(), frame)
+        key = _BROADCAST if to is None else b"@" + to.encode()
+        await self._submit(_Record(True, key, frame, False))
         return None
 
-    async def _enqueue(
-        self, control: bool, key: bytes, value: bytes, *, stored: bool = False
-    ) -> None:
-        if not self._watching:  # closed, not started, or its tasks are gone with the router
+    def _submit(self, record: _Record) -> asyncio.Future[Any]:
+        """Queue ``record`` (no await: call order is send order); the future settles with the
+        producer's answer or the settle rule's error, by the operation timeout at the latest.
+        A cancelled caller cancels it: the sender then skips the record, or, once handed
+        on, its answer is ignored."""
+        publisher = self._publisher
+        if publisher is None or self._closed:
             raise BrokerUnavailable("broker closed" if self._closed else "broker not running")
-        # Takes its place in the queue before the first await: call order is send order. No
-        # timer of its own: the watchdog settles the future at the deadline.
-        future = asyncio.get_running_loop().create_future()
-        deadline = future.get_loop().time() + self.operation_timeout
-        item = _Send(control, key, value, deadline, stored, future)
-        self._queue.append(item)
-        if self._sender_idle:
-            self._wake_sender()
-        if self._watch_idle:
-            self._watch_idle = False
-            self._watch_wake.set()
-        # A cancelled caller cancels the future: the sender then skips the record (or, once
-        # handed, its answer is ignored).
-        await future
-
-    def _wake_sender(self) -> None:
-        self._sender_idle = False
-        self._send_wake.set()
-
-    async def _send_loop(self) -> None:
-        """Hand queued records to the producer, many per wake-up, without awaiting answers.
-
-        Order: one task hands records in queue order, and the producer keeps one partition's
-        records in that order. Bound: at most ``max_pending`` handed and unanswered; beyond
-        that the queue waits (backpressure: the callers stay suspended in ``_enqueue``)."""
-        queue = self._queue
-        while True:
-            if not queue or self._unacked >= self.max_pending:
-                self._sender_idle = True
-                self._send_wake = anyio.Event()
-                await self._send_wake.wait()
-                continue
-            session = self._session
-            if session is None:
-                # The watchdog fails what expires meanwhile; _connect wakes us.
-                self._sender_idle = True
-                self._send_wake = anyio.Event()
-                await self._send_wake.wait()
-                continue
-            await self._send_batch(session)
-
-    async def _send_batch(self, session: _Session) -> None:
-        """Move records from the head of the queue into one producer batch per partition and
-        hand those on, without awaiting the answers; one done callback per batch settles its
-        publishes. The producer builds batches itself too, but its ``send()`` costs a coroutine,
-        a future and metadata lookups per record -- most of the publisher's time.
-
-        One timer per round: submitting waits when the partition already has a batch waiting
-        to go (the producer keeps one per partition, behind the one in flight); past the
-        deadline of the round's first record, what was not submitted fails as not sent."""
-        queue, inflight, producer = self._queue, self._inflight, session.producer
-        while inflight and inflight[0].future.done():  # answered: let them go
-            inflight.popleft()
-        now = anyio.current_time()
-        while queue and (queue[0].future.done() or queue[0].deadline <= now):
-            # Too late to send: it would be handed on before the timer could stop it.
-            queue.popleft().fail(BrokerUnavailable("Kafka did not take the record in time"))
-        if not queue:
-            return
-        # Fill: synchronous, so nothing joins the queue's head meanwhile. Stops at a full
-        # batch (the next round starts a new one) or at the bound.
-        batches: dict[int, tuple[Any, list[_Send]]] = {}  # partition key -> (builder, items)
-        room = self.max_pending - self._unacked
-        partitions = session.partitions
-        while queue and room > 0:
-            item = queue[0]
-            if item.future.done():  # the caller gave up, or the watchdog failed it
-                queue.popleft()
-                continue
-            part = -1 if item.control else partition(item.key, partitions)
-            entry = batches.get(part)
-            if entry is None:
-                entry = batches[part] = (producer.create_batch(), [])
-            headers = STORED_HEADERS if item.stored else None
-            if (
-                entry[0].append(timestamp=None, key=item.key, value=item.value, headers=headers)
-                is None
-            ):
-                break  # full (a first record always fits)
-            entry[1].append(queue.popleft())
-            room -= 1
-        deadline = batches[next(iter(batches))][1][0].deadline if batches else now
-        epoch = self._epoch
-        try:
-            with anyio.move_on_after(deadline - now):
-                for part, (builder, items) in list(batches.items()):
-                    topic = self._control_topic if part == -1 else self._data_topic
-                    try:
-                        future = await producer.send_batch(builder, topic, partition=max(part, 0))
-                    except ERRORS as exc:
-                        del batches[part]
-                        error = BrokerUnavailable(f"Kafka send failed: {exc!r}")
-                        for item in items:
-                            item.fail(error)
-                        continue
-                    del batches[part]
-                    # Handed on: from now on each may reach the broker.
-                    self._unacked += len(items)
-                    inflight.extend(items)
-                    future.add_done_callback(functools.partial(self._answered, epoch, items))
-        finally:
-            # Stopped by the timer (or the router closing): these never left, and neither the
-            # queue nor the watchdog knows them any more.
-            for _, items in batches.values():
-                for item in items:
-                    item.fail(BrokerUnavailable("Kafka did not take the record in time; not sent"))
-
-    def _answered(self, epoch: int, items: list[_Send], future: asyncio.Future[Any]) -> None:
-        if epoch == self._epoch:
-            self._unacked -= len(items)
-            if self._sender_idle and self._queue:
-                self._wake_sender()
-        _settle(items, future)
-
-    async def _watchdog(self) -> None:
-        """Fail every publish whose deadline passed: ``BrokerUnavailable`` if the record is
-        still queued, ``PublishOutcomeUnknown`` if the producer has it. Deadlines grow along
-        both deques, so the heads say when to look next: one timer for all publishes."""
-        queue, inflight = self._queue, self._inflight
-        try:
-            await self._watch(queue, inflight)
-        finally:
-            # Cancelled with the router (aclose may come later, or never): without the
-            # watchdog no deadline holds, so nobody may stay waiting.
-            self._watching = False
-            for item in queue:
-                item.fail(BrokerUnavailable("broker stopped; not sent"))
-            for item in inflight:
-                item.fail(PublishOutcomeUnknown("broker stopped with the record in flight"))
-
-    async def _watch(self, queue: deque[_Send], inflight: deque[_Send]) -> None:
-        while True:
-            now = anyio.current_time()
-            while inflight and (inflight[0].future.done() or inflight[0].deadline <= now):
-                item = inflight.popleft()
-                item.fail(
-                    PublishOutcomeUnknown(
-                        "Kafka did not acknowledge the record in time; the producer had it, "
-                        "so it may have been appended"
-                    )
-                )
-            # Still queued (the records of a round being submitted are the sender's: its
-            # timer settles them).
-            while queue and (queue[0].future.done() or queue[0].deadline <= now):
-                queue.popleft().fail(
-                    BrokerUnavailable("Kafka did not take the record in time; not sent")
-                )
-            heads = [d[0].deadline for d in (queue, inflight) if d]
-            if not heads:
-                self._watch_idle = True
-                self._watch_wake = anyio.Event()
-                await self._watch_wake.wait()
-            else:
-                await anyio.sleep(max(min(heads) - now, 0.001))
+        return publisher.outbox.submit(record)
 
     # -- persistence ----------------------------------------------------------------------------
 
