@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from roomrouter import (
+    BrokerContext,
     BrokerUnavailable,
     ConfigurationError,
     DeliveryGap,
@@ -690,3 +691,27 @@ async def test_a_record_the_producer_took_is_an_unknown_outcome_on_timeout(
             assert envelope_id in [e.id for e in history]
 
         await eventually(appended, timeout=30, interval=0.5)
+
+
+async def test_a_broker_closed_while_its_tasks_run_stops_quietly(kafka: KafkaBackend) -> None:
+    """``aclose`` before the tasks are cancelled (a broker used without a router): the sender
+    ends quietly -- nothing escapes into the task group -- and later publishes fail fast as
+    not sent."""
+    broker = kafka.broker()
+    async with anyio.create_task_group() as tg:
+        context = BrokerContext(
+            node_id="closer",
+            namespace=kafka.namespace,
+            on_data=lambda room, frame: None,
+            on_control=lambda frame: None,
+            on_reconnect=lambda: None,
+            task_group=tg,
+        )
+        await broker.start(context)
+        await broker.publish("R", b"before")
+        await broker.aclose()
+        await anyio.sleep(0.2)  # the sender sees the closed queue
+        with pytest.raises(BrokerUnavailable) as info:
+            await broker.publish("R", b"after")
+        assert not isinstance(info.value, PublishOutcomeUnknown)
+        tg.cancel_scope.cancel()

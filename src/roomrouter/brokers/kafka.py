@@ -232,7 +232,10 @@ class _Publisher:
                 self._wake = anyio.Event()
                 await self._wake.wait()
                 continue
-            sends = await outbox.take(limit=min(room, _CHUNK))
+            try:
+                sends = await outbox.take(limit=min(room, _CHUNK))
+            except BrokerUnavailable:  # the outbox is closed: nothing more to send
+                return
             if self._producer is not producer:  # the session went while the queue was empty
                 outbox.requeue(sends)
                 continue
