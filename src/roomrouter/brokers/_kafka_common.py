@@ -26,7 +26,6 @@ __all__ = [
     "LEGAL_TOPIC",
     "STORED_HEADERS",
     "OffsetGuard",
-    "describe",
     "ensure_topics",
     "is_stored",
     "names",
@@ -194,12 +193,6 @@ class OffsetGuard:
             self._holes[tp] = (expected, now)
             return False
         return now - hole[1] >= self.patience
-
-
-def describe(exc: BaseException) -> str:
-    """A client error in words, for messages: aiokafka's errors read "KafkaTimeoutError:
-    ..." already; no raw repr."""
-    return str(exc) or type(exc).__name__
 
 
 def retrieve(future: asyncio.Future[Any]) -> None:

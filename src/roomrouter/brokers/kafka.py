@@ -128,7 +128,7 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, describe, unreachable
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
@@ -136,7 +136,6 @@ from ._kafka_common import (
     LEGAL_TOPIC,
     STORED_HEADERS,
     OffsetGuard,
-    describe,
     ensure_topics,
     names,
     partition,
@@ -633,9 +632,8 @@ class KafkaBroker(Broker):
         except (*ERRORS, BrokerUnavailable) as exc:
             with anyio.move_on_after(self.operation_timeout, shield=True):
                 await quiet_stop(producer, consumer)
-            raise BrokerUnavailable(
-                f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
-            ) from exc
+            where = ",".join(self.bootstrap_servers)
+            raise unreachable("Kafka", where, None, exc) from exc
         self._session = session
         self._connected.set()
         assert self._publisher is not None
@@ -681,7 +679,9 @@ class KafkaBroker(Broker):
         offsets = {}
         for p, result in zip(futures, results, strict=True):
             if isinstance(result, BaseException):
-                raise BrokerUnavailable(f"Kafka marker write failed: {result!r}") from result
+                raise BrokerUnavailable(
+                    f"Kafka marker write failed: {describe(result)}"
+                ) from result
             offsets[p] = result.offset
         return offsets
 
@@ -863,7 +863,7 @@ class KafkaBroker(Broker):
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka subscribe timed out") from exc
         except ERRORS as exc:
-            raise BrokerUnavailable(f"Kafka subscribe failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka subscribe failed: {describe(exc)}") from exc
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         for room in rooms:
@@ -873,7 +873,7 @@ class KafkaBroker(Broker):
             try:
                 self._assign(session, {})
             except ERRORS as exc:
-                raise BrokerUnavailable(f"Kafka unassign failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"Kafka unassign failed: {describe(exc)}") from exc
 
     async def count_nodes(self) -> int | None:
         """0 if this node's marker is the control partition's first record: every node
@@ -952,7 +952,7 @@ class KafkaBroker(Broker):
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka history read timed out") from exc
         except ERRORS as exc:
-            raise BrokerUnavailable(f"Kafka history read failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka history read failed: {describe(exc)}") from exc
 
     async def _open_history(self, session: _Session) -> None:
         """Open the session's history reader and admin client (both or neither)."""
