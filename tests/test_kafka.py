@@ -347,7 +347,7 @@ class _Seeks:
 
 
 def test_offset_guard_waits_for_a_hole_then_gives_up() -> None:
-    from roomrouter.brokers._kafka_common import OffsetGuard
+    from roomrouter.brokers.kafka._common import OffsetGuard
 
     tp = TopicPartition("t", 0)
     guard, consumer = OffsetGuard(patience=0.05), _Seeks()
