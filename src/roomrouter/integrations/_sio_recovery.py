@@ -31,7 +31,9 @@ import msgspec
 
 from .._errors import ConfigurationError, MissingDependency
 from ._sio_history import StoredEmit, read_history
-from ._socketio import Restore, RoomKey, RoomRouterManager
+from ._sio_replay import Restore
+from ._sio_wire import RoomKey
+from ._socketio import RoomRouterManager
 
 try:
     import socketio
