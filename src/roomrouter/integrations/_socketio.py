@@ -352,7 +352,7 @@ class RoomRouterManager(HostingManager):
         offset: str,
     ) -> None:
         """Send an emit with an offset to this node's clients of ``rooms``: a client being
-        recovered gets it later, in offset order with its missed ones (see ``_holds``)."""
+        recovered gets it later, in offset order with its missed ones (see ``Holds``)."""
         skip = list(skip)
         if self._holds:
             members = self.rooms.get(namespace, {})
