@@ -12,9 +12,11 @@ from pathlib import Path
 import anyio
 import pytest
 
+from roomrouter._errors import BrokerUnavailable
 from roomrouter._urls import redact
 
 from .backends import require_tcp
+from .ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -165,3 +167,131 @@ async def test_mysql_sink_failures_are_one_line() -> None:
         *_worker("memory://", f"mysql://root:{SECRET}@127.0.0.1/test?table_prefix=No")
     )
     assert "table_prefix" in line
+
+
+# -- issue 20: every start-up failure is one line, a running command says so --------------------
+
+
+async def test_demo_with_an_unreachable_presence_store_is_one_line(tmp_path: Path) -> None:
+    """It printed an 82-line ExceptionGroup from uvicorn's lifespan and exited 3."""
+    port = free_port()
+    sink = f"sqlite:///{tmp_path}/p.db"
+    for broker in ("memory://", "redis://127.0.0.1:6379/0"):
+        if broker.startswith("redis"):
+            require_tcp("127.0.0.1", 6379, "Redis")
+        line = await _fails_in_one_line(
+            "demo", "--broker", broker, "--port", "0", "--sink", sink,
+            "--presence", f"redis://:{SECRET}@127.0.0.1:{port}/0",
+        )  # fmt: skip
+        assert line == (
+            f"roomrouter: cannot reach Redis at 127.0.0.1:{port} for presence: connection refused"
+        )
+    line = await _fails_in_one_line(
+        "inspect", "--broker", "memory://", "--namespace", "cli", "--wait", "0",
+        "--presence", f"redis://:{SECRET}@127.0.0.1:{port}/0",
+    )  # fmt: skip
+    assert line == (
+        f"roomrouter: cannot reach Redis at 127.0.0.1:{port} for presence: connection refused"
+    )
+
+
+async def test_unreachable_kafka_is_one_line(tmp_path: Path) -> None:
+    """aiokafka's own ERROR line per connect attempt is not printed beside roomrouter's."""
+    port = free_port()
+    line = await _fails_in_one_line(
+        *_worker(f"kafka://127.0.0.1:{port}?operation_timeout=2", f"sqlite:///{tmp_path}/k.db")
+    )
+    assert line == f"roomrouter: cannot reach Kafka at 127.0.0.1:{port}: no broker answered"
+
+
+def test_a_demo_whose_services_fail_in_the_lifespan_raises_one_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """Services that fail between the check and the server's start (here: no check at all)
+    surface as the roomrouter error, without uvicorn's traceback or its exit(3)."""
+    from roomrouter._demo import server
+    from roomrouter._demo.app import DemoSettings
+
+    async def no_check(settings: DemoSettings) -> None:
+        return None
+
+    monkeypatch.setattr(server, "check_services", no_check)
+    port = free_port()
+    settings = DemoSettings(
+        broker="memory://", sink=f"sqlite:///{tmp_path}/l.db",
+        presence=f"redis://127.0.0.1:{port}/0",
+    )  # fmt: skip
+    with pytest.raises(BrokerUnavailable) as info:
+        server.run(settings, port=0)
+    assert str(info.value) == (
+        f"cannot reach Redis at 127.0.0.1:{port} for presence: connection refused"
+    )
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "ERROR" not in err, err
+
+
+@pytest.mark.parametrize(
+    ("raised", "status", "expected"),
+    [
+        # A roomrouter error beside anything else in a task group is still the reason.
+        (
+            BaseExceptionGroup("", [ValueError("side"), BrokerUnavailable("the reason")]),
+            1,
+            "roomrouter: the reason",
+        ),
+        # A bug: one line too, never a repr, exit 2.
+        (
+            ExceptionGroup("", [ExceptionGroup("", [RuntimeError(("odd", 1))])]),
+            2,
+            "roomrouter: unexpected error: RuntimeError: odd (--verbose shows where)",
+        ),
+    ],
+)
+def test_what_escapes_a_command_is_one_line(
+    raised: BaseException,
+    status: int,
+    expected: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from roomrouter import cli
+
+    async def run_worker(*args: object) -> None:
+        raise raised
+
+    monkeypatch.setattr(cli, "_run_worker", run_worker)
+    assert cli.main(_worker("memory://")) == status
+    assert capsys.readouterr().err.splitlines() == [expected]
+    if status == 2:  # --verbose: the traceback of the bug
+        with pytest.raises(ExceptionGroup):
+            cli.main(["--verbose", *_worker("memory://")])
+
+
+async def test_worker_says_once_it_is_ready(tmp_path: Path) -> None:
+    require_tcp("127.0.0.1", 5432, "PostgreSQL")
+    # Trust authentication ignores the password; the banner must not show it.
+    sink = f"postgresql://postgres:{SECRET}@127.0.0.1:5432/test?table_prefix=cli_banner"
+    broker = "redis://127.0.0.1:6379/0"
+    require_tcp("127.0.0.1", 6379, "Redis")
+    async with await anyio.open_process(
+        [COMMAND, *_worker(broker, sink), "--name", "banner"],
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        first = b""
+        try:
+            with anyio.fail_after(20):
+                while b"\n" not in first:
+                    first += await process.stdout.receive()
+        finally:
+            process.send_signal(signal.SIGINT)
+        with anyio.fail_after(20):
+            status = await process.wait()
+        rest = b"".join([chunk async for chunk in process.stdout])
+        err = b"".join([chunk async for chunk in process.stderr])
+    assert status == 0, err
+    assert first.decode().splitlines()[0] == (
+        f"roomrouter worker: consuming {broker} namespace cli into "
+        "postgresql://postgres:***@127.0.0.1:5432/test?table_prefix=cli_banner (consumer banner)"
+    )
+    assert SECRET not in (first + rest + err).decode()
