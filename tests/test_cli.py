@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import sys
@@ -295,3 +296,42 @@ async def test_worker_says_once_it_is_ready(tmp_path: Path) -> None:
         "postgresql://postgres:***@127.0.0.1:5432/test?table_prefix=cli_banner (consumer banner)"
     )
     assert SECRET not in (first + rest + err).decode()
+
+
+def test_every_sink_option_documents_table_prefix() -> None:
+    """``?table_prefix=`` works on every sink URL; the help of each ``--sink`` says so."""
+    import click
+
+    from roomrouter.cli import cli
+
+    helps = {
+        name: param.help or ""
+        for name, command in cli.commands.items()
+        for param in command.params
+        if isinstance(param, click.Option) and "--sink" in param.opts
+    }
+    assert set(helps) == {"demo", "worker"}
+    for name, text in helps.items():
+        assert "?table_prefix=name" in text and "<name>_messages" in text, (name, text)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "`?table_prefix=name`" in readme
+
+
+def test_the_socketio_extra_installs_an_asgi_server_with_websockets() -> None:
+    """``pip install roomrouter[socketio]`` must be enough to serve python-socketio's ASGI app
+    (docs/socketio.md runs it with uvicorn), at the versions the demo extra pins."""
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    extras = tomllib.loads(pyproject.read_text())["project"]["optional-dependencies"]
+
+    def pins(extra: str) -> dict[str, str]:
+        found = {}
+        for requirement in extras[extra]:
+            name = re.split(r"[<>=!~\[ ]", requirement, maxsplit=1)[0]
+            found[name] = requirement
+        return found
+
+    socketio, demo = pins("socketio"), pins("demo")
+    for server in ("uvicorn", "websockets"):
+        assert socketio.get(server) == demo[server], (server, extras["socketio"])

@@ -74,7 +74,9 @@ def cli(verbose: bool) -> None:
     "--sink",
     default="sqlite:///roomrouter-demo.db",
     show_default=True,
-    help="Where history is stored and read (a SQLite file in the current directory by default).",
+    help="Where history is stored and read: sqlite:///path.db (a SQLite file in the current "
+    "directory by default), postgresql://user@host/db or mysql://user@host/db; any with "
+    "?table_prefix=name (tables <name>_messages, ...; default roomrouter).",
 )
 @click.option(
     "--presence",
@@ -130,8 +132,8 @@ def demo(
 @click.option(
     "--sink",
     required=True,
-    help="sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db "
-    "(any with ?table_prefix=name).",
+    help="sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db; any with "
+    "?table_prefix=name (tables <name>_messages, ...; default roomrouter).",
 )
 @click.option("--name", default=None, help="Consumer name (default: host-pid).")
 @click.option(
