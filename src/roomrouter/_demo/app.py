@@ -468,6 +468,13 @@ class _Connection:
 # -- the app ------------------------------------------------------------------------------------
 
 
+#: A speech bubble; the page carries the same one as a data: URL.
+_FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<path d="M2 2h12v9H7l-3 3v-3H2z" fill="#2563eb"/></svg>'
+)
+
+
 def _first_roomrouter_error(exc: BaseException) -> RoomRouterError | None:
     """``exc`` if it is a roomrouter error, else the first one inside it (an exception group)."""
     if isinstance(exc, RoomRouterError):
@@ -597,6 +604,10 @@ class _Server:
     async def index(self, request: Request) -> Response:
         return HTMLResponse(self.page)
 
+    async def favicon(self, request: Request) -> Response:
+        # The page names its icon inline; this is for a browser that asks anyway (/stats).
+        return Response(_FAVICON, media_type="image/svg+xml")
+
     async def stats(self, request: Request) -> Response:
         router = self.router
         if router is None:
@@ -654,13 +665,15 @@ class _Server:
 
 
 def create_app(settings: DemoSettings | None = None) -> Starlette:
-    """The demo chat app: ``GET /`` the page, ``/ws`` the WebSocket, ``GET /stats`` the node's
-    counters as JSON, ``GET /metrics`` the same for Prometheus. The router starts and stops
-    with the app's lifespan, so serve it with lifespan events on (uvicorn does by default)."""
+    """The demo chat app: ``GET /`` the page (``/favicon.ico`` its icon), ``/ws`` the
+    WebSocket, ``GET /stats`` the node's counters as JSON, ``GET /metrics`` the same for
+    Prometheus. The router starts and stops with the app's lifespan, so serve it with lifespan
+    events on (uvicorn does by default)."""
     server = _Server(settings or DemoSettings())
     app = Starlette(
         routes=[
             Route("/", server.index),
+            Route("/favicon.ico", server.favicon),
             Route("/stats", server.stats),
             Route("/metrics", server.metrics),
             WebSocketRoute("/ws", server.websocket),
