@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -335,3 +336,73 @@ def test_the_socketio_extra_installs_an_asgi_server_with_websockets() -> None:
     socketio, demo = pins("socketio"), pins("demo")
     for server in ("uvicorn", "websockets"):
         assert socketio.get(server) == demo[server], (server, extras["socketio"])
+
+
+# -- scripts/test.sh and the RabbitMQ management plugin --------------------------------------
+
+TEST_SH = Path(__file__).resolve().parents[1] / "scripts" / "test.sh"
+
+
+def _test_sh(call: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Source scripts/test.sh (which then only defines its functions) and run ``call``."""
+    return subprocess.run(
+        ["bash", "-c", f'source "{TEST_SH}"; {call}'],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **env},
+    )  # fmt: skip
+
+
+def test_the_test_script_enables_the_management_plugin_when_it_is_off(tmp_path: Path) -> None:
+    """The README's `bash scripts/test.sh` skipped ~93 RabbitMQ tests in silence when the
+    management plugin was off: it runs rabbitmq-plugins when it can, else it says so."""
+    with socket.socket() as amqp:  # "RabbitMQ" is up; its management API port is closed
+        amqp.bind(("127.0.0.1", 0))
+        amqp.listen()
+        env = {
+            "RABBITMQ_PORT": str(amqp.getsockname()[1]),
+            "RABBITMQ_MANAGEMENT_PORT": str(free_port()),
+            "RABBITMQ_MANAGEMENT_WAIT": "1",
+        }
+        calls = tmp_path / "calls"
+        plugins = tmp_path / "rabbitmq-plugins"
+        plugins.write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+        plugins.chmod(0o755)
+        done = _test_sh("rabbitmq_management", RABBITMQ_PLUGINS=str(plugins), **env)
+        assert done.returncode == 0, done.stderr
+        assert calls.read_text() == "enable rabbitmq_management\n"
+        # It did not come up (this fake enables nothing): one warning with the fix.
+        assert done.stdout.splitlines()[-1] == (
+            f"WARNING: the RabbitMQ management API (127.0.0.1:{env['RABBITMQ_MANAGEMENT_PORT']}) "
+            "is off, so most RabbitMQ tests will be skipped; to run them: "
+            "rabbitmq-plugins enable rabbitmq_management"
+        )
+        # Without rabbitmq-plugins: only the warning.
+        done = _test_sh("rabbitmq_management", RABBITMQ_PLUGINS=str(tmp_path / "none"), **env)
+        assert done.returncode == 0 and len(done.stdout.splitlines()) == 1, done.stdout
+        assert done.stdout.startswith("WARNING: ") and calls.read_text().count("\n") == 1
+        # A management API that listens: nothing to say, nothing to run.
+        with socket.socket() as api:
+            api.bind(("127.0.0.1", int(env["RABBITMQ_MANAGEMENT_PORT"])))
+            api.listen()
+            done = _test_sh("rabbitmq_management", RABBITMQ_PLUGINS=str(plugins), **env)
+        assert done.returncode == 0 and done.stdout == "", done.stdout
+
+
+def test_the_test_script_counts_the_tests_skipped_for_the_management_api(
+    tmp_path: Path,
+) -> None:
+    reason = "RabbitMQ management API (rabbitmq_management plugin) not reachable at 127.0.0.1"
+    (tmp_path / "parallel").write_text(
+        f"SKIPPED [90] tests/backends.py:301: {reason}:15672 ([Errno 111] refused)\n"
+        "SKIPPED [4] tests/test_kafka.py:12: Kafka not here\n"
+        f"\x1b[33mSKIPPED\x1b[0m [2] tests/backends.py:301: {reason}:15672 (timed out)\n"
+    )
+    (tmp_path / "serial").write_text(f"SKIPPED [1] tests/backends.py:301: {reason}:15672\n")
+    done = _test_sh(f'management_summary "{tmp_path}/parallel" "{tmp_path}/serial"')
+    assert done.stdout == (
+        "WARNING: 93 RabbitMQ tests were skipped: the RabbitMQ management API is off; "
+        "to run them: rabbitmq-plugins enable rabbitmq_management\n"
+    )
+    (tmp_path / "serial").write_text("1 passed\n")
+    (tmp_path / "parallel").write_text("SKIPPED [4] tests/test_kafka.py:12: Kafka not here\n")
+    done = _test_sh(f'management_summary "{tmp_path}/parallel" "{tmp_path}/serial"')
+    assert done.returncode == 0 and done.stdout == ""
