@@ -610,7 +610,11 @@ class KafkaBroker(Broker):
                 tg.start_soon(watch, self._probe_loop)
             if self._closed:
                 return
-            log.warning("node %s: Kafka session lost: %r", node_id, reason)
+            log.warning(
+                "node %s: Kafka session lost: %s",
+                node_id,
+                "?" if reason is None else describe(reason),
+            )
             if anyio.current_time() - began < 10 * self.health_interval:
                 backoff = min(max(2 * backoff, 0.05), self.max_backoff)
             else:
