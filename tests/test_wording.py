@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomrouter import RoomRouter
 from roomrouter._errors import (
@@ -79,6 +80,7 @@ async def _sink_error(url: str) -> BaseException:
         (socket.gaierror(-2, "Name or service not known"), "name not resolved"),
         (ConnectionResetError(104, "Connection reset by peer"), "connection reset"),
         (OSError(113, "No route to host"), "host unreachable"),
+        (RedisTimeoutError("Timeout connecting to server"), "timed out"),
         # A library that folds the cause into its own message.
         (
             RuntimeError("Error 111 connecting to 127.0.0.1:1. Connect call failed."),
