@@ -406,3 +406,13 @@ def test_the_test_script_counts_the_tests_skipped_for_the_management_api(
     (tmp_path / "parallel").write_text("SKIPPED [4] tests/test_kafka.py:12: Kafka not here\n")
     done = _test_sh(f'management_summary "{tmp_path}/parallel" "{tmp_path}/serial"')
     assert done.returncode == 0 and done.stdout == ""
+
+
+def test_the_exit_statuses_are_documented() -> None:
+    from click.testing import CliRunner
+
+    from roomrouter.cli import cli
+
+    text = " ".join(CliRunner().invoke(cli, ["--help"]).output.split())
+    for status in ("0 done", "1 could not start", "2 an unexpected error", "130 interrupted"):
+        assert status in text, text

@@ -47,7 +47,12 @@ def _version() -> str:
         return __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit status: 0 done; 1 could not start (one line on stderr says why: a bad option, "
+    "an unreachable or refusing service, a missing extra); 2 an unexpected error (one line; "
+    "--verbose shows its traceback); 130 interrupted.",
+)
 @click.version_option(_version(), "--version", prog_name="roomrouter")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (default: warnings).")
 def cli(verbose: bool) -> None:
