@@ -120,6 +120,14 @@ def test_refused_login_and_ipv6_and_purpose() -> None:
     )
 
 
+async def test_no_password_even_in_an_address() -> None:
+    error = unreachable("Kafka", "user:s3cret@k1:9092,u:s3cret@k2:9092", None, TimeoutError())
+    assert str(error) == "cannot reach Kafka at k1:9092,k2:9092: timed out"
+    port = free_port()
+    error = await _router_error(f"kafka://user:s3cret@127.0.0.1:{port}?operation_timeout=2")
+    assert str(error) == f"cannot reach Kafka at 127.0.0.1:{port}: no broker answered"
+
+
 def test_an_unknown_error_is_named_never_its_repr() -> None:
     class OddLibraryError(Exception):
         pass

@@ -328,7 +328,8 @@ def unreachable(
     <reason>``. Raise it ``from exc``. ``error`` is the class (:class:`SinkError` for a
     database); ``purpose`` follows the address (``cannot reach Redis at 127.0.0.1:1 for
     presence: connection refused``)."""
-    where = host or "?"
+    # Never credentials, were they left in an address ("user:pw@host:9092,...").
+    where = ",".join(part.rpartition("@")[2] for part in (host or "?").split(","))
     if port is not None:
         where = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
     if purpose:
