@@ -176,3 +176,116 @@ def test_the_whole_suite_passes_on_the_honest_wrapper(pytester: pytest.Pytester)
     outcomes = result.parseoutcomes()
     assert outcomes.get("failed", 0) == 0 and outcomes.get("errors", 0) == 0, result.stdout.str()
     assert outcomes["passed"] >= 20, outcomes  # all but the reconnect tests (no hook)
+
+
+FAULTY_SINKS = '''
+from roomrouter.storage import SQLiteSink, Sink
+from roomrouter.testing import SinkContract
+
+
+class Wrapper(Sink):
+    name = "wrapper"
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    async def start(self):
+        await self.inner.start()
+
+    async def aclose(self):
+        await self.inner.aclose()
+
+    async def write(self, envelopes):
+        return await self.inner.write(envelopes)
+
+    async def history(self, room, *, before=None, after=None, limit=50):
+        return await self.inner.history(room, before=before, after=after, limit=limit)
+
+    async def count(self, room=None):
+        return await self.inner.count(room)
+
+    async def latest_id(self, room):
+        return await self.inner.latest_id(room)
+
+
+class CountsEveryRow(Wrapper):
+    """Says every row of a batch was new, duplicates included."""
+
+    async def write(self, envelopes):
+        await self.inner.write(envelopes)
+        return len(envelopes)
+
+
+class Unordered(Wrapper):
+    """Returns a page newest first."""
+
+    async def history(self, room, **kwargs):
+        return (await super().history(room, **kwargs))[::-1]
+
+
+class NotAtomic(Wrapper):
+    """Writes a batch row by row: a failure leaves the rows before it."""
+
+    async def write(self, envelopes):
+        return sum([await self.inner.write([e]) for e in envelopes])
+
+
+class Suite(SinkContract):
+    fault = Wrapper
+
+    def make_sink(self):
+        return self.fault(SQLiteSink(self.path))
+
+    sink_url = "sqlite://unused"
+
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _path(request, tmp_path):
+    request.instance.path = tmp_path / "sink.db"
+
+
+class TestHonest(Suite):
+    fault = Wrapper
+
+
+class TestCountsEveryRow(Suite):
+    fault = CountsEveryRow
+
+
+class TestUnordered(Suite):
+    fault = Unordered
+
+
+class TestNotAtomic(Suite):
+    fault = NotAtomic
+'''
+
+SINK_CAUGHT = {
+    "CountsEveryRow": [
+        "test_write_is_idempotent_by_id",
+        "test_concurrent_writes_store_each_id_once",
+    ],
+    "Unordered": [
+        "test_history_is_in_id_order_whatever_the_write_order",
+        "test_walk_a_room_backwards_and_forwards",
+        "test_ids_compare_as_code_points_not_by_locale",
+    ],
+    "NotAtomic": ["test_a_failing_batch_writes_nothing"],
+}
+
+
+@pytest.mark.parametrize("fault", [*sorted(SINK_CAUGHT), "Honest"])
+def test_the_sink_suite_catches_a_faulty_sink(pytester: pytest.Pytester, fault: str) -> None:
+    pytester.makepyfile(test_faulty_sinks=FAULTY_SINKS)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", "-k", f"Test{fault}")
+    failed = {
+        line.split("::")[-1].split(" ")[0] for line in result.outlines if line.startswith("FAILED ")
+    }
+    if fault == "Honest":
+        outcomes = result.parseoutcomes()
+        assert failed == set() and outcomes["passed"] >= 30, result.stdout.str()[-3000:]
+    else:
+        assert set(SINK_CAUGHT[fault]) <= failed, (failed, result.stdout.str()[-3000:])
