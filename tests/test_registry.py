@@ -315,3 +315,34 @@ def test_a_third_party_package_passes_the_shipped_suites(pytester: pytest.Pytest
     # letters (the echo sink keeps none) passes.
     assert outcomes.get("skipped") == 3, result.stdout.str()
     assert outcomes["passed"] >= 50, outcomes
+
+
+# -- the public URL helpers (roomrouter.urls) ------------------------------------------------------
+
+
+def test_url_helpers() -> None:
+    from roomrouter import urls
+
+    assert (
+        urls.redact("redis://u:hunter2@h:1/0?password=x&a=1")
+        == "redis://u:***@h:1/0?password=***&a=1"
+    )
+    assert urls.redact("not a url") == "not a url"
+    assert urls.url_scheme("AMQP://h/") == "amqp" and urls.url_scheme("nothing") == ""
+    assert [urls.flag(v) for v in ("1", "TRUE", " yes", "on", "0", "no", "")] == [True] * 4 + [
+        False
+    ] * 3
+    query = {"n": "3", "x": "keep"}
+    assert urls.pop_options("s://h", query, [("n", int), ("absent", int)]) == {"n": 3}
+    assert query == {"x": "keep"}
+    with pytest.raises(ConfigurationError, match=r"bad n in 's://u:\*\*\*@h'"):
+        urls.pop_options("s://u:pw@h", {"n": "three"}, [("n", int)])
+    assert urls.parse_hosts("a:1, b ,[::1]:3,[::2]", 9) == [
+        ("a", 1),
+        ("b", 9),
+        ("::1", 3),
+        ("::2", 9),
+    ]
+    for bad in ("a:x", ":1", "a:0", "a:70000", " , "):
+        with pytest.raises(ConfigurationError):
+            urls.parse_hosts(bad, 9, url="s://u:pw@" + bad)
