@@ -90,6 +90,30 @@ class TestRedisClusterContract(_Builtin):
 class TestRabbitMQContract(_Builtin):
     backend = RabbitMQBackend
 
+    async def break_connection(self, broker: Broker) -> None:
+        """Close the broker's own connections from the server (management API), by the
+        names the broker gives them."""
+        from urllib.parse import quote
+
+        from roomrouter.brokers.rabbitmq import RabbitMQBroker
+
+        assert isinstance(broker, RabbitMQBroker)
+        names = {broker.connection_name("sub"), broker.connection_name("pub")}
+        closed: list[str] = []
+
+        async def close() -> None:
+            listing = await broker.management_request(
+                "/api/connections?columns=name,user_provided_name"
+            )
+            for conn in listing:
+                if conn.get("user_provided_name") in names and conn["name"] not in closed:
+                    path = "/api/connections/" + quote(conn["name"], safe="")
+                    await broker.management_request(path, method="DELETE")
+                    closed.append(conn["name"])
+            assert closed, f"no connection named {names} yet"
+
+        await eventually(close, timeout=10)
+
 
 class TestKafkaContract(_Builtin):
     backend = KafkaBackend
