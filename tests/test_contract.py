@@ -86,6 +86,18 @@ class TestShardedRedisContract(_Builtin):
 class TestRedisClusterContract(_Builtin):
     backend = RedisClusterBackend
 
+    async def break_connection(self, broker: Broker) -> None:
+        from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+        from .redis_cluster import shared_cluster
+
+        assert isinstance(broker, RedisClusterBroker)
+        names = {broker.client_name("sub"), broker.client_name("pub")}
+        killed = 0
+        for port in shared_cluster().ports:
+            killed += await _kill_clients(port, names)
+        assert killed >= 1, f"no connection named {names}"
+
 
 class TestRabbitMQContract(_Builtin):
     backend = RabbitMQBackend
@@ -121,20 +133,24 @@ class TestKafkaContract(_Builtin):
 
 async def _kill_redis_clients(broker: Broker) -> None:
     """CLIENT KILL of the broker's own connections (by their names), nobody else's."""
-    from redis.asyncio import Redis
-
     from roomrouter.brokers.redis import RedisBroker
 
     assert isinstance(broker, RedisBroker)
     names = {broker.client_name("sub"), broker.client_name("pub")}
-    client = Redis(host="127.0.0.1", port=6379)
+    assert await _kill_clients(6379, names) >= 1, f"no connection named {names}"
+
+
+async def _kill_clients(port: int, names: set[str]) -> int:
+    from redis.asyncio import Redis
+
+    client = Redis(host="127.0.0.1", port=port)
     try:
         killed = 0
         for info in await client.client_list():
             if info.get("name") in names:
                 await client.execute_command("CLIENT", "KILL", "ID", info["id"])
                 killed += 1
-        assert killed >= 1, f"no connection named {names}"
+        return killed
     finally:
         await client.aclose()
 
