@@ -406,8 +406,8 @@ class RedisClusterBroker(Broker):
                 continue
             except _NETWORK_ERRORS as exc:
                 if not shard.closing and not self._closed:
-                    log.warning("node %s: Redis Cluster subscriber connection to %s lost: %r",
-                                ctx.node_id, shard.node, exc)  # fmt: skip
+                    log.warning("node %s: Redis Cluster subscriber connection to %s lost: %s",
+                                ctx.node_id, shard.node, describe(exc))  # fmt: skip
                     self._request_resync(lost=bool(shard.channels))
                 self._drop_shard(
                     shard, BrokerUnavailable(f"Redis connection lost: {describe(exc)}")
