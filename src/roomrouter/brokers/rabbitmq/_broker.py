@@ -17,7 +17,15 @@ from ..._errors import BrokerUnavailable, ConfigurationError, describe
 from ..._urls import pop_options, redact
 from .._base import Broker, BrokerContext, RecentFrames, RecentScan, StorageConsumer
 from ..transport import Backoff, keep_connected
-from ._common import ERRORS, bind, connect, first_closed, quiet_close, really_cancelled
+from ._common import (
+    ERRORS,
+    STABLE_AFTER,
+    bind,
+    connect,
+    first_closed,
+    quiet_close,
+    really_cancelled,
+)
 from ._management import request_json
 from ._names import HASH_MARK, STORE_KEY, amqp_name, room_of_key, routing_key
 from ._publisher import Publisher
@@ -357,6 +365,7 @@ class RabbitMQBroker(Broker):
             on_restored=on_restored,
             backoff=Backoff(0.05, self.max_backoff),
             what=f"node {ctx.node_id}: RabbitMQ subscriber connection",
+            stable_after=STABLE_AFTER,
         )
 
     async def _on_message(self, message: DeliveredMessage) -> None:

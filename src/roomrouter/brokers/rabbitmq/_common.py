@@ -17,6 +17,7 @@ from ._names import STORE_KEY
 
 __all__ = [
     "ERRORS",
+    "STABLE_AFTER",
     "bind",
     "connect",
     "declare_storage",
@@ -28,6 +29,11 @@ __all__ = [
 
 #: What aiormq raises for a failed connection, channel or operation.
 ERRORS = (AMQPError, ChannelInvalidStateError, OSError, TimeoutError, EOFError, RuntimeError)
+
+#: A connection that served this long (seconds) resets the reconnect backoff; one that RabbitMQ
+#: drops sooner after each restore meets a growing delay, not a reconnect storm that redeclares
+#: and rebinds everything many times a second.
+STABLE_AFTER = 1.0
 
 
 def really_cancelled() -> bool:

@@ -27,7 +27,7 @@ from aiormq.exceptions import DeliveryError
 from ..._errors import BrokerUnavailable, PublishOutcomeUnknown, describe
 from ..transport import Backoff, Outbox, Send, keep_connected
 from ._aiormq import expect_confirm, frame_max, write_frames
-from ._common import ERRORS, connect, declare_storage, first_closed, quiet_close
+from ._common import ERRORS, STABLE_AFTER, connect, declare_storage, first_closed, quiet_close
 from ._names import STORE_KEY, amqp_name, recent_key
 from ._wire import persistent_properties, publish_frames, recent_queue_frames
 
@@ -150,7 +150,13 @@ class Publisher:
             self.outbox.fail_in_flight("the publisher connection was lost")
             await self._close_connection()
 
-        await keep_connected(reconnect, serve, backoff=Backoff(0.05, self._max_backoff), what=what)
+        await keep_connected(
+            reconnect,
+            serve,
+            backoff=Backoff(0.05, self._max_backoff),
+            what=what,
+            stable_after=STABLE_AFTER,
+        )
 
     def break_connection(self) -> None:
         """Give up the connection (its state is unknown): :meth:`keep` replaces it."""
