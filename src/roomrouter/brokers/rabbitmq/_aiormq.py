@@ -3,18 +3,18 @@
 The publish path frames ``basic.publish`` itself and writes batches of frames on aiormq's
 connection (see ``_publisher``): aiormq's public ``basic_publish`` takes the channel lock and
 waits for one writer round per message, which costs 2-4x the confirmed publishes per second
-(measured: benchmarks in the commit that introduced this module). Doing so needs three
-internals of aiormq's channel: its delivery-tag counter, its table of pending confirmations
-(aiormq resolves them on ``basic.ack``, fails them on ``basic.nack`` and on close), and its
-connection's write queue. They were read in aiormq 7.2; this module refuses, at import, any
-aiormq outside :data:`SUPPORTED` rather than corrupting the delivery-tag sequence of a version
-that changed them. The pin of the ``rabbitmq`` extra says the same.
+(``benchmarks/rabbitmq_publish_path.py``). Doing so needs three internals of aiormq's
+channel: its delivery-tag counter, its table of pending confirmations (aiormq settles an entry
+on ``basic.ack`` and ``basic.nack``, one or ``multiple``), and its connection's write queue.
+They were read in aiormq 7.2; this module refuses, at import, any aiormq outside
+:data:`SUPPORTED` rather than corrupting the delivery-tag sequence of a version that changed
+them. The pin of the ``rabbitmq`` extra says the same.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.metadata
+from collections.abc import Callable
 from typing import Any
 
 import aiormq
@@ -45,15 +45,41 @@ def check_version(version: str) -> None:
 check_version(importlib.metadata.version("aiormq"))
 
 
-def expect_confirm(channel: aiormq.Channel) -> asyncio.Future[Any]:
+class _Confirmation:
+    """An entry of aiormq's confirmation table: aiormq calls ``set_result(frame)`` on
+    ``basic.ack`` and ``set_exception(DeliveryError)`` on ``basic.nack`` (after ``done()``);
+    this one hands the answer straight to ``settle``, in the step that read the frame (an
+    asyncio future would cost one more turn of the event loop per publish). aiormq does not
+    touch the table when the channel closes: the caller settles what is left then."""
+
+    __slots__ = ("_settle",)
+
+    def __init__(self, settle: Callable[[BaseException | None], object]) -> None:
+        self._settle = settle
+
+    def done(self) -> bool:
+        return False
+
+    def cancelled(self) -> bool:
+        return False
+
+    def set_result(self, frame: object) -> None:
+        self._settle(None)
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._settle(exc)
+
+
+def expect_confirm(
+    channel: aiormq.Channel, settle: Callable[[BaseException | None], object]
+) -> None:
     """Take the next delivery tag of a confirm channel and register its confirmation, as
-    ``basic_publish`` does: aiormq resolves it on ``basic.ack`` (one or ``multiple``), fails it
-    with ``DeliveryError`` on ``basic.nack``, and with the close reason when the channel closes.
-    Call it in the same synchronous step that queues the publish's bytes."""
+    ``basic_publish`` does: ``settle(None)`` on ``basic.ack``, ``settle(DeliveryError)`` on
+    ``basic.nack``; nothing if the channel closes first. Call it in the same synchronous step
+    that queues the publish's bytes."""
+    table: dict[int, Any] = channel.confirmations  # typed for its futures; duck-typed here
     channel.delivery_tag += 1
-    confirmation: asyncio.Future[Any] = channel.create_future()
-    channel.confirmations[channel.delivery_tag] = confirmation
-    return confirmation
+    table[channel.delivery_tag] = _Confirmation(settle)
 
 
 async def write_frames(channel: aiormq.Channel, payload: bytes) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import aiormq
 import anyio
-from aiormq.abc import AbstractConnection
+from aiormq.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import DeliveryError
 
 from ..._errors import BrokerUnavailable, PublishOutcomeUnknown, describe
@@ -51,19 +51,26 @@ class _Publish:
         self.channel: aiormq.Channel | None = None
 
 
-def _confirmed(send: Send[_Publish], service: str, confirmation: asyncio.Future[Any]) -> None:
-    """Settle a sent publish from its confirmation: an ack resolves it, a nack refuses it (an
-    answer: not published), a closed channel leaves its outcome unknown."""
-    if confirmation.cancelled():
-        send.fail(service, "its channel was closed")
-        return
-    exc = confirmation.exception()
+def _confirmed(send: Send[_Publish], service: str, exc: BaseException | None) -> None:
+    """Settle a sent publish from RabbitMQ's answer: an ack resolves it, a nack refuses it (an
+    answer: not published)."""
     if exc is None:
         send.resolve()
     elif isinstance(exc, DeliveryError):
         send.refuse(BrokerUnavailable(f"{service} refused the publish (nack)"))
     else:
-        send.fail(service, f"its channel was closed ({describe(exc)})")
+        send.fail(service, describe(exc))
+
+
+def _close_reason(*sources: AbstractConnection | AbstractChannel) -> str:
+    """Why the publisher's channel or connection closed, as the in-flight publishes' reason."""
+    for source in sources:
+        if source.is_closed:
+            closing = source.closing  # closed: the future itself, no new observer
+            exc = None if closing.cancelled() else closing.exception()
+            if exc is not None:
+                return f"its channel was closed ({describe(exc)})"
+    return "the publisher connection was lost"
 
 
 class Publisher:
@@ -147,7 +154,9 @@ class Publisher:
             if self._closed:
                 await anyio.sleep_forever()
             self.up = anyio.Event()
-            self.outbox.fail_in_flight("the publisher connection was lost")
+            # aiormq leaves our confirmations alone when a channel closes: settle them here.
+            reason = _close_reason(*(s for s in (channel, conn) if s is not None))
+            self.outbox.fail_in_flight(reason)
             await self._close_connection()
 
         await keep_connected(
@@ -226,7 +235,7 @@ class Publisher:
                     )
                     chunks.append(chunk)
                     size += len(chunk)
-                    expect_confirm(channel).add_done_callback(partial(_confirmed, send, service))
+                    expect_confirm(channel, partial(_confirmed, send, service))
                     if size >= _MAX_WRITE:
                         writes.append(b"".join(chunks))
                         chunks, size = [], 0
@@ -238,6 +247,11 @@ class Publisher:
                 except BaseException:
                     self.break_connection()
                     raise
+                if channel.is_closed:
+                    # Closed while the batch was written: :meth:`keep` may have settled the
+                    # in-flight publishes already, before these joined them.
+                    for send in tx.sends:
+                        send.fail(service, _close_reason(channel))
 
     def _declare_recent(self, channel: aiormq.Channel, key: str) -> list[bytes]:
         """Wire bytes of a no-wait declare and bind of the room's recent queue, unless this
