@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +262,19 @@ def _assert(condition: bool) -> None:
 
 
 def _stored_ids(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        return [row[0] for row in conn.execute("SELECT id FROM roomrouter_messages")]
+    """The ids the worker stored; none before it created its tables. Its sink creates the
+    file first and the tables a moment later (longer under load, or while a reader holds the
+    file): a poll in between reads a database without tables, which is "nothing stored yet",
+    not an error (an error here escaped `eventually` at once: the old flake)."""
+    if not db.exists():
+        return []
+    with closing(sqlite3.connect(db)) as conn:
+        try:
+            return [row[0] for row in conn.execute("SELECT id FROM roomrouter_messages")]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
 
 
 async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
@@ -361,7 +372,6 @@ def _replicated(servers: RedisClusterServers, master: str) -> bool:
     return bool(offsets) and min(offsets) >= int(info["master_repl_offset"])
 
 
-@pytest.mark.serial
 @pytest.mark.parametrize("seed_role", ["other master", "storage master"])
 async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
     replicated_cluster: RedisClusterServers, tmp_path: Path, seed_role: str
@@ -426,13 +436,12 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         await burst()
 
         def stored_all() -> None:
-            assert db.exists() and set(acked) <= set(_stored_ids(db))
+            assert set(acked) <= set(_stored_ids(db))
 
         try:
             await eventually(stored_all, timeout=20, interval=0.1)
-        except (AssertionError, sqlite3.OperationalError) as exc:
-            # Seen once in a loaded run before the kill: the worker had not created its
-            # tables after 20 s. Say what the worker process did, to find out why.
+        except AssertionError as exc:
+            # Say what the worker process did if it stores nothing.
             raise AssertionError(
                 f"worker exit code {proc.poll()!r}; its log:\n{log_path.read_text()[-4000:]}"
             ) from exc
