@@ -29,6 +29,7 @@ __all__ = [
     "HistoryReaders",
     "Read",
     "field_of",
+    "open_connection",
     "pack",
     "quiet_disconnect",
     "scan_recent",
@@ -179,3 +180,16 @@ async def scan_recent(
             length = int(stream.get(b"length", 0))
             evicted = length >= recent_size if added is None else int(added) > length
     return scan.result(evicted)
+
+
+async def open_connection(conn: Connection, seconds: float) -> Connection:
+    """Connect ``conn`` within ``seconds``; on failure or cancellation it is closed (a socket
+    may be open already) and the error propagates."""
+    try:
+        with anyio.fail_after(seconds):
+            await conn.connect()  # type: ignore[no-untyped-call]
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await quiet_disconnect(conn)
+        raise
+    return conn

@@ -47,7 +47,6 @@ from redis.exceptions import ResponseError
 from .._errors import (
     BrokerUnavailable,
     ConfigurationError,
-    PublishOutcomeUnknown,
     StorageQueueLost,
 )
 from .._urls import pop_options, redact
@@ -59,9 +58,11 @@ from ._base import (
     StoredFrame,
 )
 from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
-from ._redis_common import HistoryReaders, scan_recent
+from ._redis_common import HistoryReaders, open_connection, scan_recent
 from ._redis_common import pack as _pack
 from ._redis_common import quiet_disconnect as _quiet_disconnect
+from ._redis_pipeline import Command, Lane
+from .transport import Backoff, keep_connected
 
 __all__ = ["RedisBroker", "key_prefix", "store_key"]
 
@@ -151,18 +152,6 @@ def _pack_publish(command: bytes, channel: bytes, frame: bytes) -> bytes:
     )  # fmt: skip
 
 
-class _Queued:
-    """One entry of the publisher queue: pre-encoded command(s), how many replies they produce,
-    and the future of the caller (resolved with the last reply)."""
-
-    __slots__ = ("future", "packed", "replies")
-
-    def __init__(self, packed: bytes, replies: int, future: asyncio.Future[Any]) -> None:
-        self.packed = packed
-        self.replies = replies
-        self.future = future
-
-
 class RedisBroker(Broker):
     """See the module docstring. ``connection_kwargs`` go to ``redis.asyncio.Connection``."""
 
@@ -215,11 +204,10 @@ class RedisBroker(Broker):
         self._rooms: set[str] = set()
         self._sub: Connection | None = None
         self._sub_ready = False
-        self._pub: Connection | None = None
+        self._sub_scope = anyio.CancelScope()
         self._confirm: dict[bytes, deque[_Batch]] = {}
         self._unconfirm: dict[bytes, deque[_Batch]] = {}
-        self._queue: list[_Queued] = []
-        self._flush_wake = anyio.Event()
+        self._lane = Lane("Redis", self._connect_publisher, operation_timeout)
         self._closed = False
         self._last_read = 0.0
         self._readers = HistoryReaders(lambda: self._new_connection("read"), operation_timeout)
@@ -258,20 +246,17 @@ class RedisBroker(Broker):
         await self._connect_subscriber()
         context.task_group.start_soon(self._read_loop, name=f"redis reader {context.node_id}")
         context.task_group.start_soon(self._watchdog, name=f"redis watchdog {context.node_id}")
-        context.task_group.start_soon(self._flush_loop, name=f"redis flusher {context.node_id}")
+        context.task_group.start_soon(self._lane.run, name=f"redis publisher {context.node_id}")
 
     async def aclose(self) -> None:
         self._closed = True
-        for conn in (self._sub, self._pub):
-            if conn is not None:
-                try:
-                    await conn.disconnect()
-                except _NETWORK_ERRORS:
-                    pass
-        self._sub = self._pub = None
+        self._sub_scope.cancel()
+        if self._sub is not None:
+            await _quiet_disconnect(self._sub)
+        self._sub = None
+        await self._lane.close("broker closed")
         await self._readers.aclose()
         self._fail_batches(BrokerUnavailable("broker closed"))
-        self._fail_queue(BrokerUnavailable("broker closed"))
 
     def _new_connection(self, role: str) -> Connection:
         return self._connection_class(
@@ -319,26 +304,47 @@ class RedisBroker(Broker):
     # -- reader ---------------------------------------------------------------------------------
 
     async def _read_loop(self) -> None:
+        """The subscriber connection's reader, through the reconnect template: read until the
+        connection is lost, then connect again with backoff, restore every subscription
+        (:meth:`_connect_subscriber`) and tell the router (``on_reconnect``)."""
         assert self._ctx is not None
         ctx = self._ctx
-        while True:
-            conn = self._sub
-            if conn is None or not self._sub_ready:
-                await self._reconnect_subscriber()
-                continue
-            try:
-                while True:
-                    reply = await conn.read_response()
-                    self._last_read = anyio.current_time()
-                    self._dispatch(reply, ctx)
-            except _NETWORK_ERRORS as exc:
-                if self._closed:
-                    return
-                log.warning("node %s: Redis subscriber connection lost: %r", ctx.node_id, exc)
-                self._sub_ready = False
-                self._sub = None
-                self._fail_batches(BrokerUnavailable(f"Redis connection lost: {exc}"))
-                await _quiet_disconnect(conn)
+        first = self._sub  # connected and subscribed by start()
+
+        async def connect() -> Connection:
+            nonlocal first
+            if first is None:
+                await self._connect_subscriber()
+            conn, first = self._sub if first is None else first, None
+            assert conn is not None
+            return conn
+
+        def restored() -> None:
+            log.info("node %s: Redis subscriber reconnected, %d room(s) restored",
+                     ctx.node_id, len(self._rooms))  # fmt: skip
+            ctx.on_reconnect()
+
+        with self._sub_scope:
+            await keep_connected(
+                connect, self._serve_subscriber, on_restored=restored,
+                backoff=Backoff(min(0.05, self.max_backoff), self.max_backoff),
+                what=f"node {ctx.node_id}: Redis subscriber connection", errors=_NETWORK_ERRORS,
+            )  # fmt: skip
+
+    async def _serve_subscriber(self, conn: Connection) -> None:
+        assert self._ctx is not None
+        ctx = self._ctx
+        try:
+            while True:
+                reply = await conn.read_response()
+                self._last_read = anyio.current_time()
+                self._dispatch(reply, ctx)
+        except _NETWORK_ERRORS as exc:
+            self._sub_ready = False
+            self._sub = None
+            self._fail_batches(BrokerUnavailable(f"Redis connection lost: {exc}"))
+            await _quiet_disconnect(conn)
+            raise
 
     async def _watchdog(self) -> None:
         """Detect a subscriber connection that went silent without closing (a half-open TCP
@@ -380,23 +386,6 @@ class RedisBroker(Broker):
             _confirm(self._confirm, channel)
         elif kind in (b"unsubscribe", b"sunsubscribe"):
             _confirm(self._unconfirm, channel)
-
-    async def _reconnect_subscriber(self) -> None:
-        assert self._ctx is not None
-        delay = 0.05
-        while not self._closed:
-            try:
-                await self._connect_subscriber()
-            except BrokerUnavailable as exc:
-                log.info("node %s: Redis reconnect failed (%s); retry in %.2fs",
-                         self._ctx.node_id, exc, delay)  # fmt: skip
-                await anyio.sleep(delay)
-                delay = min(delay * 2, self.max_backoff)
-                continue
-            log.info("node %s: Redis subscriber reconnected, %d room(s) restored",
-                     self._ctx.node_id, len(self._rooms))  # fmt: skip
-            self._ctx.on_reconnect()
-            return
 
     def _fail_batches(self, error: BaseException) -> None:
         _fail_batches((self._confirm, self._unconfirm), error)
@@ -460,9 +449,7 @@ class RedisBroker(Broker):
         return int(await self._submit(_pack_publish(self._pub_cmd, channel, frame), 1))
 
     def _submit(self, packed: bytes, replies: int) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Queued(packed, replies, future))
-        self._flush_wake.set()
+        future: asyncio.Future[Any] = self._lane.submit(Command(packed, replies))
         return future
 
     # -- persistence ----------------------------------------------------------------------------
@@ -507,89 +494,19 @@ class RedisBroker(Broker):
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
         return _RedisConsumer(self, store_key(namespace), consumer)
 
-    async def _flush_loop(self) -> None:
-        while True:
-            await self._flush_wake.wait()
-            self._flush_wake = anyio.Event()
-            while self._queue:
-                batch, self._queue = self._queue, []
-                await self._flush(batch)
-
-    async def _flush(self, batch: list[_Queued]) -> None:
-        results: list[Any] = []
-        sent = False
-        try:
-            conn = await self._publisher()
-            with anyio.fail_after(self.operation_timeout):
-                # From here on bytes may reach Redis, which runs what it read: a failure now
-                # leaves the commands without a reply ambiguous, not undone.
-                sent = True
-                await conn.send_packed_command(
-                    b"".join(q.packed for q in batch), check_health=False
-                )
-                for item in batch:
-                    reply: Any = None
-                    refused: ResponseError | None = None
-                    for _ in range(item.replies):
-                        try:
-                            reply = await conn.read_response()
-                        except ResponseError as exc:  # a refusal: the stream stays in sync
-                            reply = refused = refused or exc
-                    if refused is not None:
-                        reply = refused
-                    if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
-                        reply = next((r for r in reply if isinstance(r, Exception)), reply[-1])
-                    if isinstance(reply, Exception):
-                        reply = BrokerUnavailable(f"Redis refused the command: {reply}")
-                    results.append(reply)
-        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
-            if self._pub is not None:
-                await _quiet_disconnect(self._pub)
-                self._pub = None
-            error: BrokerUnavailable
-            if isinstance(exc, BrokerUnavailable):
-                error = exc
-            elif sent:
-                error = PublishOutcomeUnknown(
-                    f"Redis connection failed after the command was sent: {exc!r}"
-                )
-            else:
-                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
-            results.extend([error] * (len(batch) - len(results)))
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done():  # the publisher was cancelled meanwhile
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
-
-    async def _publisher(self) -> Connection:
+    async def _connect_publisher(self) -> Connection:
+        """The publisher connection, made when a batch needs one (see ``Lane``)."""
         if self._closed:
             raise BrokerUnavailable("broker closed")
-        if self._pub is None:
-            conn = self._new_connection("pub")
-            try:
-                with anyio.fail_after(self.operation_timeout):
-                    await conn.connect()  # type: ignore[no-untyped-call]
-            except _NETWORK_ERRORS as exc:
-                await _quiet_disconnect(conn)
-                raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
-            except BaseException:  # cancelled mid-connect: the socket may be open already
-                with anyio.CancelScope(shield=True):
-                    await _quiet_disconnect(conn)
-                raise
-            if self._closed:  # closed while connecting: aclose() could not see this one
-                await _quiet_disconnect(conn)
-                raise BrokerUnavailable("broker closed")
-            self._pub = conn
-        return self._pub
-
-    def _fail_queue(self, error: BaseException) -> None:
-        batch, self._queue = self._queue, []
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(error)
+        conn = self._new_connection("pub")
+        try:
+            await open_connection(conn, self.operation_timeout)
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+        if self._closed:  # closed while connecting: aclose() could not see this one
+            await _quiet_disconnect(conn)
+            raise BrokerUnavailable("broker closed")
+        return conn
 
     # -- introspection (tests, inspect) ---------------------------------------------------------
 

@@ -70,9 +70,10 @@ from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnkno
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
-from ._redis_common import HistoryReaders, scan_recent
+from ._redis_common import HistoryReaders, open_connection, scan_recent
 from ._redis_common import pack as _pack
 from ._redis_common import quiet_disconnect as _quiet_disconnect
+from ._redis_pipeline import Command, Lane
 from .redis import (
     _ESCAPES,
     _URL_OPTIONS,
@@ -87,6 +88,7 @@ from .redis import (
     key_prefix,
     store_key,
 )
+from .transport import Backoff, Send
 
 __all__ = ["RedisClusterBroker", "cluster_recent_key", "cluster_room_channel", "split_seeds"]
 
@@ -135,16 +137,6 @@ def split_seeds(url: str) -> tuple[str, list[tuple[str, int]]]:
     return urlunsplit(parts._replace(netloc=auth + at + first)), seeds
 
 
-def _redirect(reply: object) -> AskError | None:
-    """The redirection a reply is, if any. redis-py parses ``-MOVED``/``-ASK`` into
-    :class:`MovedError`/:class:`AskError` (a ``MovedError`` is an ``AskError``) and strips the
-    prefix from the message, so the type says it, never the text."""
-    return reply if isinstance(reply, AskError) else None
-
-
-_ASKING = _pack(b"ASKING")
-
-
 @dataclass(eq=False, slots=True)
 class _Shard:
     """This node's subscriber connection to one shard master."""
@@ -162,32 +154,6 @@ class _Shard:
 
     def fail(self, error: BaseException) -> None:
         _fail_batches((self.confirm, self.unconfirm), error)
-
-
-class _Item:
-    """A queued publisher command: ``slot`` routes it, unless a redirection named the node to
-    send it to (``target``; ``asking``: an ASK, so it goes with ``ASKING`` in front)."""
-
-    __slots__ = ("asking", "future", "packed", "redirects", "replies", "slot", "target")
-
-    def __init__(self, slot: int, packed: bytes, replies: int, future: asyncio.Future[Any]):
-        self.slot = slot
-        self.packed = packed
-        self.replies = replies
-        self.future = future
-        self.redirects = 0
-        self.target: str | None = None
-        self.asking = False
-
-
-@dataclass(eq=False, slots=True)
-class _Lane:
-    """The publisher connection to one shard master, and what waits to be sent on it."""
-
-    node: str
-    conn: Connection | None = None
-    queue: list[_Item] = field(default_factory=list)
-    wake: anyio.Event = field(default_factory=anyio.Event)
 
 
 class RedisClusterBroker(Broker):
@@ -236,7 +202,7 @@ class RedisClusterBroker(Broker):
         self._ctx: BrokerContext | None = None
         self._rooms: dict[bytes, str] = {}  # channel -> room, for every subscribed room
         self._shards: dict[str, _Shard] = {}
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, Lane] = {}
         self._readers: dict[str, HistoryReaders] = {}  # history reads, per shard master
         self._lock = anyio.Lock()  # subscriptions: subscribe, unsubscribe, resync
         self._refresh_lock = anyio.Lock()
@@ -342,13 +308,7 @@ class RedisClusterBroker(Broker):
             await _quiet_disconnect(shard.conn)
         self._shards.clear()
         for lane in self._lanes.values():
-            if lane.conn is not None:
-                await _quiet_disconnect(lane.conn)
-                lane.conn = None
-            queued, lane.queue = lane.queue, []
-            for item in queued:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            await lane.close("broker closed")
         readers, self._readers = self._readers, {}
         for pool in readers.values():
             await pool.aclose()
@@ -519,7 +479,7 @@ class RedisClusterBroker(Broker):
             self._resync_wake = anyio.Event()
             if tick.cancelled_caught:
                 await self._ping_idle()
-            delay = 0.05
+            backoff = Backoff(min(0.05, self.max_backoff), self.max_backoff)
             while not self._closed:
                 try:
                     await self._refresh_slots()
@@ -527,10 +487,10 @@ class RedisClusterBroker(Broker):
                         restored = await self._resync()
                     break
                 except BrokerUnavailable as exc:
+                    delay = backoff.next()
                     log.info("node %s: Redis Cluster resync failed (%s); retry in %.2fs",
                              ctx.node_id, exc, delay)  # fmt: skip
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, self.max_backoff)
             else:
                 return
             if self._lost or restored:
@@ -620,144 +580,69 @@ class RedisClusterBroker(Broker):
         return int(await self._submit(channel, _pack_publish(b"SPUBLISH", channel, frame), 1))
 
     def _submit(self, key: bytes, packed: bytes, replies: int) -> asyncio.Future[Any]:
-        # Takes its place in its owner's queue before any await: call order is send order.
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        """Queue a publish on the lane of its slot's owner, before any await: call order is
+        send order (per shard)."""
         if self._closed or self._cluster is None:
+            future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
             future.set_exception(BrokerUnavailable("broker closed"))
             return future
-        item = _Item(key_slot(key), packed, replies, future)
+        command = Command(packed, replies, key_slot(key))
         try:
-            self._enqueue(item)
-        except BrokerUnavailable as exc:
-            future.set_exception(exc)
+            node = self._cluster.nodes_manager.get_node_from_slot(command.slot).name
+        except _SLOT_MAP_ERRORS as exc:
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(BrokerUnavailable(f"Redis Cluster slot map: {exc}"))
+            return future
+        future = self._lane(node).submit(command)
         return future
 
-    def _enqueue(self, item: _Item) -> None:
-        assert self._cluster is not None
-        node = item.target
-        if node is None:
-            try:
-                node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
-            except _SLOT_MAP_ERRORS as exc:
-                raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+    def _lane(self, node: str) -> Lane:
+        """The publisher lane of shard master ``node`` (made, and its sender started, on first
+        use)."""
         lane = self._lanes.get(node)
         if lane is None:
-            lane = self._lanes[node] = _Lane(node)
             assert self._ctx is not None
+            lane = self._lanes[node] = Lane(
+                node, partial(self._connect_publisher, node), self.operation_timeout,
+                service="Redis Cluster", on_failure=self._request_resync,
+                redirect=self._redirect,
+            )  # fmt: skip
             self._ctx.task_group.start_soon(
-                self._flush_loop, lane, name=f"redis-cluster flusher {self._ctx.node_id} {node}"
+                lane.run, name=f"redis-cluster publisher {self._ctx.node_id} {node}"
             )
-        lane.queue.append(item)
-        lane.wake.set()
+        return lane
 
-    async def _flush_loop(self, lane: _Lane) -> None:
-        while True:
-            await lane.wake.wait()
-            lane.wake = anyio.Event()
-            while lane.queue:
-                batch, lane.queue = lane.queue, []
-                await self._flush(lane, batch)
+    def _redirect(self, send: Send[Command], redirection: AskError) -> None:
+        """Send again what the server answered MOVED/ASK (an answer without effect), to the
+        node the answer names (not the slot map's owner: the map may be older than the
+        answer). ``MOVED`` also wakes the maintenance task, which reloads the map and moves the
+        subscriptions of the slot; ``ASK`` (a slot being migrated) is for this one command,
+        sent with ``ASKING``."""
+        command = send.item
+        command.redirects += 1
+        if command.redirects > _MAX_REDIRECTS:
+            send.refuse(BrokerUnavailable("Redis Cluster kept redirecting the publish"))
+            return
+        command.target = f"{redirection.host}:{redirection.port}"
+        command.asking = not isinstance(redirection, MovedError)
+        if not command.asking:
+            self._request_resync()
+        if self._closed:
+            send.fail("Redis Cluster", "broker closed")
+            return
+        self._lane(command.target).outbox.requeue([send])
 
-    async def _flush(self, lane: _Lane, batch: list[_Item]) -> None:
-        results: list[Any] = []
-        redirected: list[tuple[_Item, AskError]] = []
-        sent = False
-        try:
-            conn = await self._publisher(lane)
-            with anyio.fail_after(self.operation_timeout):
-                sent = True  # from here on Redis may run what it read
-                await conn.send_packed_command(
-                    b"".join(_ASKING + q.packed if q.asking else q.packed for q in batch),
-                    check_health=False,
-                )
-                for item in batch:
-                    replies: list[Any] = []
-                    for _ in range(item.replies + item.asking):
-                        try:
-                            replies.append(await conn.read_response())
-                        except ResponseError as exc:  # a refusal: the stream stays in sync
-                            replies.append(exc)
-                    if item.asking:
-                        del replies[0]  # ASKING's OK
-                    # A redirection is an answer without effect: a MULTI holding one is
-                    # discarded (EXECABORT), so sending the item again cannot do it twice.
-                    moved = next((m for r in replies if (m := _redirect(r)) is not None), None)
-                    if moved is not None:
-                        redirected.append((item, moved))
-                        results.append(None)
-                        continue
-                    reply = replies[-1]
-                    if item.replies > 1 and isinstance(reply, list):  # MULTI ... EXEC
-                        # The transaction ran: an error inside it did not undo the others.
-                        inner = next((r for r in reply if isinstance(r, Exception)), None)
-                        reply = reply[-1] if inner is None else PublishOutcomeUnknown(
-                            f"Redis ran the transaction with an error: {inner}"
-                        )  # fmt: skip
-                    elif item.replies > 1:
-                        reply = next((r for r in replies if isinstance(r, Exception)), reply)
-                    if isinstance(reply, Exception) and not isinstance(reply, BrokerUnavailable):
-                        reply = BrokerUnavailable(f"Redis refused the command: {reply}")
-                    results.append(reply)
-        except (*_NETWORK_ERRORS, BrokerUnavailable) as exc:
-            if lane.conn is not None:
-                await _quiet_disconnect(lane.conn)
-                lane.conn = None
-            self._request_resync()  # a shard that fails may have failed over
-            error: BrokerUnavailable
-            if isinstance(exc, BrokerUnavailable):
-                error = exc
-            elif sent:
-                error = PublishOutcomeUnknown(
-                    f"Redis connection failed after the command was sent: {exc!r}"
-                )
-            else:
-                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
-            results.extend([error] * (len(batch) - len(results)))
-        again = {id(item) for item, _ in redirected}
-        for item, result in zip(batch, results, strict=True):
-            if item.future.done() or id(item) in again:
-                continue
-            if isinstance(result, BaseException):
-                item.future.set_exception(result)
-            else:
-                item.future.set_result(result)
-        if redirected:
-            self._redirect(redirected)
-
-    def _redirect(self, items: list[tuple[_Item, AskError]]) -> None:
-        """Send again what the server answered MOVED/ASK, to the node the answer names (not
-        the slot map's owner: the map may be older than the answer). ``MOVED`` also wakes the
-        maintenance task, which reloads the map and moves the subscriptions of the slot;
-        ``ASK`` (a slot being migrated) is for this one command, sent with ``ASKING``."""
-        for item, redirection in items:
-            item.redirects += 1
-            if item.future.done():
-                continue
-            if item.redirects > _MAX_REDIRECTS:
-                item.future.set_exception(BrokerUnavailable("Redis Cluster kept redirecting"))
-                continue
-            item.target = f"{redirection.host}:{redirection.port}"
-            item.asking = not isinstance(redirection, MovedError)
-            if not item.asking:
-                self._request_resync()
-            try:
-                self._enqueue(item)
-            except BrokerUnavailable as exc:
-                item.future.set_exception(exc)
-
-    async def _publisher(self, lane: _Lane) -> Connection:
+    async def _connect_publisher(self, node: str) -> Connection:
         if self._closed:
             raise BrokerUnavailable("broker closed")
-        if lane.conn is None:
-            conn = self._connection(lane.node, "pub")
-            try:
-                with anyio.fail_after(self.operation_timeout):
-                    await conn.connect()  # type: ignore[no-untyped-call]
-            except _NETWORK_ERRORS as exc:
-                await _quiet_disconnect(conn)
-                raise BrokerUnavailable(f"cannot connect to Redis node {lane.node}: {exc}") from exc
-            lane.conn = conn
-        return lane.conn
+        try:
+            conn = await open_connection(self._connection(node, "pub"), self.operation_timeout)
+        except _NETWORK_ERRORS as exc:
+            raise BrokerUnavailable(f"cannot connect to Redis node {node}: {exc}") from exc
+        if self._closed:
+            await _quiet_disconnect(conn)
+            raise BrokerUnavailable("broker closed")
+        return conn
 
     # -- persistence (see the module docstring) -------------------------------------------------
 
