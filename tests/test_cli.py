@@ -158,7 +158,7 @@ async def test_mysql_sink_failures_are_one_line() -> None:
     )
     assert f"MySQL at 127.0.0.1:{port}" in line
     line = await _fails_in_one_line(*_worker("memory://", f"mysql://root:{SECRET}@127.0.0.1/test"))
-    assert "Access denied" in line
+    assert line == "roomrouter: MySQL at 127.0.0.1:3306 refused the login for user 'root'"
     line = await _fails_in_one_line(*_worker("memory://", "mariadb://root@127.0.0.1/nosuchdb"))
     assert "nosuchdb" in line
     line = await _fails_in_one_line(

@@ -34,7 +34,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 
-from .._errors import BrokerUnavailable
+from .._errors import BrokerUnavailable, describe, unreachable
 from ._base import (
     RecentFrames,
     RecentScan,
@@ -231,9 +231,8 @@ class KafkaStorageConsumer(StorageConsumer):
                     broker.replication_factor,
                 )
         except (*ERRORS, BrokerUnavailable) as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Kafka {broker.bootstrap_servers}: {exc!r}"
-            ) from exc
+            where = ",".join(broker.bootstrap_servers)
+            raise unreachable("Kafka", where, None, exc) from exc
 
     async def aclose(self) -> None:
         # Stopping the group member leaves the group, so its partitions move at once instead
@@ -304,7 +303,7 @@ class KafkaStorageConsumer(StorageConsumer):
                     self._idle_commit_at = now + _IDLE_COMMIT_INTERVAL
                     await self._commit(quiet=True)
         except (*ERRORS, TimeoutError) as exc:
-            raise BrokerUnavailable(f"Kafka storage fetch failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka storage fetch failed: {describe(exc)}") from exc
         return out
 
     async def ack(self, frames: Sequence[StoredFrame]) -> None:
@@ -345,7 +344,7 @@ class KafkaStorageConsumer(StorageConsumer):
             if quiet:
                 log.debug("storage commit failed: %r", exc)
                 return
-            raise BrokerUnavailable(f"Kafka storage commit failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka storage commit failed: {describe(exc)}") from exc
         for tp, offset in offsets.items():
             self._committed[tp] = max(self._committed.get(tp, -1), offset)
 
@@ -379,7 +378,7 @@ class KafkaStorageConsumer(StorageConsumer):
                     reader.seek(tp, offset)
                 return await _count_stored(reader, following)
         except (*ERRORS, TimeoutError) as exc:
-            raise BrokerUnavailable(f"Kafka pending count failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka pending count failed: {describe(exc)}") from exc
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

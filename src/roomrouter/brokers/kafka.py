@@ -129,7 +129,13 @@ import anyio
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.errors import KafkaError, KafkaTimeoutError, ProducerClosed
 
-from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
+from .._errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    PublishOutcomeUnknown,
+    describe,
+    unreachable,
+)
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer
 from ._kafka_common import (
@@ -179,9 +185,9 @@ def _settle(items: list[_Send], future: asyncio.Future[Any]) -> None:
         error = PublishOutcomeUnknown("Kafka send cancelled after the producer took it")
     elif (exc := future.exception()) is not None:  # retrieving it also silences asyncio
         if _refused(exc):
-            error = BrokerUnavailable(f"Kafka refused the record: {exc!r}")
+            error = BrokerUnavailable(f"Kafka refused the record: {describe(exc)}")
         else:
-            error = PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {exc!r}")
+            error = PublishOutcomeUnknown(f"Kafka did not acknowledge the record: {describe(exc)}")
     for item in items:
         if not item.future.done():
             if error is None:
@@ -494,9 +500,8 @@ class KafkaBroker(Broker):
         except (*ERRORS, BrokerUnavailable) as exc:
             with anyio.move_on_after(self.operation_timeout, shield=True):
                 await quiet_stop(producer, consumer)
-            raise BrokerUnavailable(
-                f"cannot connect to Kafka {self.bootstrap_servers}: {exc!r}"
-            ) from exc
+            where = ",".join(self.bootstrap_servers)
+            raise unreachable("Kafka", where, None, exc) from exc
         self._session = session
         # A new producer: the old one's records are answered (or not) by it, not counted here.
         self._epoch += 1
@@ -544,7 +549,9 @@ class KafkaBroker(Broker):
         offsets = {}
         for p, result in zip(futures, results, strict=True):
             if isinstance(result, BaseException):
-                raise BrokerUnavailable(f"Kafka marker write failed: {result!r}") from result
+                raise BrokerUnavailable(
+                    f"Kafka marker write failed: {describe(result)}"
+                ) from result
             offsets[p] = result.offset
         return offsets
 
@@ -724,7 +731,7 @@ class KafkaBroker(Broker):
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka subscribe timed out") from exc
         except ERRORS as exc:
-            raise BrokerUnavailable(f"Kafka subscribe failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka subscribe failed: {describe(exc)}") from exc
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         for room in rooms:
@@ -734,7 +741,7 @@ class KafkaBroker(Broker):
             try:
                 self._assign(session, {})
             except ERRORS as exc:
-                raise BrokerUnavailable(f"Kafka unassign failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"Kafka unassign failed: {describe(exc)}") from exc
 
     async def count_nodes(self) -> int | None:
         """0 if this node's marker is the control partition's first record: every node
@@ -864,7 +871,7 @@ class KafkaBroker(Broker):
                         future = await producer.send_batch(builder, topic, partition=max(part, 0))
                     except ERRORS as exc:
                         del batches[part]
-                        error = BrokerUnavailable(f"Kafka send failed: {exc!r}")
+                        error = BrokerUnavailable(f"Kafka send failed: {describe(exc)}")
                         for item in items:
                             item.fail(error)
                         continue
@@ -962,7 +969,7 @@ class KafkaBroker(Broker):
         except TimeoutError as exc:
             raise BrokerUnavailable("Kafka history read timed out") from exc
         except ERRORS as exc:
-            raise BrokerUnavailable(f"Kafka history read failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka history read failed: {describe(exc)}") from exc
 
     async def _open_history(self, session: _Session) -> None:
         """Open the session's history reader and admin client (both or neither)."""
