@@ -158,6 +158,15 @@ async def test_url_options() -> None:
     assert router.broker.name == "redis"
 
 
+def test_brokers_are_made_outside_an_event_loop() -> None:
+    """The CLI and `RoomRouter.from_url` make brokers before any loop runs (an anyio object
+    made in the constructor once broke that)."""
+    from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+    assert RedisBroker.from_url("redis://127.0.0.1:6379/0").name == "redis"
+    assert RedisClusterBroker.from_url("redis://127.0.0.1:7000/0?cluster=1").name == "redis-cluster"
+
+
 def _assert(condition: bool) -> None:
     assert condition
 

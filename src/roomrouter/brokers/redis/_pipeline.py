@@ -29,9 +29,9 @@ import anyio
 from redis.asyncio.connection import Connection
 from redis.exceptions import AskError, ResponseError
 
-from .._errors import BrokerUnavailable, PublishOutcomeUnknown
-from ._redis_common import NETWORK_ERRORS, pack, quiet_disconnect
-from .transport import Outbox, Send
+from ..._errors import BrokerUnavailable, PublishOutcomeUnknown
+from ..transport import Outbox, Send
+from ._common import NETWORK_ERRORS, pack, quiet_disconnect
 
 __all__ = ["Command", "Lane"]
 
