@@ -124,7 +124,18 @@ class Lane:
                     check_health=False,
                 )  # fmt: skip
                 for send in sends:
-                    await self._answer(tx, send, conn)
+                    command = send.item
+                    if command.replies == 1 and not command.asking:  # the common case
+                        try:
+                            reply = await conn.read_response()
+                        except ResponseError as exc:  # a refusal: the connection stays in sync
+                            reply = exc
+                        if isinstance(reply, Exception):
+                            self._settle(tx, send, [reply])
+                        else:
+                            send.resolve(reply)
+                    else:
+                        self._settle(tx, send, await self._read(conn, command))
                 failed = False
             finally:
                 if failed:  # the connection is in an unknown state (or gone): a new one next
@@ -132,16 +143,20 @@ class Lane:
         if failed and self._on_failure is not None:
             self._on_failure()
 
-    async def _answer(self, tx: Any, send: Send[Command], conn: Connection) -> None:
-        command = send.item
+    @staticmethod
+    async def _read(conn: Connection, command: Command) -> list[Any]:
+        """The replies of ``command`` (a refusal is its ``ResponseError``), ASKING's left out."""
         replies: list[Any] = []
         for _ in range(command.replies + command.asking):
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:  # a refusal: the connection stays in sync
                 replies.append(exc)
-        if command.asking:
-            del replies[0]  # ASKING's OK
+        return replies[1:] if command.asking else replies
+
+    def _settle(self, tx: Any, send: Send[Command], replies: list[Any]) -> None:
+        """Settle ``send`` by its ``replies`` (see the module docstring)."""
+        command = send.item
         redirection = next((r for r in replies if isinstance(r, AskError)), None)
         if redirection is not None and self._redirect is not None:
             tx.release(send)
