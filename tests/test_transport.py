@@ -289,6 +289,61 @@ async def test_outbox_futures_are_asyncio_futures() -> None:
         await future
 
 
+async def test_a_batch_handed_over_in_steps_is_sent_step_by_step() -> None:
+    """Kafka hands one producer batch per partition, each an ``await``: what a step handed
+    over is "outcome unknown" when the deadline strikes, what it did not is "not sent"."""
+    outbox: Outbox[bytes] = Outbox("Test", 0.3)
+    first, second = outbox.submit(b"p0"), outbox.submit(b"p1")
+    batch = await outbox.take()
+    async with outbox.transmit(batch) as tx:
+        assert tx.sent([batch[0]]) == [batch[0]]  # the first step returned: handed over
+        await anyio.sleep_forever()  # the second step never returns
+    with pytest.raises(PublishOutcomeUnknown):
+        await first
+    with pytest.raises(BrokerUnavailable) as info:
+        await second
+    assert not isinstance(info.value, PublishOutcomeUnknown)
+
+
+async def test_take_nowait_returns_what_is_queued_without_waiting() -> None:
+    outbox: Outbox[bytes] = Outbox("Test", 5)
+    assert outbox.take_nowait() == []
+    futures = [outbox.submit(b"%d" % i) for i in range(4)]
+    futures[0].cancel()
+    assert [s.item for s in outbox.take_nowait(limit=2)] == [b"1", b"2"]
+    assert [s.item for s in outbox.take_nowait()] == [b"3"]
+    assert len(outbox) == 0
+    outbox.close()
+
+
+async def test_keep_connected_with_stable_after_backs_off_from_connections_dropped_at_once() -> (
+    None
+):
+    """A broker that accepts every connection and drops it at once: without ``stable_after``
+    every successful connect resets the backoff (a reconnect storm); with it the delay grows."""
+
+    async def attempts(stable_after: float | None) -> int:
+        count = 0
+
+        async def connect() -> int:
+            nonlocal count
+            count += 1
+            return count
+
+        async def serve(conn: int) -> None:
+            raise ConnectionResetError("reset")
+
+        with anyio.move_on_after(0.5):
+            await keep_connected(
+                connect, serve, backoff=Backoff(0.02, 10, jitter=0), stable_after=stable_after
+            )
+        return count
+
+    storm, calm = await attempts(None), await attempts(1.0)
+    assert storm >= 10  # 0.02 s apart
+    assert calm <= 6  # 0.02, 0.04, 0.08, 0.16, 0.32: the delays add up past 0.5 s
+
+
 async def test_a_publish_answered_without_effect_moves_to_another_outbox() -> None:
     """A Redis Cluster MOVED/ASK: the broker answered a sent publish without running it. The
     backend releases it from its batch and requeues it on another lane's outbox: the caller

@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from roomrouter import RoomRouter
 from roomrouter._errors import (
@@ -79,6 +80,7 @@ async def _sink_error(url: str) -> BaseException:
         (socket.gaierror(-2, "Name or service not known"), "name not resolved"),
         (ConnectionResetError(104, "Connection reset by peer"), "connection reset"),
         (OSError(113, "No route to host"), "host unreachable"),
+        (RedisTimeoutError("Timeout connecting to server"), "timed out"),
         # A library that folds the cause into its own message.
         (
             RuntimeError("Error 111 connecting to 127.0.0.1:1. Connect call failed."),
@@ -116,6 +118,14 @@ def test_refused_login_and_ipv6_and_purpose() -> None:
     assert str(unreachable("Redis", "h", 1, TimeoutError(), purpose="presence")) == (
         "cannot reach Redis at h:1 for presence: timed out"
     )
+
+
+async def test_no_password_even_in_an_address() -> None:
+    error = unreachable("Kafka", "user:s3cret@k1:9092,u:s3cret@k2:9092", None, TimeoutError())
+    assert str(error) == "cannot reach Kafka at k1:9092,k2:9092: timed out"
+    port = free_port()
+    error = await _router_error(f"kafka://user:s3cret@127.0.0.1:{port}?operation_timeout=2")
+    assert str(error) == f"cannot reach Kafka at 127.0.0.1:{port}: no broker answered"
 
 
 def test_an_unknown_error_is_named_never_its_repr() -> None:

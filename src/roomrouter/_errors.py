@@ -208,7 +208,7 @@ _TEXT_REASONS = (
         re.compile(r"(?i)\b(?:error|errno) 111\b|connection refused|connect call failed"),
         "connection refused",
     ),
-    (re.compile(r"(?i)\b(?:error|errno) 110\b|\btimed out\b"), "timed out"),
+    (re.compile(r"(?i)\b(?:error|errno) 110\b|\btimed out\b|\btimeout connecting\b"), "timed out"),
     (re.compile(r"(?i)\b(?:error|errno) 113\b|no route to host"), "host unreachable"),
     (re.compile(r"(?i)connection reset|\b(?:error|errno) 104\b"), "connection reset"),
     # aiokafka says only this (it logs each address's own failure).
@@ -273,8 +273,8 @@ def _reason(exc: BaseException) -> str | None:
             return "TLS handshake failed"
         if isinstance(item, ConnectionRefusedError):
             return "connection refused"
-        if isinstance(item, TimeoutError):
-            return "timed out"
+        if isinstance(item, TimeoutError) or type(item).__name__.endswith("TimeoutError"):
+            return "timed out"  # also redis's and aiokafka's own TimeoutError classes
         if isinstance(item, OSError) and item.errno in _ERRNO_REASONS:
             return _ERRNO_REASONS[item.errno]
     for item in chain:
@@ -328,7 +328,8 @@ def unreachable(
     <reason>``. Raise it ``from exc``. ``error`` is the class (:class:`SinkError` for a
     database); ``purpose`` follows the address (``cannot reach Redis at 127.0.0.1:1 for
     presence: connection refused``)."""
-    where = host or "?"
+    # Never credentials, were they left in an address ("user:pw@host:9092,...").
+    where = ",".join(part.rpartition("@")[2] for part in (host or "?").split(","))
     if port is not None:
         where = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
     if purpose:

@@ -129,11 +129,21 @@ class Transmit(Generic[T]):
         self._outbox = outbox
         self.sends = sends
 
-    def sent(self) -> list[Send[T]]:
+    def sent(self, part: Iterable[Send[T]] | None = None) -> list[Send[T]]:
         """Mark the batch's publishes as possibly reaching the broker from now on, and return
         them. Publishes given up meanwhile (cancelled callers, expired deadlines) are dropped
         from the batch first: pack what is returned, synchronously, before the next
-        ``await``, and nothing that was reported "not sent" is ever sent."""
+        ``await``, and nothing that was reported "not sent" is ever sent.
+
+        ``part``: mark only these publishes of the batch, for a backend that hands one batch
+        over in several steps (Kafka: one producer batch per partition, each hand-over an
+        ``await``); the others stay "not sent" until marked. Call it as soon as the step
+        returned (no ``await`` between): the publishes are then in the client's hands."""
+        if part is not None:
+            marked = [s for s in part if not s.future.done()]
+            for send in marked:
+                send.state = _SENT
+            return marked
         live = [s for s in self.sends if not s.future.done()]
         for send in live:
             send.state = _SENT
@@ -222,6 +232,18 @@ class Outbox(Generic[T]):
         count = len(queue) if limit is None else min(limit, len(queue))
         batch: list[Send[T]] = []
         for _ in range(count):
+            send = queue.popleft()
+            if not send.future.done():
+                send.state = _TAKEN
+                batch.append(send)
+        return batch
+
+    def take_nowait(self, limit: int | None = None) -> list[Send[T]]:
+        """Like :meth:`take` without waiting: the queued publishes (at most ``limit``) whose
+        callers still wait, oldest first; empty if there are none (also when closed)."""
+        queue = self._queue
+        batch: list[Send[T]] = []
+        while queue and (limit is None or len(batch) < limit):
             send = queue.popleft()
             if not send.future.done():
                 send.state = _TAKEN
@@ -393,6 +415,7 @@ async def keep_connected(
     backoff: Backoff | None = None,
     what: str = "connection",
     errors: tuple[type[BaseException], ...] = (),
+    stable_after: float | None = None,
 ) -> NoReturn:
     """The reconnect template: connect, restore what is held, tell the router, serve until
     the connection is lost; after a failure, back off and start again. Runs until cancelled.
@@ -403,6 +426,11 @@ async def keep_connected(
     or raises when the connection is lost. Failures are errors from ``errors`` (plus
     :class:`~roomrouter.BrokerError`, ``OSError`` and ``TimeoutError``): logged at warning
     level once per outage (later attempts at debug level), never raised.
+
+    ``stable_after``: reset the backoff only after a connection served that many seconds
+    (default: as soon as one is established and restored). A broker that accepts
+    connections and then drops each at once (or refuses the restore's writes) then meets a
+    growing delay instead of a reconnect storm.
     """
     backoff = backoff or Backoff()
     caught: tuple[type[BaseException], ...] = (*errors, BrokerError, OSError, TimeoutError)
@@ -421,15 +449,19 @@ async def keep_connected(
             continue
         if failing:
             log.warning("%s: restored", what)
-        backoff.reset()
+        if stable_after is None:
+            backoff.reset()
         failing = False
         if not first and on_restored is not None:
             on_restored()
         first = False
+        began = anyio.current_time()
         try:
             await serve(conn)
             log.warning("%s: lost", what)
         except caught as exc:
             log.warning("%s: lost (%s)", what, _describe(exc, 0))
+        if stable_after is not None and anyio.current_time() - began >= stable_after:
+            backoff.reset()
         failing = True
         await anyio.sleep(backoff.next())

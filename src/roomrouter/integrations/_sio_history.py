@@ -14,10 +14,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgspec
-
 from .._errors import ConfigurationError
-from ._socketio import RoomKey, RoomRouterManager, _decoder, _Emit
+from ._sio_wire import Emit, RoomKey, decode
+from ._socketio import RoomRouterManager
 
 __all__ = ["StoredEmit", "read_history"]
 
@@ -64,11 +63,8 @@ async def read_history(
             name, before=cursor_before, after=cursor_after, limit=limit
         )
         for envelope in page:
-            try:
-                message = _decoder.decode(envelope.payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
-            if not isinstance(message, _Emit) or message.offset is None or message.ack:
+            message = decode(envelope.payload)
+            if not isinstance(message, Emit) or message.offset is None or message.ack:
                 continue
             offset = message.offset
             # An emit to several rooms has one envelope id per room, the offset being the

@@ -31,7 +31,9 @@ import msgspec
 
 from .._errors import ConfigurationError, MissingDependency
 from ._sio_history import StoredEmit, read_history
-from ._socketio import Restore, RoomKey, RoomRouterManager
+from ._sio_replay import Restore
+from ._sio_wire import RoomKey
+from ._socketio import RoomRouterManager
 
 try:
     import socketio
@@ -236,7 +238,9 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
         already has by id. Needs connection state recovery on (that is what persists the
         emits) and, beyond the rooms' recent caches, a sink on the router
         (``RoomRouterManager(url, sink="mysql://...")``) that a storage worker fills
-        (``roomrouter worker``); emits with a callback are not stored."""
+        (``roomrouter worker``); emits with a callback are not stored. Emits to one client
+        (``to=sid``) are persisted too (socket.io's recovery replays them as well), so with a
+        sink they stay in it, under the sid's room, like any room's emits."""
         if not self._csr:
             raise ConfigurationError(
                 "history needs connection_state_recovery: only then are emits persisted"

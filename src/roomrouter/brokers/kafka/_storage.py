@@ -1,7 +1,7 @@
 """Kafka persistence: the data topic is the storage queue and the recent-messages cache.
 
 A persisted frame is one record of the data topic carrying the ``rr-store`` header
-(:data:`~._kafka_common.STORED_HEADERS`); nothing is written twice.
+(:data:`~._common.STORED_HEADERS`); nothing is written twice.
 
 * **Storage queue.** Storage workers form the consumer group ``{prefix}.{namespace}.store``
   over the data topic (:class:`KafkaStorageConsumer`). Kafka splits the partitions among them
@@ -16,7 +16,7 @@ A persisted frame is one record of the data topic carrying the ``rr-store`` head
   committed offset ``C``: every flagged record below ``C`` is in the sink, so the cache is
   complete together with the sink unless a record of the room at or above ``C`` was cut off.
 
-Offsets are always read contiguously (:class:`~._kafka_common.OffsetGuard`), and the end of a
+Offsets are always read contiguously (:class:`~._common.OffsetGuard`), and the end of a
 partition comes from a marker record or a fetch's high watermark, never from ``ListOffsets``
 (which Tansu answers wrongly after batched produces).
 """
@@ -34,8 +34,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 
-from .._errors import BrokerUnavailable, describe, unreachable
-from ._base import (
+from ..._errors import BrokerUnavailable, describe, unreachable
+from .._base import (
     RecentFrames,
     RecentScan,
     StorageConsumer,
@@ -43,10 +43,10 @@ from ._base import (
     frame_id,
     recent_bound,
 )
-from ._kafka_common import ERRORS, OffsetGuard, ensure_topics, is_stored, names, quiet_stop
+from ._common import ERRORS, OffsetGuard, ensure_topics, is_stored, names, quiet_stop
 
 if TYPE_CHECKING:
-    from .kafka import KafkaBroker
+    from ._broker import KafkaBroker
 
 __all__ = ["KafkaStorageConsumer", "open_admin", "open_reader", "scan_recent"]
 
