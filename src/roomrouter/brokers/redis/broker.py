@@ -240,6 +240,8 @@ class RedisBroker(Broker):
             if self._sub is sub:
                 self._sub = None
             await sub.close(BrokerUnavailable(f"Redis connection lost: {describe(exc)}"))
+            if self._closed:  # aclose() closed it: no loss to report, its cancellation follows
+                await anyio.sleep_forever()
             raise
 
     async def _watchdog(self) -> None:
