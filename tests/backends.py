@@ -468,6 +468,64 @@ class KafkaBackend(Backend):
             await admin.close()
 
 
+class NatsBackend(Backend):
+    """NATS with JetStream on 127.0.0.1:4222 (``.ci/run`` starts it). Each namespace's streams
+    (``RR_<ns>_STORE``, ``_RECENT``, ``_META``) are deleted afterwards."""
+
+    name = "nats"
+    url = "nats://127.0.0.1:4222"
+    url_for_process = True
+    supports_storage = True
+    supports_direct = True
+
+    def available(self) -> None:
+        require_tcp("127.0.0.1", 4222, "NATS")
+
+    def process_url(self, **query: object) -> str:
+        return self.url + ("?" + urlencode(query) if query else "")
+
+    def broker(self, **options: Any) -> Broker:
+        from roomrouter.brokers.nats import NatsBroker
+
+        return NatsBroker(self.url, **options)
+
+    async def _raw(self, subject: str, frame: bytes) -> None:
+        import nats
+
+        client = await nats.connect(self.url)
+        try:
+            await client.publish(subject, frame)
+            await client.flush()
+        finally:
+            await client.close()
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from roomrouter.brokers.nats import Names
+
+        await self._raw(Names.of(router.namespace).room(room), frame)
+
+    async def inject_direct(self, router: RoomRouter, frame: bytes) -> None:
+        from roomrouter.brokers.nats import Names
+
+        await self._raw(Names.of(router.namespace).node(router.node_id), frame)
+
+    async def cleanup(self) -> None:
+        import nats
+
+        from roomrouter.brokers.nats import Names
+
+        names = Names.of(self.namespace)
+        client = await nats.connect(self.url)
+        try:
+            for kind in ("STORE", "RECENT", "META"):
+                try:
+                    await client.request(f"$JS.API.STREAM.DELETE.{names.stream(kind)}", b"")
+                except Exception as exc:  # nothing was created
+                    print(f"nats cleanup of {self.namespace}: {exc!r}")
+        finally:
+            await client.close()
+
+
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
     for b in (
@@ -477,5 +535,6 @@ BACKENDS: dict[str, type[Backend]] = {
         RedisClusterBackend,
         RabbitMQBackend,
         KafkaBackend,
+        NatsBackend,
     )
 }

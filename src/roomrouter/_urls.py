@@ -16,7 +16,7 @@ from .brokers._base import Broker
 
 __all__ = ["broker_from_url", "pop_router_options", "redact"]
 
-_EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
+_EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka", "nats": "nats"}
 
 
 # Query options that carry a secret (libpq's ``password``, Kafka SASL settings and the like).
@@ -124,6 +124,12 @@ def broker_from_url(url: str) -> Broker:
             raise _missing("kafka", exc) from exc
         kafka: Broker = KafkaBroker.from_url(url)
         return kafka
+    elif scheme == "nats":
+        try:
+            from .brokers.nats import NatsBroker
+        except ImportError as exc:
+            raise _missing("nats", exc) from exc
+        return NatsBroker.from_url(url)
     raise ConfigurationError(
         f"unknown broker URL scheme {scheme!r} in {redact(url)!r}: "
         "use memory://, redis://, rediss://, amqp://, amqps:// or kafka://"
