@@ -474,6 +474,8 @@ class NatsBackend(Backend):
 
     name = "nats"
     url = "nats://127.0.0.1:4222"
+    #: The node's connection is ``no_echo``: the room subject never echoes a node's publishes.
+    no_echo = True
     url_for_process = True
     supports_storage = True
     supports_direct = True
@@ -508,6 +510,22 @@ class NatsBackend(Backend):
         from roomrouter.brokers.nats import Names
 
         await self._raw(Names.of(router.namespace).node(router.node_id), frame)
+
+    async def inject_stored(self, frames: Sequence[bytes]) -> None:
+        """Put ``frames`` in the storage queue with a raw JetStream publish (a forger's)."""
+        import nats
+
+        from roomrouter.brokers.nats import Names, NatsBroker
+
+        consumer = NatsBroker(self.url).storage_consumer(self.namespace, "forger")
+        await consumer.start()  # creates the streams if missing
+        await consumer.aclose()
+        client = await nats.connect(self.url)
+        try:
+            for frame in frames:
+                await client.jetstream().publish(Names.of(self.namespace).store, frame)
+        finally:
+            await client.close()
 
     async def cleanup(self) -> None:
         import nats

@@ -164,6 +164,7 @@ class NatsStorageConsumer(StorageConsumer):
         self._stream = names.stream("STORE")
         self._nc: Client | None = None
         self._pulls: dict[str, _Pull] = {}
+        self._current: _Pull | None = None  # fetches of one consumer never overlap
         self._ids = count()
         self._inbox = ""
         self._created: str | None = None
@@ -229,10 +230,13 @@ class NatsStorageConsumer(StorageConsumer):
         return str(created) if created is not None else None
 
     def _on_msg(self, msg: Msg) -> None:
-        pull = self._pulls.get(msg.subject[len(self._inbox) :])
+        # A stored message keeps its own subject (the stream's): it belongs to the one pull
+        # in flight. A status message comes on the pull's own reply subject.
+        data = _is_data(msg)
+        pull = self._current if data else self._pulls.get(msg.subject[len(self._inbox) :])
         if pull is None or pull.done.is_set():
             return  # a pull given up (its frames come again after the ack wait) or forged
-        if _is_data(msg):
+        if data:
             pull.msgs.append(msg)
             if len(pull.msgs) >= pull.batch:
                 pull.done.set()
@@ -245,7 +249,7 @@ class NatsStorageConsumer(StorageConsumer):
         """One pull request: up to ``batch`` messages; ``expires=None``: only those ready."""
         nc = self._live()
         key = str(next(self._ids))
-        pull = self._pulls[key] = _Pull(batch)
+        pull = self._pulls[key] = self._current = _Pull(batch)
         body: dict[str, Any] = {"batch": batch}
         if expires is None:
             body["no_wait"] = True
@@ -262,6 +266,7 @@ class NatsStorageConsumer(StorageConsumer):
             raise BrokerUnavailable(f"NATS storage fetch failed: {exc!r}") from exc
         finally:
             del self._pulls[key]
+            self._current = None
         status = pull.status or ""
         if status.startswith("503") or (status.startswith("409") and "Deleted" in status):
             raise _Missing(status)
