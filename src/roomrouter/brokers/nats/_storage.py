@@ -255,14 +255,21 @@ class NatsStorageConsumer(StorageConsumer):
             body["no_wait"] = True
         else:
             body["expires"] = max(int(expires * 1e9), 1_000_000)
+        # A pull on a consumer that does not exist gets no answer at all: a no-wait pull,
+        # answered at once by a live consumer, gives up sooner and asks whether it is there.
+        limit = self._options.operation_timeout
+        limit = limit + expires if expires is not None else min(limit, 1.0)
         try:
-            with anyio.fail_after((expires or 0) + self._options.operation_timeout):
+            with anyio.fail_after(limit):
                 await nc.publish(
                     f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{self.DURABLE}",
                     json.dumps(body).encode(), reply=self._inbox + key,
                 )  # fmt: skip
                 await pull.done.wait()
-        except (*ERRORS, TimeoutError) as exc:
+        except TimeoutError as exc:
+            await self._check_consumer()
+            raise BrokerUnavailable("NATS storage fetch got no answer in time") from exc
+        except ERRORS as exc:
             raise BrokerUnavailable(f"NATS storage fetch failed: {exc!r}") from exc
         finally:
             del self._pulls[key]
@@ -273,6 +280,18 @@ class NatsStorageConsumer(StorageConsumer):
         if self._nc is None:
             raise BrokerUnavailable("storage consumer closed")
         return pull.msgs
+
+    async def _check_consumer(self) -> None:
+        """Raise :class:`_Missing` if the consumer or its stream is gone."""
+        try:
+            await api(
+                self._live(), f"CONSUMER.INFO.{self._stream}.{self.DURABLE}", {},
+                self._options.operation_timeout,
+            )  # fmt: skip
+        except ApiError as exc:
+            if exc.err_code in (_STREAM_NOT_FOUND, _CONSUMER_NOT_FOUND) or exc.code == 404:
+                raise _Missing(str(exc)) from exc
+            raise
 
     async def fetch(self, max_frames: int, wait: float) -> list[StoredFrame]:
         try:
