@@ -12,6 +12,7 @@ import logging
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -55,6 +56,11 @@ def token(name: str) -> str:
     return quote(name, safe="").replace(".", "%2E") or "%"
 
 
+@lru_cache(maxsize=8192)
+def _subject(prefix: str, kind: str, name: str) -> str:
+    return f"{prefix}{kind}{token(name)}"
+
+
 def untoken(value: str) -> str:
     return "" if value == "%" else unquote(value)
 
@@ -70,11 +76,11 @@ class Names:
         return cls(f"rr.{token(namespace)}.")
 
     def room(self, room: str) -> str:
-        return f"{self.prefix}r.{token(room)}"
+        return _subject(self.prefix, "r.", room)
 
     def node(self, node: str) -> str:
         """A node's own data subject (direct publishing)."""
-        return f"{self.prefix}n.{token(node)}"
+        return _subject(self.prefix, "n.", node)
 
     @property
     def control(self) -> str:
