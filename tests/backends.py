@@ -476,6 +476,8 @@ class NatsBackend(Backend):
     url = "nats://127.0.0.1:4222"
     #: The node's connection is ``no_echo``: the room subject never echoes a node's publishes.
     no_echo = True
+    #: The storage stream drops a frame whose id it holds (``Nats-Msg-Id``, two minutes).
+    dedupes_storage = True
     url_for_process = True
     supports_storage = True
     supports_direct = True
@@ -526,6 +528,22 @@ class NatsBackend(Backend):
                 await client.jetstream().publish(Names.of(self.namespace).store, frame)
         finally:
             await client.close()
+
+    async def inject_recent(self, router: RoomRouter, room: str) -> int:
+        """Entries that hold no envelope in ``room``'s recent cache (a raw JetStream publish);
+        how many."""
+        import nats
+
+        from roomrouter.brokers.nats import Names
+
+        client = await nats.connect(self.url)
+        try:
+            subject = Names.of(router.namespace).recent(room)
+            await client.jetstream().publish(subject, b"\xc1 not msgpack")
+            await client.jetstream().publish(subject, b"")
+        finally:
+            await client.close()
+        return 2
 
     async def cleanup(self) -> None:
         import nats

@@ -20,7 +20,7 @@ their route latency). Every subscription's messages are delivered from nats-py's
 the order the server sent them (:func:`~._common.subscribe_in_order`), so guarantee 3 holds
 across room, node and control subjects. The connection is ``no_echo``: the server never
 hands a node its own publishes, so a room hosted on two nodes carries no echo at all
-(a node does not hear its own control broadcasts either; the router ignores them anyway).
+(its own control broadcasts are handed to it by :meth:`NatsBroker.publish_control` itself).
 A publish is queued in call order before its first await and returns once a PING sent after
 it was answered (one round trip shared by every publish queued meanwhile).
 
@@ -457,6 +457,13 @@ class NatsBroker(Broker):
             await nc.publish(subject, frame)
         except ERRORS as exc:
             raise BrokerUnavailable(f"NATS publish failed: {exc!r}") from exc
+        if to is None and self._ctx is not None:
+            # A broadcast reaches every node including this one; no_echo keeps the server
+            # from sending it back, so this node's copy is handed over here, in call order.
+            try:
+                self._ctx.on_control(frame)
+            except Exception:
+                log.exception("node %s: control handler raised", self._ctx.node_id)
         await self._confirmed()
         return None
 
