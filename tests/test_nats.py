@@ -24,6 +24,7 @@ import pytest
 from roomrouter import (
     BrokerUnavailable,
     ConfigurationError,
+    PublishOutcomeUnknown,
     RoomRouter,
     StorageQueueLost,
 )
@@ -390,3 +391,53 @@ async def test_urls_options_errors_and_no_password_shown() -> None:
             pass
     assert time.perf_counter() - started < 5
     assert "s3cret" not in str(failed.value) and "\n" not in str(failed.value)
+
+
+# -- the settle rule -------------------------------------------------------------------------------
+
+
+async def test_a_lost_answer_is_an_unknown_outcome_and_a_retry_is_stored_once(ns: str) -> None:
+    """The server acts on what it read, but its answers are lost (a muting proxy): a publish
+    must not say it did not happen. A persisted one was stored (both streams) and not sent
+    live (the live part waits for the acks); its retry by id completes it, stored once."""
+    from .test_wire import MutingProxy
+
+    proxy = MutingProxy(4222)
+    async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        b = await _router(stack, ns)
+        a = await stack.enter_async_context(
+            RoomRouter(
+                NatsBroker(f"nats://127.0.0.1:{proxy.port}", operation_timeout=1.0),
+                namespace=ns,
+                **TEST_ROUTER_OPTIONS,
+            )
+        )
+        member = b.member("m")
+        await member.join("R")
+        await eventually(lambda: _assert_eq(a.remote_hosts("R"), {b.node_id}))
+        proxy.muted = True
+        with pytest.raises(PublishOutcomeUnknown) as live:
+            await a.publish("R", b"live")
+        assert [e.id for e in await receive_n(member, 1)] == [live.value.envelope_id]
+        with pytest.raises(PublishOutcomeUnknown) as info:
+            await a.publish("R", b"maybe", persist=True)
+        envelope_id = info.value.envelope_id
+        assert envelope_id is not None
+        async with b.broker.storage_consumer(ns, "probe") as probe:
+            await eventually(lambda: _pending_is(probe, 1), timeout=10)
+            assert await drain(member) == []  # stored, not sent live
+            proxy.muted = False
+            with anyio.fail_after(15):
+                while True:  # the connection comes back through the proxy
+                    try:
+                        await a.publish("R", b"maybe", persist=True, id=envelope_id)
+                        break
+                    except BrokerUnavailable:
+                        await anyio.sleep(0.1)
+            [again] = await receive_n(member, 1)
+            assert again.id == envelope_id
+            assert await probe.pending() == 1  # the storage stream dropped the repeated id
+            recent = await b.broker.recent("R")
+            assert len(recent.frames) == 1
+        tg.cancel_scope.cancel()

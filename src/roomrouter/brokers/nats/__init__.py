@@ -88,6 +88,7 @@ from ._common import (
     parse_url,
     quiet_close,
     redact,
+    round_trip,
     status_of,
     stream_configs,
     subscribe_in_order,
@@ -95,6 +96,7 @@ from ._common import (
 from ._storage import NatsStorageConsumer, read_recent
 
 __all__ = ["NatsBroker", "Names"]
+
 
 log = logging.getLogger("roomrouter.nats")
 
@@ -160,6 +162,7 @@ class NatsBroker(Broker):
         redelivery_after: float = 30.0,
         replicas: int = 1,
         presence_linger: float = 2.0,
+        health_interval: float = 5.0,
     ) -> None:
         self.servers = [servers] if isinstance(servers, str) else list(servers)
         self.options = Options(
@@ -169,6 +172,7 @@ class NatsBroker(Broker):
         self.recent_size = recent_size
         self.redelivery_after = redelivery_after
         self.presence_linger = presence_linger
+        self.health_interval = health_interval
         self._ctx: BrokerContext | None = None
         self._nc: Client | None = None
         self._names = Names("")
@@ -200,7 +204,7 @@ class NatsBroker(Broker):
             self.servers, name=f"roomrouter-{context.node_id}",
             operation_timeout=self.operation_timeout, max_backoff=self.options.max_backoff,
             no_echo=True,
-            reconnected=self._reconnected.set,
+            reconnected=self._on_reconnected, health_interval=self.health_interval,
         )  # fmt: skip
         self._nc = nc
         self._ack_prefix = nc.new_inbox() + "."
@@ -211,7 +215,7 @@ class NatsBroker(Broker):
                 await subscribe_in_order(nc, names.direct(context.node_id), on_control)
                 await subscribe_in_order(nc, names.node(context.node_id), self._on_direct)
                 await subscribe_in_order(nc, self._ack_prefix + "*", self._on_ack)
-                await nc.flush()
+                await round_trip(nc, self.operation_timeout)
             await self._ensure_streams()
             await self._register()
         except BaseException as exc:
@@ -299,6 +303,9 @@ class NatsBroker(Broker):
                      self._ctx.node_id, len(self._subs))  # fmt: skip
             self._ctx.on_reconnect()
 
+    def _on_reconnected(self) -> None:
+        self._reconnected.set()
+
     def _live(self) -> Client:
         nc = self._nc
         if nc is None or self._closed:
@@ -360,7 +367,7 @@ class NatsBroker(Broker):
                     made.append(
                         (room, await subscribe_in_order(nc, self._names.room(room), on_room))
                     )
-                await nc.flush()
+            await round_trip(nc, self.operation_timeout)  # the server holds them now
         except BaseException as exc:
             with anyio.CancelScope(shield=True):  # all or nothing
                 for _, sub in made:
@@ -527,12 +534,13 @@ class NatsBroker(Broker):
             self._round = _Round()
 
     async def _confirm(self, round_: _Round, slots: anyio.Semaphore) -> None:
+        """One round: a PING and its PONG, within the operation timeout (see
+        :func:`~._common.round_trip`)."""
         nc = self._nc
         try:
             if nc is None:
                 raise BrokerUnavailable("broker closed")
-            with anyio.fail_after(self.operation_timeout):
-                await nc.flush(timeout=int(self.operation_timeout) + 1)
+            await round_trip(nc, self.operation_timeout)
         except (*ERRORS, BrokerUnavailable) as exc:
             round_.error = PublishOutcomeUnknown(
                 "NATS did not confirm the publish (connection lost or timed out after it "

@@ -35,6 +35,7 @@ __all__ = [
     "ensure_stream",
     "parse_url",
     "redact",
+    "round_trip",
     "status_of",
     "subscribe_in_order",
     "token",
@@ -200,12 +201,14 @@ async def connect(
     operation_timeout: float,
     max_backoff: float,
     no_echo: bool = False,
+    health_interval: float = 5.0,
     reconnected: Callable[[], Any] | None = None,
     disconnected: Callable[[], Any] | None = None,
 ) -> Client:
     """A nats-py connection that reconnects forever with capped exponential backoff (from
     50 ms, doubling, up to ``max_backoff``). Raises :class:`BrokerUnavailable` if the first
-    connection cannot be made within ``operation_timeout``."""
+    connection cannot be made within ``operation_timeout``. A connection that answers no
+    PING for two ``health_interval`` s (a half-open TCP connection) is dropped and remade."""
     timeout = operation_timeout
     attempts = 0
 
@@ -241,6 +244,8 @@ async def connect(
                 disconnected_cb=on_disconnect,
                 error_cb=on_error,
                 no_echo=no_echo,
+                ping_interval=max(1, round(health_interval)),
+                max_outstanding_pings=2,
                 # Publishes are queued in call order before the first await; a large buffer
                 # keeps nats-py from ever flushing inline (which could let a later call in).
                 pending_size=64 * 1024 * 1024,
@@ -325,6 +330,20 @@ async def subscribe_in_order(
     while not queue.empty():  # arrived while subscribe() awaited: older, so first
         _InOrder(deliver).put_nowait(queue.get_nowait())
     return sub
+
+
+async def round_trip(client: Client, limit: float) -> None:
+    """A round trip behind everything sent so far: a request to a fresh inbox nobody
+    subscribes, which the server answers at once with "no responders" after it handled what
+    came before on this connection. Not ``Client.flush``: nats-py matches PONGs to PINGs by
+    order, so one lost PONG (a half-dead connection) would shift every later confirmation,
+    and its reader fails on a flush cancelled by a timeout; a request is matched by its own
+    token. Raises ``TimeoutError`` (or a nats-py error) if no answer comes within ``limit``."""
+    try:
+        with anyio.fail_after(limit):
+            await client.request(client.new_inbox(), b"", timeout=limit + 1)
+    except nats.errors.NoRespondersError:
+        pass
 
 
 def status_of(msg: Msg) -> str | None:

@@ -24,6 +24,7 @@ from ._common import (
     connect,
     ensure_stream,
     quiet_close,
+    round_trip,
     stream_configs,
     subscribe_in_order,
 )
@@ -337,7 +338,7 @@ class NatsStorageConsumer(StorageConsumer):
             with anyio.fail_after(self._options.operation_timeout):
                 for item in frames:
                     await nc.publish(str(item.token), b"+ACK")
-                await nc.flush(timeout=int(self._options.operation_timeout) + 1)
+            await round_trip(nc, self._options.operation_timeout)
         except (*ERRORS, TimeoutError) as exc:
             raise BrokerUnavailable(f"NATS storage ack failed: {exc!r}") from exc
 
