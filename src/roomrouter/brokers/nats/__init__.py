@@ -13,16 +13,17 @@ are literal and two rooms never share a subject. ``r.<room>`` is a room's data s
 room's recent cache, ``meta.*`` the nodes' presence and the loss reports.
 
 Live planes. NATS routes by interest, so dynamic subscription is native: a room is one SUB on
-the node's one connection, confirmed by a PING/PONG round trip (the server handles a
-connection's commands in order, so its PONG means the SUBs are registered: guarantee 1 on one
+the node's one connection, confirmed by a round trip behind it (the server handles a
+connection's commands in order, so its answer means the SUBs are registered: guarantee 1 on one
 server; on a NATS cluster the interest reaches the other servers asynchronously, within
 their route latency). Every subscription's messages are delivered from nats-py's reader in
 the order the server sent them (:func:`~._common.subscribe_in_order`), so guarantee 3 holds
 across room, node and control subjects. The connection is ``no_echo``: the server never
 hands a node its own publishes, so a room hosted on two nodes carries no echo at all
 (its own control broadcasts are handed to it by :meth:`NatsBroker.publish_control` itself).
-A publish is queued in call order before its first await and returns once a PING sent after
-it was answered (one round trip shared by every publish queued meanwhile).
+A publish is queued in call order before its first await and returns once a round trip sent
+after it came back (a message to an inbox nobody subscribes, answered "no responders" by the
+server under its own token; one round trip serves every publish queued meanwhile).
 
 Settle rule. :class:`~roomrouter.BrokerUnavailable` ("not sent"): the connection was down when
 the call was made, or the server refused the frame before any part of it took effect.
@@ -102,7 +103,7 @@ log = logging.getLogger("roomrouter.nats")
 
 
 class _Round:
-    """One confirmation round trip (PING/PONG) shared by the publishes queued before it."""
+    """One confirmation round trip shared by the publishes queued before it."""
 
     __slots__ = ("done", "error")
 
@@ -504,7 +505,7 @@ class NatsBroker(Broker):
             slot.sent.set()
 
     async def _confirmed(self) -> None:
-        """Wait for a PING sent after everything queued so far to be answered. No timeout
+        """Wait for a round trip sent after everything queued so far to come back. No timeout
         of its own (a cancel scope per publish cost a third of the publisher's CPU): the
         confirming task ends every round within the operation timeout."""
         round_ = self._round
@@ -514,7 +515,7 @@ class NatsBroker(Broker):
             raise round_.error
 
     async def _confirm_loop(self) -> None:
-        """Start a confirmation round (a PING) for whatever was queued since the last one;
+        """Start a confirmation round for whatever was queued since the last one;
         up to ``CONFIRMS_IN_FLIGHT`` rounds at once, so a round trip's latency does not cap
         the publish rate (their PONGs come back in order)."""
         slots = anyio.Semaphore(self.CONFIRMS_IN_FLIGHT)
