@@ -157,8 +157,9 @@ def _line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
 
 
 def _cleanup(args: argparse.Namespace, mode: str, ns: str) -> None:
-    """Drop what a persisted run left on the servers (JetStream streams, Redis keys)."""
-    if not mode.endswith("-persist"):
+    """Drop what a run left on the servers (a NATS node creates its namespace's streams at
+    start; a persisted run leaves Redis keys)."""
+    if mode == "roomrouter-redis" or mode == "raw-nats":
         return
     if "nats" in mode:
         import asyncio
