@@ -43,6 +43,7 @@ from roomrouter.brokers.nats._common import token  # noqa: E402
 pytestmark = pytest.mark.anyio
 
 URL = "nats://127.0.0.1:4222"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _assert_eq(actual: object, expected: object) -> None:
@@ -456,3 +457,41 @@ async def test_a_lost_answer_is_an_unknown_outcome_and_a_retry_is_stored_once(ns
             recent = await b.broker.recent("R")
             assert len(recent.frames) == 1
         tg.cancel_scope.cancel()
+
+
+async def test_a_killed_node_stops_counting_after_the_presence_linger(ns: str) -> None:
+    """A node that dies without closing keeps its presence consumer until the server sees its
+    interest gone for ``presence_linger`` (2 s): then a starting node no longer waits for it."""
+    import sys
+
+    root = ROOT
+    async with anyio.create_task_group() as tg:
+        counter = await _bare(ns, tg)
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.node_process", URL, ns, "room", "--lifetime", "60"],
+            cwd=root, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(root / "src")},
+        )  # fmt: skip
+        try:
+            assert child.stdout is not None
+            with anyio.fail_after(20):
+                node_id = (await anyio.to_thread.run_sync(child.stdout.readline)).strip()
+            assert node_id, "child node did not start"
+            assert await counter.count_nodes() == 1
+            child.send_signal(signal.SIGKILL)
+            child.wait(timeout=10)
+            killed_at = anyio.current_time()
+
+            async def gone() -> None:
+                assert await counter.count_nodes() == 0
+
+            await eventually(gone, timeout=15, interval=0.1)
+            print(f"presence of a killed node gone after {anyio.current_time() - killed_at:.2f}s")
+            assert anyio.current_time() - killed_at < 2.0 + 5.0  # the linger + server checks
+        finally:
+            child.kill()
+            child.wait(timeout=10)
+            if child.stdout is not None:
+                child.stdout.close()
+            await counter.aclose()
+            tg.cancel_scope.cancel()
