@@ -246,8 +246,8 @@ async def _write_garbage(backend: Backend, router: RoomRouter, room: str) -> int
     assert backend.name == "kafka"
     from aiokafka import AIOKafkaProducer
 
-    from roomrouter.brokers._kafka_common import _STORED
     from roomrouter.brokers.kafka import KafkaBroker
+    from roomrouter.brokers.kafka._common import _STORED
 
     broker = router.broker
     assert isinstance(broker, KafkaBroker)

@@ -140,7 +140,7 @@ async def _inject(backend: Backend, frames: Sequence[bytes], *, no_field: int = 
     elif backend.name == "kafka":
         from aiokafka import AIOKafkaProducer
 
-        from roomrouter.brokers._kafka_common import STORED_HEADERS, names
+        from roomrouter.brokers.kafka._common import STORED_HEADERS, names
 
         topic = names(ns, backend.topic_prefix)[0]  # type: ignore[attr-defined]
         producer = AIOKafkaProducer(bootstrap_servers=backend.bootstrap)  # type: ignore[attr-defined]

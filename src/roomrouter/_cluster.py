@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import anyio
 import msgspec
 
-from ._errors import BrokerError, RoomRouterError
+from ._errors import BrokerError, RoomRouterError, describe
 from ._stats import Stats
 from .brokers._base import Broker
 
@@ -447,7 +447,7 @@ class ClusterView:
                 self._stats.control_send_errors += 1
                 log.debug("node %s: control frame to %s failed: %s", self.node_id, item.to, exc)
             except Exception as exc:  # a backend bug must not kill the sender
-                item.error = BrokerError(f"control send failed: {exc!r}")
+                item.error = BrokerError(f"control send failed: {describe(exc)}")
                 self._stats.control_send_errors += 1
                 log.exception("node %s: control send raised", self.node_id)
             if item.done is not None:

@@ -19,7 +19,7 @@ import anyio
 from redis.asyncio.connection import Connection
 from redis.exceptions import AskError, RedisError, ResponseError
 
-from .._errors import BrokerUnavailable
+from .._errors import BrokerUnavailable, describe
 from ._base import RecentFrames, RecentScan
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "RECENT_CHUNK",
     "HistoryReaders",
     "Read",
+    "address",
     "field_of",
     "pack",
     "quiet_disconnect",
@@ -46,6 +47,14 @@ RECENT_CHUNK = b"250"
 #: ``read(*command, asking=False)``: one command's reply on a history-read connection
 #: (``asking``: sent with ``ASKING`` in front, for a slot being migrated).
 Read = Callable[..., Awaitable[Any]]
+
+
+def address(kwargs: dict[str, Any]) -> tuple[str, int | None]:
+    """Where redis-py connection keyword arguments point, for messages: ``(host, port)``, or
+    ``(path, None)`` for a Unix socket."""
+    if "path" in kwargs:
+        return str(kwargs["path"]), None
+    return str(kwargs.get("host", "localhost")), int(kwargs.get("port", 6379))
 
 
 def pack(*args: bytes) -> bytes:
@@ -119,12 +128,12 @@ class HistoryReaders:
                 yield read
             except ResponseError as exc:
                 await self._park(conn)  # a refusal leaves the connection in sync
-                raise BrokerUnavailable(f"Redis refused the history read: {exc}") from exc
+                raise BrokerUnavailable(f"Redis refused the history read: {describe(exc)}") from exc
             except BaseException as exc:  # cut short mid-reply: the connection is unusable
                 with anyio.CancelScope(shield=True):  # closed even when cancelled
                     await quiet_disconnect(conn)
                 if isinstance(exc, NETWORK_ERRORS):
-                    raise BrokerUnavailable(f"Redis history read failed: {exc!r}") from exc
+                    raise BrokerUnavailable(f"Redis history read failed: {describe(exc)}") from exc
                 raise
             await self._park(conn)
 

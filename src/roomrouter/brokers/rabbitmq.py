@@ -105,6 +105,8 @@ from .._errors import (
     ConfigurationError,
     PublishOutcomeUnknown,
     StorageQueueLost,
+    describe,
+    unreachable,
 )
 from .._urls import pop_options, redact
 from ._base import (
@@ -223,6 +225,14 @@ def amqp_name(namespace: str, *parts: str, exchange: bool = False) -> str:
     if len(name) <= (127 if exchange else 255):
         return name
     return "rr.#" + hashlib.sha256(name.encode()).hexdigest()
+
+
+def _unreachable(url: str, exc: BaseException) -> BrokerUnavailable:
+    """The one wording of a failed connect (roomrouter._errors.unreachable) for ``url``."""
+    parts = urlsplit(url)
+    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
+    user = unquote(parts.username or "guest")
+    return unreachable("RabbitMQ", parts.hostname, port, exc, user=user)
 
 
 def _really_cancelled() -> bool:
@@ -439,7 +449,7 @@ class RabbitMQBroker(Broker):
             with anyio.CancelScope(shield=True):
                 await self._quiet_close(conn)
             if isinstance(exc, _ERRORS):
-                raise BrokerUnavailable(f"cannot connect to RabbitMQ: {exc!r}") from exc
+                raise _unreachable(self._url, exc) from exc
             raise
         return conn
 
@@ -467,7 +477,7 @@ class RabbitMQBroker(Broker):
             with anyio.CancelScope(shield=True):
                 await self._quiet_close(conn)
             if isinstance(exc, _ERRORS):
-                raise BrokerUnavailable(f"cannot open a RabbitMQ channel: {exc!r}") from exc
+                raise BrokerUnavailable(f"cannot open a RabbitMQ channel: {describe(exc)}") from exc
             raise
         self._pub_conn, self._pub_ch = conn, channel
         self._pub_broken = asyncio.get_running_loop().create_future()
@@ -559,7 +569,9 @@ class RabbitMQBroker(Broker):
             with anyio.CancelScope(shield=True):
                 await self._quiet_close(conn)
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"cannot set up the RabbitMQ queue: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot set up the RabbitMQ queue: {describe(exc)}"
+                ) from exc
             raise
         self._sub_conn, self._sub_ch, self._queue = conn, channel, queue
         self._sub_broken = asyncio.get_running_loop().create_future()
@@ -659,7 +671,7 @@ class RabbitMQBroker(Broker):
         except BaseException as exc:
             self._break_subscriber()
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"RabbitMQ queue.bind failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"RabbitMQ queue.bind failed: {describe(exc)}") from exc
             raise
         if epoch != self._epoch:
             raise BrokerUnavailable("RabbitMQ connection lost while subscribing")
@@ -685,7 +697,7 @@ class RabbitMQBroker(Broker):
         except BaseException as exc:
             self._break_subscriber()
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"RabbitMQ queue.unbind failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"RabbitMQ queue.unbind failed: {describe(exc)}") from exc
             raise
 
     async def count_nodes(self) -> int | None:
@@ -702,7 +714,9 @@ class RabbitMQBroker(Broker):
         except BaseException as exc:
             self._break_subscriber()
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(f"cannot count the nodes on RabbitMQ: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot count the nodes on RabbitMQ: {describe(exc)}"
+                ) from exc
             raise
         return max((declared.consumer_count or 0) - 1, 0)
 
@@ -728,7 +742,9 @@ class RabbitMQBroker(Broker):
             async with asyncio.timeout(self.operation_timeout):
                 await confirmation
         except DeliveryError as exc:
-            raise BrokerUnavailable(f"RabbitMQ refused the publish (nack): {exc!r}") from exc
+            raise BrokerUnavailable(
+                f"RabbitMQ refused the publish (nack): {describe(exc)}"
+            ) from exc
         except TimeoutError as exc:
             # No confirmation in time: the connection is as good as dead; do not let later
             # publishes queue behind it until the heartbeat notices.
@@ -738,7 +754,7 @@ class RabbitMQBroker(Broker):
         except (*_ERRORS, asyncio.CancelledError) as exc:
             if _really_cancelled():
                 raise
-            raise self._failed(channel, tag, f"RabbitMQ publish failed: {exc!r}") from exc
+            raise self._failed(channel, tag, f"RabbitMQ publish failed: {describe(exc)}") from exc
 
     def _failed(self, channel: aiormq.Channel | None, tag: int, reason: str) -> BrokerUnavailable:
         """The error of a publish that got no confirmation: ambiguous if its bytes were handed to
@@ -925,7 +941,9 @@ class RabbitMQBroker(Broker):
             except (*_ERRORS, asyncio.CancelledError) as exc:
                 if _really_cancelled():
                     raise
-                raise BrokerUnavailable(f"reading the recent queue failed: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"reading the recent queue failed: {describe(exc)}"
+                ) from exc
             scan = RecentScan(since, limit)
             for frame in reversed(frames[-self.recent_size :]):
                 if not scan.add(frame):
@@ -1077,9 +1095,7 @@ class _RabbitMQConsumer(StorageConsumer):
             with anyio.CancelScope(shield=True):
                 await broker._quiet_close(conn)
             if isinstance(exc, (*_ERRORS, asyncio.CancelledError)) and not _really_cancelled():
-                raise BrokerUnavailable(
-                    f"cannot reach the RabbitMQ storage queue: {exc!r}"
-                ) from exc
+                raise _unreachable(broker._url, exc) from exc
             raise
         # The server cancels the consumer if the queue is deleted: redeclare it and consume
         # again on the next fetch.
@@ -1104,7 +1120,7 @@ class _RabbitMQConsumer(StorageConsumer):
             if _really_cancelled():
                 raise
             self._queue_deleted = True  # try again on the next fetch
-            raise BrokerUnavailable(f"cannot redeclare the storage queue: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot redeclare the storage queue: {describe(exc)}") from exc
         raise StorageQueueLost(
             f"storage queue {self._queue!r} was deleted (RabbitMQ cancelled its consumer): the "
             "frames it held that no worker had stored, and those published while it was gone, "
@@ -1141,7 +1157,9 @@ class _RabbitMQConsumer(StorageConsumer):
             except (*_ERRORS, asyncio.CancelledError) as exc:
                 if _really_cancelled():
                     raise
-                raise BrokerUnavailable(f"cannot consume the storage queue: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot consume the storage queue: {describe(exc)}"
+                ) from exc
             self._consuming = True
         if not self._buffer:
             self._wake.clear()
@@ -1187,7 +1205,7 @@ class _RabbitMQConsumer(StorageConsumer):
                 acked = set(tags)
                 self._fetched = [t for t in self._fetched if t not in acked]
         except _ERRORS as exc:
-            raise BrokerUnavailable(f"storage queue ack failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"storage queue ack failed: {describe(exc)}") from exc
 
     async def pending(self) -> int:
         """Frames ready in the storage queue plus frames consumers hold unacknowledged.
@@ -1232,7 +1250,7 @@ class _RabbitMQConsumer(StorageConsumer):
         except (*_ERRORS, asyncio.CancelledError) as exc:
             if _really_cancelled():
                 raise
-            raise BrokerUnavailable(f"cannot inspect the storage queue: {exc!r}") from exc
+            raise BrokerUnavailable(f"cannot inspect the storage queue: {describe(exc)}") from exc
         return int(ok.message_count or 0), int(ok.consumer_count or 0)
 
 
@@ -1290,7 +1308,7 @@ async def _http_json(method: str, url: str, user: str, password: str) -> Any:
                     break
     except OSError as exc:
         raise BrokerUnavailable(
-            f"RabbitMQ management API at {redact(url)} failed: {exc!r}"
+            f"RabbitMQ management API at {redact(url)} failed: {describe(exc)}"
         ) from exc
     head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
     status = head.split(b"\r\n", 1)[0].split()

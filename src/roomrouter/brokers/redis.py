@@ -49,6 +49,8 @@ from .._errors import (
     ConfigurationError,
     PublishOutcomeUnknown,
     StorageQueueLost,
+    describe,
+    unreachable,
 )
 from .._urls import pop_options, redact
 from ._base import (
@@ -59,7 +61,7 @@ from ._base import (
     StoredFrame,
 )
 from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
-from ._redis_common import HistoryReaders, scan_recent
+from ._redis_common import HistoryReaders, address, scan_recent
 from ._redis_common import pack as _pack
 from ._redis_common import quiet_disconnect as _quiet_disconnect
 
@@ -286,7 +288,7 @@ class RedisBroker(Broker):
                 await conn.connect()  # type: ignore[no-untyped-call]
         except _NETWORK_ERRORS as exc:
             await _quiet_disconnect(conn)
-            raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+            raise unreachable("Redis", *address(self._conn_kwargs), exc) from exc
         self._sub = conn
         channels = [self._control, self._direct, self._node_channel]
         channels += [self._room_channel(r) for r in self._rooms]
@@ -312,7 +314,7 @@ class RedisBroker(Broker):
         except _NETWORK_ERRORS as exc:
             self._sub = None
             await _quiet_disconnect(conn)
-            raise BrokerUnavailable(f"cannot subscribe on Redis: {exc}") from exc
+            raise BrokerUnavailable(f"cannot subscribe on Redis: {describe(exc)}") from exc
         self._sub_ready = True
         self._last_read = anyio.current_time()
 
@@ -334,10 +336,12 @@ class RedisBroker(Broker):
             except _NETWORK_ERRORS as exc:
                 if self._closed:
                     return
-                log.warning("node %s: Redis subscriber connection lost: %r", ctx.node_id, exc)
+                log.warning(
+                    "node %s: Redis subscriber connection lost: %s", ctx.node_id, describe(exc)
+                )
                 self._sub_ready = False
                 self._sub = None
-                self._fail_batches(BrokerUnavailable(f"Redis connection lost: {exc}"))
+                self._fail_batches(BrokerUnavailable(f"Redis connection lost: {describe(exc)}"))
                 await _quiet_disconnect(conn)
 
     async def _watchdog(self) -> None:
@@ -432,7 +436,7 @@ class RedisBroker(Broker):
             # The connection state is unknown now; drop it so the reader rebuilds a clean one
             # from the rooms we hold (the failed batch is not among them).
             await _quiet_disconnect(conn)
-            raise BrokerUnavailable(f"Redis {command.decode()} failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis {command.decode()} failed: {describe(exc)}") from exc
         if batch.error is not None:
             raise BrokerUnavailable(f"Redis {command.decode()} failed: {batch.error}")
 
@@ -551,10 +555,10 @@ class RedisBroker(Broker):
                 error = exc
             elif sent:
                 error = PublishOutcomeUnknown(
-                    f"Redis connection failed after the command was sent: {exc!r}"
+                    f"Redis connection failed after the command was sent: {describe(exc)}"
                 )
             else:
-                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
+                error = BrokerUnavailable(f"Redis publish failed: {describe(exc)}")
             results.extend([error] * (len(batch) - len(results)))
         for item, result in zip(batch, results, strict=True):
             if item.future.done():  # the publisher was cancelled meanwhile
@@ -574,7 +578,7 @@ class RedisBroker(Broker):
                     await conn.connect()  # type: ignore[no-untyped-call]
             except _NETWORK_ERRORS as exc:
                 await _quiet_disconnect(conn)
-                raise BrokerUnavailable(f"cannot connect to Redis: {exc}") from exc
+                raise unreachable("Redis", *address(self._conn_kwargs), exc) from exc
             except BaseException:  # cancelled mid-connect: the socket may be open already
                 with anyio.CancelScope(shield=True):
                     await _quiet_disconnect(conn)
@@ -610,7 +614,7 @@ class RedisBroker(Broker):
                 await conn.send_command(b"PUBSUB", kind, *channels)
                 flat = await conn.read_response()
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis PUBSUB failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis PUBSUB failed: {describe(exc)}") from exc
         finally:
             await _quiet_disconnect(conn)
         counts = dict(zip(flat[::2], flat[1::2], strict=True))
@@ -631,7 +635,7 @@ class RedisBroker(Broker):
                 await conn.send_command(b"CLIENT", b"LIST", b"TYPE", b"pubsub")
                 listing = await conn.read_response()
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis CLIENT LIST failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis CLIENT LIST failed: {describe(exc)}") from exc
         finally:
             await _quiet_disconnect(conn)
         name = f"name={self._client_name}-sub".encode()
@@ -690,7 +694,7 @@ class _RedisConsumer(StorageConsumer):
         try:
             self._epoch = await self._create_group()
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot reach Redis: {exc!r}") from exc
+            raise unreachable("Redis", *address(self._broker._conn_kwargs), exc) from exc
 
     async def _create_group(self) -> bytes | None:
         """Create the group (and the stream) if missing; return the group's *epoch*.
@@ -707,7 +711,7 @@ class _RedisConsumer(StorageConsumer):
                 os.urandom(8).hex().encode(),
             )  # fmt: skip
         except ResponseError as exc:
-            raise BrokerUnavailable(f"cannot create the consumer group: {exc}") from exc
+            raise BrokerUnavailable(f"cannot create the consumer group: {describe(exc)}") from exc
         return epoch  # type: ignore[no-any-return]
 
     async def aclose(self) -> None:
@@ -746,11 +750,13 @@ class _RedisConsumer(StorageConsumer):
                     epoch = await self._create_group()
                     await self._replaced(str(exc), epoch)
                 except _NETWORK_ERRORS as again:
-                    raise BrokerUnavailable(f"cannot reach Redis: {again!r}") from again
+                    raise unreachable(
+                        "Redis", *address(self._broker._conn_kwargs), again
+                    ) from again
                 return []
-            raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis storage fetch failed: {describe(exc)}") from exc
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis storage fetch failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis storage fetch failed: {describe(exc)}") from exc
         return _frames(read[0][1]) if read else []
 
     async def _replaced(self, answer: str, epoch: bytes | None) -> None:
@@ -778,13 +784,13 @@ class _RedisConsumer(StorageConsumer):
                 pipe.xdel(self._stream, *ids)
                 await pipe.execute()
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis storage ack failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis storage ack failed: {describe(exc)}") from exc
 
     async def pending(self) -> int:
         try:
             return int(await self._client.xlen(self._stream))
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis XLEN failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis XLEN failed: {describe(exc)}") from exc
 
 
 # KEYS: stream, epoch key; ARGV: group, a new epoch. Returns {created (0/1), epoch}. One

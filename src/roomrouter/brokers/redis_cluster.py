@@ -66,7 +66,13 @@ from redis.asyncio.connection import Connection, SSLConnection
 from redis.crc import key_slot
 from redis.exceptions import AskError, MovedError, RedisClusterException, ResponseError
 
-from .._errors import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown
+from .._errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    PublishOutcomeUnknown,
+    describe,
+    unreachable,
+)
 from .._urls import redact
 from ._base import Broker, BrokerContext, RecentFrames, StorageConsumer, StoredFrame
 from ._redis_common import NETWORK_ERRORS as _NETWORK_ERRORS
@@ -285,7 +291,7 @@ class RedisClusterBroker(Broker):
         try:
             node = self._cluster.nodes_manager.get_node_from_slot(key_slot(channel))
         except _SLOT_MAP_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+            raise BrokerUnavailable(f"Redis Cluster slot map: {describe(exc)}") from exc
         name: str = node.name
         return name
 
@@ -297,7 +303,9 @@ class RedisClusterBroker(Broker):
                 with anyio.fail_after(self.operation_timeout):
                     await self._cluster.nodes_manager.initialize()
             except _SLOT_MAP_ERRORS as exc:
-                raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
+                raise BrokerUnavailable(
+                    f"cannot load the Redis Cluster slot map: {describe(exc)}"
+                ) from exc
 
     def _request_resync(self, *, lost: bool = False) -> None:
         self._lost = self._lost or lost
@@ -329,7 +337,7 @@ class RedisClusterBroker(Broker):
             await self.aclose()
             if isinstance(exc, BrokerUnavailable):
                 raise
-            raise BrokerUnavailable(f"cannot reach the Redis Cluster: {exc!r}") from exc
+            raise unreachable("Redis Cluster", self.host, self.port, exc) from exc
         self._closed = False
         context.task_group.start_soon(self._maintain, name=f"redis-cluster {context.node_id}")
 
@@ -374,7 +382,7 @@ class RedisClusterBroker(Broker):
         except _NETWORK_ERRORS as exc:
             await _quiet_disconnect(conn)
             self._request_resync()  # the owner may have changed
-            raise BrokerUnavailable(f"cannot connect to Redis node {node}: {exc!r}") from exc
+            raise unreachable("Redis", node, None, exc) from exc
         shard = _Shard(node, conn, last_read=anyio.current_time())
         self._shards[node] = shard
         assert self._ctx is not None
@@ -393,15 +401,17 @@ class RedisClusterBroker(Broker):
                 # An SSUBSCRIBE refused (MOVED: the slot map is stale). Its batch cannot be
                 # told from the others in flight: fail them all; the caller retries.
                 shard.last_read = anyio.current_time()
-                shard.fail(BrokerUnavailable(f"Redis refused a subscription: {exc}"))
+                shard.fail(BrokerUnavailable(f"Redis refused a subscription: {describe(exc)}"))
                 self._request_resync()
                 continue
             except _NETWORK_ERRORS as exc:
                 if not shard.closing and not self._closed:
-                    log.warning("node %s: Redis Cluster subscriber connection to %s lost: %r",
-                                ctx.node_id, shard.node, exc)  # fmt: skip
+                    log.warning("node %s: Redis Cluster subscriber connection to %s lost: %s",
+                                ctx.node_id, shard.node, describe(exc))  # fmt: skip
                     self._request_resync(lost=bool(shard.channels))
-                self._drop_shard(shard, BrokerUnavailable(f"Redis connection lost: {exc!r}"))
+                self._drop_shard(
+                    shard, BrokerUnavailable(f"Redis connection lost: {describe(exc)}")
+                )
                 await _quiet_disconnect(shard.conn)
                 return
             shard.last_read = anyio.current_time()
@@ -455,7 +465,7 @@ class RedisClusterBroker(Broker):
         except _NETWORK_ERRORS as exc:
             batch.fail(exc)
             await _quiet_disconnect(shard.conn)  # the reader notices and drops the shard
-            raise BrokerUnavailable(f"Redis {command.decode()} failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis {command.decode()} failed: {describe(exc)}") from exc
         return batch
 
     async def _ensure(self, channels: Iterable[bytes]) -> int:
@@ -639,7 +649,7 @@ class RedisClusterBroker(Broker):
             try:
                 node = self._cluster.nodes_manager.get_node_from_slot(item.slot).name
             except _SLOT_MAP_ERRORS as exc:
-                raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+                raise BrokerUnavailable(f"Redis Cluster slot map: {describe(exc)}") from exc
         lane = self._lanes.get(node)
         if lane is None:
             lane = self._lanes[node] = _Lane(node)
@@ -708,10 +718,10 @@ class RedisClusterBroker(Broker):
                 error = exc
             elif sent:
                 error = PublishOutcomeUnknown(
-                    f"Redis connection failed after the command was sent: {exc!r}"
+                    f"Redis connection failed after the command was sent: {describe(exc)}"
                 )
             else:
-                error = BrokerUnavailable(f"Redis publish failed: {exc!r}")
+                error = BrokerUnavailable(f"Redis publish failed: {describe(exc)}")
             results.extend([error] * (len(batch) - len(results)))
         again = {id(item) for item, _ in redirected}
         for item, result in zip(batch, results, strict=True):
@@ -755,7 +765,7 @@ class RedisClusterBroker(Broker):
                     await conn.connect()  # type: ignore[no-untyped-call]
             except _NETWORK_ERRORS as exc:
                 await _quiet_disconnect(conn)
-                raise BrokerUnavailable(f"cannot connect to Redis node {lane.node}: {exc}") from exc
+                raise unreachable("Redis", lane.node, None, exc) from exc
             lane.conn = conn
         return lane.conn
 
@@ -860,7 +870,7 @@ class RedisClusterBroker(Broker):
                 await conn.send_command(*command)
                 return await conn.read_response()
         except _NETWORK_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis {command[0].decode()} failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Redis {command[0].decode()} failed: {describe(exc)}") from exc
         finally:
             await _quiet_disconnect(conn)
 
@@ -949,7 +959,7 @@ class _ClusterConsumer(_RedisConsumer):
             await self.aclose()
             if isinstance(exc, BrokerUnavailable):
                 raise
-            raise BrokerUnavailable(f"cannot reach the Redis Cluster: {exc!r}") from exc
+            raise unreachable("Redis Cluster", broker.host, broker.port, exc) from exc
 
     def _follow_owner(self) -> Any:
         """Point the client at the current owner of the stream's slot (per the slot map);
@@ -961,7 +971,7 @@ class _ClusterConsumer(_RedisConsumer):
         try:
             node = self._cluster.nodes_manager.get_node_from_slot(key_slot(self._stream)).name
         except _SLOT_MAP_ERRORS as exc:
-            raise BrokerUnavailable(f"Redis Cluster slot map: {exc}") from exc
+            raise BrokerUnavailable(f"Redis Cluster slot map: {describe(exc)}") from exc
         if node == self._node and self._client is not None:
             return None
         old, self._node = self._client, node
@@ -981,7 +991,9 @@ class _ClusterConsumer(_RedisConsumer):
             with anyio.fail_after(broker.operation_timeout):
                 await self._cluster.nodes_manager.initialize()
         except _SLOT_MAP_ERRORS as exc:
-            raise BrokerUnavailable(f"cannot load the Redis Cluster slot map: {exc!r}") from exc
+            raise BrokerUnavailable(
+                f"cannot load the Redis Cluster slot map: {describe(exc)}"
+            ) from exc
         old = self._follow_owner()
         self._stale = False
         if old is not None:

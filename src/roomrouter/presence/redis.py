@@ -35,9 +35,10 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from .._errors import BrokerUnavailable, ConfigurationError
+from .._errors import BrokerUnavailable, ConfigurationError, describe, unreachable
 from ..brokers._base import TaskStarter
 from ..brokers.redis import _flag, _parse_url, key_prefix
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
@@ -167,7 +168,9 @@ class RedisPresence(Presence):
             except BrokerUnavailable as exc:
                 log.info("presence: could not remove this node's entries on close: %s", exc)
             except RedisError as exc:
-                log.info("presence: could not remove this node's entries on close: %r", exc)
+                log.info(
+                    "presence: could not remove this node's entries on close: %s", describe(exc)
+                )
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -195,9 +198,14 @@ class RedisPresence(Presence):
                 return await coro
         except TimeoutError as exc:
             raise BrokerUnavailable(f"presence {what}: no answer from Redis in time") from exc
-        except (RedisError, OSError, RedisClusterException) as exc:
+        except (RedisConnectionError, OSError, RedisClusterException) as exc:
             # RedisClusterException (no node reachable, slot not covered) is no RedisError.
-            raise BrokerUnavailable(f"presence {what} failed: {exc!r}") from exc
+            host, port = self._kwargs.get("path") or self._kwargs.get("host"), None
+            if "path" not in self._kwargs:
+                port = self._kwargs.get("port", 6379)
+            raise unreachable("Redis", host, port, exc, purpose="presence") from exc
+        except RedisError as exc:
+            raise BrokerUnavailable(f"presence {what} failed: {describe(exc)}") from exc
 
     # -- entries ----------------------------------------------------------------------------------
 
@@ -339,7 +347,7 @@ class RedisPresence(Presence):
                     message = await pubsub.get_message(timeout=1.0)
                     delay = 0.1
                 except (RedisError, OSError) as exc:
-                    log.info("presence events: connection lost (%r); retrying", exc)
+                    log.info("presence events: connection lost (%s); retrying", describe(exc))
                     await anyio.sleep(delay)
                     delay = min(delay * 2, 5.0)
                     if self.cluster:

@@ -77,6 +77,7 @@ from roomrouter.brokers import (
     StorageConsumer,
     frame_id,
 )
+from roomrouter.urls import redact
 
 from ._common import (
     ERRORS,
@@ -88,7 +89,6 @@ from ._common import (
     ensure_stream,
     parse_url,
     quiet_close,
-    redact,
     round_trip,
     status_of,
     stream_configs,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +23,7 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from roomrouter import BrokerUnavailable, ConfigurationError
+from roomrouter.urls import redact
 
 __all__ = [
     "ERRORS",
@@ -34,7 +34,6 @@ __all__ = [
     "connect",
     "ensure_stream",
     "parse_url",
-    "redact",
     "round_trip",
     "status_of",
     "subscribe_in_order",
@@ -119,28 +118,6 @@ class Names:
 
 
 # -- URL -----------------------------------------------------------------------------------------
-
-_SECRET = re.compile(r"(?i)((?:^|&)[^=&]*(?:password|token|secret)[^=&]*=)[^&]*")
-
-
-def redact(url: str) -> str:
-    """``url`` with passwords and secret options replaced by ``***`` (local: roomrouter's URL
-    helper is private today)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    netloc, after = rest[:end], rest[end:]
-    hosts = []
-    for part in netloc.split(","):
-        if "@" in part:
-            userinfo, _, host = part.rpartition("@")
-            user, colon, _ = userinfo.partition(":")
-            part = f"{user}{':***' if colon else ''}@{host}"
-        hosts.append(part)
-    path, question, query = after.partition("?")
-    query = _SECRET.sub(r"\1***", query)
-    return f"{scheme}{sep}{','.join(hosts)}{path}{question}{query}"
 
 
 @dataclass(frozen=True, slots=True)
