@@ -86,6 +86,7 @@ from ._common import (
     Options,
     api,
     connect,
+    describe,
     ensure_stream,
     parse_url,
     quiet_close,
@@ -226,7 +227,7 @@ class NatsBroker(Broker):
             with anyio.CancelScope(shield=True):
                 await quiet_close(nc)
             if isinstance(exc, ERRORS):
-                raise BrokerUnavailable(f"cannot subscribe on NATS: {exc!r}") from exc
+                raise BrokerUnavailable(f"cannot subscribe on NATS: {describe(exc)}") from exc
             raise
         context.task_group.start_soon(self._confirm_loop, name=f"nats confirm {context.node_id}")
         context.task_group.start_soon(self._reconnect_loop, name=f"nats restore {context.node_id}")
@@ -379,7 +380,7 @@ class NatsBroker(Broker):
                     except ERRORS:
                         pass
             if isinstance(exc, ERRORS):
-                raise BrokerUnavailable(f"NATS subscribe failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"NATS subscribe failed: {describe(exc)}") from exc
             raise
         self._subs.update(made)
 
@@ -408,7 +409,7 @@ class NatsBroker(Broker):
             )  # fmt: skip
             conns = json.loads(reply.data)["data"]["connections"]
         except (*ERRORS, ValueError, KeyError, TypeError) as exc:
-            raise BrokerUnavailable(f"NATS CONNZ failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"NATS CONNZ failed: {describe(exc)}") from exc
         rooms = set()
         for conn in conns:
             for sub in conn.get("subscriptions_list_detail") or ():
@@ -456,7 +457,7 @@ class NatsBroker(Broker):
                 for subject in subjects:
                     await nc.publish(subject, frame)
             except ERRORS as exc:
-                raise BrokerUnavailable(f"NATS publish failed: {exc!r}") from exc
+                raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
         await self._confirmed()
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
@@ -466,7 +467,7 @@ class NatsBroker(Broker):
         try:
             await nc.publish(subject, frame)
         except ERRORS as exc:
-            raise BrokerUnavailable(f"NATS publish failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
         if to is None and self._ctx is not None:
             # A broadcast reaches every node including this one; no_echo keeps the server
             # from sending it back, so this node's copy is handed over here, in call order.
@@ -555,7 +556,7 @@ class NatsBroker(Broker):
         except (*ERRORS, BrokerUnavailable) as exc:
             round_.error = PublishOutcomeUnknown(
                 "NATS did not confirm the publish (connection lost or timed out after it "
-                f"was queued): {exc!r}"
+                f"was queued): {describe(exc)}"
             )
         except BaseException:
             round_.error = PublishOutcomeUnknown("NATS broker closing")
@@ -629,8 +630,10 @@ class NatsBroker(Broker):
                     await ack.done.wait()
         except (*ERRORS, TimeoutError) as exc:
             if not sent:
-                raise BrokerUnavailable(f"NATS publish failed: {exc!r}") from exc
-            raise PublishOutcomeUnknown(f"JetStream did not acknowledge in time: {exc!r}") from exc
+                raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
+            raise PublishOutcomeUnknown(
+                f"JetStream did not acknowledge in time: {describe(exc)}"
+            ) from exc
         finally:
             for ack in acks:
                 self._acks.pop(ack.subject[len(self._ack_prefix) :], None)

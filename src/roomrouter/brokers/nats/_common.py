@@ -22,7 +22,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from roomrouter import BrokerUnavailable, ConfigurationError
+from roomrouter import BrokerUnavailable, ConfigurationError, RoomRouterError
 from roomrouter.urls import redact
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "Options",
     "api",
     "connect",
+    "describe",
     "ensure_stream",
     "parse_url",
     "round_trip",
@@ -44,6 +45,23 @@ log = logging.getLogger("roomrouter.nats")
 
 #: What nats-py raises for a failed network operation (its own tree, sockets, timeouts).
 ERRORS: Final = (nats.errors.Error, OSError, TimeoutError, asyncio.TimeoutError)
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for a client library's exception, for a message (never its repr): the
+    failure in words where it is a common one, else its class name and message. (Local:
+    roomrouter's own is private.)"""
+    if isinstance(exc, RoomRouterError):
+        return str(exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
+        return "timed out"
+    if isinstance(exc, (EOFError, ConnectionError, nats.errors.ConnectionClosedError)):
+        return "connection closed"
+    text = str(exc).strip()
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
 
 
 # -- names ---------------------------------------------------------------------------------------
@@ -231,7 +249,7 @@ async def connect(
         with anyio.CancelScope(shield=True):
             await quiet_close(client)
         raise BrokerUnavailable(
-            f"cannot connect to NATS at {', '.join(map(redact, servers))}: {exc!r}"
+            f"cannot connect to NATS at {', '.join(map(redact, servers))}: {describe(exc)}"
         ) from exc
     except BaseException:
         with anyio.CancelScope(shield=True):
@@ -355,7 +373,7 @@ async def api(client: Client, subject: str, body: dict[str, Any], limit: float) 
     except nats.errors.NoRespondersError as exc:
         raise BrokerUnavailable(f"JetStream is not available for {subject}") from exc
     except ERRORS as exc:
-        raise BrokerUnavailable(f"JetStream request {subject} failed: {exc!r}") from exc
+        raise BrokerUnavailable(f"JetStream request {subject} failed: {describe(exc)}") from exc
     try:
         answer = json.loads(reply.data)
     except ValueError as exc:

@@ -22,6 +22,7 @@ from ._common import (
     Options,
     api,
     connect,
+    describe,
     ensure_stream,
     quiet_close,
     round_trip,
@@ -75,7 +76,7 @@ async def read_recent(
         with anyio.fail_after(options.operation_timeout):
             sub = await subscribe_in_order(nc, inbox, on_msg)
     except ERRORS as exc:
-        raise BrokerUnavailable(f"NATS recent read failed: {exc!r}") from exc
+        raise BrokerUnavailable(f"NATS recent read failed: {describe(exc)}") from exc
     try:
         config = {
             "deliver_subject": inbox,
@@ -187,7 +188,7 @@ class NatsStorageConsumer(StorageConsumer):
             with anyio.CancelScope(shield=True):
                 await quiet_close(nc)
             if isinstance(exc, ERRORS):
-                raise BrokerUnavailable(f"cannot reach NATS: {exc!r}") from exc
+                raise BrokerUnavailable(f"cannot reach NATS: {describe(exc)}") from exc
             raise
 
     async def aclose(self) -> None:
@@ -271,7 +272,7 @@ class NatsStorageConsumer(StorageConsumer):
             await self._check_consumer()
             raise BrokerUnavailable("NATS storage fetch got no answer in time") from exc
         except ERRORS as exc:
-            raise BrokerUnavailable(f"NATS storage fetch failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"NATS storage fetch failed: {describe(exc)}") from exc
         finally:
             del self._pulls[key]
             self._current = None
@@ -340,7 +341,7 @@ class NatsStorageConsumer(StorageConsumer):
                     await nc.publish(str(item.token), b"+ACK")
             await round_trip(nc, self._options.operation_timeout)
         except (*ERRORS, TimeoutError) as exc:
-            raise BrokerUnavailable(f"NATS storage ack failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"NATS storage ack failed: {describe(exc)}") from exc
 
     async def pending(self) -> int:
         info = await api(
