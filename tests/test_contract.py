@@ -22,6 +22,7 @@ from .backends import (
     Backend,
     KafkaBackend,
     MemoryBackend,
+    NatsBackend,
     RabbitMQBackend,
     RedisBackend,
     RedisClusterBackend,
@@ -129,6 +130,18 @@ class TestRabbitMQContract(_Builtin):
 
 class TestKafkaContract(_Builtin):
     backend = KafkaBackend
+
+
+class TestNatsContract(_Builtin):
+    backend = NatsBackend
+
+    async def break_connection(self, broker: Broker) -> None:
+        """Close the socket under nats-py (NATS 2.9 cannot kick a client of an ordinary
+        account): nats-py sees the connection fail as on a network error and reconnects."""
+        from roomrouter.brokers.nats import NatsBroker
+
+        assert isinstance(broker, NatsBroker) and broker._nc is not None
+        broker._nc._transport.close()  # type: ignore[union-attr]
 
 
 async def _kill_redis_clients(broker: Broker) -> None:

@@ -342,3 +342,41 @@ async def test_keep_connected_with_stable_after_backs_off_from_connections_dropp
     storm, calm = await attempts(None), await attempts(1.0)
     assert storm >= 10  # 0.02 s apart
     assert calm <= 6  # 0.02, 0.04, 0.08, 0.16, 0.32: the delays add up past 0.5 s
+
+
+async def test_a_publish_answered_without_effect_moves_to_another_outbox() -> None:
+    """A Redis Cluster MOVED/ASK: the broker answered a sent publish without running it. The
+    backend releases it from its batch and requeues it on another lane's outbox: the caller
+    gets the other lane's answer, the first batch's failure never touches it, and a released
+    publish that another lane cannot send is "not sent" (it had no effect)."""
+    first: Outbox[bytes] = Outbox("A", 5)
+    second: Outbox[bytes] = Outbox("B", 5)
+    wire = Wire()
+    moved, stays = first.submit(b"moved"), first.submit(b"stays")
+    batch = await first.take()
+    async with first.transmit(batch) as tx:
+        sends = tx.sent()
+        for send in sends:  # the backend reads the answers in order, releasing as it goes
+            if send.item == b"moved":
+                tx.release(send)
+                second.requeue([send])
+        assert [s.item for s in sends] == [b"moved", b"stays"]
+        raise ConnectionResetError("connection reset by peer")  # after the write
+    with pytest.raises(PublishOutcomeUnknown):
+        await stays
+    assert not moved.done()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second.watch)
+        tg.start_soon(sender, second, wire)
+        assert await moved == "OK"
+        tg.cancel_scope.cancel()
+    assert wire.written == [b"moved"]
+    again = first.submit(b"again")
+    batch = await first.take()
+    async with first.transmit(batch) as tx:
+        [send] = tx.sent()
+        tx.release(send)
+        second.requeue([send])  # closed meanwhile (its watch was cancelled)
+    with pytest.raises(BrokerUnavailable) as info:
+        await again
+    assert not isinstance(info.value, PublishOutcomeUnknown)

@@ -126,3 +126,12 @@ def kafka_broker(url: str, **options: Any) -> Broker:
         raise MissingDependency("kafka", "aiokafka") from exc
     broker: Broker = KafkaBroker.from_url(url, **options)
     return broker
+
+
+def nats_broker(url: str, **options: Any) -> Broker:
+    """``nats://[user:pass@]host[:port][,host[:port]...]``: NATS with JetStream."""
+    try:
+        from .brokers.nats import NatsBroker
+    except ImportError as exc:
+        raise MissingDependency("nats", "nats") from exc
+    return NatsBroker.from_url(url, **options)

@@ -150,6 +150,14 @@ class Transmit(Generic[T]):
         self.sends = live
         return live
 
+    def release(self, send: Send[T]) -> None:
+        """The broker answered ``send`` without running it (a Redis Cluster ``MOVED``/``ASK``
+        redirection): it leaves this batch unsettled and counts as not sent again, for the
+        backend to queue anew with :meth:`Outbox.requeue`, on this outbox or another one (the
+        lane the answer names), with its caller and deadline."""
+        self.sends = [s for s in self.sends if s is not send]  # the list sent() returned stays
+        send.state = _QUEUED
+
 
 class Outbox(Generic[T]):
     """A backend's publish queue (see the module docstring). One per connection, or per lane
@@ -244,14 +252,25 @@ class Outbox(Generic[T]):
 
     def requeue(self, sends: Sequence[Send[T]]) -> None:
         """Put taken publishes back at the head of the queue, in order (a lane that lost its
-        shard hands them on); sent ones may not be requeued."""
+        shard hands them on; publishes released by :meth:`Transmit.release` may come from
+        another outbox); sent ones may not be requeued. One given up or past its deadline
+        meanwhile is settled here, never sent."""
+        if self._closed is not None:
+            self._settle(sends, self._closed)
+            return
+        now = asyncio.get_running_loop().time()
         for send in reversed(sends):
             if send.state == _SENT:
                 raise ValueError("a sent publish cannot be requeued")
+            if send.deadline <= now:
+                send.fail(self.service, f"not taken within {self.timeout} s")
+                continue
             send.state = _QUEUED
             self._queue.appendleft(send)
         if self._wake is not None:
             self._wake.set()
+        if self._watch_wake is not None:
+            self._watch_wake.set()
 
     @asynccontextmanager
     async def transmit(self, sends: list[Send[T]]) -> AsyncIterator[Transmit[T]]:
