@@ -82,6 +82,8 @@ def test_an_unknown_scheme_lists_the_installed_ones() -> None:
         ("redis://h/0", "redis", "redis", "roomrouter.brokers.redis"),
         ("kafka://h:1", "aiokafka", "kafka", "roomrouter.brokers.kafka"),
         ("amqp://h/", "aiormq", "rabbitmq", "roomrouter.brokers.rabbitmq"),
+        ("amqp://h/", "aiohttp", "rabbitmq", "roomrouter.brokers.rabbitmq"),
+        ("nats://h:1", "nats", "nats", "roomrouter.brokers.nats"),
     ],
 )
 def test_a_missing_extra_is_named(
@@ -95,8 +97,9 @@ def test_a_missing_extra_is_named(
     for name in [n for n in sys.modules if n.startswith("roomrouter.brokers.")]:
         if name not in keep:
             monkeypatch.delitem(sys.modules, name)
-    with pytest.raises(MissingDependency, match=rf'pip install "roomrouter\[{extra}\]"'):
+    with pytest.raises(MissingDependency, match=rf'pip install "roomrouter\[{extra}\]"') as info:
         broker_from_url(url)
+    assert info.value.module == module  # the package that is missing, not a guess
 
 
 def test_no_import_cycle_and_only_the_chosen_backend_is_imported() -> None:

@@ -64,6 +64,7 @@ __all__ = [
     "SinkRefused",
     "StorageQueueLost",
     "describe",
+    "missing_module",
     "unreachable",
 ]
 
@@ -86,6 +87,15 @@ class MissingDependency(ConfigurationError):
         )
         self.extra = extra
         self.module = module
+
+
+def missing_module(exc: ImportError, default: str) -> str:
+    """The top-level package an ``ImportError`` says is missing (``aiohttp`` rather than the
+    backend's main client library when only that one is absent), else ``default``."""
+    name = exc.name
+    if not name or name.startswith("roomrouter"):
+        return default
+    return name.split(".")[0]
 
 
 class InvalidRoomName(RoomRouterError, ValueError):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from . import _registry
-from ._errors import ConfigurationError, MissingDependency
+from ._errors import ConfigurationError, MissingDependency, missing_module
 from .urls import flag, pop_options, redact
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ def redis_broker(url: str, **options: Any) -> Broker:
     try:
         from .brokers.redis import RedisBroker
     except ImportError as exc:
-        raise MissingDependency("redis", "redis") from exc
+        raise MissingDependency("redis", missing_module(exc, "redis")) from exc
     if _cluster_option(url):
         from .brokers.redis_cluster import RedisClusterBroker
 
@@ -113,7 +113,7 @@ def amqp_broker(url: str, **options: Any) -> Broker:
     try:
         from .brokers.rabbitmq import RabbitMQBroker  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
-        raise MissingDependency("rabbitmq", "aio_pika") from exc
+        raise MissingDependency("rabbitmq", missing_module(exc, "aio_pika")) from exc
     broker: Broker = RabbitMQBroker.from_url(url, **options)
     return broker
 
@@ -123,7 +123,7 @@ def kafka_broker(url: str, **options: Any) -> Broker:
     try:
         from .brokers.kafka import KafkaBroker  # type: ignore[import-not-found,unused-ignore]
     except ImportError as exc:
-        raise MissingDependency("kafka", "aiokafka") from exc
+        raise MissingDependency("kafka", missing_module(exc, "aiokafka")) from exc
     broker: Broker = KafkaBroker.from_url(url, **options)
     return broker
 
@@ -133,5 +133,5 @@ def nats_broker(url: str, **options: Any) -> Broker:
     try:
         from .brokers.nats import NatsBroker
     except ImportError as exc:
-        raise MissingDependency("nats", "nats") from exc
+        raise MissingDependency("nats", missing_module(exc, "nats")) from exc
     return NatsBroker.from_url(url, **options)

@@ -22,7 +22,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 from .. import _registry
-from .._errors import ConfigurationError, MissingDependency
+from .._errors import ConfigurationError, MissingDependency, missing_module
 from ..urls import redact
 from ._base import Sink
 
@@ -103,7 +103,7 @@ def _postgres(url: str, extra: dict[str, Any]) -> Sink:
     try:  # here, so asyncpg is imported only when asked for
         from .postgres import PostgresSink
     except ImportError as exc:
-        raise MissingDependency("postgres", "asyncpg") from exc
+        raise MissingDependency("postgres", missing_module(exc, "asyncpg")) from exc
 
     try:
         parts = urlsplit(url)
@@ -122,7 +122,7 @@ def _mysql(url: str, extra: dict[str, Any]) -> Sink:
     try:  # here, so asyncmy is imported only when asked for
         from .mysql import MySQLSink
     except ImportError as exc:
-        raise MissingDependency("mysql", "asyncmy") from exc
+        raise MissingDependency("mysql", missing_module(exc, "asyncmy")) from exc
 
     try:
         parts = urlsplit(url)
