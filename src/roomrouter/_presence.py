@@ -20,6 +20,7 @@ import anyio
 from ._errors import RoomRouterError
 from ._stats import Stats
 from .brokers._base import TaskStarter
+from .brokers.transport import Backoff
 from .presence._base import Presence, PresenceEntry, PresenceWrite
 
 __all__ = ["PresenceKeeper"]
@@ -96,7 +97,7 @@ class PresenceKeeper:
     # -- tasks ------------------------------------------------------------------------------------
 
     async def run_writer(self) -> None:
-        delay = 0.05
+        backoff = Backoff(0.05, 5.0)
         while True:
             if not self._queue and not self._forget:
                 await self._wake.wait()
@@ -114,13 +115,13 @@ class PresenceKeeper:
                         self._queue.popleft()
                     self._stats.presence_writes += len(batch)
                     self._done(len(batch))
-                delay = 0.05
+                backoff.reset()
             except RoomRouterError as exc:
                 self._stats.presence_errors += 1
+                delay = backoff.next()
                 log.warning("node %s: presence store write failed (%s); retrying in %.1fs",
                             self.node_id, exc, delay)  # fmt: skip
                 await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
 
     async def run_refresh(self) -> None:
         while True:

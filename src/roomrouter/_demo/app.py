@@ -91,6 +91,7 @@ from .._errors import (
 from .._member import Member, Recovery
 from .._router import RoomRouter
 from .._urls import broker_from_url
+from ..brokers.transport import Backoff
 from ..integrations.prometheus import RoomRouterCollector
 from ..presence import PresenceEntry, presence_from_url
 from ..storage import StorageWorker, sink_from_url
@@ -573,7 +574,7 @@ class _Server:
         """Run a storage worker; one that fails is logged and replaced after a capped backoff
         (a sink cannot be started twice, so each attempt builds a new worker)."""
         s = self.settings
-        delay = 0.5
+        backoff = Backoff(0.5, 10.0)
         try:
             while True:
                 self.worker = StorageWorker.from_urls(
@@ -583,9 +584,8 @@ class _Server:
                     await self.worker.run()
                     return
                 except Exception:
-                    log.exception("storage worker failed; restarting in %.1fs", delay)
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                    log.exception("storage worker failed; restarting")
+                await backoff.sleep()
         finally:
             assert self._worker_done is not None
             self._worker_done.set()

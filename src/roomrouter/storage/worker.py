@@ -39,6 +39,7 @@ import msgspec
 from .._envelope import Envelope, decode_envelope, validate_room
 from .._errors import ConfigurationError, RoomRouterError, SinkRefused, StorageQueueLost
 from ..brokers._base import StorageConsumer, StoredFrame
+from ..brokers.transport import Backoff
 from ._base import DeadLetter, Sink
 
 __all__ = ["StorageWorker", "WorkerStats"]
@@ -197,7 +198,7 @@ class StorageWorker:
     async def _collect(self) -> list[StoredFrame]:
         batch: list[StoredFrame] = []
         deadline: float | None = None
-        backoff = 0.05
+        backoff = Backoff(0.05, self.max_backoff)
         while len(batch) < self.batch_size and not self._stopping:
             now = anyio.current_time()
             if deadline is not None and now >= deadline:
@@ -212,12 +213,12 @@ class StorageWorker:
                 continue
             except RoomRouterError as exc:
                 self.stats.queue_errors += 1
-                log.warning("storage queue fetch failed (%s); retrying in %.2fs", exc, backoff)
+                delay = backoff.next()
+                log.warning("storage queue fetch failed (%s); retrying in %.2fs", exc, delay)
                 self._no_progress(f"every storage queue fetch failed; last: {exc}")
-                await self._pause(backoff)
-                backoff = min(backoff * 2, self.max_backoff)
+                await self._pause(delay)
                 continue
-            backoff = 0.05
+            backoff.reset()
             if not frames:
                 if batch:
                     break
@@ -343,7 +344,7 @@ class StorageWorker:
         """Run ``attempt`` until it succeeds (True), retrying an unavailable sink (any other
         :class:`RoomRouterError`) with capped backoff; False if stop() came while it failed.
         ``refusals`` are raised to the caller at once."""
-        backoff = 0.1
+        backoff = Backoff(0.1, self.max_backoff)
         while True:
             try:
                 await attempt()
@@ -354,12 +355,12 @@ class StorageWorker:
                 self.stats.sink_errors += 1
                 if self._stopping:
                     return False
-                log.warning("%s failed (%s); retry in %.1fs", what, exc, backoff)
+                delay = backoff.next()
+                log.warning("%s failed (%s); retry in %.1fs", what, exc, delay)
                 self._no_progress(f"the sink keeps failing ({what}); last: {exc}")
-                await self._pause(backoff)
+                await self._pause(delay)
                 if self._stopping:
                     return False
-                backoff = min(backoff * 2, self.max_backoff)
 
     async def _bury(self, letters: list[DeadLetter]) -> bool:
         """Keep ``letters`` in the sink's dead-letter table (retried like a write); False if
