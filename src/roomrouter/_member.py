@@ -135,13 +135,13 @@ class Member:
     async def receive(self) -> Envelope:
         """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty,
         and :class:`~roomrouter.DeliveryGap` once where messages of a room may be missing."""
-        inbox = self._inbox
+        box = self._box
+        inbox = box.queue
         while not inbox:
-            if self._box.closed is not None:
-                raise MemberClosed(self.id, self._box.closed)
+            if box.closed is not None:
+                raise MemberClosed(self.id, box.closed)
             await self._wait()
         envelope = inbox.popleft()
-        box = self._box
         box.bytes -= len(envelope.payload)
         if box.gaps and envelope.__class__ is GapMark:
             self._raise_gap(envelope)
@@ -212,13 +212,13 @@ class Member:
     async def __anext__(self) -> Envelope:
         # receive() inlined: ``async for`` over a member is the common send loop, and one
         # coroutine per envelope instead of two is a measurable share of a big room's fan-out.
-        inbox = self._inbox
+        box = self._box
+        inbox = box.queue
         while not inbox:
-            if self._box.closed is not None:
+            if box.closed is not None:
                 raise StopAsyncIteration
             await self._wait()
         envelope = inbox.popleft()
-        box = self._box
         box.bytes -= len(envelope.payload)
         if box.gaps and envelope.__class__ is GapMark:
             self._raise_gap(envelope)
