@@ -87,7 +87,7 @@ def _broker_options(args: argparse.Namespace) -> dict[str, Any]:
 async def _raw(args: argparse.Namespace, tasks: bool = False) -> float:
     from aiokafka import AIOKafkaProducer
 
-    from roomrouter.brokers._kafka_common import ensure_topics, names, partition
+    from roomrouter.brokers.kafka._common import ensure_topics, names, partition
 
     data, control, _ = names(args.namespace, "roomrouter")
     options = {"bootstrap_servers": args.bootstrap, "client_id": "raw"}

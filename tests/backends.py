@@ -468,6 +468,100 @@ class KafkaBackend(Backend):
             await admin.close()
 
 
+class NatsBackend(Backend):
+    """NATS with JetStream on 127.0.0.1:4222 (``.ci/run`` starts it). Each namespace's streams
+    (``RR_<ns>_STORE``, ``_RECENT``, ``_META``) are deleted afterwards."""
+
+    name = "nats"
+    url = "nats://127.0.0.1:4222"
+    #: The node's connection is ``no_echo``: the room subject never echoes a node's publishes.
+    no_echo = True
+    #: The storage stream drops a frame whose id it holds (``Nats-Msg-Id``, two minutes).
+    dedupes_storage = True
+    url_for_process = True
+    supports_storage = True
+    supports_direct = True
+
+    def available(self) -> None:
+        require_tcp("127.0.0.1", 4222, "NATS")
+
+    def process_url(self, **query: object) -> str:
+        return self.url + ("?" + urlencode(query) if query else "")
+
+    def broker(self, **options: Any) -> Broker:
+        from roomrouter.brokers.nats import NatsBroker
+
+        return NatsBroker(self.url, **options)
+
+    async def _raw(self, subject: str, frame: bytes) -> None:
+        import nats
+
+        client = await nats.connect(self.url)
+        try:
+            await client.publish(subject, frame)
+            await client.flush()
+        finally:
+            await client.close()
+
+    async def inject(self, router: RoomRouter, room: str, frame: bytes) -> None:
+        from roomrouter.brokers.nats import Names
+
+        await self._raw(Names.of(router.namespace).room(room), frame)
+
+    async def inject_direct(self, router: RoomRouter, frame: bytes) -> None:
+        from roomrouter.brokers.nats import Names
+
+        await self._raw(Names.of(router.namespace).node(router.node_id), frame)
+
+    async def inject_stored(self, frames: Sequence[bytes]) -> None:
+        """Put ``frames`` in the storage queue with a raw JetStream publish (a forger's)."""
+        import nats
+
+        from roomrouter.brokers.nats import Names, NatsBroker
+
+        consumer = NatsBroker(self.url).storage_consumer(self.namespace, "forger")
+        await consumer.start()  # creates the streams if missing
+        await consumer.aclose()
+        client = await nats.connect(self.url)
+        try:
+            for frame in frames:
+                await client.jetstream().publish(Names.of(self.namespace).store, frame)
+        finally:
+            await client.close()
+
+    async def inject_recent(self, router: RoomRouter, room: str) -> int:
+        """Entries that hold no envelope in ``room``'s recent cache (a raw JetStream publish);
+        how many."""
+        import nats
+
+        from roomrouter.brokers.nats import Names
+
+        client = await nats.connect(self.url)
+        try:
+            subject = Names.of(router.namespace).recent(room)
+            await client.jetstream().publish(subject, b"\xc1 not msgpack")
+            await client.jetstream().publish(subject, b"")
+        finally:
+            await client.close()
+        return 2
+
+    async def cleanup(self) -> None:
+        import nats
+
+        from roomrouter.brokers.nats import Names
+
+        names = Names.of(self.namespace)
+        client = await nats.connect(self.url)
+        try:
+            for kind in ("STORE", "RECENT", "META"):
+                try:
+                    await client.request(f"$JS.API.STREAM.DELETE.{names.stream(kind)}", b"")
+                except Exception as exc:  # nothing was created
+                    print(f"nats cleanup of {self.namespace}: {exc!r}")
+        finally:
+            await client.close()
+
+
 BACKENDS: dict[str, type[Backend]] = {
     b.name: b
     for b in (
@@ -477,5 +571,6 @@ BACKENDS: dict[str, type[Backend]] = {
         RedisClusterBackend,
         RabbitMQBackend,
         KafkaBackend,
+        NatsBackend,
     )
 }

@@ -177,6 +177,10 @@ async def test_page_and_stats_are_served(settings: DemoSettings) -> None:
         status, content_type, body = await node.get("/")
         assert status == 200 and content_type.startswith("text/html")
         assert "<title>roomrouter demo chat</title>" in body and "new WebSocket(" in body
+        # An icon, so no tab logs a 404 for /favicon.ico (in the page, and for a direct ask).
+        assert '<link rel="icon" href="data:image/svg+xml,' in body
+        status, content_type, body = await node.get("/favicon.ico")
+        assert status == 200 and content_type == "image/svg+xml" and body.startswith("<svg")
         stats = await node.stats()
         assert stats["running"] and stats["broker"] == "memory" and stats["worker"] is not None
 

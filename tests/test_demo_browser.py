@@ -75,6 +75,36 @@ async def open_chat(context: BrowserContext, node: Node, name: str, room: str) -
     return page
 
 
+def _watch_console(context: BrowserContext) -> list[str]:
+    """Console errors, uncaught page errors and HTTP errors of every tab of ``context``, as
+    they happen (the list the caller keeps grows)."""
+    problems: list[str] = []
+
+    def watch(page: Page) -> None:
+        page.on(
+            "console",
+            lambda message: (
+                problems.append(f"console {message.type}: {message.text}")
+                if message.type == "error"
+                else None
+            ),
+        )
+        page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
+        page.on(
+            "response",
+            lambda response: (
+                problems.append(f"HTTP {response.status} {response.url}")
+                if response.status >= 400
+                else None
+            ),
+        )
+
+    for page in context.pages:
+        watch(page)
+    context.on("page", watch)
+    return problems
+
+
 async def say(page: Page, text: str) -> None:
     await page.fill("#text", text)
     await page.click("#send")
@@ -106,12 +136,15 @@ async def test_the_chat_in_a_browser_on_two_redis_nodes(tmp_path: Path) -> None:
                 headless=True,
                 viewport={"width": 960, "height": 600},
             )
+            problems = _watch_console(context)
             try:
                 await _scenario(context, node_a, node_b, screenshot)
             finally:
                 await context.close()
     finally:
         await redis.cleanup()
+    # Every tab ran without a console error (a missing favicon was one in each).
+    assert problems == []
 
 
 async def _scenario(context: BrowserContext, node_a: Node, node_b: Node, screenshot: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from contextlib import AsyncExitStack
 from pathlib import Path
 
@@ -132,3 +133,26 @@ def test_version_and_help() -> None:
         # `roomrouter bench` hands every option, --help included, to the suite's own parser.
         usage = "usage: python -m benchmarks" if name == "bench" else "Usage: roomrouter " + name
         assert done.returncode == 0 and usage in done.stdout, done.stderr
+
+
+def test_without_rich_inspect_says_so_at_once(tmp_path: Path) -> None:
+    """Without the ``cli`` extra the table view fails before joining the cluster (it listened
+    for the whole ``--wait`` first, ~4 s, before saying so); ``--json`` needs no extra."""
+    blocked = tmp_path / "rich"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text("raise ImportError('rich is not installed (test)')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT / "src")])}
+    command = [sys.executable, "-m", "roomrouter.cli", "inspect", "--broker", "memory://",
+               "--namespace", unique_namespace(), "--wait", "5"]  # fmt: skip
+    started = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env)
+    elapsed = time.monotonic() - started
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("roomrouter: "), done.stderr
+    assert "roomrouter[cli]" in done.stderr and "--json" in done.stderr, done.stderr
+    assert elapsed < 4.0, elapsed  # never the 5 s of --wait
+    done = subprocess.run(
+        [*command[:-1], "0", "--json"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["nodes"] == []

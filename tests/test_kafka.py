@@ -17,6 +17,7 @@ import anyio
 import pytest
 
 from roomrouter import (
+    BrokerContext,
     BrokerUnavailable,
     ConfigurationError,
     DeliveryGap,
@@ -60,6 +61,12 @@ async def _routers(
         )
         for _ in range(count)
     ]
+
+
+def _queued_data(broker: KafkaBroker) -> int:
+    """Data records waiting in the broker's send queue (not yet handed to the producer)."""
+    assert broker._publisher is not None
+    return sum(not send.item.control for send in broker._publisher.outbox._queue)
 
 
 def _kafka(router: RoomRouter) -> KafkaBroker:
@@ -340,7 +347,7 @@ class _Seeks:
 
 
 def test_offset_guard_waits_for_a_hole_then_gives_up() -> None:
-    from roomrouter.brokers._kafka_common import OffsetGuard
+    from roomrouter.brokers.kafka._common import OffsetGuard
 
     tp = TopicPartition("t", 0)
     guard, consumer = OffsetGuard(patience=0.05), _Seeks()
@@ -473,7 +480,7 @@ async def test_publish_while_the_broker_is_down_fails_in_time_as_not_sent(
                 tg.start_soon(publish, i)
         assert len(errors) == 200
         assert not any(isinstance(e, PublishOutcomeUnknown) for e in errors)
-        assert not [item for item in broker._queue if not item.control]
+        assert _queued_data(broker) == 0
         # Leave with a settled node: a router closed mid-reconnect leaks the clients' sockets.
         await anyio.to_thread.run_sync(own_tansu.start)
         await eventually(lambda: _ge(a.stats()["reconnects"], 1), timeout=20)
@@ -489,8 +496,10 @@ async def test_unacknowledged_records_are_bounded_and_the_rest_wait_unsent(
     async with AsyncExitStack() as stack:
         [a] = await _routers(stack, kafka, 1)
         broker = _kafka(a)
-        broker.max_pending = 5
-        broker.operation_timeout = 1.0
+        publisher = broker._publisher
+        assert publisher is not None
+        publisher.max_pending = 5
+        publisher.outbox.timeout = 1.0
         await broker.publish("R", b"warm")  # metadata and connection in place
         session = broker._session
         assert session is not None
@@ -518,8 +527,8 @@ async def test_unacknowledged_records_are_bounded_and_the_rest_wait_unsent(
                 for i in range(20):
                     tg.start_soon(publish, i)
                 await anyio.sleep(0.3)
-                assert broker._unacked == 5
-                queued = sum(not item.control for item in broker._queue)
+                assert publisher.unacked == 5
+                queued = _queued_data(broker)
         finally:
             del producer.send_batch  # the class's method again
             for future in unanswered:
@@ -682,3 +691,27 @@ async def test_a_record_the_producer_took_is_an_unknown_outcome_on_timeout(
             assert envelope_id in [e.id for e in history]
 
         await eventually(appended, timeout=30, interval=0.5)
+
+
+async def test_a_broker_closed_while_its_tasks_run_stops_quietly(kafka: KafkaBackend) -> None:
+    """``aclose`` before the tasks are cancelled (a broker used without a router): the sender
+    ends quietly -- nothing escapes into the task group -- and later publishes fail fast as
+    not sent."""
+    broker = kafka.broker()
+    async with anyio.create_task_group() as tg:
+        context = BrokerContext(
+            node_id="closer",
+            namespace=kafka.namespace,
+            on_data=lambda room, frame: None,
+            on_control=lambda frame: None,
+            on_reconnect=lambda: None,
+            task_group=tg,
+        )
+        await broker.start(context)
+        await broker.publish("R", b"before")
+        await broker.aclose()
+        await anyio.sleep(0.2)  # the sender sees the closed queue
+        with pytest.raises(BrokerUnavailable) as info:
+            await broker.publish("R", b"after")
+        assert not isinstance(info.value, PublishOutcomeUnknown)
+        tg.cancel_scope.cancel()

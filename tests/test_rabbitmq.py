@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -21,18 +23,22 @@ import anyio
 import anyio.abc
 import pytest
 
-from roomrouter import BrokerUnavailable, ConfigurationError, Envelope, RoomRouter
-from roomrouter._envelope import encode_envelope
-from roomrouter.brokers.rabbitmq import (
-    RabbitMQBroker,
-    _publish_frames,
-    _room_of_key,
-    routing_key,
+from roomrouter import (
+    BrokerUnavailable,
+    ConfigurationError,
+    Envelope,
+    PublishOutcomeUnknown,
+    RoomRouter,
 )
+from roomrouter._envelope import encode_envelope
+from roomrouter.brokers.rabbitmq import RabbitMQBroker, routing_key
+from roomrouter.brokers.rabbitmq._names import room_of_key
+from roomrouter.brokers.rabbitmq._wire import persistent_properties, publish_frames
 
 from .backends import RabbitMQBackend
 from .conftest import TEST_ROUTER_OPTIONS, unique_namespace
 from .helpers import drain, eventually, receive_n
+from .ports import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -70,6 +76,12 @@ async def nodes(rabbit: RabbitMQBackend) -> AsyncIterator[NodeFactory]:
 def _broker(router: RoomRouter) -> RabbitMQBroker:
     assert isinstance(router.broker, RabbitMQBroker)
     return router.broker
+
+
+def _publisher_channel(router: RoomRouter) -> object:
+    publisher = _broker(router)._publisher
+    assert publisher is not None
+    return publisher.channel
 
 
 async def _queue_bindings(router: RoomRouter) -> list[dict[str, Any]]:
@@ -207,6 +219,38 @@ async def proxy() -> AsyncIterator[TcpProxy]:
         tg.cancel_scope.cancel()
 
 
+# -- the aiormq adapter ---------------------------------------------------------------------------
+
+
+def test_the_aiormq_adapter_refuses_an_unchecked_aiormq_version() -> None:
+    """The backend writes on aiormq internals read in 7.x: importing it next to another aiormq
+    is a clear configuration error naming the supported range, not a corrupted publish path."""
+    from roomrouter.brokers.rabbitmq import _aiormq
+
+    _aiormq.check_version("7.2.4")
+    _aiormq.check_version("7.9")
+    for version in ("8.0.0", "7.1.9", "6.8.1", "nonsense"):
+        with pytest.raises(ConfigurationError, match=re.escape(f"aiormq {_aiormq.SUPPORTED}")):
+            _aiormq.check_version(version)
+    # And at import: a fresh interpreter whose aiormq says 8.0.0.
+    code = (
+        "import importlib.metadata as m\n"
+        "real = m.version\n"
+        "m.version = lambda name: '8.0.0' if name == 'aiormq' else real(name)\n"
+        "from roomrouter import ConfigurationError\n"
+        "try:\n"
+        "    import roomrouter.brokers.rabbitmq\n"
+        "except ConfigurationError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.startswith("refused: the RabbitMQ backend supports aiormq >=7.2,<8"), (
+        result.stdout + result.stderr
+    )
+
+
 # -- routing keys ---------------------------------------------------------------------------------
 
 SPECIAL = [
@@ -231,9 +275,9 @@ def test_routing_keys_are_single_literal_words() -> None:
         assert not set(key) & {".", "*", "#"}, key
         assert len(key.encode()) <= 255
         if key.startswith("~"):
-            assert len(name.encode()) > 150 and _room_of_key(key) is None
+            assert len(name.encode()) > 150 and room_of_key(key) is None
         else:
-            assert _room_of_key(key) == name
+            assert room_of_key(key) == name
 
 
 def test_from_url_options() -> None:
@@ -250,6 +294,32 @@ def test_from_url_options() -> None:
         RabbitMQBroker.from_url(AMQP + "?prefetch=0")
 
 
+async def test_management_api_answers_and_failures_are_one_clear_line(
+    rabbit: RabbitMQBackend,
+) -> None:
+    """The management HTTP client (aiohttp): a JSON answer decoded; a refused login, an
+    unknown path and a closed port each one BrokerUnavailable that names the API, without the
+    password or a client library's repr."""
+    overview = await RabbitMQBroker(AMQP).management_request("/api/overview")
+    assert "rabbitmq_version" in overview
+    wrong = RabbitMQBroker("amqp://guest:s3cret-pw@127.0.0.1:5672/")
+    with pytest.raises(BrokerUnavailable, match="HTTP 401") as refused:
+        await wrong.management_request("/api/overview")
+    with pytest.raises(BrokerUnavailable, match="HTTP 404"):
+        await RabbitMQBroker(AMQP).management_request("/api/queues/%2F/rr.no-such-queue")
+    port = free_port()
+    closed = RabbitMQBroker(AMQP, management_url=f"http://127.0.0.1:{port}")
+    with pytest.raises(BrokerUnavailable) as unreachable:
+        await closed.management_request("/api/overview")
+    assert str(unreachable.value) == (
+        f"RabbitMQ management API at http://127.0.0.1:{port}/api/overview failed: "
+        "connection refused"
+    )
+    for error in (refused.value, unreachable.value):
+        text = str(error)
+        assert "s3cret" not in text and "<" not in text and "\n" not in text
+
+
 @pytest.mark.parametrize("size", [0, 1, 100, 4088, 4089, 10_000])
 def test_publish_framing_matches_pamqp(size: int) -> None:
     import pamqp.frame
@@ -264,7 +334,7 @@ def test_publish_framing_matches_pamqp(size: int) -> None:
         ContentHeader(0, len(body), commands.Basic.Properties()),
     ] + [ContentBody(body[i : i + max_body]) for i in range(0, len(body), max_body)]
     wire = b"".join(pamqp.frame.marshal(frame, 7) for frame in expected)
-    assert _publish_frames(7, exchange.encode(), key.encode(), body, max_body) == wire
+    assert publish_frames(7, exchange.encode(), key.encode(), body, max_body) == wire
 
 
 async def test_broker_syntax_names_reach_only_their_members(nodes: NodeFactory) -> None:
@@ -384,24 +454,80 @@ async def test_unreachable_broker_fails_publishes_within_the_timeout(
     await member.join("R")
     await eventually(lambda: _assert(a.remote_hosts("R") == {b.node_id}))
 
-    # Black hole: the publish is written, no confirmation ever comes.
+    # Black hole: the publish is written, no confirmation ever comes: it may have been
+    # published (the settle rule's "outcome unknown").
     proxy.blackhole()
     started = anyio.current_time()
-    with anyio.fail_after(3), pytest.raises(BrokerUnavailable):
+    with anyio.fail_after(3), pytest.raises(PublishOutcomeUnknown):
         await a.publish("R", b"into the void")
     assert anyio.current_time() - started < 2
 
-    # Connections cut and refused: an error at once, not a hang.
+    # Connections cut and refused: an error at once, not a hang, and "not sent".
     proxy.cut()
-    await eventually(lambda: _assert(_broker(a)._pub_ch is None))
-    with anyio.fail_after(1), pytest.raises(BrokerUnavailable):
+    await eventually(lambda: _assert(_publisher_channel(a) is None))
+    with anyio.fail_after(1), pytest.raises(BrokerUnavailable) as refused:
         await a.publish("R", b"no connection")
+    assert not isinstance(refused.value, PublishOutcomeUnknown), refused.value
 
     proxy.restore()
     await _delivery_resumes(a, member, "R")  # the publisher connection is back
     await eventually(lambda: _assert(a.stats()["reconnects"] == 1))  # and the subscriber one
     await eventually(lambda: _bindings_match([a, b]))
     assert a.stats()["task_restarts"] == 0
+
+
+async def test_a_publish_failed_as_not_sent_is_never_delivered(
+    proxy: TcpProxy, nodes: NodeFactory
+) -> None:
+    """The settle rule on the wire: concurrent publishers run while the publisher connection
+    is cut and comes back. A publish told "not sent" (BrokerUnavailable, not
+    PublishOutcomeUnknown) must never reach a member, not even later on the new connection;
+    every confirmed one must."""
+    [b] = await nodes(1)  # direct connection: receives
+    [a] = await nodes(1, url=proxy.url + "?operation_timeout=0.5")
+    member = b.member("m")
+    await member.join("R")
+    await eventually(lambda: _assert(a.remote_hosts("R") == {b.node_id}))
+    confirmed: set[bytes] = set()
+    not_sent: set[bytes] = set()
+    unknown: set[bytes] = set()
+    received: set[bytes] = set()
+    phase = "before"
+
+    async def publisher(task: int) -> None:
+        for i in range(100_000):
+            payload = b"%d-%d" % (task, i)
+            try:
+                await a.publish("R", payload)
+            except PublishOutcomeUnknown:
+                unknown.add(payload)
+            except BrokerUnavailable:
+                not_sent.add(payload)
+            else:
+                confirmed.add(payload)
+                if phase == "restored" and len(confirmed) > 50:
+                    return
+            await anyio.sleep(0.002)
+
+    async def receiver() -> None:
+        while True:
+            received.add((await member.receive()).payload)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        async with anyio.create_task_group() as publishers:
+            for task in range(4):
+                publishers.start_soon(publisher, task)
+            await eventually(lambda: _assert(len(confirmed) >= 20))
+            proxy.cut()
+            await eventually(lambda: _assert(len(not_sent) >= 20))
+            confirmed.clear()
+            proxy.restore()
+            phase = "restored"
+        await eventually(lambda: _assert(confirmed <= received), timeout=5)
+        await anyio.sleep(0.5)  # anything still on its way arrives by now
+        tg.cancel_scope.cancel()
+    assert not_sent and not (not_sent & received), sorted(not_sent & received)[:5]
 
 
 # -- reconnect ------------------------------------------------------------------------------------
@@ -487,8 +613,6 @@ def test_persistent_properties_match_pamqp() -> None:
     from pamqp import commands
     from pamqp.header import ContentHeader
 
-    from roomrouter.brokers.rabbitmq import _persistent_properties
-
     body, key = b"x" * 10, routing_key("room")
     bcc = ["~store", f"~recent.{key}"]
     properties = commands.Basic.Properties(headers={"BCC": bcc}, delivery_mode=2)
@@ -499,8 +623,8 @@ def test_persistent_properties_match_pamqp() -> None:
             ContentHeader(0, len(body), properties),
         )
     )
-    wire = _publish_frames(
-        3, b"x", key.encode(), body, 4088, _persistent_properties([k.encode() for k in bcc])
+    wire = publish_frames(
+        3, b"x", key.encode(), body, 4088, persistent_properties([k.encode() for k in bcc])
     )
     assert wire.startswith(expected)
 

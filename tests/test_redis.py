@@ -14,7 +14,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from roomrouter import BrokerUnavailable, ConfigurationError, RoomRouter
+from roomrouter import BrokerUnavailable, ConfigurationError, PublishOutcomeUnknown, RoomRouter
 from roomrouter.brokers.redis import RedisBroker, key_prefix, store_key
 
 from .backends import require_tcp
@@ -156,6 +156,28 @@ async def test_url_options() -> None:
         RedisBroker.from_url("redis://h/0?operation_timeout=soon")
     router = RoomRouter.from_url("redis://127.0.0.1:6379/0", namespace="n")
     assert router.broker.name == "redis"
+
+
+async def test_a_transaction_that_ran_with_an_error_is_outcome_unknown(redis: Redis) -> None:
+    """A persisted publish is one MULTI (storage stream, recent cache, publish): when Redis runs
+    it and one command fails (the room's cache key holds a string), the others are not undone
+    (the frame is in the storage stream), so the publish may not say "not sent"."""
+    async with _router() as router:
+        await redis.set(key_prefix(router.namespace) + b"recent:R", b"not a stream")
+        with pytest.raises(PublishOutcomeUnknown, match="WRONGTYPE"):
+            await router.publish("R", b"x", persist=True)
+        assert await redis.xlen(store_key(router.namespace)) == 1
+        await router.publish("S", b"y", persist=True)  # the connection is fine
+        await redis.delete(key_prefix(router.namespace) + b"recent:R")
+
+
+def test_brokers_are_made_outside_an_event_loop() -> None:
+    """The CLI and `RoomRouter.from_url` make brokers before any loop runs (an anyio object
+    made in the constructor once broke that)."""
+    from roomrouter.brokers.redis_cluster import RedisClusterBroker
+
+    assert RedisBroker.from_url("redis://127.0.0.1:6379/0").name == "redis"
+    assert RedisClusterBroker.from_url("redis://127.0.0.1:7000/0?cluster=1").name == "redis-cluster"
 
 
 def _assert(condition: bool) -> None:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, closing
 from pathlib import Path
 from typing import Any
 
@@ -258,12 +258,94 @@ def _assert(condition: bool) -> None:
     assert condition
 
 
+# -- the settle rule on a shard's publisher connection ----------------------------------------
+
+
+def _blocked_client(port: int, name: str) -> str | None:
+    """The id of client ``name`` on the node at ``port`` if a command of it is held there."""
+    for line in _cli(port, "CLIENT", "LIST").splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if fields.get("name") == name and "b" in fields.get("flags", ""):
+            return fields["id"]
+    return None
+
+
+async def test_a_shard_connection_lost_after_the_write_is_outcome_unknown_before_it_not_sent(
+    own_cluster: RedisClusterServers,
+) -> None:
+    """The settle rule on one shard's lane: publishes whose bytes the shard read (held there by
+    ``CLIENT PAUSE WRITE``) when its publisher connection is killed are
+    PublishOutcomeUnknown, at once and not at their deadline; with the shard's process dead,
+    a publish never written (connection refused) is a plain "not sent" BrokerUnavailable,
+    while publishes to the other shards' rooms go on."""
+    ns = unique_namespace()
+    async with AsyncExitStack() as stack:
+        a = await _router(stack, own_cluster.ports[0], ns, operation_timeout=10.0)
+        masters = await _broker(a)._masters()
+        store_owner = _broker(a)._owner(store_key(ns))
+        seed = f"127.0.0.1:{own_cluster.ports[0]}"
+        victim = next(m for m in masters if m not in (store_owner, seed))
+        ns_slot = key_slot(store_key(ns))
+        room = _room_on(a, victim, ns_slot)
+        other = _room_on(a, store_owner, ns_slot, "other")
+        b = await _router(stack, own_cluster.ports[0], ns)
+        member = b.member("m")
+        for joined in (room, other):  # a publishes a room only to nodes that host it
+            await member.join(joined)
+            await eventually(lambda r=joined: _assert(a.remote_hosts(r) == {b.node_id}))
+        await a.publish(room, b"warm")  # the lane's connection is up
+        port = _port(victim)
+        assert "OK" in _cli(port, "CLIENT", "PAUSE", "20000", "WRITE")
+        outcomes: list[BaseException | None] = [None] * 5
+
+        async def publish(i: int) -> None:
+            try:
+                await a.publish(room, b"%d" % i)
+            except BrokerUnavailable as exc:
+                outcomes[i] = exc
+
+        started = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            for i in range(5):
+                tg.start_soon(publish, i)
+            name = _broker(a).client_name("pub")
+            client: list[str] = []
+
+            def held() -> None:
+                found = _blocked_client(port, name)
+                assert found is not None
+                client.append(found)
+
+            await eventually(held)
+            assert "1" in _cli(port, "CLIENT", "KILL", "ID", client[-1])
+        _cli(port, "CLIENT", "UNPAUSE")
+        assert anyio.current_time() - started < 5  # the lost connection said so, no deadline
+        assert all(isinstance(o, PublishOutcomeUnknown) for o in outcomes), outcomes
+        own_cluster.processes[port].kill()
+        own_cluster.processes[port].wait(timeout=5)
+        with pytest.raises(BrokerUnavailable, match="not sent") as refused:
+            await a.publish(room, b"never written")
+        assert not isinstance(refused.value, PublishOutcomeUnknown)
+        await a.publish(other, b"another shard")  # its lane is not concerned
+
+
 # -- case 5: outcomes of persisted publishes during a master kill ---------------------------------
 
 
 def _stored_ids(db: Path) -> list[str]:
-    with sqlite3.connect(db) as conn:
-        return [row[0] for row in conn.execute("SELECT id FROM roomrouter_messages")]
+    """The ids the worker stored; none before it created its tables. Its sink creates the
+    file first and the tables a moment later (longer under load, or while a reader holds the
+    file): a poll in between reads a database without tables, which is "nothing stored yet",
+    not an error (an error here escaped `eventually` at once: the old flake)."""
+    if not db.exists():
+        return []
+    with closing(sqlite3.connect(db)) as conn:
+        try:
+            return [row[0] for row in conn.execute("SELECT id FROM roomrouter_messages")]
+        except sqlite3.OperationalError as exc:
+            if "no such table" in str(exc):
+                return []
+            raise
 
 
 async def test_a_master_killed_during_persisted_publishes_is_classified_exactly(
@@ -361,7 +443,6 @@ def _replicated(servers: RedisClusterServers, master: str) -> bool:
     return bool(offsets) and min(offsets) >= int(info["master_repl_offset"])
 
 
-@pytest.mark.serial
 @pytest.mark.parametrize("seed_role", ["other master", "storage master"])
 async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
     replicated_cluster: RedisClusterServers, tmp_path: Path, seed_role: str
@@ -426,13 +507,12 @@ async def test_a_seed_node_killed_under_a_running_worker_router_and_presence(
         await burst()
 
         def stored_all() -> None:
-            assert db.exists() and set(acked) <= set(_stored_ids(db))
+            assert set(acked) <= set(_stored_ids(db))
 
         try:
             await eventually(stored_all, timeout=20, interval=0.1)
-        except (AssertionError, sqlite3.OperationalError) as exc:
-            # Seen once in a loaded run before the kill: the worker had not created its
-            # tables after 20 s. Say what the worker process did, to find out why.
+        except AssertionError as exc:
+            # Say what the worker process did if it stores nothing.
             raise AssertionError(
                 f"worker exit code {proc.poll()!r}; its log:\n{log_path.read_text()[-4000:]}"
             ) from exc

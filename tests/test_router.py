@@ -163,7 +163,7 @@ def test_missing_extra_names_the_pip_command() -> None:
 
 def test_exports_match___all__() -> None:
     public = {n for n in dir(roomrouter) if not n.startswith("_")}
-    modules = {"brokers", "cli", "integrations", "presence", "storage"}  # once imported
+    modules = {"brokers", "cli", "integrations", "presence", "storage", "testing", "urls"}
     assert sorted(roomrouter.__all__) == roomrouter.__all__
     assert set(roomrouter.__all__) == public - modules
     for name in roomrouter.__all__:

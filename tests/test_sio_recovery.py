@@ -20,6 +20,7 @@ from typing import Any
 
 import anyio
 import pytest
+import redis.asyncio as aioredis
 import socketio
 import websockets
 from websockets.asyncio.client import ClientConnection
@@ -236,6 +237,40 @@ async def test_a_client_recovers_on_the_other_node_with_exactly_what_it_missed(
         assert me == {"session": {"name": "ada"}, "rooms": ["r"], "recovered": True}
         assert b.connects == []
         assert b.manager.get_participants("/", "r") and b.sio.recovered(sid)
+
+
+async def test_an_emit_to_a_sid_is_recovered_and_persisted_like_a_room_emit(
+    redis: Backend,
+) -> None:
+    # socket.io does the same: with recovery on, socket.emit() is a broadcast to the sid room
+    # and its session's rooms include the sid. Persisted means in the storage queue too, so
+    # with a sink and a worker it is stored (history of the sid's room).
+    async with cluster(redis) as (nodes, raws):
+        a, b = nodes
+        raw = await raws.open(a.url)
+        assert raw.connected is not None
+        sid, pid = raw.connected["sid"], raw.connected["pid"]
+        await a.sio.emit("private", "hello", to=sid)  # from its node
+        (first,) = await raw.wait_events(1)
+        assert first[:2] == ["private", "hello"]
+
+        await drop(raw, a)
+        await b.sio.emit("private", "while away", to=sid)  # from the other node
+        again = await raws.open(b.url, {"pid": pid, "offset": first[2]})
+        assert again.connected == {"sid": sid, "pid": pid}
+        (missed,) = await again.wait_events(1)
+        assert missed[:2] == ["private", "while away"] and missed[2] > first[2]
+        stored = await b.sio.history(sid)
+        assert [(e.id, e.event, e.args) for e in stored] == [
+            (first[2], "private", ["hello"]),
+            (missed[2], "private", ["while away"]),
+        ]
+        # Both went into the namespace's storage queue, which a worker empties into the sink.
+        client = aioredis.Redis.from_url(redis.process_url())
+        try:
+            assert await client.xlen(f"rr:{{{redis.namespace}}}:store") == 2
+        finally:
+            await client.aclose()
 
 
 async def test_recovery_while_events_are_emitted_loses_and_repeats_nothing(

@@ -160,7 +160,9 @@ async def test_a_retry_with_the_same_id_is_stored_once(
     )
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        await eventually(lambda: _assert_eq(worker.stats.acked, 3), timeout=30)
+        # A backend whose storage queue drops a repeated id (NATS: Nats-Msg-Id) holds 2.
+        queued = 2 if getattr(backend, "dedupes_storage", False) else 3
+        await eventually(lambda: _assert_eq(worker.stats.acked, queued), timeout=30)
         worker.stop()
     assert worker.stats.written == 2
     async with SQLiteSink(sink_path) as sink:

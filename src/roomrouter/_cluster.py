@@ -57,7 +57,7 @@ import anyio
 from ._control import Ack, Bye, ControlCodec, Frame, Heartbeat, Hello, Host, State, Sync, Unhost
 from ._control import decoder as _decoder  # noqa: F401 (tests read frames with it)
 from ._control import encoder as _encoder  # noqa: F401 (tests write frames with it)
-from ._errors import BrokerError, RoomRouterError
+from ._errors import BrokerError, RoomRouterError, describe
 from ._stats import Stats
 from .brokers._base import Broker
 
@@ -383,7 +383,7 @@ class ClusterView:
                 self._stats.control_send_errors += 1
                 log.debug("node %s: control frame to %s failed: %s", self.node_id, item.to, exc)
             except Exception as exc:  # a backend bug must not kill the sender
-                item.error = BrokerError(f"control send failed: {exc!r}")
+                item.error = BrokerError(f"control send failed: {describe(exc)}")
                 self._stats.control_send_errors += 1
                 log.exception("node %s: control send raised", self.node_id)
             if item.done is not None:

@@ -31,9 +31,20 @@ after the write): the broker may have delivered and stored it. Retry it with the
 ``router.publish(room, payload, id=envelope_id, ...)`` with the id from the exception's
 ``envelope_id``: the sinks write by id, so it is stored once; members may receive it twice
 and can drop the second copy by id. A retry under a new id would store it twice.
+
+Wording. Every backend says that a service cannot be reached in one way, through
+:func:`unreachable`: ``cannot reach Redis at 127.0.0.1:1: connection refused``, or
+``RabbitMQ at 127.0.0.1:5672 refused the login for user 'guest'``; other failures of a client
+library are told with :func:`describe`, a short reason, never the library's ``repr``.
 """
 
 from __future__ import annotations
+
+import errno
+import re
+import socket
+import ssl
+from typing import TypeVar
 
 __all__ = [
     "BrokerError",
@@ -52,6 +63,9 @@ __all__ = [
     "SinkError",
     "SinkRefused",
     "StorageQueueLost",
+    "describe",
+    "missing_module",
+    "unreachable",
 ]
 
 
@@ -73,6 +87,15 @@ class MissingDependency(ConfigurationError):
         )
         self.extra = extra
         self.module = module
+
+
+def missing_module(exc: ImportError, default: str) -> str:
+    """The top-level package an ``ImportError`` says is missing (``aiohttp`` rather than the
+    backend's main client library when only that one is absent), else ``default``."""
+    name = exc.name
+    if not name or name.startswith("roomrouter"):
+        return default
+    return name.split(".")[0]
 
 
 class InvalidRoomName(RoomRouterError, ValueError):
@@ -163,3 +186,168 @@ class SinkRefused(SinkError):
 
 class HistoryUnavailable(RoomRouterError):
     """The messages after the requested id can no longer be recovered completely."""
+
+
+# -- one wording ------------------------------------------------------------------------------
+
+_E = TypeVar("_E", bound=RoomRouterError)
+
+#: Words for the errno values a connect fails with.
+_ERRNO_REASONS = {
+    errno.ECONNREFUSED: "connection refused",
+    errno.ECONNRESET: "connection reset",
+    errno.ETIMEDOUT: "timed out",
+    errno.EHOSTUNREACH: "host unreachable",
+    errno.ENETUNREACH: "network unreachable",
+    errno.ENOENT: "no such socket file",
+    errno.EACCES: "permission denied",
+    errno.EPIPE: "connection closed",
+}
+
+#: What a client library's message says, and the same in words, for libraries that fold the
+#: cause into a string (``Error 111 connecting to ...``, ``(2003, "Can't connect ...")``).
+_TEXT_REASONS = (
+    (
+        re.compile(
+            r"(?i)errno -[235]\b|name or service not known|nodename nor servname|"
+            r"temporary failure in name resolution|getaddrinfo failed"
+        ),
+        "name not resolved",
+    ),
+    (
+        re.compile(r"(?i)\b(?:error|errno) 111\b|connection refused|connect call failed"),
+        "connection refused",
+    ),
+    (re.compile(r"(?i)\b(?:error|errno) 110\b|\btimed out\b|\btimeout connecting\b"), "timed out"),
+    (re.compile(r"(?i)\b(?:error|errno) 113\b|no route to host"), "host unreachable"),
+    (re.compile(r"(?i)connection reset|\b(?:error|errno) 104\b"), "connection reset"),
+    # aiokafka says only this (it logs each address's own failure).
+    (re.compile(r"(?i)unable to bootstrap"), "no broker answered"),
+)
+
+#: A refused login, by exception class name or by what the server said.
+_AUTH_CLASS = re.compile(r"(?i)authenticat|authoriz|password")
+_AUTH_TEXT = re.compile(
+    r"(?i)access_refused|wrongpass|noauth|invalid username-password|"
+    r"password authentication failed|access denied for user|\(1045\b|sasl authentication"
+)
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc``, its causes and contexts, and the exceptions held in groups or in ``args``."""
+    seen: list[BaseException] = []
+    todo = [exc]
+    while todo and len(seen) < 20:
+        item = todo.pop(0)
+        if any(item is s for s in seen):
+            continue
+        seen.append(item)
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        todo.extend(a for a in item.args if isinstance(a, BaseException))
+        for linked in (item.__cause__, item.__context__):
+            if linked is not None:
+                todo.append(linked)
+    return seen
+
+
+def _refused_login(exc: BaseException) -> bool:
+    return any(
+        _AUTH_CLASS.search(type(e).__name__) or _AUTH_TEXT.search(_text(e)) for e in _chain(exc)
+    )
+
+
+def _text(exc: BaseException) -> str:
+    """The message of ``exc`` as a person reads it: its first string argument (libraries that
+    keep the server's words in ``args`` otherwise show a tuple), else ``str(exc)``."""
+    items: list[object] = list(exc.args)
+    first = None
+    while items and first is None:
+        item = items.pop(0)
+        if isinstance(item, str) and item.strip():
+            first = item
+        elif isinstance(item, (tuple, list)):
+            items[:0] = item
+    text = first if first is not None else str(exc)
+    text = " ".join(text.split())
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _reason(exc: BaseException) -> str | None:
+    """The reason in words if ``exc`` (or what it wraps) is a known network failure."""
+    chain = _chain(exc)
+    for item in chain:
+        if isinstance(item, socket.gaierror):
+            return "name not resolved"
+        if isinstance(item, ssl.SSLError):
+            return "TLS handshake failed"
+        if isinstance(item, ConnectionRefusedError):
+            return "connection refused"
+        if isinstance(item, TimeoutError) or type(item).__name__.endswith("TimeoutError"):
+            return "timed out"  # also redis's and aiokafka's own TimeoutError classes
+        if isinstance(item, OSError) and item.errno in _ERRNO_REASONS:
+            return _ERRNO_REASONS[item.errno]
+    for item in chain:
+        # Some libraries keep the errno in args[0] of an exception that is no OSError.
+        code = item.args[0] if item.args else None
+        if isinstance(code, int) and abs(code) in (2, 3, 5) and code < 0:
+            return "name not resolved"
+        if isinstance(code, int) and code in _ERRNO_REASONS:
+            return _ERRNO_REASONS[code]
+        text = _text(item)
+        for pattern, words in _TEXT_REASONS:
+            if pattern.search(text):
+                return words
+    for item in chain:
+        if isinstance(item, (EOFError, ConnectionError)):
+            return "connection closed"
+    return None
+
+
+def describe(exc: BaseException) -> str:
+    """A short reason for ``exc``, a client library's exception, for a message: the network
+    failure in words when it is one (``connection refused``, ``timed out``, ``name not
+    resolved``, ...), else its class name and message; never its ``repr``."""
+    if isinstance(exc, RoomRouterError):
+        return str(exc)
+    if _refused_login(exc):
+        return "login refused"
+    reason = _reason(exc)
+    if reason is not None:
+        return reason
+    text = _text(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}" if text else name
+
+
+def unreachable(
+    service: str,
+    host: str | None,
+    port: int | str | None,
+    exc: BaseException,
+    *,
+    user: str | None = None,
+    purpose: str | None = None,
+    error: type[_E] = BrokerUnavailable,  # type: ignore[assignment]
+) -> _E:
+    """The error for a failed connect to ``service`` (``"Redis"``, ``"RabbitMQ"``, ...) at
+    ``host:port`` (``port`` None: ``host`` is the whole address, a socket path or a list), in
+    the one wording of every backend: ``cannot reach Redis at 127.0.0.1:1: connection
+    refused``, or ``RabbitMQ at 127.0.0.1:5672 refused the login for user 'guest'``; a
+    service that answered and refused something else: ``PostgreSQL at 127.0.0.1:5432:
+    <reason>``. Raise it ``from exc``. ``error`` is the class (:class:`SinkError` for a
+    database); ``purpose`` follows the address (``cannot reach Redis at 127.0.0.1:1 for
+    presence: connection refused``)."""
+    # Never credentials, were they left in an address ("user:pw@host:9092,...").
+    where = ",".join(part.rpartition("@")[2] for part in (host or "?").split(","))
+    if port is not None:
+        where = f"[{where}]:{port}" if ":" in where else f"{where}:{port}"
+    if purpose:
+        where += f" for {purpose}"
+    if _refused_login(exc):
+        who = f" for user {user!r}" if user else ""
+        return error(f"{service} at {where} refused the login{who}")
+    reason = _reason(exc)
+    if reason is None:  # it answered, and refused something else (a missing database, ...)
+        return error(f"{service} at {where}: {describe(exc)}")
+    return error(f"cannot reach {service} at {where}: {reason}")

@@ -37,7 +37,13 @@ from enum import Enum
 import anyio
 import anyio.lowlevel
 
-from ._errors import BrokerError, BrokerUnavailable, RoomRouterError, RouterNotRunning
+from ._errors import (
+    BrokerError,
+    BrokerUnavailable,
+    RoomRouterError,
+    RouterNotRunning,
+    describe,
+)
 from ._stats import Stats
 from .brokers._base import Broker
 
@@ -218,7 +224,7 @@ class SubscriptionManager:
         except RoomRouterError as exc:
             error = exc
         except Exception as exc:
-            error = BrokerError(f"subscribe failed: {exc!r}")
+            error = BrokerError(f"subscribe failed: {describe(exc)}")
             log.exception("broker.subscribe raised a foreign exception")
         if error is None:
             self._hosted.update(rooms)

@@ -1,42 +1,38 @@
-"""Broker selection by URL. Each backend is imported only when its scheme is used, so a missing
+"""Broker selection by URL, through the entry-point registry (``roomrouter._registry``).
+
+The URL's scheme names the backend: an entry point of the ``roomrouter.brokers`` group, whose
+factory builds the broker. The factories below are roomrouter's own, registered in
+pyproject.toml like a third party's; each imports its backend only when called, so a missing
 optional dependency costs nothing until it is needed, and then says what to install.
 
-:func:`redact` is the one way a URL is shown to a person: every message, banner, log line and
-``repr`` that names a broker or sink URL passes it through, so a password never leaves."""
+The URL helpers (:func:`redact`, :func:`pop_options`, ...) are public in
+:mod:`roomrouter.urls`; they are re-exported here for the modules that still import them
+from this one.
+"""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from ._errors import ConfigurationError, MissingDependency
-from .brokers._base import Broker
+from . import _registry
+from ._errors import ConfigurationError, MissingDependency, missing_module
+from .urls import flag, pop_options, redact
 
-__all__ = ["broker_from_url", "pop_router_options", "redact"]
+if TYPE_CHECKING:
+    from .brokers import Broker
 
-_EXTRA_MODULE = {"redis": "redis", "rabbitmq": "aio_pika", "kafka": "aiokafka"}
-
-
-# Query options that carry a secret (libpq's ``password``, Kafka SASL settings and the like).
-_SECRET_OPTION = re.compile(r"(?i)((?:^|&)[^=&]*(?:password|passwd|pwd|secret|token)[^=&]*=)[^&]*")
-
-
-def pop_options(
-    url: str, query: dict[str, str], options: Iterable[tuple[str, Callable[[str], Any]]]
-) -> dict[str, Any]:
-    """Take each of ``options`` out of ``query`` (a URL's parsed query string) and convert it;
-    a value that does not convert is a :class:`ConfigurationError` naming the (redacted) URL."""
-    found: dict[str, Any] = {}
-    for key, convert in options:
-        if key in query:
-            try:
-                found[key] = convert(query.pop(key))
-            except ValueError as exc:
-                raise ConfigurationError(f"bad {key} in {redact(url)!r}") from exc
-    return found
-
+__all__ = [
+    "amqp_broker",
+    "broker_from_url",
+    "kafka_broker",
+    "memory_broker",
+    "pop_options",
+    "pop_router_options",
+    "redact",
+    "redis_broker",
+]
 
 #: Query options of a broker URL that configure the router, not the broker.
 _ROUTER_OPTIONS: tuple[tuple[str, Callable[[str], Any]], ...] = (("control_secret", str),)
@@ -57,74 +53,85 @@ def pop_router_options(url: str) -> tuple[str, dict[str, Any]]:
     return urlunsplit(parts._replace(query=urlencode(rest))), found
 
 
-def redact(url: str) -> str:
-    """``url`` with the password of its user info and any secret query option replaced by
-    ``***``; anything that is not such a URL comes back unchanged."""
-    if not isinstance(url, str):
-        return repr(url)
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        return url
-    end = min((i for i in map(rest.find, "/?#") if i >= 0), default=len(rest))
-    netloc, after = rest[:end], rest[end:]
-    if "@" in netloc:
-        userinfo, _, hosts = netloc.rpartition("@")
-        user, colon, _ = userinfo.partition(":")
-        netloc = f"{user}{':***' if colon else ''}@{hosts}"
-    path, question, query = after.partition("?")
-    if question:
-        query = _SECRET_OPTION.sub(r"\1***", query)
-    return f"{scheme}{sep}{netloc}{path}{question}{query}"
-
-
 def _cluster_option(url: str) -> bool:
     """True if a ``redis://`` URL asks for Redis Cluster mode (``?cluster=1``)."""
-    query = dict(parse_qsl(urlsplit(url).query))
-    return query.get("cluster", "").lower() in ("1", "true", "yes", "on")
+    return flag(dict(parse_qsl(urlsplit(url).query)).get("cluster", ""))
 
 
-def _missing(extra: str, exc: ImportError) -> MissingDependency:
-    return MissingDependency(extra, _EXTRA_MODULE[extra])
+def broker_from_url(url: str, **options: Any) -> Broker:
+    """An unstarted broker for ``url``, made by the factory registered for its scheme;
+    ``options`` are handed to that factory. Built in: ``memory://[name]``, ``redis://`` /
+    ``rediss://`` (``?cluster=1``: Redis Cluster), ``amqp://`` / ``amqps://``,
+    ``kafka://host:port[,host:port]``. An unknown scheme is a
+    :class:`~roomrouter.ConfigurationError` listing the installed ones."""
+    from .brokers import Broker
 
-
-def broker_from_url(url: str) -> Broker:
-    """``memory://[name]``, ``redis://`` / ``rediss://`` / ``unix://`` (``?cluster=1``: Redis
-    Cluster), ``amqp://`` / ``amqps://``, ``kafka://host:port[,host:port]``."""
     if not isinstance(url, str):
         raise ConfigurationError(f"broker URL must be a str, not {type(url).__name__}")
     # One URL serves the router and the storage worker: the router's options are not the
     # broker's (the worker has no control plane to sign).
     url, _ = pop_router_options(url)
-    scheme = urlsplit(url).scheme.lower()
-    if scheme == "memory":
-        from .brokers.memory import MemoryBroker
+    factory = _registry.resolve(_registry.BROKER_GROUP, url)
+    broker = factory(url, **options)
+    if not isinstance(broker, Broker):
+        raise ConfigurationError(
+            f"the factory of {urlsplit(url).scheme}:// returned {type(broker).__name__}, "
+            "not a roomrouter.brokers.Broker"
+        )
+    return broker
 
-        return MemoryBroker.from_url(url)
-    if scheme in ("redis", "rediss"):
-        try:
-            from .brokers.redis import RedisBroker
-        except ImportError as exc:
-            raise _missing("redis", exc) from exc
-        if _cluster_option(url):
-            from .brokers.redis_cluster import RedisClusterBroker
 
-            return RedisClusterBroker.from_url(url)
-        return RedisBroker.from_url(url)
-    if scheme in ("amqp", "amqps"):
-        try:
-            from .brokers.rabbitmq import RabbitMQBroker  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise _missing("rabbitmq", exc) from exc
-        broker: Broker = RabbitMQBroker.from_url(url)
+# -- roomrouter's own backends (entry points in pyproject.toml) -------------------------------
+
+
+def memory_broker(url: str, **options: Any) -> Broker:
+    """``memory://[name][?recent_size=1000&redelivery_after=30]``: nodes of one process."""
+    from .brokers.memory import MemoryBroker
+
+    broker = MemoryBroker.from_url(url)
+    if not options:
         return broker
-    if scheme == "kafka":
-        try:
-            from .brokers.kafka import KafkaBroker  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as exc:
-            raise _missing("kafka", exc) from exc
-        kafka: Broker = KafkaBroker.from_url(url)
-        return kafka
-    raise ConfigurationError(
-        f"unknown broker URL scheme {scheme!r} in {redact(url)!r}: "
-        "use memory://, redis://, rediss://, amqp://, amqps:// or kafka://"
-    )
+    settings = {"recent_size": broker.recent_size, "redelivery_after": broker.redelivery_after}
+    return MemoryBroker(broker.hub, **{**settings, **options})
+
+
+def redis_broker(url: str, **options: Any) -> Broker:
+    """``redis://`` / ``rediss://``; ``?cluster=1`` for a Redis Cluster."""
+    try:
+        from .brokers.redis import RedisBroker
+    except ImportError as exc:
+        raise MissingDependency("redis", missing_module(exc, "redis")) from exc
+    if _cluster_option(url):
+        from .brokers.redis_cluster import RedisClusterBroker
+
+        return RedisClusterBroker.from_url(url, **options)
+    return RedisBroker.from_url(url, **options)
+
+
+def amqp_broker(url: str, **options: Any) -> Broker:
+    """``amqp://`` / ``amqps://``: RabbitMQ."""
+    try:
+        from .brokers.rabbitmq import RabbitMQBroker  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise MissingDependency("rabbitmq", missing_module(exc, "aio_pika")) from exc
+    broker: Broker = RabbitMQBroker.from_url(url, **options)
+    return broker
+
+
+def kafka_broker(url: str, **options: Any) -> Broker:
+    """``kafka://host:port[,host:port]``."""
+    try:
+        from .brokers.kafka import KafkaBroker  # type: ignore[import-not-found,unused-ignore]
+    except ImportError as exc:
+        raise MissingDependency("kafka", missing_module(exc, "aiokafka")) from exc
+    broker: Broker = KafkaBroker.from_url(url, **options)
+    return broker
+
+
+def nats_broker(url: str, **options: Any) -> Broker:
+    """``nats://[user:pass@]host[:port][,host[:port]...]``: NATS with JetStream."""
+    try:
+        from .brokers.nats import NatsBroker
+    except ImportError as exc:
+        raise MissingDependency("nats", missing_module(exc, "nats")) from exc
+    return NatsBroker.from_url(url, **options)

@@ -5,9 +5,11 @@ roomrouter worker --broker redis://127.0.0.1:6379/0 --namespace chat --sink sqli
 roomrouter inspect --broker redis://127.0.0.1:6379/0 --namespace chat [--json]
 roomrouter bench [python -m benchmarks options]       (from a repo checkout)
 
-A failure to start (bad option, unreachable broker, wrong password, missing database) is one
-line ``roomrouter: <reason>`` on stderr and exit status 1; URLs in it have their password
-redacted. Anything else that escapes is a bug and keeps its traceback.
+Exit status: 0 done; 1 a failure to start (bad option, unreachable broker, presence store or
+sink, wrong password, missing database or extra), one line ``roomrouter: <reason>`` on stderr
+with the password of every URL redacted; 2 an unexpected error (a bug), also one line, its
+traceback with ``--verbose``; 130 interrupted (Ctrl-C). A running server or worker prints
+one line on stdout once it is ready.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ import time
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio
 import click
 
-from ._errors import ConfigurationError, MissingDependency, RoomRouterError
+from ._errors import ConfigurationError, MissingDependency, RoomRouterError, describe
 from ._urls import redact
 
 __all__ = ["main"]
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 def _version() -> str:
@@ -43,7 +47,12 @@ def _version() -> str:
         return __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog="Exit status: 0 done; 1 could not start (one line on stderr says why: a bad option, "
+    "an unreachable or refusing service, a missing extra); 2 an unexpected error (one line; "
+    "--verbose shows its traceback); 130 interrupted.",
+)
 @click.version_option(_version(), "--version", prog_name="roomrouter")
 @click.option("-v", "--verbose", is_flag=True, help="Log at INFO level (default: warnings).")
 def cli(verbose: bool) -> None:
@@ -56,7 +65,9 @@ def cli(verbose: bool) -> None:
     if not verbose:
         # aiormq logs every failed connect at ERROR in its own words; roomrouter reports the
         # same failure itself (one line at start-up, a warning and a retry later on).
-        logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+        # Same for aiokafka (one ERROR per failed connect attempt).
+        for name in ("aiormq", "aiokafka"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 # -- demo -------------------------------------------------------------------------------------
@@ -68,7 +79,9 @@ def cli(verbose: bool) -> None:
     "--sink",
     default="sqlite:///roomrouter-demo.db",
     show_default=True,
-    help="Where history is stored and read (a SQLite file in the current directory by default).",
+    help="Where history is stored and read: sqlite:///path.db (a SQLite file in the current "
+    "directory by default), postgresql://user@host/db or mysql://user@host/db; any with "
+    "?table_prefix=name (tables <name>_messages, ...; default roomrouter).",
 )
 @click.option(
     "--presence",
@@ -124,8 +137,8 @@ def demo(
 @click.option(
     "--sink",
     required=True,
-    help="sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db "
-    "(any with ?table_prefix=name).",
+    help="sqlite:///path.db, postgresql://user@host/db or mysql://user@host/db; any with "
+    "?table_prefix=name (tables <name>_messages, ...; default roomrouter).",
 )
 @click.option("--name", default=None, help="Consumer name (default: host-pid).")
 @click.option(
@@ -164,6 +177,14 @@ async def _run_worker(
     )  # fmt: skip
     async with anyio.create_task_group() as tg:
 
+        async def announce() -> None:
+            await worker.ready.wait()
+            print(
+                f"roomrouter worker: consuming {redact(broker)} namespace {namespace} into "
+                f"{redact(sink)} (consumer {worker.name})",
+                flush=True,
+            )
+
         async def on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
@@ -172,6 +193,7 @@ async def _run_worker(
                     return
 
         tg.start_soon(on_signal)
+        tg.start_soon(announce)
         await worker.run()
         tg.cancel_scope.cancel()
     s = worker.stats
@@ -206,6 +228,8 @@ def inspect(broker: str, namespace: str, presence: str | None, wait: float, as_j
     The inspector joins the cluster as a short-lived node of its own (it hosts nothing and
     says goodbye), so it sees what every node sees.
     """
+    if not as_json:
+        _rich()  # before joining the cluster: a missing extra fails at once, not after --wait
     report = anyio.run(_inspect, broker, namespace, presence, wait)
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
@@ -251,19 +275,27 @@ async def _inspect(
         }
 
 
-def _print_report(report: dict[str, Any]) -> None:
+def _rich() -> tuple[Any, Any]:
+    """rich's ``Console`` and ``Table``; :class:`MissingDependency` (which also says that
+    ``--json`` needs no extra) if the ``cli`` extra is not installed."""
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError as exc:
-        raise MissingDependency("cli", "rich") from exc
+        error = MissingDependency("cli", "rich")
+        error.args = (f"{error}; or use --json, which needs no extra",)
+        raise error from exc
+    return Console, Table
 
+
+def _print_report(report: dict[str, Any]) -> None:
+    Console, Table = _rich()
     console = Console()
     nodes = Table(title=f"{len(report['nodes'])} live node(s) of {report['namespace']!r} on "
                         f"{report['broker']}")  # fmt: skip
     for column, justify in (("node", "left"), ("age", "right"), ("last heard", "right"),
                             ("rooms", "right"), ("members", "right")):  # fmt: skip
-        nodes.add_column(column, justify=justify)  # type: ignore[arg-type]
+        nodes.add_column(column, justify=justify)
     for n in report["nodes"]:
         age = "?" if n["age_s"] is None else _duration(n["age_s"])
         nodes.add_row(n["id"], age, f"{n['last_seen_s']:.1f}s", str(n["rooms"]), str(n["members"]))
@@ -339,28 +371,37 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except SystemExit:
+        raise
     except BaseException as exc:
-        error = _startup_error(exc)
-        if error is None:
+        error = _first(exc, RoomRouterError)
+        if error is not None:
+            print(f"roomrouter: {_scrub(str(error), args)}", file=sys.stderr)
+            return 1
+        if _first(exc, KeyboardInterrupt) is not None:
+            return 130
+        if "-v" in args or "--verbose" in args:
             raise
-        print(f"roomrouter: {_scrub(str(error), args)}", file=sys.stderr)
-        return 1
+        # A bug, yet still one line (a client library's words, never its repr).
+        found = exc
+        while isinstance(found, BaseExceptionGroup):
+            found = found.exceptions[0]
+        reason = _scrub(describe(found), args)
+        print(f"roomrouter: unexpected error: {reason} (--verbose shows where)", file=sys.stderr)
+        return 2
     return 0
 
 
-def _startup_error(exc: BaseException) -> RoomRouterError | None:
-    """The roomrouter error ``exc`` is, or the first one inside it if it is an exception group
-    (task groups wrap what their tasks raised) holding nothing else; None for anything else."""
-    if isinstance(exc, RoomRouterError):
+def _first(exc: BaseException, kind: type[_E]) -> _E | None:
+    """``exc`` if it is a ``kind``, else the first ``kind`` inside it if it is an exception
+    group (anyio task groups wrap what their tasks raised, beside their cancellations)."""
+    if isinstance(exc, kind):
         return exc
     if isinstance(exc, BaseExceptionGroup):
-        ours, rest = exc.split(RoomRouterError)
-        if ours is not None and rest is None:
-            first: BaseException = ours
-            while isinstance(first, BaseExceptionGroup):
-                first = first.exceptions[0]
-            assert isinstance(first, RoomRouterError)
-            return first
+        for inner in exc.exceptions:
+            found = _first(inner, kind)
+            if found is not None:
+                return found
     return None
 
 

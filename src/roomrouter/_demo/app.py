@@ -95,7 +95,7 @@ from ..integrations.prometheus import RoomRouterCollector
 from ..presence import PresenceEntry, presence_from_url
 from ..storage import StorageWorker, sink_from_url
 
-__all__ = ["DemoSettings", "create_app"]
+__all__ = ["DemoSettings", "create_app", "startup_error"]
 
 log = logging.getLogger("roomrouter.demo")
 
@@ -468,6 +468,25 @@ class _Connection:
 # -- the app ------------------------------------------------------------------------------------
 
 
+#: A speech bubble; the page carries the same one as a data: URL.
+_FAVICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16">'
+    b'<path d="M2 2h12v9H7l-3 3v-3H2z" fill="#2563eb"/></svg>'
+)
+
+
+def _first_roomrouter_error(exc: BaseException) -> RoomRouterError | None:
+    """``exc`` if it is a roomrouter error, else the first one inside it (an exception group)."""
+    if isinstance(exc, RoomRouterError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_roomrouter_error(inner)
+            if found is not None:
+                return found
+    return None
+
+
 class _Server:
     """The app's state: the router (while the app runs) and the storage worker."""
 
@@ -496,6 +515,7 @@ class _Server:
         self.worker: StorageWorker | None = None
         self._worker_done: anyio.Event | None = None  # made in the lifespan, in the event loop
         self.connections = 0
+        self.startup_error: RoomRouterError | None = None  # why the lifespan could not start
         # Read once, from the package (works from a wheel as well as from a checkout).
         page = files("roomrouter._demo").joinpath("static/index.html")
         self.page = page.read_text(encoding="utf-8")
@@ -521,6 +541,18 @@ class _Server:
         if not router.broker.supports_storage:
             log.warning("the %s backend has no storage queue: live chat only", router.broker.name)
         self._worker_done = anyio.Event()
+        started = False
+        try:
+            async with self._serving(router, run_worker):
+                started = True
+                yield
+        except BaseException as exc:
+            if not started:
+                self.startup_error = _first_roomrouter_error(exc)
+            raise
+
+    @asynccontextmanager
+    async def _serving(self, router: RoomRouter, run_worker: bool) -> AsyncIterator[None]:
         async with anyio.create_task_group() as tg:
             try:
                 async with router:
@@ -571,6 +603,10 @@ class _Server:
 
     async def index(self, request: Request) -> Response:
         return HTMLResponse(self.page)
+
+    async def favicon(self, request: Request) -> Response:
+        # The page names its icon inline; this is for a browser that asks anyway (/stats).
+        return Response(_FAVICON, media_type="image/svg+xml")
 
     async def stats(self, request: Request) -> Response:
         router = self.router
@@ -629,16 +665,27 @@ class _Server:
 
 
 def create_app(settings: DemoSettings | None = None) -> Starlette:
-    """The demo chat app: ``GET /`` the page, ``/ws`` the WebSocket, ``GET /stats`` the node's
-    counters as JSON, ``GET /metrics`` the same for Prometheus. The router starts and stops
-    with the app's lifespan, so serve it with lifespan events on (uvicorn does by default)."""
+    """The demo chat app: ``GET /`` the page (``/favicon.ico`` its icon), ``/ws`` the
+    WebSocket, ``GET /stats`` the node's counters as JSON, ``GET /metrics`` the same for
+    Prometheus. The router starts and stops with the app's lifespan, so serve it with lifespan
+    events on (uvicorn does by default)."""
     server = _Server(settings or DemoSettings())
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/", server.index),
+            Route("/favicon.ico", server.favicon),
             Route("/stats", server.stats),
             Route("/metrics", server.metrics),
             WebSocketRoute("/ws", server.websocket),
         ],
         lifespan=server.lifespan,
     )
+    app.state.demo_server = server
+    return app
+
+
+def startup_error(app: object) -> RoomRouterError | None:
+    """Why the lifespan of ``app`` (made by :func:`create_app`) could not start, if it could
+    not: the first roomrouter error of the failure (a task group wraps it in a group)."""
+    server = getattr(getattr(app, "state", None), "demo_server", None)
+    return server.startup_error if isinstance(server, _Server) else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -11,8 +12,9 @@ import uvicorn
 from .._errors import ConfigurationError, RoomRouterError
 from .._urls import broker_from_url, redact
 from ..brokers._base import BrokerContext
+from ..presence import presence_from_url
 from ..storage import SQLiteSink, sink_from_url
-from .app import DemoSettings, create_app
+from .app import DemoSettings, create_app, startup_error
 
 __all__ = ["bind", "run", "server_for"]
 
@@ -91,6 +93,29 @@ async def check_services(settings: DemoSettings) -> None:
         tg.cancel_scope.cancel()
     async with sink_from_url(settings.sink):
         pass
+    if isinstance(settings.presence, str):  # else presence is kept by the broker's server
+        presence = presence_from_url(settings.presence)
+        async with anyio.create_task_group() as tg:
+            try:
+                await presence.start(
+                    settings.namespace, f"demo-check-{os.getpid()}", ttl=5.0, task_group=tg
+                )
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await presence.aclose()
+            tg.cancel_scope.cancel()
+
+
+class _QuietStartupFailure(logging.Filter):
+    """Drops uvicorn's error records (a traceback of the lifespan) once the app has recorded
+    why it could not start: ``run`` raises that error instead, for one line."""
+
+    def __init__(self, app: object) -> None:
+        super().__init__()
+        self.app = app
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR or startup_error(self.app) is None
 
 
 def run(settings: DemoSettings, host: str = "127.0.0.1", port: int = 8000) -> None:
@@ -112,6 +137,18 @@ def run(settings: DemoSettings, host: str = "127.0.0.1", port: int = 8000) -> No
         flush=True,
     )
     server.config.host, server.config.port = host, port  # for uvicorn's own startup line
-    server.run(sockets=[sock])
+    quiet = _QuietStartupFailure(server.config.app)
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(quiet)
+    try:
+        server.run(sockets=[sock])
+    except SystemExit:  # uvicorn's exit(3) when the lifespan failed
+        pass
+    finally:
+        uvicorn_log.removeFilter(quiet)
+        sock.close()  # uvicorn closes it only after serving
     if not server.started:  # the services failed between the check and the lifespan
+        error = startup_error(server.config.app)
+        if error is not None:
+            raise error
         raise RoomRouterError("the demo server did not start; uvicorn's log above says why")

@@ -30,7 +30,10 @@ from typing import Any, ClassVar, Final
 import msgspec
 
 from .._errors import ConfigurationError, MissingDependency
-from ._socketio import Restore, RoomKey, RoomRouterManager
+from ._sio_history import StoredEmit, read_history
+from ._sio_replay import Restore
+from ._sio_wire import RoomKey
+from ._socketio import RoomRouterManager
 
 try:
     import socketio
@@ -218,6 +221,33 @@ class AsyncServer(socketio.AsyncServer):  # type: ignore[misc]
         """Whether the connection of ``sid`` is a recovered session (socket.io's
         ``socket.recovered``): same sid, rooms and session data, missed emits delivered."""
         return (sid, namespace or "/") in self._recovered
+
+    async def history(
+        self,
+        room: RoomKey,
+        *,
+        namespace: str | None = None,
+        before: str | None = None,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> list[StoredEmit]:
+        """What was emitted to ``room`` (of ``namespace``, default ``/``), in id order: the
+        last ``limit`` emits with an id below ``before`` (or the newest), or the first
+        ``limit`` above ``after``. An emit's id is the offset its clients received as its
+        last argument, so a page that loads the history and then goes live drops what it
+        already has by id. Needs connection state recovery on (that is what persists the
+        emits) and, beyond the rooms' recent caches, a sink on the router
+        (``RoomRouterManager(url, sink="mysql://...")``) that a storage worker fills
+        (``roomrouter worker``); emits with a callback are not stored. Emits to one client
+        (``to=sid``) are persisted too (socket.io's recovery replays them as well), so with a
+        sink they stay in it, under the sid's room, like any room's emits."""
+        if not self._csr:
+            raise ConfigurationError(
+                "history needs connection_state_recovery: only then are emits persisted"
+            )
+        return await read_history(
+            self.manager, namespace or "/", room, before=before, after=after, limit=limit
+        )
 
     # -- the protocol ---------------------------------------------------------------------------
 

@@ -35,11 +35,13 @@ from anyio.streams.memory import MemoryObjectSendStream
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
 
-from .._errors import BrokerUnavailable, ConfigurationError
-from ..brokers._base import TaskStarter
-from ..brokers.redis import _flag, _parse_url, key_prefix
+from .._errors import BrokerUnavailable, ConfigurationError, describe, unreachable
+from ..brokers import TaskStarter
+from ..brokers.redis import glob_escape, key_prefix, parse_redis_url, split_seeds, url_flag
+from ..brokers.transport import Backoff
 from ._base import Presence, PresenceEntry, PresenceEvent, PresenceWrite
 
 __all__ = ["RedisPresence"]
@@ -102,10 +104,10 @@ class RedisPresence(Presence):
     def from_url(cls, url: str) -> RedisPresence:
         """``redis://[user:pass@]host[:port][/db][?operation_timeout=5][&cluster=1]``; a
         cluster's URL may list several seed nodes, ``redis://h1:7000,h2:7001/?cluster=1``."""
-        from ..brokers.redis_cluster import split_seeds
-
         first, seeds = split_seeds(url)
-        kwargs, options = _parse_url(first, (("cluster", _flag), ("operation_timeout", float)))
+        kwargs, options = parse_redis_url(
+            first, (("cluster", url_flag), ("operation_timeout", float))
+        )
         return cls(**kwargs, **options, seeds=seeds)
 
     # -- names ------------------------------------------------------------------------------------
@@ -167,7 +169,9 @@ class RedisPresence(Presence):
             except BrokerUnavailable as exc:
                 log.info("presence: could not remove this node's entries on close: %s", exc)
             except RedisError as exc:
-                log.info("presence: could not remove this node's entries on close: %r", exc)
+                log.info(
+                    "presence: could not remove this node's entries on close: %s", describe(exc)
+                )
         await self._disconnect()
 
     async def _disconnect(self) -> None:
@@ -195,9 +199,14 @@ class RedisPresence(Presence):
                 return await coro
         except TimeoutError as exc:
             raise BrokerUnavailable(f"presence {what}: no answer from Redis in time") from exc
-        except (RedisError, OSError, RedisClusterException) as exc:
+        except (RedisConnectionError, OSError, RedisClusterException) as exc:
             # RedisClusterException (no node reachable, slot not covered) is no RedisError.
-            raise BrokerUnavailable(f"presence {what} failed: {exc!r}") from exc
+            host, port = self._kwargs.get("path") or self._kwargs.get("host"), None
+            if "path" not in self._kwargs:
+                port = self._kwargs.get("port", 6379)
+            raise unreachable("Redis", host, port, exc, purpose="presence") from exc
+        except RedisError as exc:
+            raise BrokerUnavailable(f"presence {what} failed: {describe(exc)}") from exc
 
     # -- entries ----------------------------------------------------------------------------------
 
@@ -285,7 +294,7 @@ class RedisPresence(Presence):
 
     async def rooms(self) -> frozenset[str]:
         found: set[str] = set()
-        pattern = _glob_escape(self._p + b"p:") + b"*"
+        pattern = glob_escape(self._p + b"p:") + b"*"
         async for key in self._r.scan_iter(match=pattern, count=1000):
             found.add(key[len(self._p) + 2 :].decode(errors="replace"))
         return frozenset(found)
@@ -324,11 +333,12 @@ class RedisPresence(Presence):
             self._tg.start_soon(self._read_events, name="roomrouter presence events")
 
     async def _read_events(self) -> None:
-        """Dispatch events to watchers. A lost connection is retried with backoff; redis-py
-        subscribes again to every channel when it reconnects. On a cluster the subscription
-        is pinned to one node, so after a failure it is moved: a fresh slot map, and a new
+        """Dispatch events to watchers. A lost connection is retried with the transport
+        core's capped backoff; redis-py subscribes again to every channel when it reconnects
+        (so this is no case for the reconnect template). On a cluster the subscription is
+        pinned to one node, so after a failure it is moved: a fresh slot map, and a new
         subscription on a live node (classic pub/sub reaches every node of a cluster)."""
-        delay = 0.1
+        backoff = Backoff(0.1, 5.0)
         try:
             while self._pubsub is not None:
                 pubsub = self._pubsub
@@ -337,11 +347,12 @@ class RedisPresence(Presence):
                     continue
                 try:
                     message = await pubsub.get_message(timeout=1.0)
-                    delay = 0.1
+                    backoff.reset()
                 except (RedisError, OSError) as exc:
-                    log.info("presence events: connection lost (%r); retrying", exc)
+                    delay = backoff.next()
+                    log.info("presence events: connection lost (%s); retrying in %.2f s",
+                             describe(exc), delay)  # fmt: skip
                     await anyio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
                     if self.cluster:
                         await self._move_pubsub(pubsub)
                     continue
@@ -391,12 +402,3 @@ async def _close_quietly(pubsub: PubSub) -> None:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         except (RedisError, OSError):
             pass
-
-
-def _glob_escape(value: bytes) -> bytes:
-    out = bytearray()
-    for byte in value:
-        if byte in b"*?[]\\":
-            out += b"\\"
-        out.append(byte)
-    return bytes(out)

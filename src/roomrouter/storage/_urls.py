@@ -18,20 +18,24 @@ no other. Error messages never repeat a password (URLs are shown redacted).
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
-from .._errors import ConfigurationError
-from .._urls import redact
+from .. import _registry
+from .._errors import ConfigurationError, MissingDependency, missing_module
+from ..urls import redact
 from ._base import Sink
-from .sqlite import SQLiteSink
 
-__all__ = ["sink_from_url"]
+__all__ = ["mysql_sink", "postgres_sink", "sink_from_url", "sqlite_sink"]
 
 _MEMORY_LOCATIONS = (":memory:", "/:memory:")
 
 
-def sink_from_url(url: str) -> Sink:
-    """Return an unstarted sink for ``url``; raise ConfigurationError if the URL is not valid.
+def sink_from_url(url: str, **options: Any) -> Sink:
+    """Return an unstarted sink for ``url``, made by the factory registered for its scheme in
+    the ``roomrouter.sinks`` entry-point group (``options`` are handed to it); raise
+    ConfigurationError if the URL is not valid or its scheme unknown (the message lists the
+    installed schemes).
 
     The PostgreSQL (MySQL) backend is imported only when a PostgreSQL (MySQL) URL is given; if
     asyncpg (asyncmy) is not installed this raises :class:`~roomrouter.MissingDependency`,
@@ -39,25 +43,41 @@ def sink_from_url(url: str) -> Sink:
     """
     if not isinstance(url, str):
         raise ConfigurationError(f"a sink URL must be a str, not {type(url).__name__}")
-    scheme, sep, rest = url.partition("://")
-    scheme = scheme.lower()
-    if not sep:
+    if "://" not in url:
         raise ConfigurationError(
             "a sink URL looks like sqlite:///path.db or postgresql://user@host:5432/db"
         )
-    if scheme == "sqlite":
-        return _sqlite(url, rest)
-    if scheme in ("postgresql", "postgres"):
-        return _postgres(url)
-    if scheme in ("mysql", "mariadb"):
-        return _mysql(url)
-    raise ConfigurationError(
-        f"unknown sink URL scheme {scheme!r}: use sqlite://, postgresql:// (or postgres://) "
-        "or mysql:// (or mariadb://)"
-    )
+    factory = _registry.resolve(_registry.SINK_GROUP, url)
+    sink = factory(url, **options)
+    if not isinstance(sink, Sink):
+        raise ConfigurationError(
+            f"the factory of {urlsplit(url).scheme}:// returned {type(sink).__name__}, "
+            "not a roomrouter.storage.Sink"
+        )
+    return sink
 
 
-def _sqlite(url: str, rest: str) -> Sink:
+# -- roomrouter's own sinks (entry points in pyproject.toml) ----------------------------------
+
+
+def sqlite_sink(url: str, **options: Any) -> Sink:
+    """``sqlite:///relative.db``, ``sqlite:////absolute.db``, ``sqlite://:memory:``."""
+    return _sqlite(url, url.partition("://")[2], options)
+
+
+def postgres_sink(url: str, **options: Any) -> Sink:
+    """``postgresql://`` / ``postgres://``: PostgreSQL through asyncpg."""
+    return _postgres(url, options)
+
+
+def mysql_sink(url: str, **options: Any) -> Sink:
+    """``mysql://`` / ``mariadb://``: MySQL or MariaDB through asyncmy."""
+    return _mysql(url, options)
+
+
+def _sqlite(url: str, rest: str, extra: dict[str, Any]) -> Sink:
+    from .sqlite import SQLiteSink
+
     location, _, query = rest.partition("?")
     options = _query(query, url)
     unknown = options.keys() - {"table_prefix"}
@@ -76,13 +96,14 @@ def _sqlite(url: str, rest: str) -> Sink:
             f"SQLite URL {redact(url)!r} names no file: use sqlite:///relative.db, "
             "sqlite:////absolute/path.db or sqlite://:memory:"
         )
-    if "table_prefix" in options:
-        return SQLiteSink(path, table_prefix=options["table_prefix"])
-    return SQLiteSink(path)
+    return SQLiteSink(path, **{**options, **extra})
 
 
-def _postgres(url: str) -> Sink:
-    from .postgres import PostgresSink  # here, so asyncpg is imported only when asked for
+def _postgres(url: str, extra: dict[str, Any]) -> Sink:
+    try:  # here, so asyncpg is imported only when asked for
+        from .postgres import PostgresSink
+    except ImportError as exc:
+        raise MissingDependency("postgres", missing_module(exc, "asyncpg")) from exc
 
     try:
         parts = urlsplit(url)
@@ -92,13 +113,16 @@ def _postgres(url: str) -> Sink:
     options = _query(parts.query, "the PostgreSQL URL")
     table_prefix = options.pop("table_prefix", None)
     dsn = urlunsplit(parts._replace(query=urlencode(options)))
-    if table_prefix is None:
-        return PostgresSink(dsn)
-    return PostgresSink(dsn, table_prefix=table_prefix)
+    if table_prefix is not None:
+        extra = {"table_prefix": table_prefix, **extra}
+    return PostgresSink(dsn, **extra)
 
 
-def _mysql(url: str) -> Sink:
-    from .mysql import MySQLSink  # here, so asyncmy is imported only when asked for
+def _mysql(url: str, extra: dict[str, Any]) -> Sink:
+    try:  # here, so asyncmy is imported only when asked for
+        from .mysql import MySQLSink
+    except ImportError as exc:
+        raise MissingDependency("mysql", missing_module(exc, "asyncmy")) from exc
 
     try:
         parts = urlsplit(url)
@@ -112,9 +136,9 @@ def _mysql(url: str) -> Sink:
             "the only one is table_prefix"
         )
     base = urlunsplit(parts._replace(query=""))
-    if table_prefix is None:
-        return MySQLSink(base)
-    return MySQLSink(base, table_prefix=table_prefix)
+    if table_prefix is not None:
+        extra = {"table_prefix": table_prefix, **extra}
+    return MySQLSink(base, **extra)
 
 
 def _query(query: str, where: str) -> dict[str, str]:

@@ -32,7 +32,7 @@ from urllib.parse import unquote, urlsplit
 import anyio
 
 from .._envelope import Envelope
-from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused
+from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused, unreachable
 from .._urls import redact
 from ._base import (
     DEFAULT_TABLE_PREFIX,
@@ -162,8 +162,12 @@ class MySQLSink(Sink):
                 **self._connect,
             )
         except _DRIVER_ERRORS as exc:
-            where = f"{self._connect['host']}:{self._connect['port']}"
-            raise SinkError(f"cannot connect to MySQL at {where}: {_describe(exc)}") from exc
+            host, port, user = (
+                self._connect["host"],
+                self._connect["port"],
+                self._connect.get("user"),
+            )
+            raise unreachable("MySQL", host, port, exc, user=user, error=SinkError) from exc
         try:
             await self._with_connection(pool, self._ensure_schema)
         except BaseException as exc:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio
 
 from .._envelope import Envelope
-from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused
+from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused, unreachable
 from .._urls import redact
 from ._base import (
     DEFAULT_TABLE_PREFIX,
@@ -134,7 +135,10 @@ class PostgresSink(Sink):
         except asyncpg.ClientConfigurationError as exc:
             raise ConfigurationError(f"invalid PostgreSQL DSN: {exc}") from exc
         except _DRIVER_ERRORS as exc:
-            raise SinkError(f"cannot connect to PostgreSQL: {_describe(exc)}") from exc
+            parts = urlsplit(self.dsn)
+            host, port = parts.hostname or "localhost", parts.port or 5432
+            user = unquote(parts.username) if parts.username else None
+            raise unreachable("PostgreSQL", host, port, exc, user=user, error=SinkError) from exc
         try:
             async with pool.acquire() as conn, conn.transaction():
                 await self._ensure_schema(conn)

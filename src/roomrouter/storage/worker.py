@@ -113,6 +113,7 @@ class StorageWorker:
         self._progress_at = 0.0  # when the worker last stored a batch or found nothing to do
         self._stalled_since: float | None = None
         self.idle = anyio.Event()  # set whenever a fetch found the queue empty
+        self.ready = anyio.Event()  # set once the consumer and the sink are started
 
     @classmethod
     def from_urls(
@@ -172,6 +173,7 @@ class StorageWorker:
             await self.consumer.start()
             stack.push_async_callback(self._close, self.sink.aclose)
             await self.sink.start()
+            self.ready.set()
             self._progress_at = anyio.current_time()
             while not self._stopping:
                 batch = await self._collect()

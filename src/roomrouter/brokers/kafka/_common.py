@@ -1,6 +1,6 @@
-"""Pieces the Kafka node (``kafka.py``) and the Kafka storage path (``_kafka_storage.py``) share:
-topic names and creation, the record flag that marks a frame for storage, and the guard that
-keeps reads of a partition contiguous."""
+"""Pieces the Kafka node (``_broker``, ``_reader``, ``_publish``) and the Kafka storage path
+(``_storage``) share: topic names and creation, the record flag that marks a frame for
+storage, and the guard that keeps reads of a partition contiguous."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 from aiokafka.partitioner import murmur2
 
-from .._errors import BrokerUnavailable
+from ..._errors import BrokerUnavailable
 
 __all__ = [
     "ERRORS",

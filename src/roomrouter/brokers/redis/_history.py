@@ -1,6 +1,5 @@
-"""What the Redis and Redis Cluster brokers share: command packing, the network errors they
-map, and history reads on connections of their own (:class:`HistoryReaders`,
-:func:`scan_recent`).
+"""History reads on connections of their own (:class:`HistoryReaders`, :func:`scan_recent`),
+for the Redis and Redis Cluster brokers.
 
 History reads never share a publisher's pipeline or its timeout: a storm of recoveries queued
 behind publishes made them time out (and publishes held up by Redis delayed every recovery
@@ -17,24 +16,13 @@ from typing import Any
 
 import anyio
 from redis.asyncio.connection import Connection
-from redis.exceptions import AskError, RedisError, ResponseError
+from redis.exceptions import AskError, ResponseError
 
-from .._errors import BrokerUnavailable
-from ._base import RecentFrames, RecentScan
+from ..._errors import BrokerUnavailable, describe
+from .. import RecentFrames, RecentScan
+from ._common import NETWORK_ERRORS, pack, quiet_disconnect
 
-__all__ = [
-    "NETWORK_ERRORS",
-    "READERS",
-    "RECENT_CHUNK",
-    "HistoryReaders",
-    "Read",
-    "field_of",
-    "pack",
-    "quiet_disconnect",
-    "scan_recent",
-]
-
-NETWORK_ERRORS = (RedisError, OSError, TimeoutError, EOFError)
+__all__ = ["READERS", "RECENT_CHUNK", "HistoryReaders", "Read", "field_of", "scan_recent"]
 
 # History reads: connections per server, and stream entries per XREVRANGE round trip (small
 # enough that one reply parses in well under a heartbeat, large enough that a full cache of
@@ -46,21 +34,6 @@ RECENT_CHUNK = b"250"
 #: ``read(*command, asking=False)``: one command's reply on a history-read connection
 #: (``asking``: sent with ``ASKING`` in front, for a slot being migrated).
 Read = Callable[..., Awaitable[Any]]
-
-
-def pack(*args: bytes) -> bytes:
-    """RESP encoding of one command of byte-string arguments."""
-    parts = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        parts.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-    return b"".join(parts)
-
-
-async def quiet_disconnect(conn: Connection) -> None:
-    try:
-        await conn.disconnect()
-    except NETWORK_ERRORS:
-        pass
 
 
 def field_of(fields: list[Any] | None, name: bytes) -> bytes | None:
@@ -119,12 +92,12 @@ class HistoryReaders:
                 yield read
             except ResponseError as exc:
                 await self._park(conn)  # a refusal leaves the connection in sync
-                raise BrokerUnavailable(f"Redis refused the history read: {exc}") from exc
+                raise BrokerUnavailable(f"Redis refused the history read: {describe(exc)}") from exc
             except BaseException as exc:  # cut short mid-reply: the connection is unusable
                 with anyio.CancelScope(shield=True):  # closed even when cancelled
                     await quiet_disconnect(conn)
                 if isinstance(exc, NETWORK_ERRORS):
-                    raise BrokerUnavailable(f"Redis history read failed: {exc!r}") from exc
+                    raise BrokerUnavailable(f"Redis history read failed: {describe(exc)}") from exc
                 raise
             await self._park(conn)
 

@@ -1,7 +1,7 @@
 """Kafka persistence: the data topic is the storage queue and the recent-messages cache.
 
 A persisted frame is one record of the data topic carrying the ``rr-store`` header
-(:data:`~._kafka_common.STORED_HEADERS`); nothing is written twice.
+(:data:`~._common.STORED_HEADERS`); nothing is written twice.
 
 * **Storage queue.** Storage workers form the consumer group ``{prefix}.{namespace}.store``
   over the data topic (:class:`KafkaStorageConsumer`). Kafka splits the partitions among them
@@ -16,7 +16,7 @@ A persisted frame is one record of the data topic carrying the ``rr-store`` head
   committed offset ``C``: every flagged record below ``C`` is in the sink, so the cache is
   complete together with the sink unless a record of the room at or above ``C`` was cut off.
 
-Offsets are always read contiguously (:class:`~._kafka_common.OffsetGuard`), and the end of a
+Offsets are always read contiguously (:class:`~._common.OffsetGuard`), and the end of a
 partition comes from a marker record or a fetch's high watermark, never from ``ListOffsets``
 (which Tansu answers wrongly after batched produces).
 """
@@ -34,8 +34,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import OffsetOutOfRangeError
 
-from .._errors import BrokerUnavailable
-from ._base import (
+from ..._errors import BrokerUnavailable, describe, unreachable
+from .._base import (
     RecentFrames,
     RecentScan,
     StorageConsumer,
@@ -43,10 +43,10 @@ from ._base import (
     frame_id,
     recent_bound,
 )
-from ._kafka_common import ERRORS, OffsetGuard, ensure_topics, is_stored, names, quiet_stop
+from ._common import ERRORS, OffsetGuard, ensure_topics, is_stored, names, quiet_stop
 
 if TYPE_CHECKING:
-    from .kafka import KafkaBroker
+    from ._broker import KafkaBroker
 
 __all__ = ["KafkaStorageConsumer", "open_admin", "open_reader", "scan_recent"]
 
@@ -231,9 +231,8 @@ class KafkaStorageConsumer(StorageConsumer):
                     broker.replication_factor,
                 )
         except (*ERRORS, BrokerUnavailable) as exc:
-            raise BrokerUnavailable(
-                f"cannot reach Kafka {broker.bootstrap_servers}: {exc!r}"
-            ) from exc
+            where = ",".join(broker.bootstrap_servers)
+            raise unreachable("Kafka", where, None, exc) from exc
 
     async def aclose(self) -> None:
         # Stopping the group member leaves the group, so its partitions move at once instead
@@ -304,7 +303,7 @@ class KafkaStorageConsumer(StorageConsumer):
                     self._idle_commit_at = now + _IDLE_COMMIT_INTERVAL
                     await self._commit(quiet=True)
         except (*ERRORS, TimeoutError) as exc:
-            raise BrokerUnavailable(f"Kafka storage fetch failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka storage fetch failed: {describe(exc)}") from exc
         return out
 
     async def ack(self, frames: Sequence[StoredFrame]) -> None:
@@ -345,7 +344,7 @@ class KafkaStorageConsumer(StorageConsumer):
             if quiet:
                 log.debug("storage commit failed: %r", exc)
                 return
-            raise BrokerUnavailable(f"Kafka storage commit failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka storage commit failed: {describe(exc)}") from exc
         for tp, offset in offsets.items():
             self._committed[tp] = max(self._committed.get(tp, -1), offset)
 
@@ -379,7 +378,7 @@ class KafkaStorageConsumer(StorageConsumer):
                     reader.seek(tp, offset)
                 return await _count_stored(reader, following)
         except (*ERRORS, TimeoutError) as exc:
-            raise BrokerUnavailable(f"Kafka pending count failed: {exc!r}") from exc
+            raise BrokerUnavailable(f"Kafka pending count failed: {describe(exc)}") from exc
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

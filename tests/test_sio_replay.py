@@ -1,0 +1,48 @@
+"""The manager's bookkeeping for clients being recovered (``_sio_replay``): what is emitted to
+a held client is kept back for it alone, after what it missed, until its hold ends; and
+offsets strictly increase. The wire behaviour is pinned by tests/test_sio_recovery.py."""
+
+from __future__ import annotations
+
+import uuid
+
+from roomrouter.integrations._sio_replay import Holds, OffsetIds
+
+
+def test_a_held_client_gets_what_it_missed_first_then_what_was_held_then_nothing() -> None:
+    holds = Holds()
+    assert not holds
+    holds.open("/", "a")
+    holds.open("/chat", "a")  # the same sid in another namespace is another client
+    members = {None: {"a", "b"}, "r": {"a"}}
+
+    # An emit to room r while a is held: a's copy is held back and a must be skipped live.
+    assert holds.divert("/", members, ["r"], [], ("o2", "ev", [2])) == ["a"]
+    # One that skips a, or to a room a is not in, or of another namespace, is not held.
+    assert holds.divert("/", members, ["r"], ["a"], ("o3", "ev", [3])) == []
+    assert holds.divert("/", members, ["x"], [], ("o4", "ev", [4])) == []
+    assert holds.divert("/other", members, ["r"], [], ("o5", "ev", [5])) == []
+
+    holds.prepend("/", "a", [("o1", "ev", [1])])  # the missed ones, read from the caches
+    assert ("/", "a") in holds
+    assert holds.take("/", "a") == [("o1", "ev", [1]), ("o2", "ev", [2])]
+    # Held while its packets were being sent: kept for the next take.
+    assert holds.divert("/", members, [None], [], ("o6", "ev", [6])) == ["a"]
+    assert holds.take("/", "a") == [("o6", "ev", [6])]
+    # Nothing left: the hold ends, and later emits go live.
+    assert holds.take("/", "a") is None
+    assert ("/", "a") not in holds
+    assert holds.divert("/", members, ["r"], [], ("o7", "ev", [7])) == []
+
+    assert ("/chat", "a") in holds
+    holds.drop("/chat", "a")
+    assert not holds
+    assert holds.take("/chat", "a") is None
+
+
+def test_offsets_are_uuid7_and_strictly_increasing() -> None:
+    ids = OffsetIds()
+    offsets = [ids.next() for _ in range(10_000)]
+    assert offsets == sorted(offsets)
+    assert len(set(offsets)) == len(offsets)
+    assert all(uuid.UUID(o).version == 7 and str(uuid.UUID(o)) == o for o in offsets[:100])
