@@ -185,6 +185,11 @@ class RouterMachine(RuleBasedStateMachine):
                     want = touched[-1][1] == "join" if len(kinds) > 1 else "join" in kinds
                     assert (room in actual) == want, (m.member, room, touched)
                 # else: a join and a leave raced in different lanes; either order is right.
+                if "join" in kinds:
+                    # The member was in the room for a while, perhaps only between the two:
+                    # messages of the room still in flight may reach it then, as after any
+                    # join, even if it ends the batch outside the room.
+                    m.may |= self.in_flight.get(room, set())
                 if room in actual and room not in m.rooms:
                     m.may |= self.in_flight.get(room, set())
                     m.rooms.add(room)
