@@ -112,18 +112,21 @@ class TestRabbitMQContract(_Builtin):
 
         assert isinstance(broker, RabbitMQBroker)
         names = {broker.connection_name("sub"), broker.connection_name("pub")}
-        closed: list[str] = []
+        closed: set[str] = set()  # user-provided names of the connections closed so far
 
         async def close() -> None:
+            # The management API lists a new connection only once its stats were emitted:
+            # one of the two may be missing from a listing, so wait until both were closed.
             listing = await broker.management_request(
                 "/api/connections?columns=name,user_provided_name"
             )
             for conn in listing:
-                if conn.get("user_provided_name") in names and conn["name"] not in closed:
+                name = conn.get("user_provided_name")
+                if name in names and name not in closed:
                     path = "/api/connections/" + quote(conn["name"], safe="")
                     await broker.management_request(path, method="DELETE")
-                    closed.append(conn["name"])
-            assert closed, f"no connection named {names} yet"
+                    closed.add(name)
+            assert closed == names, f"closed {sorted(closed)} of {sorted(names)} so far"
 
         await eventually(close, timeout=10)
 
