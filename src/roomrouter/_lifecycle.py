@@ -19,6 +19,7 @@ from anyio.abc import TaskGroup
 
 from ._host import spawn_detached, stray_cancellation
 from ._stats import Stats
+from .brokers.transport import Backoff
 
 __all__ = ["HostTask"]
 
@@ -122,7 +123,7 @@ class HostTask:
         node_id, stats = self.node_id, self._stats
 
         async def supervised() -> None:
-            delay = 0.05
+            backoff = Backoff(0.05, 5.0)
             while True:
                 try:
                     await loop()
@@ -139,7 +140,6 @@ class HostTask:
                         "for (raised by a client library); restarting", node_id, name,
                         exc_info=True,
                     )  # fmt: skip
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                await backoff.sleep()
 
         tg.start_soon(supervised, name=f"roomrouter {name} {node_id}")
