@@ -302,6 +302,9 @@ class Publisher:
 def _answer(msg: Msg) -> object:
     """A JetStream publish acknowledgement: "ok", "missing" (no stream: nothing written), an
     :class:`ApiError` (refused: nothing written) or "garbage" (an answer that is none)."""
+    data = msg.data
+    if data.startswith(b'{"stream":') and b'"error"' not in data and b'"seq":' in data:
+        return _OK  # the server's PubAck, {"stream":..,"seq":..[,"duplicate":true]}: no decode
     if status_of(msg) == "503":
         return _MISSING
     try:
