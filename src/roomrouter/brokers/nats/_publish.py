@@ -181,7 +181,16 @@ class Publisher:
             if nc is None or not nc.is_connected:
                 raise BrokerUnavailable("the connection is down")
             epoch = self._epoch
-            confirm: list[Send[Pub]] = []
+            confirm: list[Send[Pub]]
+            if not any(send.item.writes for send in tx.sends):  # live publishes only
+                confirm = tx.sent()
+                for send in confirm:
+                    pub = send.item
+                    for subject in pub.live:
+                        await nc.publish(subject, pub.frame)
+                await self._round(nc, confirm)
+                return
+            confirm = []
             later: list[Send[Pub]] = []  # behind a persisted live publish
             gated = self._gated = set()
             for send in tx.sends:
@@ -214,13 +223,17 @@ class Publisher:
                     for subject in pub.live:
                         await nc.publish(subject, pub.frame)
                     confirm.append(send)
-            if confirm:
-                key, subject = self._key()
-                self._expect[key] = confirm
-                self._in_rounds += 1
-                await nc.publish(self._void, b"", reply=subject)
+            await self._round(nc, confirm)
         if len(self._expect) > 4096:
             self._forget_settled()
+
+    async def _round(self, nc: Client, confirm: list[Send[Pub]]) -> None:
+        """The confirmation round trip behind ``confirm`` (see the module docstring)."""
+        if confirm:
+            key, subject = self._key()
+            self._expect[key] = confirm
+            self._in_rounds += 1
+            await nc.publish(self._void, b"", reply=subject)
 
     async def _store(self, nc: Client, send: Send[Pub], only: list[int] | None = None) -> None:
         """Hand ``send``'s JetStream writes (``only`` these) to nats-py."""
