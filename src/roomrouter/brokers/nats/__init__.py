@@ -21,18 +21,20 @@ the order the server sent them (:func:`~._common.subscribe_in_order`), so guaran
 across room, node and control subjects. The connection is ``no_echo``: the server never
 hands a node its own publishes, so a room hosted on two nodes carries no echo at all
 (its own control broadcasts are handed to it by :meth:`NatsBroker.publish_control` itself).
-A publish is queued in call order before its first await and returns once a round trip sent
-after it came back (a message to an inbox nobody subscribes, answered "no responders" by the
-server under its own token; one round trip serves every publish queued meanwhile).
+Publishing is the transport core's (:class:`roomrouter.brokers.transport.Outbox`, in
+:mod:`._publish`): every publish is queued in call order before its first await; one sender
+hands each batch to nats-py's write buffer and sends one round trip behind it (a message to an
+inbox nobody subscribes, answered "no responders" by the server under its own token), whose
+answer settles the batch's live publishes.
 
-Settle rule. :class:`~roomrouter.BrokerUnavailable` ("not sent"): the connection was down when
-the call was made, or the server refused the frame before any part of it took effect.
-:class:`~roomrouter.PublishOutcomeUnknown`: something was handed to the connection and its
-confirmation did not come (timeout, connection lost), or a persisted publish took effect in
-part (see below).
+Settle rule (the core's). :class:`~roomrouter.BrokerUnavailable` ("not sent"): nothing of the
+publish was handed to nats-py (the connection was down, or it died first), or JetStream
+refused both writes. :class:`~roomrouter.PublishOutcomeUnknown`: its bytes were in nats-py's
+buffer (which nats-py re-sends after a reconnect) and no answer came (timeout, connection
+lost), or a persisted publish took effect in part (see below).
 
-Persistence. :meth:`NatsBroker.publish_persistent` makes two JetStream publishes, sent
-together and acknowledged separately: to the namespace's storage stream (work-queue
+Persistence. :meth:`NatsBroker.publish_persistent` makes two JetStream publishes, pipelined
+with those of every other publish of the batch and acknowledged together: to the namespace's storage stream (work-queue
 retention: a frame leaves it when a storage worker acknowledges it) and to the recent-cache
 stream (one subject per room, ``max_msgs_per_subject = recent_size``, each frame kept
 ``recent_ttl`` seconds); then, if ``live``, the core publish. **Not atomic** (NATS 2.9 has no
