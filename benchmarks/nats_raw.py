@@ -11,8 +11,8 @@ return. Modes, interleaved round by round (A, B, C, A, B, C, ...), medians of ``
 
 * ``raw-nats``: nats-py ``publish`` (fire and forget, one flush at the end) to one subject,
   a nats-py subscription with a callback counting: the ceiling of the client library.
-* ``roomrouter-nats``: ``RoomRouter.publish`` over ``nats://`` (each publish returns once a
-  PING sent after it was answered, shared by the publishes queued meanwhile) to a member.
+* ``roomrouter-nats``: ``RoomRouter.publish`` over ``nats://`` (each publish returns once the
+  round trip sent behind its batch came back) to a member.
 * ``roomrouter-nats-persist``: the same with ``persist=True`` (two JetStream publishes, then
   the live one).
 * ``roomrouter-redis`` / ``roomrouter-redis-persist``: the same over ``redis://``.
