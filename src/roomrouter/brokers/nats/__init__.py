@@ -34,14 +34,14 @@ buffer (which nats-py re-sends after a reconnect) and no answer came (timeout, c
 lost), or a persisted publish took effect in part (see below).
 
 Persistence. :meth:`NatsBroker.publish_persistent` makes two JetStream publishes, pipelined
-with those of every other publish of the batch and acknowledged together: to the namespace's storage stream (work-queue
-retention: a frame leaves it when a storage worker acknowledges it) and to the recent-cache
-stream (one subject per room, ``max_msgs_per_subject = recent_size``, each frame kept
-``recent_ttl`` seconds); then, if ``live``, the core publish. **Not atomic** (NATS 2.9 has no
-multi-stream transaction): each JetStream write is atomic by itself and both carry
-``Nats-Msg-Id`` = the envelope id, so a retry with the same id within the streams' duplicate
-window (two minutes) completes whichever write failed without doubling the other. The live
-publish goes out only after both writes were acknowledged, in call order with every other
+with those of every other publish of the batch and acknowledged together: to the namespace's
+storage stream (work-queue retention: a frame leaves it when a storage worker acknowledges it)
+and to the recent-cache stream (one subject per room, ``max_msgs_per_subject = recent_size``,
+each frame kept ``recent_ttl`` seconds); then, if ``live``, the core publish. **Not atomic**
+(NATS 2.9 has no multi-stream transaction): each JetStream write is atomic by itself and both
+carry ``Nats-Msg-Id`` = the envelope id, so a retry with the same id within the streams'
+duplicate window (two minutes) completes whichever write failed without doubling the other. The
+live publish goes out only after both writes were acknowledged, in call order with every other
 publish of the node. A write answered "no stream" (the stream was deleted) makes the broker
 recreate the streams and send that write once more. See docs/nats.md.
 
