@@ -605,3 +605,19 @@ async def test_the_settle_rule_when_the_connection_dies(ns: str) -> None:
         assert b"never" not in got and b"stored" not in got, got
         assert got[-1] == b"after", got
         tg.cancel_scope.cancel()
+
+
+def test_client_errors_are_named_in_the_shared_words() -> None:
+    """The NATS backend names nats-py's errors through the public ``roomrouter.urls.describe``
+    (what every built-in backend says), never by their repr."""
+    import nats.errors
+
+    from roomrouter.brokers.nats._common import describe
+    from roomrouter.urls import describe as shared
+
+    assert shared(ConnectionRefusedError(111, "Connection refused")) == "connection refused"
+    assert describe(nats.errors.TimeoutError()) == shared(TimeoutError()) == "timed out"
+    assert describe(nats.errors.ConnectionClosedError()) == "connection closed"
+    assert describe(nats.errors.NoServersError()) == (
+        "NoServersError: nats: no servers available for connection"
+    )
