@@ -10,13 +10,20 @@ Rows (publishes per second from ``--concurrency`` tasks, and CPU µs per publish
 * ``persistent, not live`` / ``persistent, live``: ``publish_persistent`` (two JetStream
   publishes; then the live publish and its confirmation);
 * ``raw js.publish``: nats-py's ``JetStream.publish`` to one stream (one write, awaited).
+
+``--before DIR``: each round also runs the broker rows on the roomrouter source tree in
+``DIR/src`` (another version: ``git archive <commit> src | tar -x -C DIR``) in a child
+process, labelled ``(before)``, so before and after are measured in one run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -95,10 +102,23 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=10_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--before", help="a roomrouter tree (DIR/src) to measure beside this one")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        print(json.dumps(anyio.run(_round, args)), flush=True)
+        return
     runs = []
     for _ in range(args.rounds):
-        runs.append(anyio.run(_round, args))
+        rows = anyio.run(_round, args)
+        if args.before:
+            env = {**os.environ, "PYTHONPATH": os.path.join(args.before, "src")}
+            child = [sys.executable, __file__, "--child", "--url", args.url, "--n", str(args.n),
+                     "--concurrency", str(args.concurrency)]  # fmt: skip
+            out = subprocess.run(child, env=env, capture_output=True, text=True, check=True)
+            before = json.loads(out.stdout.strip().splitlines()[-1])
+            rows.update({f"{k} (before)": v for k, v in before.items() if k != "raw js.publish"})
+        runs.append(rows)
         print(json.dumps(runs[-1]), flush=True)
     print(f"\n{args.n} publishes of 100 B, {args.concurrency} tasks, medians of {args.rounds}\n")
     print("| path | publishes/s | CPU µs/publish |")

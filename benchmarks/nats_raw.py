@@ -11,11 +11,15 @@ return. Modes, interleaved round by round (A, B, C, A, B, C, ...), medians of ``
 
 * ``raw-nats``: nats-py ``publish`` (fire and forget, one flush at the end) to one subject,
   a nats-py subscription with a callback counting: the ceiling of the client library.
-* ``roomrouter-nats``: ``RoomRouter.publish`` over ``nats://`` (each publish returns once a
-  PING sent after it was answered, shared by the publishes queued meanwhile) to a member.
+* ``roomrouter-nats``: ``RoomRouter.publish`` over ``nats://`` (each publish returns once the
+  round trip sent behind its batch came back) to a member.
 * ``roomrouter-nats-persist``: the same with ``persist=True`` (two JetStream publishes, then
   the live one).
 * ``roomrouter-redis`` / ``roomrouter-redis-persist``: the same over ``redis://``.
+
+``--before DIR``: also run the roomrouter-on-NATS modes on the roomrouter source tree in
+``DIR/src`` (another version, e.g. ``git archive <commit> src | tar -x -C DIR``), labelled
+``(before)`` and interleaved with the others, so before and after are measured in one run.
 
 Loopback servers (NATS 4222, Redis 6379); every child is bounded by ``--timeout``.
 """
@@ -132,14 +136,23 @@ async def _router(args: argparse.Namespace) -> None:
         print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 
 
+_BEFORE = " (before)"
+
+
 def _spawn(args: argparse.Namespace, mode: str, role: str, ns: str) -> subprocess.Popen[str]:
+    env = None
+    if mode.endswith(_BEFORE):
+        mode = mode[: -len(_BEFORE)]
+        env = {**os.environ, "PYTHONPATH": os.path.join(args.before, "src")}
     cmd = [
         sys.executable, __file__, "--child", role, "--mode", mode, "--namespace", ns,
         "--n", str(args.n), "--payload", str(args.payload), "--nats", args.nats,
         "--redis", args.redis, "--concurrency", str(args.concurrency),
         "--timeout", str(args.timeout),
     ]  # fmt: skip
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    return subprocess.Popen(
+        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
 
 
 def _line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
@@ -193,6 +206,7 @@ def _cleanup(args: argparse.Namespace, mode: str, ns: str) -> None:
 
 def _run(args: argparse.Namespace, mode: str) -> dict[str, float]:
     ns = "bench" + uuid.uuid4().hex[:8]
+    ran = mode.removesuffix(_BEFORE)
     receiver = _spawn(args, mode, "receiver", ns)
     procs = [receiver]
     try:
@@ -209,7 +223,7 @@ def _run(args: argparse.Namespace, mode: str) -> dict[str, float]:
                 proc.wait(timeout=10)
             except (OSError, subprocess.TimeoutExpired):
                 proc.kill()
-        _cleanup(args, mode, ns)
+        _cleanup(args, ran, ns)
     return {"received_per_s": (args.n - 1) / got, "sent_per_s": args.n / sent}
 
 
@@ -223,6 +237,7 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=100)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--before", help="a roomrouter tree (DIR/src) to measure beside this one")
     parser.add_argument("--child", choices=("receiver", "publisher"), dest="role")
     parser.add_argument("--mode", default="")
     parser.add_argument("--namespace", default="")
@@ -234,6 +249,8 @@ def main() -> None:
         anyio.run(_raw if args.mode == "raw-nats" else _router, args)
         return
     modes = args.modes.split(",")
+    if args.before:
+        modes += [m + _BEFORE for m in modes if m.startswith("roomrouter-nats")]
     samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
     for _ in range(args.rounds):
         for mode in modes:

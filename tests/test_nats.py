@@ -495,3 +495,129 @@ async def test_a_killed_node_stops_counting_after_the_presence_linger(ns: str) -
                 child.stdout.close()
             await counter.aclose()
             tg.cancel_scope.cancel()
+
+
+class _CuttingProxy:
+    """A TCP proxy to the NATS server that can drop the server's answers (``muted``: what the
+    client writes still reaches the server) and cut every connection at once (:meth:`cut`),
+    as a connection that dies after a write."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = 0
+        self.muted = False
+        self._scopes: list[anyio.CancelScope] = []
+
+    async def serve(self, *, task_status: Any) -> None:
+        listener = await anyio.create_tcp_listener(local_host="127.0.0.1")
+        self.port = listener.listeners[0].extra(anyio.abc.SocketAttribute.local_port)
+        async with listener:
+            task_status.started()
+            await listener.serve(self._handle)
+
+    def cut(self) -> None:
+        for scope in self._scopes:
+            scope.cancel()
+        self._scopes.clear()
+
+    async def _handle(self, client: Any) -> None:
+        async with (
+            client,
+            await anyio.connect_tcp("127.0.0.1", self.target_port) as server,
+            anyio.create_task_group() as tg,
+        ):
+            self._scopes.append(tg.cancel_scope)
+            tg.start_soon(self._pump, client, server, False, tg.cancel_scope)
+            tg.start_soon(self._pump, server, client, True, tg.cancel_scope)
+
+    async def _pump(self, source: Any, sink: Any, answers: bool, scope: anyio.CancelScope) -> None:
+        try:
+            async for chunk in source:
+                if not (answers and self.muted):
+                    await sink.send(chunk)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
+        scope.cancel()
+
+
+async def test_the_settle_rule_when_the_connection_dies(ns: str) -> None:
+    """The transport core's settle rule on NATS: a publish whose bytes were handed to the
+    connection when it dies is "outcome unknown" at once (not at its deadline), and so is a
+    persisted one whose JetStream writes went out; a live publish called after that persisted
+    one waits for its acknowledgements, so it was never written: "not sent", and it never
+    arrives later (nats-py re-sends its buffer after a reconnect, and it was never in it)."""
+    proxy = _CuttingProxy(4222)
+    timeout = 8.0
+    async with AsyncExitStack() as stack, anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        b = await _router(stack, ns)
+        a = await stack.enter_async_context(
+            RoomRouter(
+                NatsBroker(f"nats://127.0.0.1:{proxy.port}", operation_timeout=timeout),
+                namespace=ns,
+                **TEST_ROUTER_OPTIONS,
+            )
+        )
+        member = b.member("m")
+        await member.join("R")
+        await eventually(lambda: _assert_eq(a.remote_hosts("R"), {b.node_id}))
+        outcomes: dict[bytes, BaseException | None] = {}
+
+        async def publish(payload: bytes, persist: bool = False) -> None:
+            try:
+                await a.publish("R", payload, persist=persist)
+                outcomes[payload] = None
+            except BrokerUnavailable as exc:
+                outcomes[payload] = exc
+
+        proxy.muted = True
+        async with anyio.create_task_group() as calls:
+            calls.start_soon(publish, b"flushed")
+            # The server has it: its bytes were written; its confirmation is lost.
+            assert [e.payload for e in await receive_n(member, 1)] == [b"flushed"]
+            calls.start_soon(publish, b"stored", True)
+            await anyio.sleep(0.05)  # its JetStream writes go out, their acks are lost
+            calls.start_soon(publish, b"never")  # waits behind "stored"'s acks
+            await anyio.sleep(0.3)
+            assert await drain(member) == []
+            assert not outcomes  # nothing settled before the connection dies
+            proxy.muted = False
+            cut_at = anyio.current_time()
+            proxy.cut()
+        took = anyio.current_time() - cut_at
+        assert took < timeout / 2, took  # settled by the loss, not by the deadline
+        assert isinstance(outcomes[b"flushed"], PublishOutcomeUnknown), outcomes
+        assert isinstance(outcomes[b"stored"], PublishOutcomeUnknown), outcomes
+        never = outcomes[b"never"]
+        assert isinstance(never, BrokerUnavailable), outcomes
+        assert not isinstance(never, PublishOutcomeUnknown), never
+
+        with anyio.fail_after(15):
+            while True:  # nats-py reconnects through the proxy
+                try:
+                    await a.publish("R", b"after")
+                    break
+                except BrokerUnavailable:
+                    await anyio.sleep(0.1)
+        got = [e.payload for e in await receive_n(member, 1)]
+        await anyio.sleep(0.5)  # room for anything nats-py might still re-send
+        got += [e.payload for e in await drain(member)]
+        assert b"never" not in got and b"stored" not in got, got
+        assert got[-1] == b"after", got
+        tg.cancel_scope.cancel()
+
+
+def test_client_errors_are_named_in_the_shared_words() -> None:
+    """The NATS backend names nats-py's errors through the public ``roomrouter.urls.describe``
+    (what every built-in backend says), never by their repr."""
+    import nats.errors
+
+    from roomrouter.brokers.nats._common import describe
+    from roomrouter.urls import describe as shared
+
+    assert shared(ConnectionRefusedError(111, "Connection refused")) == "connection refused"
+    assert describe(nats.errors.TimeoutError()) == shared(TimeoutError()) == "timed out"
+    assert describe(nats.errors.ConnectionClosedError()) == "connection closed"
+    assert describe(nats.errors.NoServersError()) == (
+        "NoServersError: nats: no servers available for connection"
+    )

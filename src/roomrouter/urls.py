@@ -8,6 +8,9 @@ host list are read, the same way for every backend (built in or a third party's)
 * :func:`flag` converts a boolean option (``?sharded=1``, ``?cluster=true``).
 * :func:`parse_hosts` reads a ``host[:port][,host[:port]...]`` list (seed nodes, bootstrap
   servers).
+* :func:`describe` is the one way a client library's exception is named in a message (the
+  network failure in words, else its class and message; never its ``repr``, which may carry
+  a URL): what every built-in backend says in its errors, for a third party's to say alike.
 
 These depend on nothing but :mod:`roomrouter`'s errors, so a backend module may import them
 at its top without an import cycle.
@@ -20,9 +23,17 @@ from collections.abc import Callable, Iterable
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from ._errors import ConfigurationError
+from ._errors import ConfigurationError, describe
 
-__all__ = ["TRUE_WORDS", "flag", "parse_hosts", "pop_options", "redact", "url_scheme"]
+__all__ = [
+    "TRUE_WORDS",
+    "describe",
+    "flag",
+    "parse_hosts",
+    "pop_options",
+    "redact",
+    "url_scheme",
+]
 
 #: The words :func:`flag` reads as true (case-insensitive); anything else is false.
 TRUE_WORDS: Final = frozenset({"1", "true", "yes", "on"})

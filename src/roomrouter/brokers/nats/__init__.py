@@ -21,25 +21,27 @@ the order the server sent them (:func:`~._common.subscribe_in_order`), so guaran
 across room, node and control subjects. The connection is ``no_echo``: the server never
 hands a node its own publishes, so a room hosted on two nodes carries no echo at all
 (its own control broadcasts are handed to it by :meth:`NatsBroker.publish_control` itself).
-A publish is queued in call order before its first await and returns once a round trip sent
-after it came back (a message to an inbox nobody subscribes, answered "no responders" by the
-server under its own token; one round trip serves every publish queued meanwhile).
+Publishing is the transport core's (:class:`roomrouter.brokers.transport.Outbox`, in
+:mod:`._publish`): every publish is queued in call order before its first await; one sender
+hands each batch to nats-py's write buffer and sends one round trip behind it (a message to an
+inbox nobody subscribes, answered "no responders" by the server under its own token), whose
+answer settles the batch's live publishes.
 
-Settle rule. :class:`~roomrouter.BrokerUnavailable` ("not sent"): the connection was down when
-the call was made, or the server refused the frame before any part of it took effect.
-:class:`~roomrouter.PublishOutcomeUnknown`: something was handed to the connection and its
-confirmation did not come (timeout, connection lost), or a persisted publish took effect in
-part (see below).
+Settle rule (the core's). :class:`~roomrouter.BrokerUnavailable` ("not sent"): nothing of the
+publish was handed to nats-py (the connection was down, or it died first), or JetStream
+refused both writes. :class:`~roomrouter.PublishOutcomeUnknown`: its bytes were in nats-py's
+buffer (which nats-py re-sends after a reconnect) and no answer came (timeout, connection
+lost), or a persisted publish took effect in part (see below).
 
-Persistence. :meth:`NatsBroker.publish_persistent` makes two JetStream publishes, sent
-together and acknowledged separately: to the namespace's storage stream (work-queue
-retention: a frame leaves it when a storage worker acknowledges it) and to the recent-cache
-stream (one subject per room, ``max_msgs_per_subject = recent_size``, each frame kept
-``recent_ttl`` seconds); then, if ``live``, the core publish. **Not atomic** (NATS 2.9 has no
-multi-stream transaction): each JetStream write is atomic by itself and both carry
-``Nats-Msg-Id`` = the envelope id, so a retry with the same id within the streams' duplicate
-window (two minutes) completes whichever write failed without doubling the other. The live
-publish goes out only after both writes were acknowledged, in call order with every other
+Persistence. :meth:`NatsBroker.publish_persistent` makes two JetStream publishes, pipelined
+with those of every other publish of the batch and acknowledged together: to the namespace's
+storage stream (work-queue retention: a frame leaves it when a storage worker acknowledges it)
+and to the recent-cache stream (one subject per room, ``max_msgs_per_subject = recent_size``,
+each frame kept ``recent_ttl`` seconds); then, if ``live``, the core publish. **Not atomic**
+(NATS 2.9 has no multi-stream transaction): each JetStream write is atomic by itself and both
+carry ``Nats-Msg-Id`` = the envelope id, so a retry with the same id within the streams'
+duplicate window (two minutes) completes whichever write failed without doubling the other. The
+live publish goes out only after both writes were acknowledged, in call order with every other
 publish of the node. A write answered "no stream" (the stream was deleted) makes the broker
 recreate the streams and send that write once more. See docs/nats.md.
 
@@ -54,14 +56,11 @@ until its ``node_ttl``, as on RabbitMQ.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
-from collections import deque
 from collections.abc import Collection
 from functools import partial
-from itertools import count
 from typing import Any
 
 import anyio
@@ -69,7 +68,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from roomrouter import BrokerUnavailable, PublishOutcomeUnknown
+from roomrouter import BrokerUnavailable
 from roomrouter.brokers import (
     Broker,
     BrokerContext,
@@ -81,7 +80,6 @@ from roomrouter.urls import redact
 
 from ._common import (
     ERRORS,
-    ApiError,
     Names,
     Options,
     api,
@@ -91,54 +89,16 @@ from ._common import (
     parse_url,
     quiet_close,
     round_trip,
-    status_of,
     stream_configs,
     subscribe_in_order,
 )
+from ._publish import Pub, Publisher
 from ._storage import NatsStorageConsumer, read_recent
 
 __all__ = ["NatsBroker", "Names"]
 
 
 log = logging.getLogger("roomrouter.nats")
-
-
-class _Round:
-    """One confirmation round trip shared by the publishes queued before it."""
-
-    __slots__ = ("done", "error")
-
-    def __init__(self) -> None:
-        self.done = anyio.Event()
-        self.error: BrokerUnavailable | None = None
-
-
-class _Slot:
-    """A live publish waiting for its turn: publishes leave in call order, and a persisted
-    one only once its JetStream writes were acknowledged."""
-
-    __slots__ = ("frame", "sent", "state", "subjects")
-
-    WAITING, READY, DROPPED = 0, 1, 2
-
-    def __init__(self, subjects: list[str], frame: bytes, state: int) -> None:
-        self.subjects = subjects
-        self.frame = frame
-        self.state = state
-        self.sent = anyio.Event()
-
-
-class _Ack:
-    """A JetStream publish waiting for its acknowledgement on this node's ack inbox."""
-
-    __slots__ = ("answer", "done", "subject")
-
-    def __init__(self, subject: str) -> None:
-        self.subject = subject
-        self.done = anyio.Event()
-        #: "ok", "missing" (no stream: nothing written), an ApiError (refused: nothing
-        #: written) or "garbage" (an answer that is none: outcome unknown).
-        self.answer: object = None
 
 
 class NatsBroker(Broker):
@@ -150,7 +110,7 @@ class NatsBroker(Broker):
     #: One connection per node on one server: frames one node sends reach each subscriber in
     #: send order whichever subject they went to (guarantee 3).
     supports_direct = True
-    #: Confirmation round trips in flight at once (see :meth:`_confirm_loop`).
+    #: Confirmation round trips in flight at once (see :mod:`._publish`).
     CONFIRMS_IN_FLIGHT = 8
 
     def __init__(
@@ -180,15 +140,11 @@ class NatsBroker(Broker):
         self._names = Names("")
         self._subs: dict[str, Subscription] = {}
         self._closed = False
-        self._outbox: deque[_Slot] = deque()
-        self._round = _Round()
-        self._wake = anyio.Event()
-        self._acks: dict[str, _Ack] = {}
-        self._ack_ids = count()
+        self._publisher = Publisher(
+            "NATS", operation_timeout, rounds=self.CONFIRMS_IN_FLIGHT, repair=self._ensure_streams
+        )
         self._ack_prefix = ""
-        self._void = ""
         self._reconnected = anyio.Event()
-        self._confirming: set[asyncio.Task[None]] = set()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> NatsBroker:
@@ -207,18 +163,20 @@ class NatsBroker(Broker):
             self.servers, name=f"roomrouter-{context.node_id}",
             operation_timeout=self.operation_timeout, max_backoff=self.options.max_backoff,
             no_echo=True,
-            reconnected=self._on_reconnected, health_interval=self.health_interval,
+            reconnected=self._on_reconnected, disconnected=self._on_disconnected,
+            health_interval=self.health_interval,
         )  # fmt: skip
         self._nc = nc
         self._ack_prefix = nc.new_inbox() + "."
-        self._void = nc.new_inbox()  # nobody subscribes: the server answers "no responders"
+        # The void inbox: nobody subscribes, the server answers "no responders".
+        self._publisher.attach(nc, self._ack_prefix, nc.new_inbox())
         try:
             with anyio.fail_after(self.operation_timeout):
                 on_control = self._on_control
                 await subscribe_in_order(nc, names.control, on_control)
                 await subscribe_in_order(nc, names.direct(context.node_id), on_control)
                 await subscribe_in_order(nc, names.node(context.node_id), self._on_direct)
-                await subscribe_in_order(nc, self._ack_prefix + "*", self._on_ack)
+                await subscribe_in_order(nc, self._ack_prefix + "*", self._publisher.on_ack)
                 await round_trip(nc, self.operation_timeout)
             await self._ensure_streams()
             await self._register()
@@ -229,7 +187,7 @@ class NatsBroker(Broker):
             if isinstance(exc, ERRORS):
                 raise BrokerUnavailable(f"cannot subscribe on NATS: {describe(exc)}") from exc
             raise
-        context.task_group.start_soon(self._confirm_loop, name=f"nats confirm {context.node_id}")
+        context.task_group.start_soon(self._publisher.run, name=f"nats publish {context.node_id}")
         context.task_group.start_soon(self._reconnect_loop, name=f"nats restore {context.node_id}")
 
     async def aclose(self) -> None:
@@ -243,15 +201,7 @@ class NatsBroker(Broker):
                     pass
             await quiet_close(nc)
         self._subs.clear()
-        error = BrokerUnavailable("broker closed")
-        for slot in self._outbox:
-            slot.state = _Slot.DROPPED
-            slot.sent.set()
-        self._outbox.clear()
-        self._round.error = error
-        self._round.done.set()
-        for ack in self._acks.values():
-            ack.done.set()
+        self._publisher.close()
 
     @property
     def _meta(self) -> str:
@@ -310,6 +260,10 @@ class NatsBroker(Broker):
     def _on_reconnected(self) -> None:
         self._reconnected.set()
 
+    def _on_disconnected(self) -> None:
+        if not self._closed:
+            self._publisher.lost("the connection was lost")
+
     def _live(self) -> Client:
         nc = self._nc
         if nc is None or self._closed:
@@ -332,30 +286,6 @@ class NatsBroker(Broker):
     def _on_room(self, room: str, msg: Msg) -> None:
         if self._ctx is not None:
             self._ctx.on_data(room, msg.data)
-
-    def _on_ack(self, msg: Msg) -> None:
-        ack = self._acks.pop(msg.subject[len(self._ack_prefix) :], None)
-        if ack is None:
-            return  # late (its publisher gave up) or forged
-        status = status_of(msg)
-        if status == "503":
-            ack.answer = "missing"
-        else:
-            try:
-                answer = json.loads(msg.data)
-            except ValueError:
-                answer = None
-            if isinstance(answer, dict) and isinstance(answer.get("error"), dict):
-                error = answer["error"]
-                ack.answer = ApiError(
-                    "the publish", int(error.get("code", 0) or 0),
-                    int(error.get("err_code", 0) or 0), str(error.get("description", "")),
-                )  # fmt: skip
-            elif isinstance(answer, dict) and "seq" in answer and "stream" in answer:
-                ack.answer = "ok"
-            else:
-                ack.answer = "garbage"
-        ack.done.set()
 
     # -- subscriptions --------------------------------------------------------------------------
 
@@ -444,30 +374,14 @@ class NatsBroker(Broker):
             )
 
     async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
-        # Up to the first nc.publish nothing awaits: the call takes its place in send order.
-        nc = self._live()
-        self._check(nc, frame)
-        subjects = self._targets(room, to)
-        if self._outbox:  # a persisted publish called earlier waits for its acks: keep order
-            slot = _Slot(subjects, frame, _Slot.READY)
-            self._outbox.append(slot)
-            await self._send_in_turn(slot)
-        else:
-            try:
-                for subject in subjects:
-                    await nc.publish(subject, frame)
-            except ERRORS as exc:
-                raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
-        await self._confirmed()
+        # Queued in call order before the first await (see ._publish).
+        self._check(self._live(), frame)
+        await self._publisher.submit(Pub(self._targets(room, to), frame))
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
-        nc = self._live()
-        self._check(nc, frame)
+        self._check(self._live(), frame)
         subject = self._names.control if to is None else self._names.direct(to)
-        try:
-            await nc.publish(subject, frame)
-        except ERRORS as exc:
-            raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
+        sent = self._publisher.submit(Pub([subject], frame))
         if to is None and self._ctx is not None:
             # A broadcast reaches every node including this one; no_echo keeps the server
             # from sending it back, so this node's copy is handed over here, in call order.
@@ -475,171 +389,25 @@ class NatsBroker(Broker):
                 self._ctx.on_control(frame)
             except Exception:
                 log.exception("node %s: control handler raised", self._ctx.node_id)
-        await self._confirmed()
+        await sent
         return None
-
-    async def _send_in_turn(self, slot: _Slot) -> None:
-        await self._pump()
-        try:
-            with anyio.fail_after(self.operation_timeout):
-                await slot.sent.wait()
-        except TimeoutError:
-            slot.state = _Slot.DROPPED  # never sent: the pump skips it
-            raise BrokerUnavailable("NATS publish waited too long for its turn") from None
-        if slot.state == _Slot.DROPPED:
-            raise BrokerUnavailable("NATS publish not sent: the connection failed")
-
-    async def _pump(self) -> None:
-        """Send the live publishes whose turn it is, in call order."""
-        outbox = self._outbox
-        while outbox and outbox[0].state != _Slot.WAITING:
-            slot = outbox.popleft()
-            if slot.state == _Slot.READY and not slot.sent.is_set():
-                nc = self._nc
-                try:
-                    if nc is None:
-                        raise BrokerUnavailable("broker closed")
-                    for subject in slot.subjects:
-                        await nc.publish(subject, slot.frame)
-                except (*ERRORS, BrokerUnavailable):
-                    slot.state = _Slot.DROPPED
-            slot.sent.set()
-
-    async def _confirmed(self) -> None:
-        """Wait for a round trip sent after everything queued so far to come back. No timeout
-        of its own (a cancel scope per publish cost a third of the publisher's CPU): the
-        confirming task ends every round within the operation timeout."""
-        round_ = self._round
-        self._wake.set()
-        await round_.done.wait()
-        if round_.error is not None:
-            raise round_.error
-
-    async def _confirm_loop(self) -> None:
-        """Start a confirmation round for whatever was queued since the last one;
-        up to ``CONFIRMS_IN_FLIGHT`` rounds at once, so a round trip's latency does not cap
-        the publish rate (their PONGs come back in order)."""
-        slots = anyio.Semaphore(self.CONFIRMS_IN_FLIGHT)
-        loop = asyncio.get_running_loop()
-        try:
-            while not self._closed:
-                await self._wake.wait()
-                self._wake = anyio.Event()
-                await slots.acquire()
-                round_, self._round = self._round, _Round()
-                task = loop.create_task(self._confirm(round_, slots))
-                self._confirming.add(task)
-                task.add_done_callback(self._confirming.discard)
-        finally:  # cancelled or failed: nobody may wait for a round forever
-            round_ = self._round
-            if not round_.done.is_set():
-                round_.error = PublishOutcomeUnknown("NATS broker closing")
-                round_.done.set()
-            self._round = _Round()
-
-    async def _confirm(self, round_: _Round, slots: anyio.Semaphore) -> None:
-        """One round: a message to an inbox nobody subscribes, its reply to this node's ack
-        inbox; the server answers "no responders" at once, after it handled everything this
-        connection sent before (see :func:`~._common.round_trip`; here the answer is taken
-        from nats-py's reader like a JetStream acknowledgement, no task hop)."""
-        try:
-            nc = self._live()
-            ack = self._expect()
-            try:
-                with anyio.fail_after(self.operation_timeout):
-                    await nc.publish(self._void, b"", reply=ack.subject)
-                    await ack.done.wait()
-            finally:
-                self._acks.pop(ack.subject[len(self._ack_prefix) :], None)
-            if ack.answer is None:  # woken by aclose
-                raise BrokerUnavailable("broker closed")
-        except (*ERRORS, BrokerUnavailable) as exc:
-            round_.error = PublishOutcomeUnknown(
-                "NATS did not confirm the publish (connection lost or timed out after it "
-                f"was queued): {describe(exc)}"
-            )
-        except BaseException:
-            round_.error = PublishOutcomeUnknown("NATS broker closing")
-            raise
-        finally:
-            round_.done.set()
-            slots.release()
-
-    def _expect(self) -> _Ack:
-        """A new answer to wait for on this node's ack inbox."""
-        ack = _Ack(self._ack_prefix + str(next(self._ack_ids)))
-        self._acks[ack.subject[len(self._ack_prefix) :]] = ack
-        return ack
 
     # -- persistence ----------------------------------------------------------------------------
 
     async def publish_persistent(
         self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
     ) -> None:
-        nc = self._live()
-        self._check(nc, frame)
-        slot = _Slot(self._targets(room, to), frame, _Slot.WAITING) if live else None
-        if slot is not None:
-            self._outbox.append(slot)  # its place in call order, before the first await
+        """Two JetStream writes (storage queue, recent cache), then, if ``live``, the live
+        publish once both were acknowledged (see ._publish)."""
+        self._check(self._live(), frame)
         ident = frame_id(frame)
-        headers = {"Nats-Msg-Id": ident} if ident else None
-        writes = [self._names.store, self._names.recent(room)]
-        try:
-            answers = await self._write(nc, writes, frame, headers)
-            missing = [s for s, a in zip(writes, answers, strict=True) if a == "missing"]
-            if missing:  # a stream was deleted: nothing was written there
-                await self._ensure_streams()
-                again = await self._write(nc, missing, frame, headers)
-                answers = [again.pop(0) if a == "missing" else a for a in answers]
-        except BaseException:
-            if slot is not None:
-                slot.state = _Slot.DROPPED
-                await self._pump()
-            raise
-        if any(a != "ok" for a in answers):
-            if slot is not None:
-                slot.state = _Slot.DROPPED
-                await self._pump()
-            refused = [a for a in answers if a == "missing" or isinstance(a, ApiError)]
-            if len(refused) == len(answers):
-                raise BrokerUnavailable(f"JetStream refused the frame: {refused[0]}")
-            raise PublishOutcomeUnknown(
-                f"JetStream stored the frame in part ({answers}): retry it with its id"
-            )
-        if slot is None:
-            return
-        slot.state = _Slot.READY
-        try:
-            await self._send_in_turn(slot)
-        except BrokerUnavailable as exc:  # stored, not sent live: not "not sent"
-            raise PublishOutcomeUnknown(f"stored, live publish failed: {exc}") from exc
-        await self._confirmed()
-
-    async def _write(
-        self, nc: Client, subjects: list[str], frame: bytes, headers: dict[str, str] | None
-    ) -> list[object]:
-        """JetStream publishes of ``frame`` to ``subjects``, sent together; their answers."""
-        acks = [self._expect() for _ in subjects]
-        sent = False
-        try:
-            with anyio.fail_after(self.operation_timeout):
-                for subject, ack in zip(subjects, acks, strict=True):
-                    sent = True
-                    await nc.publish(subject, frame, reply=ack.subject, headers=headers)
-                for ack in acks:
-                    await ack.done.wait()
-        except (*ERRORS, TimeoutError) as exc:
-            if not sent:
-                raise BrokerUnavailable(f"NATS publish failed: {describe(exc)}") from exc
-            raise PublishOutcomeUnknown(
-                f"JetStream did not acknowledge in time: {describe(exc)}"
-            ) from exc
-        finally:
-            for ack in acks:
-                self._acks.pop(ack.subject[len(self._ack_prefix) :], None)
-        if any(a.answer is None for a in acks):  # woken by aclose
-            raise PublishOutcomeUnknown("broker closed before JetStream acknowledged")
-        return [a.answer for a in acks]
+        pub = Pub(
+            self._targets(room, to) if live else [],
+            frame,
+            [self._names.store, self._names.recent(room)],
+            {"Nats-Msg-Id": ident} if ident else None,
+        )
+        await self._publisher.submit(pub)
 
     async def recent(
         self, room: str, *, since: str | None = None, limit: int | None = None

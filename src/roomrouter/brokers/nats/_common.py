@@ -22,7 +22,8 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from roomrouter import BrokerUnavailable, ConfigurationError, RoomRouterError
+from roomrouter import BrokerUnavailable, ConfigurationError
+from roomrouter.urls import describe as describe_error
 from roomrouter.urls import redact
 
 __all__ = [
@@ -48,20 +49,11 @@ ERRORS: Final = (nats.errors.Error, OSError, TimeoutError, asyncio.TimeoutError)
 
 
 def describe(exc: BaseException) -> str:
-    """A short reason for a client library's exception, for a message (never its repr): the
-    failure in words where it is a common one, else its class name and message. (Local:
-    roomrouter's own is private.)"""
-    if isinstance(exc, RoomRouterError):
-        return str(exc)
-    if isinstance(exc, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(exc, (TimeoutError, asyncio.TimeoutError)):
-        return "timed out"
-    if isinstance(exc, (EOFError, ConnectionError, nats.errors.ConnectionClosedError)):
+    """A short reason for a client library's exception, for a message (never its repr):
+    :func:`roomrouter.urls.describe`, with nats-py's closed connection in words."""
+    if isinstance(exc, nats.errors.ConnectionClosedError):
         return "connection closed"
-    text = str(exc).strip()
-    name = type(exc).__name__
-    return f"{name}: {text}" if text else name
+    return describe_error(exc)
 
 
 # -- names ---------------------------------------------------------------------------------------
