@@ -76,6 +76,7 @@ from roomrouter.brokers import (
     StorageConsumer,
     frame_id,
 )
+from roomrouter.brokers.transport import Backoff
 from roomrouter.urls import redact
 
 from ._common import (
@@ -241,7 +242,7 @@ class NatsBroker(Broker):
         while not self._closed:
             await self._reconnected.wait()
             self._reconnected = anyio.Event()
-            delay = 0.05
+            backoff = Backoff(0.05, self.options.max_backoff)
             with anyio.move_on_after(self.operation_timeout * 2):
                 while not self._closed:
                     try:
@@ -251,8 +252,7 @@ class NatsBroker(Broker):
                     except BrokerUnavailable as exc:  # JetStream recovers after a restart
                         log.info("node %s: NATS presence not restored yet (%s)",
                                  self._ctx.node_id, exc)  # fmt: skip
-                        await anyio.sleep(delay)
-                        delay = min(delay * 2, self.options.max_backoff)
+                        await backoff.sleep()
             log.info("node %s: NATS reconnected, %d room(s) restored",
                      self._ctx.node_id, len(self._subs))  # fmt: skip
             self._ctx.on_reconnect()
