@@ -213,18 +213,27 @@ async def test_direct_max_is_checked() -> None:
 
 
 async def test_a_broker_without_direct_publishing_is_never_given_to() -> None:
-    """A backend written before direct publishing (no ``to`` parameter) keeps working."""
+    """A backend with ``supports_direct = False`` is only ever given ``to=None`` (the Broker
+    ABC has the parameter, so there is no call without it any more), and works."""
+    from collections.abc import Collection
+
     from roomrouter.brokers.memory import MemoryBroker
+
+    given: list[Collection[str] | None] = []
 
     class OldBroker(MemoryBroker):
         supports_direct = False
 
-        async def publish(self, room: str, frame: bytes) -> None:  # type: ignore[override]
+        async def publish(
+            self, room: str, frame: bytes, *, to: Collection[str] | None = None
+        ) -> None:
+            given.append(to)
             await super().publish(room, frame)
 
-        async def publish_persistent(  # type: ignore[override]
-            self, room: str, frame: bytes, *, live: bool
+        async def publish_persistent(
+            self, room: str, frame: bytes, *, live: bool, to: Collection[str] | None = None
         ) -> None:
+            given.append(to)
             await super().publish_persistent(room, frame, live=live)
 
     hub = f"old-{unique_namespace()}"
@@ -238,4 +247,5 @@ async def test_a_broker_without_direct_publishing_is_never_given_to() -> None:
         await member.join("R")
         await _hosted_by(a, "R", {b.node_id})
         sent = [await a.publish("R", b"live"), await a.publish("R", b"kept", persist=True)]
+        assert given == [None, None]
         assert [e.id for e in await receive_n(member, 2)] == [e.id for e in sent]

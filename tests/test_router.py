@@ -150,7 +150,7 @@ def test_urls() -> None:
     assert isinstance(broker_from_url("memory://"), MemoryBroker)
     assert broker_from_url("memory://isolated").hub.name == "isolated"  # type: ignore[attr-defined]
     with pytest.raises(ConfigurationError, match="unknown broker URL scheme"):
-        broker_from_url("nats://127.0.0.1")
+        broker_from_url("mqtt://127.0.0.1")
     with pytest.raises(ConfigurationError):
         RoomRouter(object())  # type: ignore[arg-type]
 

@@ -45,8 +45,6 @@ without a valid one are dropped (docs/architecture.md, "The cluster view").
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import math
 import sys
@@ -55,8 +53,10 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import anyio
-import msgspec
 
+from ._control import Ack, Bye, ControlCodec, Frame, Heartbeat, Hello, Host, State, Sync, Unhost
+from ._control import decoder as _decoder  # noqa: F401 (tests read frames with it)
+from ._control import encoder as _encoder  # noqa: F401 (tests write frames with it)
 from ._errors import BrokerError, RoomRouterError, describe
 from ._stats import Stats
 from .brokers._base import Broker
@@ -66,72 +66,7 @@ __all__ = ["ClusterView", "NodeInfo"]
 log = logging.getLogger("roomrouter.cluster")
 
 
-# -- control frames -------------------------------------------------------------------------
-# Short tags keep heartbeats small; array_like drops field names from the wire.
-
-
-class _Msg(msgspec.Struct, array_like=True, tag_field="t"):
-    node: str
-
-
-class Hello(_Msg, tag="h"):
-    gen: int
-    rooms: list[str]
-    started: float = 0.0  # wall time the node started (for inspection)
-    members: int = 0  # its local members now (for inspection)
-
-
-class State(_Msg, tag="s"):
-    gen: int
-    rooms: list[str]
-    live: list[str]
-    started: float = 0.0
-    members: int = 0
-    sync: int = 0  # the Sync this answers (0: none); trailing, so older nodes ignore it
-    ready: bool = False  # the sender's own start is done (its live list is complete)
-
-
-class Host(_Msg, tag="+"):
-    gen: int
-    rooms: list[str]
-    barrier: int
-
-
-class Unhost(_Msg, tag="-"):
-    gen: int
-    rooms: list[str]
-
-
-class Ack(_Msg, tag="a"):
-    barrier: int
-
-
-class Heartbeat(_Msg, tag="b"):
-    gen: int
-    members: int = 0
-
-
-class Sync(_Msg, tag="y"):
-    seq: int = 0  # a resynchronisation's number, echoed by the State that answers it
-
-
-class Bye(_Msg, tag="x"):
-    pass
-
-
-_Frame = Hello | State | Host | Unhost | Ack | Heartbeat | Sync | Bye
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(_Frame)
-
-#: Bytes of HMAC-SHA256 appended to every control frame when a control secret is set.
-TAG_SIZE = 16
-
 _monotonic = time.monotonic
-
-
-def sign(secret: bytes, body: bytes) -> bytes:
-    """``body`` with its control-frame tag appended."""
-    return body + hmac.new(secret, body, hashlib.sha256).digest()[:TAG_SIZE]
 
 
 class _EveryNode(Collection[str]):
@@ -245,6 +180,7 @@ class ClusterView:
         # to have suspected it (its heartbeats are heartbeat_interval apart when on time).
         self._stall_grace = (self.suspect_interval - heartbeat_interval) / 2
         self._secret = control_secret
+        self._codec = ControlCodec(control_secret, stats)
         # Loop time: monotonic time minus how late this node's heartbeat ran, in all.
         self._lag = 0.0
         self._tick_due = _monotonic() + heartbeat_interval
@@ -333,7 +269,7 @@ class ClusterView:
         self._barrier_seq += 1
         seq = self._barrier_seq
         host = Host(self.node_id, self._gen, rooms, seq)
-        frame = self._encode(host)
+        frame = self._codec.encode(host)
         # A suspect node (silent past the suspect interval) or one that said Bye is not
         # waited for; it is owed a State when heard again (docs/architecture.md, rule 5).
         now = self._now()
@@ -556,19 +492,9 @@ class ClusterView:
 
     def on_control(self, frame: bytes) -> None:
         """Apply one control frame (called synchronously by the broker's reader)."""
-        secret = self._secret
-        if secret is not None:
-            body = frame[:-TAG_SIZE]
-            expected = hmac.new(secret, body, hashlib.sha256).digest()[:TAG_SIZE]
-            if len(frame) <= TAG_SIZE or not hmac.compare_digest(expected, frame[-TAG_SIZE:]):
-                self._stats.dropped_control_auth += 1
-                return
-            frame = body
-        try:
-            msg = _decoder.decode(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError):
-            self._stats.dropped_control_decode += 1
-            return
+        msg = self._codec.decode(frame)
+        if msg is None:
+            return  # counted by the codec
         if msg.node == self.node_id:
             return  # our own broadcast
         self._stats.control_received += 1
@@ -737,12 +663,8 @@ class ClusterView:
             barrier.release(node_id)
         self._check_synced()
 
-    def _encode(self, msg: _Frame) -> bytes:
-        body = _encoder.encode(msg)
-        return body if self._secret is None else sign(self._secret, body)
-
-    def _reply(self, msg: _Frame, to: str | None) -> None:
-        self._reply_frame(self._encode(msg), to)
+    def _reply(self, msg: Frame, to: str | None) -> None:
+        self._reply_frame(self._codec.encode(msg), to)
 
     def _reply_frame(self, frame: bytes, to: str | None) -> None:
         try:
@@ -752,9 +674,9 @@ class ClusterView:
         except anyio.ClosedResourceError:
             pass  # the router is closing: nobody needs the answer
 
-    async def _send(self, msg: _Frame) -> int | None:
+    async def _send(self, msg: Frame) -> int | None:
         """Broadcast ``msg`` in FIFO order with the replies; return the receiver count."""
-        return await self._send_frame(self._encode(msg))
+        return await self._send_frame(self._codec.encode(msg))
 
     async def _send_frame(self, frame: bytes) -> int | None:
         item = _Outgoing(frame, None, anyio.Event())

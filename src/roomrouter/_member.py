@@ -3,33 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import anyio
 import anyio.lowlevel
 
 from ._envelope import Envelope
 from ._errors import DeliveryGap, MemberClosed
-from ._stats import Stats
+from ._inbox import GapMark, Inbox, OverflowPolicy
 
 __all__ = ["Member", "Membership", "OverflowPolicy", "Recovery"]
-
-#: What a full inbox (``inbox_size`` envelopes, or ``max_inbox_bytes`` of payload) does with
-#: one more envelope: ``"drop_oldest"`` discards the oldest queued envelopes until it fits
-#: (each counted in ``dropped_overflow``); ``"disconnect"`` closes the member with the
-#: reason ``"overflow"`` (the app then closes the client's socket; it can recover by history).
-OverflowPolicy = Literal["drop_oldest", "disconnect"]
-
-
-class _Gap(Envelope, frozen=True):
-    """The place in an inbox where messages of ``room`` may be missing: ``receive()`` raises
-    :class:`DeliveryGap` when it reaches it. Never encoded, never seen by the app."""
-
-
-def _gap(room: str) -> _Gap:
-    return _Gap(id="", room=room, origin="", ts=0.0, payload=b"")
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,18 +32,19 @@ class Recovery:
 
 class Membership(Protocol):
     """What a member asks of its router. Which rooms a member is in, or is joining, is known
-    there alone (``RoomRouter`` implements this); the member keeps only its inbox and the
-    delivery state of its recoveries."""
+    there alone (the router's join table, ``_joins.Joins``, implements this); the member
+    keeps only its inbox and the delivery state of its recoveries (an :class:`Inbox`, which
+    is what the router holds and calls in turn). No underscored name either way (issue 21)."""
 
-    async def _join(
-        self, member: Member, room: str, *, since: str | None, history: int
+    async def join(
+        self, inbox: Inbox, room: str, *, since: str | None, history: int
     ) -> Recovery: ...
 
-    def _leave(self, member: Member, room: str) -> None: ...
+    def leave(self, inbox: Inbox, room: str) -> None: ...
 
-    def _forget(self, member: Member) -> None: ...
+    def forget(self, inbox: Inbox) -> None: ...
 
-    def _rooms_of(self, member: Member) -> frozenset[str]: ...
+    def rooms_of(self, inbox: Inbox) -> frozenset[str]: ...
 
 
 class Member:
@@ -75,76 +60,39 @@ class Member:
     reaches that place raises :class:`~roomrouter.DeliveryGap` once, and the next one goes on.
     """
 
-    __slots__ = (
-        "_bytes",
-        "_closed",
-        "_gaps",
-        "_inbox",
-        "_max_bytes",
-        "_maxlen",
-        "_overlap",
-        "_policy",
-        "_recovering",
-        "_router",
-        "_stats",
-        "_waiters",
-        "id",
-        "info",
-        "listed",
-    )
+    __slots__ = ("_box", "_inbox", "_router", "_waiters", "id", "info", "listed")
 
-    def __init__(
-        self,
-        router: Membership,
-        stats: Stats,
-        member_id: str,
-        inbox_size: int,
-        policy: OverflowPolicy,
-        info: dict[str, str] | None = None,
-        max_bytes: int = 8 << 20,
-    ) -> None:
-        self.id = member_id
+    def __init__(self, box: Inbox, router: Membership, info: dict[str, str] | None = None) -> None:
+        self.id = box.id
         #: The app's data about this member, shown by presence (``router.member(id, info=)``).
         self.info: dict[str, str] = info or {}
         #: Whether presence shows this member (``router.member(id, listed=False)``).
         self.listed = True
         self._router = router
-        self._stats = stats
-        # room -> live envelopes held back while the room's history is being fetched
-        self._recovering: dict[str, list[Envelope]] = {}
-        # room -> origin node -> (ids delivered from history, the highest of them): the live
-        # copies of those may still be on their way after a recovery (see _expect_overlap).
-        self._overlap: dict[str, dict[str, tuple[set[str], str]]] = {}
-        self._inbox: deque[Envelope] = deque()
-        self._maxlen = inbox_size
-        # Payload bytes the inbox holds: what this member keeps alive (a payload is shared by
-        # every member it went to, so this bounds a member's share, not a copy).
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._gaps = 0  # gap marks queued (see _Gap)
-        self._policy = policy
-        # The tasks waiting in receive(): a bare future each on asyncio, an anyio.Event
-        # elsewhere (see _wait). Usually none or one; each has its own, so cancelling one
-        # waiter never cancels another.
-        self._waiters: list[asyncio.Future[None] | anyio.Event] = []
-        self._closed: str | None = None
+        self._box = box
+        box.member = self
+        # The box's own queue and waiter list (the same objects, never replaced): the
+        # receive path reads them without going through the box.
+        self._inbox = box.queue
+        self._waiters = box.waiters
 
     def __repr__(self) -> str:
-        state = f"closed: {self._closed}" if self._closed else f"{len(self.rooms)} room(s)"
+        closed = self._box.closed
+        state = f"closed: {closed}" if closed else f"{len(self.rooms)} room(s)"
         return f"<Member {self.id!r} {state}>"
 
     @property
     def rooms(self) -> frozenset[str]:
         """Rooms this member is in (joins still in progress are not counted yet)."""
-        return self._router._rooms_of(self)
+        return self._router.rooms_of(self._box)
 
     @property
     def closed(self) -> bool:
-        return self._closed is not None
+        return self._box.closed is not None
 
     @property
     def close_reason(self) -> str | None:
-        return self._closed
+        return self._box.closed
 
     def pending(self) -> int:
         """Envelopes queued in the inbox (a queued :class:`~roomrouter.DeliveryGap` counts)."""
@@ -152,7 +100,7 @@ class Member:
 
     def pending_bytes(self) -> int:
         """Payload bytes of the envelopes queued in the inbox (bounded by ``max_inbox_bytes``)."""
-        return self._bytes
+        return self._box.bytes
 
     async def join(self, room: str, *, since: str | None = None, history: int = 0) -> Recovery:
         """Join ``room``. When this returns, every envelope published to ``room`` afterwards, on
@@ -176,25 +124,26 @@ class Member:
         left out of the room, so a retry recovers from ``since``).
         """
         self._check_open()
-        return await self._router._join(self, room, since=since, history=history)
+        return await self._router.join(self._box, room, since=since, history=history)
 
     async def leave(self, room: str) -> None:
         """Leave ``room``; nothing of it is delivered from now on. Leaving a room not joined is a
         no-op; leaving a room whose join is in progress ends that join."""
-        self._router._leave(self, room)
+        self._router.leave(self._box, room)
         await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> Envelope:
         """The next envelope; waits for one. Raises :class:`MemberClosed` once closed and empty,
         and :class:`~roomrouter.DeliveryGap` once where messages of a room may be missing."""
-        inbox = self._inbox
+        box = self._box
+        inbox = box.queue
         while not inbox:
-            if self._closed is not None:
-                raise MemberClosed(self.id, self._closed)
+            if box.closed is not None:
+                raise MemberClosed(self.id, box.closed)
             await self._wait()
         envelope = inbox.popleft()
-        self._bytes -= len(envelope.payload)
-        if self._gaps and envelope.__class__ is _Gap:
+        box.bytes -= len(envelope.payload)
+        if box.gaps and envelope.__class__ is GapMark:
             self._raise_gap(envelope)
         return envelope
 
@@ -211,31 +160,33 @@ class Member:
             raise ValueError(f"max_items must be >= 1: {max_items!r}")
         inbox = self._inbox
         while not inbox:
-            if self._closed is not None:
-                raise MemberClosed(self.id, self._closed)
+            if self._box.closed is not None:
+                raise MemberClosed(self.id, self._box.closed)
             await self._wait()
-        if self._gaps:
+        box = self._box
+        if box.gaps:
             return self._batch_to_gap(max_items)
         if max_items is None or max_items >= len(inbox):
             batch = list(inbox)
             inbox.clear()
-            self._bytes = 0
+            box.bytes = 0
             return batch
         popleft = inbox.popleft
         batch = [popleft() for _ in range(max_items)]
-        self._bytes -= sum([len(envelope.payload) for envelope in batch])
+        box.bytes -= sum([len(envelope.payload) for envelope in batch])
         return batch
 
     def _batch_to_gap(self, max_items: int | None) -> list[Envelope]:
         inbox = self._inbox
-        if inbox[0].__class__ is _Gap:
+        if inbox[0].__class__ is GapMark:
             self._raise_gap(inbox.popleft())
         popleft = inbox.popleft
         batch: list[Envelope] = []
         limit = len(inbox) if max_items is None else max_items
-        while inbox and len(batch) < limit and inbox[0].__class__ is not _Gap:
+        box = self._box
+        while inbox and len(batch) < limit and inbox[0].__class__ is not GapMark:
             envelope = popleft()
-            self._bytes -= len(envelope.payload)
+            box.bytes -= len(envelope.payload)
             batch.append(envelope)
         return batch
 
@@ -245,13 +196,14 @@ class Member:
         if not self._inbox:
             return None
         envelope = self._inbox.popleft()
-        self._bytes -= len(envelope.payload)
-        if self._gaps and envelope.__class__ is _Gap:
+        box = self._box
+        box.bytes -= len(envelope.payload)
+        if box.gaps and envelope.__class__ is GapMark:
             self._raise_gap(envelope)
         return envelope
 
     def _raise_gap(self, mark: Envelope) -> None:
-        self._gaps -= 1
+        self._box.gaps -= 1
         raise DeliveryGap(self.id, mark.room)
 
     def __aiter__(self) -> Member:
@@ -260,14 +212,15 @@ class Member:
     async def __anext__(self) -> Envelope:
         # receive() inlined: ``async for`` over a member is the common send loop, and one
         # coroutine per envelope instead of two is a measurable share of a big room's fan-out.
-        inbox = self._inbox
+        box = self._box
+        inbox = box.queue
         while not inbox:
-            if self._closed is not None:
+            if box.closed is not None:
                 raise StopAsyncIteration
             await self._wait()
         envelope = inbox.popleft()
-        self._bytes -= len(envelope.payload)
-        if self._gaps and envelope.__class__ is _Gap:
+        box.bytes -= len(envelope.payload)
+        if box.gaps and envelope.__class__ is GapMark:
             self._raise_gap(envelope)
         return envelope
 
@@ -304,19 +257,9 @@ class Member:
         except ValueError:  # already woken
             pass
 
-    def _wake(self) -> None:
-        waiters = self._waiters
-        for waiter in waiters:
-            if isinstance(waiter, asyncio.Future):
-                if not waiter.done():  # done: cancelled, its task is on its way out
-                    waiter.set_result(None)
-            else:
-                waiter.set()
-        waiters.clear()
-
     async def close(self) -> None:
         """Leave every room and close; the member id becomes free again."""
-        self._close("closed")
+        self._box.close("closed")
 
     async def __aenter__(self) -> Member:
         return self
@@ -324,121 +267,5 @@ class Member:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
-    # -- called by the router -------------------------------------------------------------------
-
-    def _deliver(self, envelope: Envelope) -> bool:
-        """Queue ``envelope``; False if it was not queued (closed, or closed by overflow)."""
-        if self._recovering:
-            held = self._recovering.get(envelope.room)
-            if held is not None:
-                held.append(envelope)
-                return True
-        if self._overlap and self._recovered_already(envelope):
-            self._stats.dropped_duplicate += 1
-            return False
-        inbox = self._inbox
-        total = self._bytes + len(envelope.payload)
-        # An envelope always fits an inbox that holds no payload bytes: one bigger than
-        # max_inbox_bytes (from a node with a larger max_payload) is kept alone, not refused.
-        if (total > self._max_bytes and self._bytes) or len(inbox) >= self._maxlen:
-            if self._closed is not None:
-                return False
-            if self._policy == "disconnect":
-                self._stats.members_disconnected += 1
-                self._close("overflow")
-                return False
-            self._drop_oldest(len(envelope.payload))
-            total = self._bytes + len(envelope.payload)
-        inbox.append(envelope)
-        self._bytes = total
-        if self._waiters:
-            self._wake()
-        return True
-
-    def _drop_oldest(self, size: int) -> None:
-        """Drop the oldest envelopes until one of ``size`` bytes fits. Gap marks are kept: they
-        hold no bytes, and dropping one would make a loss silent."""
-        inbox = self._inbox
-        marks: list[Envelope] = []
-        while inbox and (
-            len(inbox) + len(marks) >= self._maxlen
-            or (self._bytes and self._bytes + size > self._max_bytes)
-        ):
-            oldest = inbox.popleft()
-            if oldest.__class__ is _Gap:
-                marks.append(oldest)
-                continue
-            self._bytes -= len(oldest.payload)
-            self._stats.dropped_overflow += 1
-        if marks:
-            inbox.extendleft(reversed(marks))
-
-    def _deliver_gap(self, room: str) -> bool:
-        """Queue a gap mark for ``room`` (one, if the last queued is one already); False if
-        closed. It is never dropped by overflow (see _drop_oldest)."""
-        if self._closed is not None:
-            return False
-        inbox = self._inbox
-        if inbox and inbox[-1].__class__ is _Gap and inbox[-1].room == room:
-            return True
-        inbox.append(_gap(room))
-        self._gaps += 1
-        if self._waiters:
-            self._wake()
-        return True
-
-    def _expect_overlap(self, room: str, recovered: list[Envelope]) -> None:
-        """After a recovery of ``room``: drop the live copies of ``recovered`` still to come.
-
-        The history read may hold messages published after the join whose live copy has not
-        arrived yet. Each origin's live envelopes arrive in id order (one node's ids grow with
-        its publishes, and per publisher and room order is kept), so once an origin's live
-        envelope reaches the highest id recovered from it, nothing recovered from it can follow
-        and its entry goes. Exact, and bounded by the router's ``max_recover``.
-        """
-        # Lists first, sets and highs once per origin: a storm runs this for every member.
-        lists: dict[str, list[str]] = {}
-        for envelope in recovered:
-            ids = lists.get(envelope.origin)
-            if ids is None:
-                lists[envelope.origin] = [envelope.id]
-            else:
-                ids.append(envelope.id)
-        if lists:
-            self._overlap[room] = {o: (set(ids), max(ids)) for o, ids in lists.items()}
-        else:
-            self._overlap.pop(room, None)
-
-    def _recovered_already(self, envelope: Envelope) -> bool:
-        by_origin = self._overlap.get(envelope.room)
-        if by_origin is None:
-            return False
-        entry = by_origin.get(envelope.origin)
-        if entry is None:
-            return False
-        ids, high = entry
-        if envelope.id >= high:  # this origin's live stream has passed its recovered part
-            del by_origin[envelope.origin]
-            if not by_origin:
-                del self._overlap[envelope.room]
-        return envelope.id in ids
-
-    def _deliver_recovered(self, envelopes: list[Envelope]) -> None:
-        """Queue a recovery batch in order. It may exceed ``inbox_size`` once (it is bounded by
-        the router's ``max_recover``): dropping recovered history would defeat the recovery."""
-        self._inbox.extend(envelopes)
-        self._bytes += sum([len(envelope.payload) for envelope in envelopes])
-        if envelopes and self._waiters:
-            self._wake()
-
-    def _close(self, reason: str) -> None:
-        if self._closed is not None:
-            return
-        self._closed = reason
-        self._router._forget(self)
-        if self._waiters:
-            self._wake()
-
     def _check_open(self) -> None:
-        if self._closed is not None:
-            raise MemberClosed(self.id, self._closed)
+        self._box.check_open()

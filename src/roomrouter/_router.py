@@ -4,6 +4,12 @@ subscriptions.
 Per published message the router does O(local members of the room) work: one envelope is built,
 appended to each local member's inbox, and — only if another live node hosts the room — encoded
 once and handed to the broker. No task is spawned per message or per member.
+
+The router routes; the rest is in modules of its own, each behind a small in-package interface:
+the join table and recovery on join (``_joins.Joins``, the ``Membership`` a member talks to),
+history reads (``_recovery.Recoverer``), delivery gaps after a reconnect
+(``_gaps.GapRecovery``), a member's inbox as the router sees it (``_inbox.Inbox``), the host
+task (``_lifecycle.HostTask``) and the checks of what the application hands in (``_options``).
 """
 
 from __future__ import annotations
@@ -12,10 +18,8 @@ import hashlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
-from dataclasses import dataclass, field
-from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -37,14 +41,23 @@ from ._envelope import (
 from ._errors import (
     ConfigurationError,
     DuplicateMember,
-    HistoryUnavailable,
-    PayloadTooLarge,
     PublishOutcomeUnknown,
-    RoomRouterError,
     RouterNotRunning,
 )
-from ._host import SupervisedTasks, spawn_detached, stray_cancellation
-from ._member import Member, OverflowPolicy, Recovery
+from ._gaps import GapRecovery
+from ._host import SupervisedTasks
+from ._inbox import Inbox
+from ._joins import Joins
+from ._lifecycle import HostTask
+from ._member import Member, OverflowPolicy
+from ._options import (
+    check_headers,
+    check_info,
+    check_options,
+    payload_bytes,
+    presence_store,
+    presence_url_of,
+)
 from ._presence import PresenceKeeper
 from ._recovery import Recoverer
 from ._stats import Stats
@@ -57,118 +70,10 @@ __all__ = ["RoomRouter"]
 
 log = logging.getLogger("roomrouter")
 
-_NOTHING_RECOVERED = Recovery()
-
-#: Cache reads running at once after a reconnect (one per hosted room, see _recover_gap).
-_GAP_READS = 8
-
-
-def _by_id(envelope: Envelope) -> str:
-    return envelope.id
-
-
-@dataclass(slots=True, eq=False)
-class _Join:
-    """One member's join of one room: in flight until ``done``; ``joined`` while the member
-    is in the room (receiving); ``active`` until a leave or a close ended it. A join with
-    ``since``/``history`` has ``recovered``, set once its history was read (or failed:
-    ``recovery_error``; or its caller was cancelled: ``abandoned``)."""
-
-    done: anyio.Event = field(default_factory=anyio.Event)
-    joined: bool = False
-    active: bool = True
-    error: RoomRouterError | None = None
-    entry: PresenceEntry | None = None  # what the presence store holds for it, if any
-    recovered: anyio.Event | None = None
-    recovery_error: HistoryUnavailable | None = None
-    abandoned: bool = False
-
-    def end_recovery(
-        self, error: HistoryUnavailable | None = None, *, abandoned: bool = False
-    ) -> None:
-        if self.recovered is not None and not self.recovered.is_set():
-            self.recovery_error, self.abandoned = error, abandoned
-            self.recovered.set()
-
-
-@dataclass(slots=True, eq=False)
-class _Host:
-    """What the caller of start/aclose and the host task tell each other."""
-
-    started: anyio.Event = field(default_factory=anyio.Event)
-    stop: anyio.Event = field(default_factory=anyio.Event)
-    stopped: anyio.Event = field(default_factory=anyio.Event)
-    error: Exception | None = None
-
-
-def _check_headers(headers: Mapping[str, str]) -> None:
-    # Headers are stored by sinks as text: refuse what a database would refuse later, at the
-    # publish, where the caller can still act on it.
-    for key, value in headers.items():
-        for text in (key, value):
-            if not isinstance(text, str) or "\x00" in text or not _encodable(text):
-                raise ConfigurationError(f"header {key!r}: keys and values must be text")
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _check_info(info: Mapping[str, str] | None) -> dict[str, str]:
-    if not info:
-        return {}
-    _check_headers(info)
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in info.items())
-    if size > 4096:
-        raise ConfigurationError(f"member info is {size} bytes; at most 4096")
-    return dict(info)
-
 
 def _rendezvous(node: str, room: str) -> int:
     digest = hashlib.blake2b(f"{node}\x00{room}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big")
-
-
-def _presence_store(broker: Broker, presence: Presence | str | bool | None) -> Presence | None:
-    if presence is None or presence is False:
-        return None
-    from .presence import presence_from_url
-    from .presence.memory import MemoryPresence
-
-    if isinstance(presence, Presence):
-        return presence
-    if isinstance(presence, str):
-        return presence_from_url(presence)
-    if presence is True:
-        from .brokers.memory import MemoryBroker
-
-        if isinstance(broker, MemoryBroker):
-            return MemoryPresence(broker.hub.name)
-        raise ConfigurationError(
-            f"presence=True needs RoomRouter.from_url (or a memory broker); for the "
-            f"{broker.name} backend pass presence='redis://...'"
-        )
-    raise ConfigurationError(f"presence must be a Presence, a URL or a bool, not {presence!r}")
-
-
-def _presence_url_of(url: str) -> str:
-    """The presence store on the broker's own server: the broker URL without its options."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("memory", "redis", "rediss", "unix"):
-        raise ConfigurationError(
-            f"presence=True: the {parts.scheme} backend keeps no presence; pass "
-            "presence='redis://...'"
-        )
-    from ._urls import _cluster_option
-
-    query = "cluster=1" if _cluster_option(url) else ""  # a Redis Cluster stays one
-    return urlunsplit(parts._replace(query=query, fragment=""))
 
 
 class RoomRouter:
@@ -251,45 +156,25 @@ class RoomRouter:
         suspect_interval: float | None = None,
         control_secret: str | bytes | None = None,
     ) -> None:
-        if not isinstance(broker, Broker):
-            raise ConfigurationError(f"broker must be a roomrouter Broker, not {broker!r}")
-        if not namespace or not isinstance(namespace, str) or not namespace.isprintable():
-            raise ConfigurationError(f"namespace must be a non-empty printable str: {namespace!r}")
-        if overflow not in ("drop_oldest", "disconnect"):
-            raise ConfigurationError(
-                f"overflow must be 'drop_oldest' or 'disconnect': {overflow!r}"
-            )
-        if direct_max is None:
-            direct_max = broker.default_direct_max
-        if not isinstance(direct_max, int) or direct_max < 0:
-            raise ConfigurationError(f"direct_max must be an int >= 0: {direct_max!r}")
-        if inbox_size < 1 or max_payload < 0 or linger < 0:
-            raise ConfigurationError("inbox_size must be >= 1; max_payload and linger >= 0")
-        if max_inbox_bytes is None:
-            max_inbox_bytes = max(8 << 20, 2 * max_payload)
-        elif not isinstance(max_inbox_bytes, int) or max_inbox_bytes < max(max_payload, 1):
-            raise ConfigurationError(
-                f"max_inbox_bytes must be an int >= max_payload ({max_payload}): "
-                f"{max_inbox_bytes!r}"
-            )
-        if not 0 < heartbeat_interval < node_ttl:
-            raise ConfigurationError("need 0 < heartbeat_interval < node_ttl")
-        if suspect_interval is not None and not heartbeat_interval < suspect_interval <= node_ttl:
-            raise ConfigurationError("need heartbeat_interval < suspect_interval <= node_ttl")
-        secret = control_secret.encode() if isinstance(control_secret, str) else control_secret
-        if secret is not None and (not isinstance(secret, bytes) or not secret):
-            raise ConfigurationError("control_secret must be a non-empty str or bytes")
-        if isinstance(sink, str):
-            from .storage import sink_from_url
-
-            sink = sink_from_url(sink)
-        if sink is not None and not isinstance(sink, Sink):
-            raise ConfigurationError(f"sink must be a roomrouter Sink or a URL, not {sink!r}")
-        if node_id is not None and (
-            not node_id or len(node_id) > 128 or not node_id.isprintable() or " " in node_id
-        ):
-            raise ConfigurationError(f"node_id must be printable, without spaces: {node_id!r}")
-        store = _presence_store(broker, presence)
+        if direct_max is None:  # the backend's (check_options refuses a broker that is none)
+            direct_max = getattr(broker, "default_direct_max", 1)
+        max_inbox_bytes, secret, sink = check_options(
+            broker,
+            namespace=namespace,
+            node_id=node_id,
+            linger=linger,
+            inbox_size=inbox_size,
+            overflow=overflow,
+            max_payload=max_payload,
+            max_inbox_bytes=max_inbox_bytes,
+            heartbeat_interval=heartbeat_interval,
+            node_ttl=node_ttl,
+            sink=sink,
+            direct_max=direct_max,
+            suspect_interval=suspect_interval,
+            control_secret=control_secret,
+        )
+        store = presence_store(broker, presence)
         self.broker = broker
         self.sink: Sink | None = sink
         self.max_recover = max_recover
@@ -306,8 +191,6 @@ class RoomRouter:
         )
         self._stats = Stats()
         self._ids = IdGenerator()
-        self._members: dict[str, Member] = {}
-        self._local: dict[str, dict[str, Member]] = {}  # room -> member id -> member
         self._cluster = ClusterView(
             self.node_id,
             broker,
@@ -328,7 +211,6 @@ class RoomRouter:
             on_subscribed=self._cluster.announce_host,
             on_unsubscribing=self._cluster.announce_unhost,
         )
-        self._joins: dict[Member, dict[str, _Join]] = {}
         self._tracked: dict[tuple[str, str], PresenceEntry] = {}  # (room, key) -> entry
         self._presence = (
             None
@@ -343,19 +225,30 @@ class RoomRouter:
             )
         )
         self._recovery = Recoverer(broker, sink, self._stats, max_recover)
-        # Delivery gaps (a lost data connection, see _on_reconnect): per hosted room the id of
-        # the last persisted envelope delivered from the broker (its place in the room's
-        # recent cache) and whether live-only envelopes came (those no cache can give back).
-        self._last_persisted: dict[str, str] = {}
-        self._live_rooms: set[str] = set()
-        # Rooms whose live envelopes are held while the cache is read after a reconnect, and
-        # the recovered ids whose live copies may still come (see _gap_filter).
-        self._gap_hold: dict[str, list[Envelope]] = {}
-        self._gap_overlap: dict[str, set[str]] = {}
-        self._gap_pending: set[str] = set()
-        self._gap_wake = anyio.Event()
-        self._running = False
-        self._host: _Host | None = None
+        self._joins = Joins(
+            self.node_id,
+            self._subs,
+            self._recovery,
+            self._presence,
+            max_room_length=max_room_length,
+            max_recover=max_recover,
+            check_running=self._check_running,
+            require_persistence=self._require_persistence,
+            read_history=lambda room, n: self.history(room, limit=n),
+            on_room_empty=lambda room: self._gaps.forget(room),
+        )
+        # The join table's maps, the same objects for the router's life: routing reads them.
+        self._members = self._joins.members  # member id -> inbox
+        self._local = self._joins.local  # room -> member id -> inbox
+        self._gaps = GapRecovery(
+            self.node_id, broker, self._recovery, self._stats, self._local, self._deliver_remote
+        )
+        # The same objects as the gap state's (see GapRecovery): read per delivered envelope.
+        self._gap_hold = self._gaps.hold
+        self._gap_overlap = self._gaps.overlap
+        self._last_persisted = self._gaps.last_persisted
+        self._live_rooms = self._gaps.live_rooms
+        self._host = HostTask(self.node_id, self._stats)
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RoomRouter:
@@ -372,16 +265,13 @@ class RoomRouter:
             raise ConfigurationError(f"{key} given both in the URL and as an option")
         options.update(found)
         if options.get("presence") is True:
-            options["presence"] = _presence_url_of(url)
+            options["presence"] = presence_url_of(url)
         return cls(broker_from_url(url), **options)
 
     def __repr__(self) -> str:
         return f"<RoomRouter node={self.node_id} broker={self.broker.name} ns={self.namespace!r}>"
 
-    # -- lifecycle ------------------------------------------------------------------------------
-    # The router's background work runs in a host task of its own, not in the caller's task:
-    # routers then open and close in any order, from any task, inside any framework's lifespan
-    # (see _host.py). The caller only waits for the host task to say "started" or "stopped".
+    # -- lifecycle (the host task: _lifecycle.py) -----------------------------------------------
 
     async def start(self) -> None:
         """Connect, join the cluster and start the background tasks; return once the router is
@@ -390,32 +280,12 @@ class RoomRouter:
         Raises what made the start fail (e.g. :class:`~roomrouter.BrokerUnavailable`); nothing
         is left running then. A router starts once; :meth:`aclose` stops it.
         """
-        if self._host is not None:
-            raise RuntimeError("this router was already started (a router starts once)")
-        host = self._host = _Host()
-        spawn_detached(partial(self._host_main, host), f"roomrouter host {self.node_id}")
-        try:
-            await host.started.wait()
-        except BaseException:
-            # The caller gave up (cancelled): stop what started, then let the cancellation on.
-            host.stop.set()
-            with anyio.CancelScope(shield=True):
-                await host.stopped.wait()
-            raise
-        if host.error is not None:
-            with anyio.CancelScope(shield=True):
-                await host.stopped.wait()
-            raise host.error
+        await self._host.start(self._enter, self._start_in, self._stop)
 
     async def aclose(self) -> None:
         """Close every member, leave the cluster, stop the background tasks and close the
         connections. Idempotent, and callable from any task; returns once all is closed."""
-        host = self._host
-        if host is None:
-            return
-        host.stop.set()
-        with anyio.CancelScope(shield=True):
-            await host.stopped.wait()
+        await self._host.close()
 
     async def __aenter__(self) -> RoomRouter:
         await self.start()
@@ -429,43 +299,20 @@ class RoomRouter:
     ) -> None:
         await self.aclose()
 
-    async def _host_main(self, host: _Host) -> None:
-        """The host task: everything the router runs lives in here, from start to close."""
-        try:
-            async with AsyncExitStack() as stack:
-                if self.sink is not None:
-                    await stack.enter_async_context(self.sink)
-                # Exit runs in reverse: the task group ends first, then connections close.
-                stack.push_async_callback(self._close_broker)
-                self._cluster.open()
-                stack.callback(self._cluster.close)
-                async with anyio.create_task_group() as tg:
-                    try:
-                        await self._start_in(tg)
-                    except Exception as exc:
-                        host.error = exc
-                    else:
-                        self._running = True
-                    host.started.set()
-                    if host.error is None:
-                        await host.stop.wait()
-                        await self._stop()
-                    tg.cancel_scope.cancel()
-        except Exception as exc:
-            if not host.started.is_set():
-                host.error = exc
-            else:
-                log.exception("node %s: the router stopped on an error", self.node_id)
-        finally:
-            self._running = False
-            host.started.set()
-            host.stopped.set()
+    async def _enter(self, stack: AsyncExitStack) -> None:
+        # What lives as long as the host task. Exit runs in reverse: the task group ends
+        # first, then connections close.
+        if self.sink is not None:
+            await stack.enter_async_context(self.sink)
+        stack.push_async_callback(self._close_broker)
+        self._cluster.open()
+        stack.callback(self._cluster.close)
 
     async def _start_in(self, tg: TaskGroup) -> None:
         # The broker's and the presence store's tasks run under the same supervision as the
         # router's own loops: a failure is logged, counted and restarted, never the end of
         # the router (nor, before the host task, of the application's task group).
-        supervised = SupervisedTasks(tg, self._spawn)
+        supervised = SupervisedTasks(tg, self._host.spawn)
         await self.broker.start(
             BrokerContext(
                 node_id=self.node_id,
@@ -477,21 +324,20 @@ class RoomRouter:
                 on_direct=self._on_direct,
             )
         )
-        self._spawn(tg, "control sender", self._cluster.run_sender)
-        self._spawn(tg, "heartbeat", self._cluster.run_heartbeat)
-        self._spawn(tg, "subscriptions", self._subs.run)
-        self._spawn(tg, "gap recovery", self._run_gap_recovery)
+        self._host.spawn(tg, "control sender", self._cluster.run_sender)
+        self._host.spawn(tg, "heartbeat", self._cluster.run_heartbeat)
+        self._host.spawn(tg, "subscriptions", self._subs.run)
+        self._host.spawn(tg, "gap recovery", self._gaps.run)
         if self._presence is not None:
             await self._presence.start(self.namespace, supervised)
-            self._spawn(tg, "presence writer", self._presence.run_writer)
-            self._spawn(tg, "presence refresh", self._presence.run_refresh)
+            self._host.spawn(tg, "presence writer", self._presence.run_writer)
+            self._host.spawn(tg, "presence refresh", self._presence.run_refresh)
         await self._cluster.join_cluster(self._discovery_window)
 
     async def _stop(self) -> None:
-        self._running = False
         self._subs.close()
-        for member in list(self._members.values()):
-            member._close("router closed")
+        for inbox in list(self._members.values()):
+            inbox.close("router closed")
         if self._presence is not None:
             await self._presence.close()
         await self._cluster.leave_cluster()
@@ -503,37 +349,8 @@ class RoomRouter:
             except Exception:
                 log.exception("node %s: closing the broker failed", self.node_id)
 
-    def _spawn(self, tg: TaskGroup, name: str, loop: Callable[[], Awaitable[None]]) -> None:
-        """Run ``loop`` under supervision: an exception is logged, counted, and the loop restarted
-        after a capped backoff. Cancellation (router exit) ends it."""
-
-        async def supervised() -> None:
-            delay = 0.05
-            while True:
-                try:
-                    await loop()
-                    return
-                except Exception:
-                    self._stats.task_restarts += 1
-                    log.exception(
-                        "node %s: background task %r failed; restarting", self.node_id, name
-                    )
-                except anyio.get_cancelled_exc_class():
-                    if not stray_cancellation():
-                        raise  # the router is closing
-                    self._stats.task_restarts += 1
-                    log.error(
-                        "node %s: background task %r ended with a CancelledError nobody asked "
-                        "for (raised by a client library); restarting", self.node_id, name,
-                        exc_info=True,
-                    )  # fmt: skip
-                await anyio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-
-        tg.start_soon(supervised, name=f"roomrouter {name} {self.node_id}")
-
     def _check_running(self) -> None:
-        if not self._running:
+        if not self._host.running:
             raise RouterNotRunning("use the router inside `async with router:`")
 
     # -- members --------------------------------------------------------------------------------
@@ -560,206 +377,27 @@ class RoomRouter:
             raise ConfigurationError(f"member id must be a non-empty printable str: {member_id!r}")
         if member_id in self._members:
             raise DuplicateMember(f"member {member_id!r} already exists on node {self.node_id}")
-        details = _check_info(info)
+        details = check_info(info)
         if max_inbox_bytes is None:
             max_inbox_bytes = self.max_inbox_bytes
         elif not isinstance(max_inbox_bytes, int) or max_inbox_bytes < 1:
             raise ConfigurationError(f"max_inbox_bytes must be an int >= 1: {max_inbox_bytes!r}")
-        member = Member(
-            self, self._stats, member_id, self.inbox_size, self.overflow, details, max_inbox_bytes
+        inbox = Inbox(
+            self._joins, self._stats, member_id, self.inbox_size, self.overflow, max_inbox_bytes
         )
+        member = Member(inbox, self._joins, details)
         member.listed = listed
-        self._members[member_id] = member
+        self._members[member_id] = inbox
         return member
 
     def get_member(self, member_id: str) -> Member | None:
-        return self._members.get(member_id)
-
-    # Join state lives here, one _Join per (member, room), and members ask for it through the
-    # narrow interface of _member.Membership. A join is in flight until its room is ready (the
-    # subscription manager's one readiness state per room); a second join of the same member
-    # waits for the first; a leave ends the join whatever its stage, and the join that is still
-    # on the wire gives its reference back itself, so every acquire has exactly one release.
-
-    def _rooms_of(self, member: Member) -> frozenset[str]:
-        joins = self._joins.get(member)
-        if not joins:
-            return frozenset()
-        return frozenset(room for room, join in joins.items() if join.joined)
-
-    async def _join(
-        self, member: Member, room: str, *, since: str | None = None, history: int = 0
-    ) -> Recovery:
-        self._check_running()
-        validate_room(room, self.max_room_length)
-        if since is None and not history:
-            await self._join_live(member, room)
-            return _NOTHING_RECOVERED
-        if history < 0 or history > self.max_recover:
-            raise ConfigurationError(
-                f"history must be between 0 and max_recover={self.max_recover}"
-            )
-        self._require_persistence()
-        if room in self._joins.get(member, ()) and await self._await_join(member, room):
-            return _NOTHING_RECOVERED  # joined or joining (and then joined): a second join
-        # Live envelopes of the room are held back from the inbox while the history is read,
-        # then merged with it: the join comes first, so nothing published after it is missed,
-        # and the merge by id removes what both paths delivered.
-        held: list[Envelope] = []
-        member._recovering[room] = held
-        try:
-            join = await self._join_live(member, room, recovering=True)
-        except BaseException:
-            member._recovering.pop(room, None)
-            raise
-        assert join is not None  # none was there (checked above, with no await since)
-        try:
-            if since is not None:
-                found, complete = await self._recovery.since(room, since)
-            else:
-                found, complete = await self.history(room, limit=history), True
-        except BaseException as exc:
-            # The join did not deliver what it promised: the member is left out of the room
-            # (and what the join acquired released), so a retry recovers from the start.
-            # Second joins waiting for this one fail with it, or, if its caller was
-            # cancelled, make the join themselves.
-            member._recovering.pop(room, None)
-            self._leave(member, room)
-            if not isinstance(exc, Exception):
-                join.end_recovery(abandoned=True)
-                raise
-            error = HistoryUnavailable(f"history of {room!r} could not be read: {exc}")
-            error.__cause__ = exc  # for the waiters' errors (see _await_join)
-            join.end_recovery(error)
-            if isinstance(exc, RoomRouterError):
-                raise error from exc
-            raise
-        join.end_recovery()
-        member._recovering.pop(room, None)
-        if room not in self._rooms_of(member):  # left (or closed) while the history was read
-            return _NOTHING_RECOVERED
-        # `found` is in id order without repeats; only held-back live ones need a merge.
-        recovered = len(found)
-        if held:
-            merged = {e.id: e for e in found}
-            for envelope in held:
-                merged.setdefault(envelope.id, envelope)
-            member._deliver_recovered(sorted(merged.values(), key=_by_id))
-            arrived = {e.id for e in held}
-            found_only = [e for e in found if e.id not in arrived]
-        else:
-            member._deliver_recovered(found)
-            found_only = found
-        # Recovered ones published after the join may still arrive live (the history read can
-        # outrun the live path): the member drops those copies.
-        member._expect_overlap(room, found_only)
-        last = found[-1].id if found else None
-        return Recovery(count=recovered, complete=complete, last_id=last)
-
-    async def _await_join(self, member: Member, room: str) -> bool:
-        """Wait for ``member``'s join of ``room`` that is there already, if any, until the
-        member is in the room *for good*: the room ready and, for a join with ``since`` or
-        ``history``, its history read. A second join returning earlier said "joined" while
-        the first's failed recovery could still take the member out. Returns False if there
-        is none (any more: a join cancelled by its caller is its caller's business, not
-        ours), True once it ended joined (or left meanwhile: a leave that came later wins);
-        raises what made it fail."""
-        while True:
-            member._check_open()
-            current = self._joins.get(member, {}).get(room)
-            if current is None:
-                return False
-            waited = False
-            if not current.joined:
-                await current.done.wait()
-                waited = True
-                if current.error is not None:
-                    raise current.error
-                if not current.joined and current.active:
-                    continue  # that join was cancelled: make our own
-            if current.recovered is not None and not current.recovered.is_set():
-                await current.recovered.wait()
-                waited = True
-                if current.recovery_error is not None:
-                    error = current.recovery_error
-                    raise HistoryUnavailable(str(error)) from error.__cause__
-                if current.abandoned:
-                    continue
-            if not waited:
-                await anyio.lowlevel.checkpoint()
-            return True
-
-    async def _join_live(
-        self, member: Member, room: str, *, recovering: bool = False
-    ) -> _Join | None:
-        """Return once ``member`` is in ``room`` and the room is ready (or the member left it
-        again meanwhile: a leave that came later wins). Returns the join it made, None if it
-        waited for one that was there (see _await_join). ``recovering``: the caller reads the
-        history next and ends the join's recovery (``_Join.end_recovery``)."""
-        if await self._await_join(member, room):
-            return None
-        # No await since _await_join found no join: this one is the only one.
-        joins = self._joins.setdefault(member, {})
-        join = joins[room] = _Join(recovered=anyio.Event() if recovering else None)
-        try:
-            await self._subs.acquire(room)
-        except BaseException as exc:
-            if joins.get(room) is join:
-                del joins[room]
-            if isinstance(exc, RoomRouterError):
-                join.error = exc
-            join.end_recovery(abandoned=True)  # nothing to recover into: waiters look again
-            join.done.set()
-            raise
-        if not join.active:  # left, or the member closed, while the join was on the wire
-            self._subs.release(room)
-            join.end_recovery()  # the leave came later and wins: nothing for waiters to wait
-            join.done.set()
-            member._check_open()
-            return join
-        join.joined = True
-        self._local.setdefault(room, {})[member.id] = member
-        if self._presence is not None and member.listed:
-            join.entry = PresenceEntry(member.id, self.node_id, time.time(), member.info)
-            self._presence.add(room, join.entry)
-        join.done.set()
-        return join
-
-    def _leave(self, member: Member, room: str) -> None:
-        joins = self._joins.get(member)
-        join = joins.pop(room, None) if joins else None
-        if join is not None:
-            self._end_join(member, room, join)
-
-    def _forget(self, member: Member) -> None:
-        for room, join in self._joins.pop(member, {}).items():
-            self._end_join(member, room, join)
-        if self._members.get(member.id) is member:
-            del self._members[member.id]
-
-    def _end_join(self, member: Member, room: str, join: _Join) -> None:
-        join.active = False
-        member._overlap.pop(room, None)
-        if not join.joined:
-            return  # still on the wire: that join sees `active` gone and releases its reference
-        join.joined = False
-        members = self._local.get(room)
-        if members is not None:
-            members.pop(member.id, None)
-            if not members:
-                del self._local[room]
-                self._forget_gap_state(room)
-        if self._presence is not None and join.entry is not None:
-            self._presence.remove(room, join.entry)
-        self._subs.release(room)
+        inbox = self._members.get(member_id)
+        return None if inbox is None else inbox.member
 
     # -- presence and affinity ------------------------------------------------------------------
 
     def _presence_entries(self) -> Iterator[tuple[str, PresenceEntry]]:
-        for joins in self._joins.values():
-            for room, join in joins.items():
-                if join.joined and join.entry is not None:
-                    yield room, join.entry
+        yield from self._joins.presence_entries()
         for (room, _), entry in self._tracked.items():
             yield room, entry
 
@@ -772,7 +410,7 @@ class RoomRouter:
         validate_room(room, self.max_room_length)
         if self._presence is None or (room, key) in self._tracked:
             return
-        entry = PresenceEntry(key, self.node_id, time.time(), _check_info(info))
+        entry = PresenceEntry(key, self.node_id, time.time(), check_info(info))
         self._tracked[room, key] = entry
         self._presence.add(room, entry)
 
@@ -898,30 +536,12 @@ class RoomRouter:
         """
         self._check_running()
         validate_room(room, self.max_room_length)
-        if not isinstance(payload, bytes):
-            # Bytes-like only, sized before the copy: bytes(5) would be five NUL bytes,
-            # bytes([104, 105]) b"hi", and bytes(10**12) a MemoryError before any size check.
-            if isinstance(payload, memoryview):
-                size = payload.nbytes
-            elif isinstance(payload, bytearray):
-                size = len(payload)
-            else:
-                raise TypeError(
-                    f"payload must be bytes, bytearray or memoryview, not {type(payload).__name__}"
-                )
-            if size > self.max_payload:
-                raise PayloadTooLarge(
-                    f"payload is {size} bytes; this router's max_payload is {self.max_payload}"
-                )
-            payload = bytes(payload)
-        if len(payload) > self.max_payload:
-            raise PayloadTooLarge(
-                f"payload is {len(payload)} bytes; this router's max_payload is {self.max_payload}"
-            )
+        if not isinstance(payload, bytes) or len(payload) > self.max_payload:
+            payload = payload_bytes(payload, self.max_payload)  # or a clear error
         if persist and not self.broker.supports_storage:
             raise ConfigurationError(f"the {self.broker.name} backend has no storage queue")
         if headers:
-            _check_headers(headers)
+            check_headers(headers)
         envelope = Envelope(
             id=self._ids.next() if id is None else validate_id(id),
             room=room,
@@ -938,8 +558,8 @@ class RoomRouter:
             skip = exclude.id if isinstance(exclude, Member) else exclude
             # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
             delivered = 0
-            for member in tuple(members.values()):
-                if member.id != skip and member._deliver(envelope):
+            for inbox in tuple(members.values()):
+                if inbox.id != skip and inbox.deliver(envelope):
                     delivered += 1
             stats.local_deliveries += delivered
         hosts = self._cluster.hosts_of(room)
@@ -953,20 +573,13 @@ class RoomRouter:
         else:
             stats.bypassed_publishes += 1
         try:
-            # `to` only when set: a broker written before direct publishing (supports_direct
-            # False, so never given one) need not accept it.
             if persist:
                 # Even a room hosted only here goes to the broker: the storage queue is there.
                 stats.persisted += 1
                 frame = encode_envelope(envelope)
-                if to is None:
-                    await self.broker.publish_persistent(room, frame, live=live)
-                else:
-                    await self.broker.publish_persistent(room, frame, live=live, to=to)
-            elif to is not None:
-                await self.broker.publish(room, encode_envelope(envelope), to=to)
+                await self.broker.publish_persistent(room, frame, live=live, to=to)
             elif live:
-                await self.broker.publish(room, encode_envelope(envelope))
+                await self.broker.publish(room, encode_envelope(envelope), to=to)
         except PublishOutcomeUnknown as exc:
             # A fresh error per call (a backend may fail a whole batch with one instance),
             # carrying the id the caller needs for a safe retry.
@@ -1017,7 +630,7 @@ class RoomRouter:
         if not members:
             stats.dropped_not_hosted += 1
             return
-        if (self._gap_hold or self._gap_overlap) and self._gap_filter(envelope):
+        if (self._gap_hold or self._gap_overlap) and self._gaps.filter(envelope):
             return
         # Where this node is in the room's stream, for a recovery after a lost connection: a
         # dict store per envelope, per room (not per member).
@@ -1026,129 +639,17 @@ class RoomRouter:
         elif room not in self._live_rooms:
             self._live_rooms.add(room)
         delivered = 0  # counted here, added once: a big room runs this loop per member
-        for member in tuple(members.values()):
-            if member._deliver(envelope):
+        for inbox in tuple(members.values()):
+            if inbox.deliver(envelope):
                 delivered += 1
         stats.remote_deliveries += delivered
 
     def _on_reconnect(self) -> None:
         self._stats.reconnects += 1
         self._cluster.on_reconnect()
-        # The data connection was lost: frames published meanwhile were not delivered. Hold
-        # each hosted room's live frames from now on (the broker calls this before it hands
-        # on any frame of the new connection) until its cache was read, see _recover_gap.
-        for room in self._local:
-            self._gap_hold.setdefault(room, [])
-            self._gap_pending.add(room)
-        self._gap_wake.set()
-
-    # -- delivery gaps (docs/architecture.md, "Delivery semantics") --------------------------------
-
-    def _gap_filter(self, envelope: Envelope) -> bool:
-        """True if ``envelope`` is not for the members now: held while its room's cache is
-        read, or the live copy of one already recovered from the cache (dropped)."""
-        room = envelope.room
-        held = self._gap_hold.get(room)
-        if held is not None:
-            held.append(envelope)
-            return True
-        recovered = self._gap_overlap.get(room)
-        if recovered is None or not envelope.persist:
-            return False
-        if envelope.id in recovered:
-            recovered.discard(envelope.id)
-            if not recovered:
-                del self._gap_overlap[room]
-            self._stats.dropped_duplicate += 1
-            return True
-        # A persisted frame the cache read did not hold was written after it: the live copies
-        # of what it held (same server order as the cache) have all come by now.
-        del self._gap_overlap[room]
-        return False
-
-    async def _run_gap_recovery(self) -> None:
-        limiter = anyio.CapacityLimiter(_GAP_READS)
-        while True:
-            await self._gap_wake.wait()
-            self._gap_wake = anyio.Event()
-            while self._gap_pending:
-                rooms = list(self._gap_pending)
-                self._gap_pending.clear()
-                async with anyio.create_task_group() as tg:
-                    for room in rooms:
-                        tg.start_soon(self._recover_gap, room, limiter)
-
-    async def _recover_gap(self, room: str, limiter: anyio.CapacityLimiter) -> None:
-        """Give ``room``'s members what was published while the data connection was down.
-
-        Persisted envelopes come back from the room's recent cache: everything after the last
-        one this node delivered, in cache order (the broker's order, the order they would
-        have arrived in), once. Where that cannot be proved complete the members get a gap
-        mark (:class:`~roomrouter.DeliveryGap`) first: live-only envelopes reached this room
-        before (none is in any cache), the backend has no cache, the node had delivered no
-        persisted envelope of the room yet (no place to start from) and the cache holds some
-        from other nodes, its last one is no longer in the cache, or the cache could not be
-        read. A room that has carried nothing but persisted envelopes here is taken to be
-        persisted-only: a first live-only one published during the outage is not seen.
-        """
-        last = self._last_persisted.get(room)
-        storage = self.broker.supports_storage
-        gap = room in self._live_rooms or not storage
-        missed: list[Envelope] = []
-        if storage and not (gap and last is None):
-            try:
-                async with limiter:
-                    cached = await self._recovery.in_cache_order(room, last)
-            except Exception as exc:  # whatever it was, the hold below must be released
-                log.warning("node %s: cannot read the cache of %r after a reconnect: %r",
-                            self.node_id, room, exc)  # fmt: skip
-                gap = True
-            else:
-                cached = [e for e in cached if e.origin != self.node_id]  # never lost here
-                if last is None:
-                    # Nothing of the room delivered from the broker yet: no place to start
-                    # from. An empty cache proves nothing persisted was missed; else say so.
-                    gap = gap or bool(cached)
-                else:
-                    at = next((i for i, e in enumerate(cached) if e.id == last), None)
-                    if at is None:  # evicted or expired: what is left after it, but said
-                        gap = True
-                        missed = [e for e in cached if e.id > last]
-                    else:
-                        missed = cached[at + 1 :]
-        if room in self._gap_pending:
-            return  # reconnected again meanwhile: the next round reads from the same place
-        held = self._gap_hold.pop(room, [])
-        members = self._local.get(room)
-        if not members:
-            return
-        stats = self._stats
-        if gap:
-            stats.delivery_gaps += 1
-            for member in tuple(members.values()):
-                member._deliver_gap(room)
-        self._gap_overlap.pop(room, None)  # a previous round's: those copies will not come
-        recovered = {e.id for e in missed}
-        before = stats.remote_deliveries
-        for envelope in missed:
-            self._deliver_remote(envelope)
-        stats.recovered_after_reconnect += stats.remote_deliveries - before
-        arrived = {e.id for e in held}
-        for envelope in held:
-            if envelope.id in recovered:
-                stats.dropped_duplicate += 1
-            else:
-                self._deliver_remote(envelope)
-        if any(e.persist and e.id not in recovered for e in held):
-            return  # the live stream passed the cache read: no copy of it is still to come
-        still_to_come = recovered - arrived
-        if still_to_come:
-            self._gap_overlap[room] = still_to_come
-
-    def _forget_gap_state(self, room: str) -> None:
-        self._last_persisted.pop(room, None)
-        self._live_rooms.discard(room)
-        self._gap_overlap.pop(room, None)
+        # The broker calls this before it hands on any frame of the new connection: the
+        # hosted rooms' live frames are held from here until their caches were read.
+        self._gaps.on_reconnect()
 
     # -- introspection --------------------------------------------------------------------------
 
