@@ -1,17 +1,22 @@
-"""Room channel vs the remote hosts' node channels on Redis: what each costs, per message.
+"""Room channel vs the remote hosts' node channels (Redis) or addressed keys (RabbitMQ): what
+each costs, per message.
 
-    python benchmarks/echo_routing.py                      # k = 1, 2, 4 remote hosts
+    python benchmarks/echo_routing.py                      # Redis, k = 1, 2, 4 remote hosts
     python benchmarks/echo_routing.py --hosts 1,2,3 --n 20000 --rounds 3
+    python benchmarks/echo_routing.py --url amqp://guest:guest@127.0.0.1:5672/ --hosts 1,2,3
 
 One publishing node hosts room R (it has a local member, so a room-channel publish is echoed
 back to it) and ``k`` other nodes host R too; each node is its own process. The publisher sends
 ``--n`` frames from ``--concurrency`` tasks, once with ``direct_max=0`` (every publish goes to
 the room channel: one PUBLISH, k + 1 receivers, the publisher's own copy dropped as an echo)
-and once with ``direct_max=k`` (one PUBLISH per remote host to its node channel, no echo).
+and once with ``direct_max=k`` (Redis: one PUBLISH per remote host to its node channel;
+RabbitMQ: one publish whose routing key and BCC header name the k hosts; no echo either way).
 
-Reported per message, medians of ``--rounds`` interleaved runs: the Redis server's CPU
-(``INFO cpu`` before and after), the publishing node's CPU, all the receiving nodes' CPU, and
-the sum; plus what the publisher received back. The router's ``direct_max`` default is the
+Reported per message, medians of ``--rounds`` interleaved runs: the server's CPU (Redis:
+``INFO cpu``; RabbitMQ: the node's OS process, found through the management API, read from
+``/proc``), the publishing node's CPU, all the receiving nodes' CPU, and the sum; plus what
+the publisher received back and its publish rate (wall clock, first publish to last
+confirmation). The router's ``direct_max`` default is the
 largest k for which the direct way costs less in total. Figures are reported, not asserted;
 every child is bounded by ``--timeout``.
 """
@@ -58,6 +63,7 @@ async def _child(args: argparse.Namespace) -> None:
                 await anyio.sleep(0.05)
         before = router.stats()
         cpu0 = time.process_time()
+        wall0 = time.perf_counter()
         per_task = args.n // args.concurrency
 
         async def publish() -> None:
@@ -67,15 +73,45 @@ async def _child(args: argparse.Namespace) -> None:
         async with anyio.create_task_group() as tg:
             for _ in range(args.concurrency):
                 tg.start_soon(publish)
+        wall = time.perf_counter() - wall0
         await anyio.sleep(0.5)  # let the echoes arrive
         cpu = time.process_time() - cpu0
         after = router.stats()
         print(json.dumps({
             "cpu": cpu,
+            "wall": wall,
             "echoes": after["dropped_echo"] - before["dropped_echo"],
             "received": after["broker_received"] - before["broker_received"],
             "direct": after["direct_publishes"] - before["direct_publishes"],
         }), flush=True)  # fmt: skip
+
+
+def _server_cpu(url: str) -> float:
+    """CPU seconds the broker server has used so far."""
+    if url.startswith("amqp"):
+        return _rabbitmq_cpu(url)
+    return _redis_cpu(url)
+
+
+def _rabbitmq_cpu(url: str) -> float:
+    import base64
+    import urllib.request
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    auth = f"{unquote(parts.username or 'guest')}:{unquote(parts.password or 'guest')}"
+    request = urllib.request.Request(
+        f"http://{parts.hostname or '127.0.0.1'}:15672/api/nodes",
+        headers={"Authorization": "Basic " + base64.b64encode(auth.encode()).decode()},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        nodes = json.load(answer)
+    total = 0.0
+    for node in nodes:  # every node of the cluster, if they run on this machine
+        with open(f"/proc/{int(node['os_pid'])}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def _redis_cpu(url: str) -> float:
@@ -125,10 +161,10 @@ def _run(args: argparse.Namespace, hosts: int, direct: bool) -> dict[str, float]
         pub = _spawn(args, "publisher", "pub", ns, hosts if direct else 0, n, hosts)
         procs.append(pub)
         _line(pub, args.timeout)
-        server0 = _redis_cpu(args.url)
+        server0 = _server_cpu(args.url)
         result = _line(pub, args.timeout)
         receivers = [_line(p, args.timeout)["cpu"] for p in procs[:-1]]
-        server = _redis_cpu(args.url) - server0
+        server = _server_cpu(args.url) - server0
     finally:
         for proc in procs:
             try:
@@ -139,12 +175,13 @@ def _run(args: argparse.Namespace, hosts: int, direct: bool) -> dict[str, float]
                 proc.kill()
     us = 1e6 / n
     return {
-        "redis_us": server * us,
+        "server_us": server * us,
         "publisher_us": result["cpu"] * us,
         "receivers_us": sum(receivers) * us,
         "total_us": (server + result["cpu"] + sum(receivers)) * us,
         "echoes_per_msg": result["echoes"] / n,
         "direct_per_msg": result["direct"] / n,
+        "msg_per_s": n / result["wall"],
     }
 
 
@@ -179,12 +216,14 @@ def main() -> None:
             rows.append({"k": hosts, "way": way, **row})
             print(json.dumps(rows[-1]), flush=True)
     print()
-    head = ("k", "way", "Redis µs/msg", "publisher µs/msg", "receivers µs/msg", "total µs/msg")
-    print("| " + " | ".join(head) + " | echoes/msg |")
-    print("|---" * (len(head) + 1) + "|")
-    keys = ("redis_us", "publisher_us", "receivers_us", "total_us", "echoes_per_msg")
+    server = "RabbitMQ" if args.url.startswith("amqp") else "Redis"
+    head = ("k", "way", f"{server} µs/msg", "publisher µs/msg", "receivers µs/msg")
+    print("| " + " | ".join(head) + " | total µs/msg | echoes/msg | publish msg/s |")
+    print("|---" * (len(head) + 3) + "|")
+    keys = ("server_us", "publisher_us", "receivers_us", "total_us", "echoes_per_msg")
     for r in rows:
-        print(f"| {r['k']} | {r['way']} | " + " | ".join(f"{r[k]:.2f}" for k in keys) + " |")
+        cells = " | ".join(f"{r[k]:.2f}" for k in keys)
+        print(f"| {r['k']} | {r['way']} | {cells} | {r['msg_per_s']:,.0f} |")
 
 
 if __name__ == "__main__":

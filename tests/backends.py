@@ -292,6 +292,10 @@ class RabbitMQBackend(Backend):
     url = "amqp://guest:guest@127.0.0.1:5672/"
     url_for_process = True
     supports_storage = True
+    supports_direct = True
+    #: Addressed frames come through the node's one queue by a binding of the room's, so the
+    #: node hands them to ``on_data`` with the room of the key (not ``on_direct``).
+    direct_on_data = True
     #: RabbitMQ cannot count who heard a broadcast, so a starting node listens for the others'
     #: State for a window; a local broker answers within milliseconds.
     router_options: ClassVar[dict[str, object]] = {"discovery_window": 0.3}

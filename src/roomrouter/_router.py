@@ -121,8 +121,10 @@ class RoomRouter:
             nodes' own channels rather than the room channel, on brokers that support it
             (memory, Redis): a pub/sub broker echoes a room-channel publish back to its
             sender, which is then half of what a node of a two-node room receives. 0 always
-            uses the room channel. The default, 1, is where Redis's and the nodes' CPU per
-            message measured lowest (``benchmarks/echo_routing.py``).
+            uses the room channel. The default is the backend's (``Broker.default_direct_max``):
+            1 on Redis, where Redis's and the nodes' CPU per message measured lowest
+            (``benchmarks/echo_routing.py``); 64 on RabbitMQ, where one publish reaches any
+            number of hosts (docs/scaling.md).
         suspect_interval: a node silent this long is not waited for by joins any more (it
             keeps its rooms until ``node_ttl``); more than ``heartbeat_interval``, at most
             ``node_ttl``. Defaults to ``3 * heartbeat_interval`` (capped at ``node_ttl``).
@@ -150,10 +152,12 @@ class RoomRouter:
         sink: Sink | str | None = None,
         max_recover: int = 10_000,
         presence: Presence | str | bool | None = None,
-        direct_max: int = 1,
+        direct_max: int | None = None,
         suspect_interval: float | None = None,
         control_secret: str | bytes | None = None,
     ) -> None:
+        if direct_max is None:  # the backend's (check_options refuses a broker that is none)
+            direct_max = getattr(broker, "default_direct_max", 1)
         max_inbox_bytes, secret, sink = check_options(
             broker,
             namespace=namespace,

@@ -113,6 +113,10 @@ class Broker(ABC):
 
     #: True if :meth:`publish` honours ``to=`` (direct publishing, see the module docstring).
     supports_direct: ClassVar[bool] = False
+    #: The router's ``direct_max`` when the application gives none: the most remote hosts a
+    #: publish is addressed to (1 on Redis, where one PUBLISH per host costs; RabbitMQ reaches
+    #: any number of hosts with one publish).
+    default_direct_max: ClassVar[int] = 1
 
     #: Frames the backend received but dropped itself because this node does not host the room
     #: (backends that cannot filter at the broker). Zero for the others.

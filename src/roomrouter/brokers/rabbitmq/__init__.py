@@ -5,7 +5,9 @@ with the room's *routing key*; ``rr.{ns}.control`` (fanout) carries control broa
 ``rr.{ns}.direct`` (direct) carries control frames to one node, keyed by node id. Each node
 declares one exclusive, auto-delete queue, binds it to the control and direct exchanges, and
 binds/unbinds it on the data exchange per room: dynamic subscription is RabbitMQ's own routing,
-and ``broker_subscriptions`` reads the bindings back through the management HTTP API.
+and ``broker_subscriptions`` reads the bindings back through the management HTTP API. All data
+for a node, whichever key brought it, arrives through that one queue, in each publisher's
+channel order.
 
 Names (:func:`amqp_name`). Exchange and queue names are ``rr.`` and dot-separated parts: the
 namespace, a kind (``data``, ``store``, ``node``, ...) and, for some, a node id or a room key.
@@ -24,6 +26,16 @@ arrived with back to the held room it was bound for, and hands that room to the 
 drops an envelope claiming another room); a key it holds no room for (a frame still queued
 from a room just unbound) is counted in :attr:`filtered`.
 
+Direct publishing (``supports_direct``; docs/architecture.md, "Direct publishing"). A node
+binds each held room twice: by its room key and by the *addressed* key ``{room key}.{node
+key}`` (:func:`~._names.addressed_key`; both words hashed if together over 255 bytes). A
+publish with ``to`` (the room's remote hosts, at most :data:`~._broker.MAX_ADDRESSED`) goes
+out once, with the first host's addressed key as routing key and the others' in a ``BCC``
+header: RabbitMQ routes the one message to exactly the hosts' queues (each once; BCC is
+stripped before delivery), never back to the publisher's. The node maps the *first word* of
+the routing key a frame arrived with to the held room (a BCC'd copy carries the first host's
+key). A publish without ``to`` uses the room key, which every host is bound by.
+
 Two connections per node, as RabbitMQ recommends (flow control throttles a publishing
 connection, which must not stall consumption): the *subscriber* connection holds the queue, its
 bindings and the consumer; the *publisher* connection has one channel in confirm mode.
@@ -39,10 +51,11 @@ room and the control plane, consumes again, and only then calls ``on_reconnect``
 Persistence. A persisted frame is *one* confirmed publish on the data exchange, with delivery
 mode 2 and a ``BCC`` header (RabbitMQ's sender-selected distribution: extra routing keys,
 stripped before delivery) naming ``~store`` and ``~recent.{room key}``. Its routing key is the
-room's key when other nodes host the room (their queues get it, as with ``publish``), else
-``~store``. RabbitMQ routes one message as a unit, so there is no state in which a frame was
-delivered live but not stored, and the publisher confirm comes only once every queue took it.
-Call order is send order, since it is the same confirm channel and outbox as ``publish``.
+room's key, or with ``to`` the addressed keys as in ``publish`` (the BCC then names the other
+hosts too), when other nodes host the room; else ``~store``. RabbitMQ routes one message as a
+unit, so there is no state in which a frame was delivered live but not stored, and the
+publisher confirm comes only once every queue took it. Call order is send order, since it is
+the same confirm channel and outbox as ``publish``.
 
 * The *storage queue* ``rr.{ns}.store`` is a durable **quorum** queue bound to the data
   exchange by ``~store`` (so it receives every persisted frame of every room, and no live-only

@@ -27,7 +27,15 @@ from ._common import (
     really_cancelled,
 )
 from ._management import request_json
-from ._names import HASH_MARK, STORE_KEY, amqp_name, room_of_key, routing_key
+from ._names import (
+    HASH_MARK,
+    STORE_KEY,
+    addressed_key,
+    amqp_name,
+    room_of_key,
+    room_words,
+    routing_key,
+)
 from ._publisher import Publisher
 from ._recent import read_recent
 from ._storage import StorageQueueConsumer
@@ -38,6 +46,10 @@ log = logging.getLogger("roomrouter.rabbitmq")
 
 #: The ``nodes`` queue (consumed by every node, never routed to) goes once unused this long.
 _NODES_EXPIRE_MS = 3_600_000
+
+#: Most hosts one publish is addressed to (its BCC header then holds at most ~9 KB of keys, far
+#: under a content header frame's limit); a room with more remote hosts goes to its room key.
+MAX_ADDRESSED = 64
 
 
 async def _ignore(message: DeliveredMessage) -> None:
@@ -75,6 +87,10 @@ class RabbitMQBroker(Broker):
     name = "rabbitmq"
     counts_receivers = False
     supports_storage = True
+    supports_direct = True
+    #: Address every room's hosts (up to :data:`MAX_ADDRESSED`): one publish reaches k nodes,
+    #: so there is nothing to trade (see "Direct publishing" in the package docstring).
+    default_direct_max = MAX_ADDRESSED
 
     def __init__(
         self,
@@ -127,7 +143,10 @@ class RabbitMQBroker(Broker):
         self._ctx: BrokerContext | None = None
         self._closed = False
         self._rooms: set[str] = set()
-        self._key_rooms: dict[str, str] = {}  # routing key -> room, for held rooms only
+        # Room word (routing key, or the hashed first word of an addressed key) -> room, for
+        # held rooms only.
+        self._key_rooms: dict[str, str] = {}
+        self._node_keys: dict[str, str] = {}  # node id -> routing_key(node), for addressing
         # Subscriber side. ``_epoch`` changes the moment a loss is noticed, so a subscribe that
         # straddles it knows its bindings died with the old queue.
         self._sub_conn: AbstractConnection | None = None
@@ -279,14 +298,13 @@ class RabbitMQBroker(Broker):
                 drop = [r for r in bound if r not in self._rooms]
                 if not add and not drop:
                     break
-                with anyio.fail_after(self.operation_timeout + len(add) / 1000):
-                    await bind(channel, queue, self._data_x, [routing_key(r) for r in add])
+                with anyio.fail_after(self.operation_timeout + len(add) / 500):
+                    await bind(channel, queue, self._data_x, self._binding_keys(add))
                     bound.update(add)
-                with anyio.fail_after(self.operation_timeout + len(drop) / 100):
+                with anyio.fail_after(self.operation_timeout + len(drop) / 50):
                     for room in drop:
-                        await channel.queue_unbind(
-                            queue, self._data_x, routing_key=routing_key(room)
-                        )
+                        for key in self._binding_keys([room]):
+                            await channel.queue_unbind(queue, self._data_x, routing_key=key)
                         bound.discard(room)
             with anyio.fail_after(self.operation_timeout):
                 self._unacked = 0
@@ -377,7 +395,11 @@ class RabbitMQBroker(Broker):
         body = message.body
         try:
             if message.exchange == self._data_x:
-                room = self._key_rooms.get(message.routing_key or "")
+                # A room key, or an addressed key "{room word}.{node word}" (the first host's:
+                # the others were reached by BCC). Either way the binding that brought it here
+                # is one of a held room's (see "Direct publishing" in the package docstring).
+                key = message.routing_key or ""
+                room = self._key_rooms.get(key.partition(".")[0])
                 if room is None:
                     self.filtered += 1
                 else:
@@ -409,7 +431,7 @@ class RabbitMQBroker(Broker):
         channel, epoch = self._sub_ch, self._epoch
         if channel is None or not self._sub_ready:
             raise BrokerUnavailable("RabbitMQ subscriber connection is down")
-        keys = [routing_key(r) for r in new]
+        keys = self._binding_keys(new)
         try:
             with anyio.fail_after(self.operation_timeout + len(keys) / 1000):
                 await bind(channel, self._queue, self._data_x, keys)
@@ -421,24 +443,31 @@ class RabbitMQBroker(Broker):
         if epoch != self._epoch:
             raise BrokerUnavailable("RabbitMQ connection lost while subscribing")
         self._rooms.update(new)
-        for room, key in zip(new, keys, strict=True):
-            self._key_rooms[key] = room
+        for room in new:
+            for word in room_words(room):
+                self._key_rooms[word] = room
+
+    def _binding_keys(self, rooms: Collection[str]) -> list[str]:
+        """Each room's two bindings: its room key (publishes that name no hosts) and the key
+        addressed to this node (publishes that name it)."""
+        assert self._ctx is not None
+        node = self._ctx.node_id
+        return [key for r in rooms for key in (routing_key(r), addressed_key(r, node))]
 
     async def unsubscribe(self, rooms: Collection[str]) -> None:
         gone = [r for r in rooms if r in self._rooms]
         self._rooms.difference_update(gone)
         for room in gone:
-            self._key_rooms.pop(routing_key(room), None)
+            for word in room_words(room):
+                self._key_rooms.pop(word, None)
         channel = self._sub_ch
         if not gone or channel is None or not self._sub_ready:
             return  # not restored on reconnect: forgotten either way
         # queue.unbind has no no-wait form in AMQP 0-9-1: one round trip each.
         try:
-            with anyio.fail_after(self.operation_timeout + len(gone) / 100):
-                for room in gone:
-                    await channel.queue_unbind(
-                        self._queue, self._data_x, routing_key=routing_key(room)
-                    )
+            with anyio.fail_after(self.operation_timeout + len(gone) / 50):
+                for key in self._binding_keys(gone):
+                    await channel.queue_unbind(self._queue, self._data_x, routing_key=key)
         except BaseException as exc:
             self._break_subscriber()
             if isinstance(exc, (*ERRORS, asyncio.CancelledError)) and not really_cancelled():
@@ -468,15 +497,43 @@ class RabbitMQBroker(Broker):
     # -- publishing -----------------------------------------------------------------------------
 
     async def publish(self, room: str, frame: bytes, *, to: Collection[str] | None = None) -> None:
-        await self._publish(self._data_xb, routing_key(room), frame)
+        key = routing_key(room)
+        if to and len(to) <= MAX_ADDRESSED:
+            first, bcc = self._address(room, key, to)
+            await self._publish(self._data_xb, first, frame, None, bcc)
+        else:
+            await self._publish(self._data_xb, key, frame)
+
+    def _address(self, room: str, key: str, to: Collection[str]) -> tuple[str, list[bytes]]:
+        """The routing key and BCC keys of a publish addressed to the nodes ``to`` (direct
+        publishing): one addressed key per node, the first as the routing key."""
+        node_keys = self._node_keys
+        keys: list[str] = []
+        for node in to:
+            node_key = node_keys.get(node)
+            if node_key is None:
+                if len(node_keys) >= 10_000:  # bounded: node ids of a long-lived namespace
+                    node_keys.clear()
+                node_key = node_keys[node] = routing_key(node)
+            # addressed_key's rule, without encoding the room again per host
+            if len(key) + len(node_key) < 255:
+                keys.append(f"{key}.{node_key}")
+            else:
+                keys.append(addressed_key(room, node))
+        return keys[0], [k.encode() for k in keys[1:]]
 
     async def _publish(
-        self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
+        self,
+        exchange: bytes,
+        key: str,
+        frame: bytes,
+        persist_key: str | None = None,
+        bcc: list[bytes] | None = None,
     ) -> None:
         publisher = self._publisher
         if publisher is None:
             raise BrokerUnavailable("RabbitMQ broker is not started")
-        await publisher.publish(exchange, key, frame, persist_key)
+        await publisher.publish(exchange, key, frame, persist_key, bcc)
 
     async def publish_control(self, frame: bytes, *, to: str | None = None) -> int | None:
         if to is None:
@@ -497,7 +554,13 @@ class RabbitMQBroker(Broker):
         RabbitMQ routes one message atomically, so the three deliveries happen together, and
         the confirmation comes once every queue accepted it (the storage queue durably)."""
         key = routing_key(room)
-        await self._publish(self._data_xb, key if live else STORE_KEY.decode(), frame, key)
+        if not live:
+            await self._publish(self._data_xb, STORE_KEY.decode(), frame, key)
+        elif to and len(to) <= MAX_ADDRESSED:
+            first, bcc = self._address(room, key, to)
+            await self._publish(self._data_xb, first, frame, key, bcc)
+        else:
+            await self._publish(self._data_xb, key, frame, key)
 
     def _recent_queue(self, key: str) -> str:
         assert self._ctx is not None
@@ -571,7 +634,8 @@ class RabbitMQBroker(Broker):
         for binding in bindings:
             if binding.get("source") != self._data_x:
                 continue
-            key = str(binding.get("routing_key", ""))
+            # A room key or an addressed key (its first word is the room's).
+            key = str(binding.get("routing_key", "")).partition(".")[0]
             room = self._key_rooms.get(key) if key.startswith(HASH_MARK) else room_of_key(key)
             rooms.add(room if room is not None else f"<unknown key {key}>")
         return frozenset(rooms)

@@ -10,13 +10,16 @@ __all__ = [
     "HASH_MARK",
     "SENTINEL",
     "STORE_KEY",
+    "addressed_key",
     "amqp_name",
+    "room_words",
     "recent_key",
     "room_of_key",
     "routing_key",
 ]
 
 _MAX_PLAIN_KEY = 200
+_MAX_KEY = 255  # AMQP's limit on a routing key (a short string), in bytes
 HASH_MARK = "~"
 # Persistence keys on the data exchange. Room keys are one word of base64url or ``~`` + 64 hex
 # digits, so neither of these can ever equal one.
@@ -36,6 +39,27 @@ def routing_key(name: str) -> str:
     if len(key) <= _MAX_PLAIN_KEY:
         return key
     return HASH_MARK + hashlib.sha256(raw).hexdigest()
+
+
+def _hashed(name: str) -> str:
+    return HASH_MARK + hashlib.sha256(name.encode()).hexdigest()
+
+
+def addressed_key(room: str, node: str) -> str:
+    """The two-word key that reaches ``node``'s queue for ``room`` only (direct publishing, see
+    "Direct publishing" in the package docstring): the room's word, then the node's. When the
+    two plain words exceed AMQP's 255 bytes, both are their hashed forms (131 bytes)."""
+    room_key, node_key = routing_key(room), routing_key(node)
+    if len(room_key) + len(node_key) < _MAX_KEY:
+        return f"{room_key}.{node_key}"
+    return f"{_hashed(room)}.{_hashed(node)}"
+
+
+def room_words(room: str) -> tuple[str, ...]:
+    """The first words an addressed key of ``room`` can have (plain and hashed, or just the
+    hashed one when that is the room's routing key)."""
+    plain, hashed = routing_key(room), _hashed(room)
+    return (plain,) if plain == hashed else (plain, hashed)
 
 
 def room_of_key(key: str) -> str | None:

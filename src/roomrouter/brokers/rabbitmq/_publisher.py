@@ -29,7 +29,7 @@ from ..transport import Backoff, Outbox, Send, keep_connected
 from ._aiormq import expect_confirm, frame_max, write_frames
 from ._common import ERRORS, STABLE_AFTER, connect, declare_storage, first_closed, quiet_close
 from ._names import STORE_KEY, amqp_name, recent_key
-from ._wire import persistent_properties, publish_frames, recent_queue_frames
+from ._wire import bcc_properties, persistent_properties, publish_frames, recent_queue_frames
 
 __all__ = ["Publisher"]
 
@@ -39,15 +39,24 @@ _MAX_BATCH = 4096  # publishes packed per transmit (one outbox take)
 
 
 class _Publish:
-    """One publish in the outbox; ``channel`` is the confirm channel it was packed for."""
+    """One publish in the outbox; ``channel`` is the confirm channel it was packed for; ``bcc``
+    the extra routing keys of a frame addressed to several nodes."""
 
-    __slots__ = ("channel", "exchange", "frame", "key", "persist_key")
+    __slots__ = ("bcc", "channel", "exchange", "frame", "key", "persist_key")
 
-    def __init__(self, exchange: bytes, key: bytes, frame: bytes, persist_key: str | None) -> None:
+    def __init__(
+        self,
+        exchange: bytes,
+        key: bytes,
+        frame: bytes,
+        persist_key: str | None,
+        bcc: list[bytes] | None = None,
+    ) -> None:
         self.exchange = exchange
         self.key = key
         self.frame = frame
         self.persist_key = persist_key
+        self.bcc = bcc
         self.channel: aiormq.Channel | None = None
 
 
@@ -185,12 +194,19 @@ class Publisher:
     # -- publishing ------------------------------------------------------------------------
 
     async def publish(
-        self, exchange: bytes, key: str, frame: bytes, persist_key: str | None = None
+        self,
+        exchange: bytes,
+        key: str,
+        frame: bytes,
+        persist_key: str | None = None,
+        bcc: list[bytes] | None = None,
     ) -> None:
         """One confirmed publish. With ``persist_key`` (a room's routing key) the frame is
-        persistent and also routed to the storage queue and that room's recent queue."""
+        persistent and also routed to the storage queue and that room's recent queue. ``bcc``:
+        more routing keys (RabbitMQ's sender-selected distribution, stripped before delivery):
+        one message, routed to the union of the keys' queues as one unit."""
         # Queued before the first await: call order is send order (the transport core).
-        item = _Publish(exchange, key.encode(), frame, persist_key)
+        item = _Publish(exchange, key.encode(), frame, persist_key, bcc)
         try:
             await self.outbox.submit(item)
         except PublishOutcomeUnknown:
@@ -225,14 +241,19 @@ class Publisher:
                     item = send.item
                     item.channel = channel
                     properties = b""
+                    persistent = item.persist_key is not None
                     if item.persist_key is not None:
                         chunks += self._declare_recent(channel, item.persist_key)
-                        properties = persistent_properties(
-                            [STORE_KEY, recent_key(item.persist_key)]
-                        )
+                        bcc = [STORE_KEY, recent_key(item.persist_key)]
+                        if item.bcc:
+                            bcc += item.bcc
+                        properties = persistent_properties(bcc)
+                    elif item.bcc:
+                        properties = bcc_properties(item.bcc)
                     chunk = publish_frames(
-                        number, item.exchange, item.key, item.frame, max_body, properties
-                    )
+                        number, item.exchange, item.key, item.frame, max_body, properties,
+                        persistent=persistent,
+                    )  # fmt: skip
                     chunks.append(chunk)
                     size += len(chunk)
                     expect_confirm(channel, partial(_confirmed, send, service))

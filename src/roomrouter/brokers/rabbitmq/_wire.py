@@ -10,7 +10,7 @@ from typing import Any
 from pamqp import commands as pamqp_commands
 from pamqp import frame as pamqp_frame
 
-__all__ = ["persistent_properties", "publish_frames", "recent_queue_frames"]
+__all__ = ["bcc_properties", "persistent_properties", "publish_frames", "recent_queue_frames"]
 
 # basic.publish is a method frame, a content header frame and body frames, each
 # ``type(1) channel(2) size(4) payload 0xCE``. The method frame of a publish is a constant prefix
@@ -19,22 +19,33 @@ __all__ = ["persistent_properties", "publish_frames", "recent_queue_frames"]
 _FRAME_HEAD = struct.Struct(">BHI").pack
 _CONTENT_HEADER = struct.Struct(">HHQH").pack  # class 60, weight 0, body size, property flags
 _PUBLISH_METHOD = b"\x00\x3c\x00\x28\x00\x00"  # class 60 (basic), method 40 (publish), ticket 0
-# Persisted frames carry two properties: ``headers`` = {"BCC": [store key, recent key]} and
-# ``delivery-mode`` = 2 (persistent). Flags: bit 13 headers, bit 12 delivery mode.
-_PERSISTENT_FLAGS = 0x2000 | 0x1000
+# Persisted frames carry two properties: ``headers`` = {"BCC": [store key, recent key, ...]} and
+# ``delivery-mode`` = 2 (persistent). Flags: bit 13 headers, bit 12 delivery mode. A live frame
+# addressed to several nodes carries the headers alone (``bcc_properties``).
+_HEADERS_FLAG = 0x2000
+_PERSISTENT_FLAGS = _HEADERS_FLAG | 0x1000
 _LONG = struct.Struct(">I").pack
 
 
 def publish_frames(
-    channel: int, exchange: bytes, key: bytes, body: bytes, max_body: int, properties: bytes = b""
+    channel: int,
+    exchange: bytes,
+    key: bytes,
+    body: bytes,
+    max_body: int,
+    properties: bytes = b"",
+    *,
+    persistent: bool = True,
 ) -> bytes:
     """Wire bytes of one ``basic.publish`` (mandatory and immediate off). ``properties`` is the
-    encoded property list after the flags (see :func:`persistent_properties`); empty: none."""
+    encoded property list after the flags: :func:`persistent_properties`, or with
+    ``persistent=False`` :func:`bcc_properties`; empty: none."""
     method = b"".join(
         (_PUBLISH_METHOD, bytes((len(exchange),)), exchange, bytes((len(key),)), key, b"\x00")
     )
     if properties:
-        header = _CONTENT_HEADER(60, 0, len(body), _PERSISTENT_FLAGS) + properties
+        flags = _PERSISTENT_FLAGS if persistent else _HEADERS_FLAG
+        header = _CONTENT_HEADER(60, 0, len(body), flags) + properties
     else:
         header = _CONTENT_HEADER(60, 0, len(body), 0)
     parts = [
@@ -51,13 +62,23 @@ def publish_frames(
     return b"".join(parts)
 
 
+def _bcc_table(bcc: list[bytes]) -> bytes:
+    items = b"".join(b"S" + _LONG(len(k)) + k for k in bcc)
+    entry = b"\x03BCC" + b"A" + _LONG(len(items)) + items
+    return _LONG(len(entry)) + entry
+
+
 def persistent_properties(bcc: list[bytes]) -> bytes:
     """The property list of a persisted frame: a field table ``{"BCC": [keys...]}`` (RabbitMQ's
     sender-selected distribution: extra routing keys, stripped before delivery), then delivery
     mode 2. Tests compare it with pamqp's marshalling."""
-    items = b"".join(b"S" + _LONG(len(k)) + k for k in bcc)
-    entry = b"\x03BCC" + b"A" + _LONG(len(items)) + items
-    return _LONG(len(entry)) + entry + b"\x02"
+    return _bcc_table(bcc) + b"\x02"
+
+
+def bcc_properties(bcc: list[bytes]) -> bytes:
+    """The property list of a live frame addressed to several nodes: the ``{"BCC": [keys...]}``
+    table alone (transient; ``publish_frames(..., persistent=False)``)."""
+    return _bcc_table(bcc)
 
 
 def recent_queue_frames(
