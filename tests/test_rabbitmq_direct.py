@@ -169,17 +169,25 @@ async def test_no_echo_with_any_number_of_remote_hosts(nodes: NodeFactory, remot
     assert [e.payload for e in mine if e.origin == hosts[0].node_id] == [
         b"9 %d" % i for i in range(count)
     ]
+    # A node whose loop ran late past its lease resynchronises, and until then publishes every
+    # room on its room key (docs/architecture.md, rule 5): the room's hosts, itself included,
+    # then read those frames and drop the foreign copies. Exact counts hold without that.
+    resynced = any(r.stats()["resyncs"] > before[r.node_id]["resyncs"] for r in routers)
     for router in routers:
         old, new = before[router.node_id], router.stats()
         read = new["broker_received"] - old["broker_received"]
         if router is pub:
-            _eq(read, count)  # hosts[0]'s publishes only: no echo
+            want = count  # hosts[0]'s publishes only: no echo
         elif router is bystander:
-            _eq(read, 0)
+            want = 0
         elif router is hosts[0]:
-            _eq(read, 3 * count)
+            want = 3 * count
         else:
-            _eq(read, 4 * count)
+            want = 4 * count
+        if resynced:
+            assert read >= want, (router, read, want)
+        else:
+            _eq(read, want)
         for name in IRRELEVANT:
             _eq((router.node_id, name, new[name] - old[name]), (router.node_id, name, 0))
         assert _filtered(router) == 0
