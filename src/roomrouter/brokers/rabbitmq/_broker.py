@@ -20,6 +20,7 @@ from ..transport import Backoff, keep_connected
 from ._common import (
     ERRORS,
     STABLE_AFTER,
+    Hosts,
     bind,
     connect,
     first_closed,
@@ -107,6 +108,7 @@ class RabbitMQBroker(Broker):
         # would leave a node deaf for three minutes.
         query.setdefault("heartbeat", "10")
         self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._hosts = Hosts(self._url)  # several hosts: one cluster, tried in turn
         self.prefetch = prefetch
         self.operation_timeout = operation_timeout
         self.max_backoff = max_backoff
@@ -114,9 +116,9 @@ class RabbitMQBroker(Broker):
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._user = unquote(parts.username or "guest")
         self._password = unquote(parts.password or "guest")
-        self.management_url = (
-            management_url or f"http://{parts.hostname or '127.0.0.1'}:15672"
-        ).rstrip("/")
+        self.management_url = (management_url or f"http://{self._hosts.first_host}:15672").rstrip(
+            "/"
+        )
         self.filtered = 0
         self.recent_size = recent_size
         self.recent_ttl = recent_ttl
@@ -200,12 +202,10 @@ class RabbitMQBroker(Broker):
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
         self._direct_xb = self._direct_x.encode()
-        parts = urlsplit(self._url)
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
         publisher = self._publisher = Publisher(
-            self._url,
+            self._hosts,
             name=self.connection_name("pub"),
-            service=f"RabbitMQ at {parts.hostname or '127.0.0.1'}:{port}",
+            service=f"RabbitMQ at {self._hosts}",
             namespace=ns,
             operation_timeout=self.operation_timeout,
             max_backoff=self.max_backoff,
@@ -237,7 +237,7 @@ class RabbitMQBroker(Broker):
             await self._publisher.aclose()
 
     async def _open(self, role: str) -> AbstractConnection:
-        return await connect(self._url, self.connection_name(role), self.operation_timeout)
+        return await connect(self._hosts, self.connection_name(role), self.operation_timeout)
 
     # -- subscriber connection ------------------------------------------------------------------
 
@@ -556,7 +556,7 @@ class RabbitMQBroker(Broker):
             return scan.result(evicted=len(frames) >= self.recent_size)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
-        return StorageQueueConsumer(self, self._url, namespace, consumer)
+        return StorageQueueConsumer(self, self._hosts, namespace, consumer)
 
     # -- introspection (tests, inspect) ---------------------------------------------------------
 

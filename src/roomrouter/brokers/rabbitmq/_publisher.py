@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import anyio
@@ -30,6 +30,9 @@ from ._aiormq import expect_confirm, frame_max, write_frames
 from ._common import ERRORS, STABLE_AFTER, connect, declare_storage, first_closed, quiet_close
 from ._names import STORE_KEY, amqp_name, recent_key
 from ._wire import persistent_properties, publish_frames, recent_queue_frames
+
+if TYPE_CHECKING:
+    from ._common import Hosts
 
 __all__ = ["Publisher"]
 
@@ -79,7 +82,7 @@ class Publisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Hosts,
         *,
         name: str,
         service: str,
