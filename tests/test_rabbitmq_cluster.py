@@ -448,7 +448,32 @@ async def test_killing_the_storage_queue_leader_loses_no_acknowledged_message(
                 counts = {tag: len(times) for tag, times in after_kill.items()}
                 assert min(counts.values()) >= 50, (counts, last_error)
 
-            await eventually(resumed, timeout=60, interval=0.1)
+            try:
+                await eventually(resumed, timeout=40, interval=0.1)
+            except AssertionError as exc:
+                notes = [str(exc)]
+                assert isinstance(b.broker, RabbitMQBroker) and isinstance(a.broker, RabbitMQBroker)
+                for role in ("pub", "sub"):
+                    try:
+                        notes.append(
+                            f"a {role} on " + await _connection_node(a.broker, role, via=b.broker)
+                        )
+                    except AssertionError as e:
+                        notes.append(f"a {role}: {e}")
+                async with RoomRouter(
+                    RabbitMQBroker.from_url(rcluster.url(other)), namespace=namespace, **opts
+                ) as c:
+                    try:
+                        await c.publish("room-1", b"c", persist=True)
+                        notes.append("fresh router c on b's node: persisted publish ok")
+                    except BrokerUnavailable as e:
+                        notes.append(f"fresh router c: {e}")
+                    try:
+                        await a.publish("room-1", b"a-live", persist=False)
+                        notes.append("a live publish ok")
+                    except BrokerUnavailable as e:
+                        notes.append(f"a live publish: {e}")
+                raise AssertionError("; ".join(notes)) from None
             await anyio.sleep(1.0)
             stop.set()
         resume = max(times[0] for times in after_kill.values())

@@ -170,6 +170,17 @@ class Publisher:
             stable_after=STABLE_AFTER,
         )
 
+    def _settle(
+        self, channel: aiormq.Channel, send: Send[_Publish], exc: BaseException | None
+    ) -> None:
+        """Settle ``send`` (see :func:`_confirmed`). A nack is RabbitMQ's answer to a queue
+        that failed the message: seen when a channel opened during a quorum queue's leader
+        election keeps being refused by that queue after the election (RabbitMQ 3.10;
+        tests/test_rabbitmq_cluster.py), so the channel is replaced: a new one works."""
+        _confirmed(send, self.outbox.service, exc)
+        if isinstance(exc, DeliveryError) and channel is self.channel:
+            self.break_connection()
+
     def break_connection(self) -> None:
         """Give up the connection (its state is unknown): :meth:`keep` replaces it."""
         if self._broken is not None and not self._broken.done():
@@ -238,7 +249,7 @@ class Publisher:
                     )
                     chunks.append(chunk)
                     size += len(chunk)
-                    expect_confirm(channel, partial(_confirmed, send, service))
+                    expect_confirm(channel, partial(self._settle, channel, send))
                     if size >= _MAX_WRITE:
                         writes.append(b"".join(chunks))
                         chunks, size = [], 0
