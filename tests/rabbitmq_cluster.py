@@ -112,7 +112,9 @@ class RabbitMQCluster:
         """An ``amqp://`` URL naming every node, node ``first`` first (a router built from it
         connects there), with that node's management API."""
         order = self.nodes[first:] + self.nodes[:first]
-        options = {"management_url": order[0].management_url, "stats_interval": 1, **query}
+        # Statistics are collected every second (the config below); stats_interval is a bound
+        # of their age, given slack for a loaded machine.
+        options = {"management_url": order[0].management_url, "stats_interval": 2, **query}
         tail = "&".join(f"{k}={v}" for k, v in options.items())
         return f"amqp://guest:guest@{','.join(n.address for n in order)}/?{tail}"
 
