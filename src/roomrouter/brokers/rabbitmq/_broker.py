@@ -50,7 +50,9 @@ class RabbitMQBroker(Broker):
 
     Options:
         url: ``amqp://user:pass@host:port/vhost`` (``amqps://`` for TLS); aiormq's own query
-            options (``heartbeat``, ``cafile``, ...) pass through.
+            options (``heartbeat``, ``cafile``, ...) pass through. Several nodes of one cluster:
+            ``amqp://user:pass@h1:5672,h2:5673,h3/vhost``; each connection tries them in turn
+            and reconnects from the host after its last one (``_common.Hosts``).
         prefetch: unacknowledged deliveries RabbitMQ may push to this node before it waits for
             an ack (the node acks in batches of half that, after handing frames to the router).
         operation_timeout: bound of every connect, bind, unbind and publish confirmation.
