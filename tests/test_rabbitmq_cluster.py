@@ -368,7 +368,7 @@ async def test_killing_the_storage_queue_leader_loses_no_acknowledged_message(
         # likely node 1, but it is read, not assumed). The namespace's classic ``nodes`` queue
         # (the node count) is declared first by router b, on another node than the leader: a
         # classic queue lives on one node, and while that node is down no router can set up
-        # its subscriber (see the report of issue 22) -- this test is about the storage queue.
+        # its subscriber (README, "RabbitMQ cluster") -- this test is about the storage queue.
         workers = [start_worker("w-leader", 0)]
 
         def leader_known() -> None:
