@@ -84,6 +84,14 @@ def selected_backends() -> list[str]:
     return names
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "rabbitmq_cluster: runs on the 3-node RabbitMQ cluster of tests/rabbitmq_cluster.py "
+        "(also serial); `-m rabbitmq_cluster` runs them apart",
+    )
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Serial tests never run in an xdist worker (see the module docstring)."""
     if item.get_closest_marker("serial") is not None and os.environ.get("PYTEST_XDIST_WORKER"):

@@ -20,6 +20,7 @@ from ..transport import Backoff, keep_connected
 from ._common import (
     ERRORS,
     STABLE_AFTER,
+    Hosts,
     bind,
     connect,
     first_closed,
@@ -61,7 +62,9 @@ class RabbitMQBroker(Broker):
 
     Options:
         url: ``amqp://user:pass@host:port/vhost`` (``amqps://`` for TLS); aiormq's own query
-            options (``heartbeat``, ``cafile``, ...) pass through.
+            options (``heartbeat``, ``cafile``, ...) pass through. Several nodes of one cluster:
+            ``amqp://user:pass@h1:5672,h2:5673,h3/vhost``; each connection tries them in turn
+            and reconnects from the host after its last one (``_common.Hosts``).
         prefetch: unacknowledged deliveries RabbitMQ may push to this node before it waits for
             an ack (the node acks in batches of half that, after handing frames to the router).
         operation_timeout: bound of every connect, bind, unbind and publish confirmation.
@@ -123,6 +126,7 @@ class RabbitMQBroker(Broker):
         # would leave a node deaf for three minutes.
         query.setdefault("heartbeat", "10")
         self._url = urlunsplit(parts._replace(query=urlencode(query)))
+        self._hosts = Hosts(self._url)  # several hosts: one cluster, tried in turn
         self.prefetch = prefetch
         self.operation_timeout = operation_timeout
         self.max_backoff = max_backoff
@@ -130,9 +134,9 @@ class RabbitMQBroker(Broker):
         self.vhost = unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
         self._user = unquote(parts.username or "guest")
         self._password = unquote(parts.password or "guest")
-        self.management_url = (
-            management_url or f"http://{parts.hostname or '127.0.0.1'}:15672"
-        ).rstrip("/")
+        self.management_url = (management_url or f"http://{self._hosts.first_host}:15672").rstrip(
+            "/"
+        )
         self.filtered = 0
         self.recent_size = recent_size
         self.recent_ttl = recent_ttl
@@ -219,12 +223,10 @@ class RabbitMQBroker(Broker):
         self._data_xb = self._data_x.encode()
         self._control_xb = self._control_x.encode()
         self._direct_xb = self._direct_x.encode()
-        parts = urlsplit(self._url)
-        port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
         publisher = self._publisher = Publisher(
-            self._url,
+            self._hosts,
             name=self.connection_name("pub"),
-            service=f"RabbitMQ at {parts.hostname or '127.0.0.1'}:{port}",
+            service=f"RabbitMQ at {self._hosts}",
             namespace=ns,
             operation_timeout=self.operation_timeout,
             max_backoff=self.max_backoff,
@@ -256,7 +258,7 @@ class RabbitMQBroker(Broker):
             await self._publisher.aclose()
 
     async def _open(self, role: str) -> AbstractConnection:
-        return await connect(self._url, self.connection_name(role), self.operation_timeout)
+        return await connect(self._hosts, self.connection_name(role), self.operation_timeout)
 
     # -- subscriber connection ------------------------------------------------------------------
 
@@ -619,7 +621,7 @@ class RabbitMQBroker(Broker):
             return scan.result(evicted=len(frames) >= self.recent_size)
 
     def storage_consumer(self, namespace: str, consumer: str) -> StorageConsumer:
-        return StorageQueueConsumer(self, self._url, namespace, consumer)
+        return StorageQueueConsumer(self, self._hosts, namespace, consumer)
 
     # -- introspection (tests, inspect) ---------------------------------------------------------
 

@@ -5,19 +5,21 @@ failed connect, and the storage queue's declaration."""
 from __future__ import annotations
 
 import asyncio
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import unquote, urlencode, urlsplit, urlunsplit
 
 import aiormq
 import anyio
 from aiormq.abc import AbstractChannel, AbstractConnection
 from aiormq.exceptions import AMQPError, ChannelInvalidStateError
 
-from ..._errors import BrokerUnavailable, unreachable
+from ..._errors import BrokerUnavailable, ConfigurationError, unreachable
+from ..._urls import redact
 from ._names import STORE_KEY
 
 __all__ = [
     "ERRORS",
     "STABLE_AFTER",
+    "Hosts",
     "bind",
     "connect",
     "declare_storage",
@@ -43,26 +45,82 @@ def really_cancelled() -> bool:
     return task is not None and task.cancelling() > 0
 
 
-def unreachable_at(url: str, exc: BaseException) -> BrokerUnavailable:
+class Hosts:
+    """The hosts of an AMQP URL: ``amqp://user:pass@h1:5672,h2:5673,h3/vhost?query`` names
+    several nodes of one RabbitMQ cluster (a host without a port: 5672, 5671 for ``amqps``),
+    with one user, vhost and query for all. :func:`connect` tries them in turn: a role's first
+    connection starts at the first host, each reconnect of that role at the host after the one
+    it was connected to (round-robin), so a connection whose node died moves to the next."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        userinfo, at, hostlist = parts.netloc.rpartition("@")
+        default = 5671 if parts.scheme == "amqps" else 5672
+        self.urls: list[str] = []
+        #: ``host:port`` of every entry, in URL order (no credentials).
+        self.addresses: list[str] = []
+        for entry in hostlist.split(","):
+            single = urlunsplit(parts._replace(netloc=f"{userinfo}{at}{entry.strip()}"))
+            try:
+                host, port = urlsplit(single).hostname, urlsplit(single).port
+            except ValueError as exc:
+                raise ConfigurationError(f"bad host {entry!r} in {redact(url)!r}: {exc}") from exc
+            if not host:
+                raise ConfigurationError(f"empty host in {redact(url)!r}")
+            self.urls.append(single)
+            self.addresses.append(f"[{host}]:{port or default}" if ":" in host else
+                                  f"{host}:{port or default}")  # fmt: skip
+        self.user = unquote(parts.username or "guest")
+        self._last: dict[str, int] = {}  # connection name -> index of its last host
+
+    @property
+    def first_host(self) -> str:
+        return urlsplit(self.urls[0]).hostname or "127.0.0.1"
+
+    def __str__(self) -> str:
+        return ",".join(self.addresses)
+
+    def connected_to(self, name: str) -> str | None:
+        """``host:port`` the connection ``name`` last connected to (None: never)."""
+        index = self._last.get(name)
+        return None if index is None else self.addresses[index]
+
+
+def unreachable_at(url: str | Hosts, exc: BaseException) -> BrokerUnavailable:
     """The one wording of a failed connect (roomrouter._errors.unreachable) for ``url``."""
-    parts = urlsplit(url)
-    port = parts.port or (5671 if parts.scheme == "amqps" else 5672)
-    user = unquote(parts.username or "guest")
-    return unreachable("RabbitMQ", parts.hostname, port, exc, user=user)
+    hosts = url if isinstance(url, Hosts) else Hosts(url)
+    return unreachable("RabbitMQ", str(hosts), None, exc, user=hosts.user)
 
 
-async def connect(url: str, name: str, operation_timeout: float) -> AbstractConnection:
-    """A new connection to ``url`` that RabbitMQ lists under the client-given ``name``, within
-    ``operation_timeout``."""
+async def connect(url: str | Hosts, name: str, operation_timeout: float) -> AbstractConnection:
+    """A new connection to one host of ``url`` that RabbitMQ lists under the client-given
+    ``name``, each attempt within ``operation_timeout``; with several hosts, the first that
+    answers, from the one after ``name``'s last host on (see :class:`Hosts`)."""
+    hosts = url if isinstance(url, Hosts) else Hosts(url)
+    count = len(hosts.urls)
+    start = hosts._last.get(name, -1) + 1
+    failure: BaseException | None = None
+    for step in range(count):
+        index = (start + step) % count
+        try:
+            conn = await _connect_one(hosts.urls[index], name, operation_timeout)
+        except ERRORS as exc:
+            failure = exc
+            continue
+        hosts._last[name] = index
+        return conn
+    assert failure is not None
+    raise unreachable_at(hosts, failure) from failure
+
+
+async def _connect_one(url: str, name: str, operation_timeout: float) -> AbstractConnection:
     conn = aiormq.Connection(url + ("&" if "?" in url else "?") + urlencode({"name": name}))
     try:
         with anyio.fail_after(operation_timeout):
             await conn.connect()
-    except BaseException as exc:
+    except BaseException:
         with anyio.CancelScope(shield=True):
             await quiet_close(conn, operation_timeout)
-        if isinstance(exc, ERRORS):
-            raise unreachable_at(url, exc) from exc
         raise
     return conn
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import time
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiormq
 import anyio
@@ -30,6 +30,9 @@ from ._aiormq import expect_confirm, frame_max, write_frames
 from ._common import ERRORS, STABLE_AFTER, connect, declare_storage, first_closed, quiet_close
 from ._names import STORE_KEY, amqp_name, recent_key
 from ._wire import bcc_properties, persistent_properties, publish_frames, recent_queue_frames
+
+if TYPE_CHECKING:
+    from ._common import Hosts
 
 __all__ = ["Publisher"]
 
@@ -88,7 +91,7 @@ class Publisher:
 
     def __init__(
         self,
-        url: str,
+        url: str | Hosts,
         *,
         name: str,
         service: str,
@@ -176,6 +179,17 @@ class Publisher:
             stable_after=STABLE_AFTER,
         )
 
+    def _settle(
+        self, channel: aiormq.Channel, send: Send[_Publish], exc: BaseException | None
+    ) -> None:
+        """Settle ``send`` (see :func:`_confirmed`). A nack is RabbitMQ's answer to a queue
+        that failed the message: seen when a channel opened during a quorum queue's leader
+        election keeps being refused by that queue after the election (RabbitMQ 3.10;
+        tests/test_rabbitmq_cluster.py), so the channel is replaced: a new one works."""
+        _confirmed(send, self.outbox.service, exc)
+        if isinstance(exc, DeliveryError) and channel is self.channel:
+            self.break_connection()
+
     def break_connection(self) -> None:
         """Give up the connection (its state is unknown): :meth:`keep` replaces it."""
         if self._broken is not None and not self._broken.done():
@@ -256,7 +270,7 @@ class Publisher:
                     )  # fmt: skip
                     chunks.append(chunk)
                     size += len(chunk)
-                    expect_confirm(channel, partial(_confirmed, send, service))
+                    expect_confirm(channel, partial(self._settle, channel, send))
                     if size >= _MAX_WRITE:
                         writes.append(b"".join(chunks))
                         chunks, size = [], 0

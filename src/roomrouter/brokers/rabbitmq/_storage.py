@@ -25,6 +25,7 @@ from ._names import amqp_name
 
 if TYPE_CHECKING:
     from ._broker import RabbitMQBroker
+    from ._common import Hosts
 
 __all__ = ["StorageQueueConsumer"]
 
@@ -44,7 +45,7 @@ class StorageQueueConsumer(StorageConsumer):
     deleted queue held, and what nodes published while no queue was bound, is lost.
     """
 
-    def __init__(self, broker: RabbitMQBroker, url: str, namespace: str, name: str) -> None:
+    def __init__(self, broker: RabbitMQBroker, url: str | Hosts, namespace: str, name: str) -> None:
         self._broker = broker
         self._url = url
         self._name = name
