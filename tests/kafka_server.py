@@ -93,6 +93,32 @@ class TansuServer:
                     ) from exc
                 time.sleep(0.02)
 
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop the broker answering (SIGSTOP), and return only once it is stopped.
+
+        ``kill(SIGSTOP)`` returns as soon as the signal is queued: one of Tansu's threads must
+        then be scheduled to stop the others, and until then the rest keep serving. On a loaded
+        machine that took up to ~40 ms, time enough to read and answer a request sent right
+        after ``send_signal`` returned (a fault test then saw an acknowledgement from a
+        "stopped" broker). So wait until every thread is in the stopped state (Linux
+        ``/proc``); elsewhere only the signal is sent."""
+        process = self.process
+        assert process is not None, "not running"
+        process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{process.pid}/task")
+        if not tasks.is_dir():
+            return
+        deadline = time.monotonic() + timeout
+        while not all(state == "T" for state in _thread_states(tasks)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tansu (pid {process.pid}) not stopped after {timeout}s")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let a :meth:`freeze`-stopped broker run again (SIGCONT)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         process, self.process = self.process, None
         if process is None:
@@ -115,6 +141,18 @@ class TansuServer:
         self.stop()
         self._log.close()
         Path(self._log.name).unlink(missing_ok=True)
+
+
+def _thread_states(tasks: Path) -> list[str]:
+    """The scheduler state letter of each thread under ``/proc/<pid>/task`` ("T": stopped)."""
+    states = []
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        states.append(stat.rsplit(")", 1)[1].split()[0])  # the field after "(comm)"
+    return states
 
 
 _shared: TansuServer | None = None
