@@ -274,6 +274,20 @@ def own_tansu() -> Iterator[kafka_server.TansuServer]:
         server.close()
 
 
+def test_a_tansu_started_on_a_port_another_one_holds_is_not_reported_up(
+    own_tansu: kafka_server.TansuServer,
+) -> None:
+    """A connection to the port would reach the other broker: start() must not take that for
+    its own Tansu listening (it exits with "address in use"), or a fault test would stop a
+    dead process while its routers use someone else's broker."""
+    second = kafka_server.TansuServer(own_tansu.binary, port=own_tansu.port)
+    try:
+        with pytest.raises(RuntimeError, match="tansu exited"):
+            second.start()
+    finally:
+        second.close()
+
+
 async def test_broker_restart_is_survived(own_tansu: kafka_server.TansuServer) -> None:
     backend = KafkaBackend(unique_namespace())
     backend.bootstrap = own_tansu.bootstrap
