@@ -130,6 +130,9 @@ class Member:
         """Leave ``room``; nothing of it is delivered from now on. Leaving a room not joined is a
         no-op; leaving a room whose join is in progress ends that join."""
         self._router.leave(self._box, room)
+        box = self._box
+        if box.waiters and box.queue:  # its batch's flush no longer sees it (_batching.py)
+            box.wake()
         await anyio.lowlevel.checkpoint()
 
     async def receive(self) -> Envelope:
