@@ -40,8 +40,8 @@ DEFAULT_BATCH_MAX = 256
 
 def check_batching(delay: float, max_batch: int) -> None:
     """Raise :class:`ConfigurationError` for a bad ``delivery_batch_delay`` / ``_max``."""
-    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 1:
-        raise ConfigurationError(f"delivery_batch_delay must be seconds in [0, 1]: {delay!r}")
+    if isinstance(delay, bool) or not isinstance(delay, int | float) or not 0 <= delay <= 60:
+        raise ConfigurationError(f"delivery_batch_delay must be seconds in [0, 60]: {delay!r}")
     if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
         raise ConfigurationError(f"delivery_batch_max must be an int >= 1: {max_batch!r}")
 
