@@ -56,6 +56,8 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
     from roomrouter.brokers.redis import RedisBroker
 
     members_n: int = opts["members"]
+    batching = {} if opts["delay"] is None else {"delivery_batch_delay": opts["delay"]}
+    rss_before = _rss()
     router = RoomRouter(
         RedisBroker.from_url(opts["redis"]),
         namespace=opts["namespace"],
@@ -64,8 +66,12 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
         inbox_size=opts["inbox_size"],
         heartbeat_interval=0.2,
         node_ttl=5.0,
+        **batching,
     )
     delivered = 0
+    # Publish-to-receive latency (time.time() - envelope.ts, one clock for every process)
+    # of the node's last member: the last one its fan-out wakes, so the worst of the node.
+    latencies: list[float] = []
     batches = 0  # receive_batch() calls: envelopes per wake-up = delivered / batches
     last = 0.0
 
@@ -77,6 +83,10 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
                     batch = await member.receive_batch()  # before the +=: it reads first
                     delivered += len(batch)
                     batches += 1
+        elif member is sampled:
+            async for envelope in member:
+                delivered += 1
+                latencies.append(time.time() - envelope.ts)
         else:
             async for _ in member:
                 delivered += 1
@@ -93,9 +103,12 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
 
     async with router, anyio.create_task_group() as tg:
         members = [router.member(f"m{i}") for i in range(members_n)]
+        sampled = members[-1]
         for member in members:
             await member.join(ROOM)
             tg.start_soon(drain, member)
+        await anyio.sleep(0.1)
+        rss_per_member = (_rss() - rss_before) / members_n
         tg.start_soon(clock)
         # Ready once the peers this node publishes to are known as hosts of the room.
         with anyio.fail_after(30):
@@ -148,10 +161,27 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
                     # What the node does per second of its own CPU: less sensitive than the
                     # wall-clock rate to other processes taking the cores.
                     "per_cpu_s": delivered / cpu if cpu > 0 else 0.0,
+                    "latency": _percentiles(latencies),
+                    "rss_per_member": rss_per_member,
                 },
             )
         )
         tg.cancel_scope.cancel()
+
+
+def _rss() -> int:
+    """Resident bytes of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _percentiles(values: list[float]) -> tuple[float, float, float]:
+    """p50, p99 and max of ``values`` in ms (zeros if none)."""
+    if not values:
+        return (0.0, 0.0, 0.0)
+    ordered = sorted(values)
+    pick = ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
+    return (statistics.median(ordered) * 1e3, pick * 1e3, ordered[-1] * 1e3)
 
 
 def _run(layout: str, publishers: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -170,6 +200,7 @@ def _run(layout: str, publishers: int, args: argparse.Namespace) -> list[dict[st
         "drain": args.drain,
         "api": args.api,
         "gc_freeze": args.gc_freeze,
+        "delay": args.delay,
     }
     procs, conns = [], []
     for name in names:
@@ -223,6 +254,13 @@ def main() -> None:
     parser.add_argument(
         "--gc-freeze", action="store_true", help="gc.freeze() in each node after set-up"
     )
+    parser.add_argument(
+        "--delay",
+        type=float,
+        default=None,
+        help="RoomRouter(delivery_batch_delay=) in seconds (default: the router's own)",
+    )
+    parser.add_argument("--layouts", default="split,single", help="comma-separated: split, single")
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = parser.parse_args()
     counts = [int(p) for p in args.publishers.split(",") if p.strip()]
@@ -232,7 +270,7 @@ def main() -> None:
     drops: dict[tuple[str, int, str], int] = {}
     for run in range(args.runs):
         for publishers in counts:
-            for layout in ("split", "single"):
+            for layout in args.layouts.split(","):
                 results = _run(layout, publishers, args)
                 for r in results:
                     key = (layout, publishers, r["node"])
@@ -247,12 +285,15 @@ def main() -> None:
                         f"{r['rate']:>12,.0f} deliveries/s, {r['published']} msgs, "
                         f"{r['delivered']}/{r['expected']} delivered{short}, "
                         f"{r['dropped']} dropped, cpu {r['cpu_s']:.1f}s "
-                        f"({r['per_cpu_s']:,.0f} deliveries per cpu s)",
+                        f"({r['per_cpu_s']:,.0f} deliveries per cpu s), latency of the last "
+                        "member p50/p99/max {:.1f}/{:.1f}/{:.1f} ms".format(*r["latency"])
+                        + f", {r['rss_per_member']:,.0f} B RSS per member",
                         flush=True,
                     )
     print(
         f"\nmedians of {args.runs}; split = {args.members:,} + {args.members:,} members, "
-        f"single = {2 * args.members:,}; members drain with {args.api}"
+        f"single = {2 * args.members:,}; members drain with {args.api}; "
+        f"delivery_batch_delay={'default' if args.delay is None else args.delay}"
         f"{'; gc.freeze() after set-up' if args.gc_freeze else ''}; "
         f"Python {sys.version.split()[0]}"
     )

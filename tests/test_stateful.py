@@ -87,6 +87,7 @@ class _ModelMember:
 class RouterMachine(RuleBasedStateMachine):
     portal: BlockingPortal
     backend_name: str
+    batch_delay: float  # delivery_batch_delay of every node (issue 23)
 
     def __init__(self) -> None:
         super().__init__()
@@ -120,7 +121,11 @@ class RouterMachine(RuleBasedStateMachine):
 
     @initialize()
     def start_nodes(self) -> None:
-        opts = {**TEST_ROUTER_OPTIONS, **self.backend.router_options}
+        opts = {
+            **TEST_ROUTER_OPTIONS,
+            **self.backend.router_options,
+            "delivery_batch_delay": self.batch_delay,
+        }
         for i in range(NODES):
             broker = self.backend.broker()
             if i == 0:
@@ -342,13 +347,18 @@ def portal() -> Iterator[BlockingPortal]:
         yield p
 
 
+# 0: every delivery wakes its member at once; 0.02: a batch outlives the operations of a step
+# (SLOW_LINK is 0.03), so joins, leaves and closes land while envelopes wait for their wake-up.
+@pytest.mark.parametrize("batch_delay", [0.0, 0.02])
 @pytest.mark.parametrize("backend_name", selected_backends())
 @pytest.mark.timeout(int(os.environ.get("STATEFUL_TIMEOUT", "600")))
-def test_router_state_machine(backend_name: str, portal: BlockingPortal) -> None:
+def test_router_state_machine(
+    backend_name: str, batch_delay: float, portal: BlockingPortal
+) -> None:
     BACKENDS[backend_name]("probe").available()
     machine = type(
         f"RouterMachine_{backend_name.replace('-', '_')}",
         (RouterMachine,),
-        {"portal": portal, "backend_name": backend_name},
+        {"portal": portal, "backend_name": backend_name, "batch_delay": batch_delay},
     )
     machine.TestCase().runTest()

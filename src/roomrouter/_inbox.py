@@ -101,8 +101,12 @@ class Inbox:
         self.waiters: list[asyncio.Future[None] | anyio.Event] = []
         self.closed: str | None = None
 
-    def deliver(self, envelope: Envelope) -> bool:
-        """Queue ``envelope``; False if it was not queued (closed, or closed by overflow)."""
+    def deliver(self, envelope: Envelope, wake: bool = True) -> bool:
+        """Queue ``envelope``; False if it was not queued (closed, or closed by overflow).
+
+        With ``wake=False`` (delivery batching, ``_batching.py``) a waiting member is not woken
+        here but by the room's batch flush, unless this envelope filled the inbox: the next
+        one would overflow it, so the member runs now rather than lose envelopes to a timer."""
         if self.recovering:
             held = self.recovering.get(envelope.room)
             if held is not None:
@@ -126,7 +130,7 @@ class Inbox:
             total = self.bytes + len(envelope.payload)
         queue.append(envelope)
         self.bytes = total
-        if self.waiters:
+        if self.waiters and (wake or len(queue) >= self.maxlen or total >= self.max_bytes):
             self.wake()
         return True
 

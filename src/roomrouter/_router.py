@@ -28,6 +28,7 @@ import anyio.lowlevel
 import msgspec
 from anyio.abc import TaskGroup
 
+from ._batching import DEFAULT_BATCH_DELAY, DEFAULT_BATCH_MAX, Fanout
 from ._cluster import ClusterView, NodeInfo
 from ._envelope import (
     MAX_ROOM_LENGTH,
@@ -131,6 +132,10 @@ class RoomRouter:
         control_secret: a shared secret (str or bytes) that signs every control frame with
             an HMAC; frames without a valid tag are dropped. Every node of the namespace needs
             the same one. Also a URL option (``?control_secret=...``) of :meth:`from_url`.
+        delivery_batch_delay: seconds a room's envelopes may gather before the members waiting
+            for them are woken, once per batch (:meth:`set_batch_delay` per room; 0: at once);
+            ``delivery_batch_max`` envelopes wake them sooner. Order, exactness and overflow
+            are unchanged; docs/batching.md has the figures behind the default.
     """
 
     def __init__(
@@ -155,6 +160,8 @@ class RoomRouter:
         direct_max: int | None = None,
         suspect_interval: float | None = None,
         control_secret: str | bytes | None = None,
+        delivery_batch_delay: float = DEFAULT_BATCH_DELAY,
+        delivery_batch_max: int = DEFAULT_BATCH_MAX,
     ) -> None:
         if direct_max is None:  # the backend's (check_options refuses a broker that is none)
             direct_max = getattr(broker, "default_direct_max", 1)
@@ -240,6 +247,7 @@ class RoomRouter:
         # The join table's maps, the same objects for the router's life: routing reads them.
         self._members = self._joins.members  # member id -> inbox
         self._local = self._joins.local  # room -> member id -> inbox
+        self._fanout = Fanout(self._local, delivery_batch_delay, delivery_batch_max)
         self._gaps = GapRecovery(
             self.node_id, broker, self._recovery, self._stats, self._local, self._deliver_remote
         )
@@ -336,6 +344,7 @@ class RoomRouter:
 
     async def _stop(self) -> None:
         self._subs.close()
+        self._fanout.close()
         for inbox in list(self._members.values()):
             inbox.close("router closed")
         if self._presence is not None:
@@ -556,12 +565,7 @@ class RoomRouter:
         members = self._local.get(room)
         if members:
             skip = exclude.id if isinstance(exclude, Member) else exclude
-            # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
-            delivered = 0
-            for inbox in tuple(members.values()):
-                if inbox.id != skip and inbox.deliver(envelope):
-                    delivered += 1
-            stats.local_deliveries += delivered
+            stats.local_deliveries += self._fanout.deliver(members, envelope, skip)
         hosts = self._cluster.hosts_of(room)
         live = bool(hosts)
         # The broker reads `to` before its first await, so the live set needs no copy.
@@ -587,6 +591,10 @@ class RoomRouter:
                 f"{exc} (envelope {envelope.id}: retry with id={envelope.id!r})", envelope.id
             ) from exc
         return envelope
+
+    def set_batch_delay(self, room: str, delay: float | None) -> None:
+        """Give ``room`` its own ``delivery_batch_delay`` (None: the router's again)."""
+        self._fanout.set_delay(room, delay)
 
     # -- broker callbacks -----------------------------------------------------------------------
 
@@ -638,11 +646,7 @@ class RoomRouter:
             self._last_persisted[room] = envelope.id
         elif room not in self._live_rooms:
             self._live_rooms.add(room)
-        delivered = 0  # counted here, added once: a big room runs this loop per member
-        for inbox in tuple(members.values()):
-            if inbox.deliver(envelope):
-                delivered += 1
-        stats.remote_deliveries += delivered
+        stats.remote_deliveries += self._fanout.deliver(members, envelope, None)
 
     def _on_reconnect(self) -> None:
         self._stats.reconnects += 1

@@ -407,7 +407,7 @@ class _Connection:
         try:
             while True:
                 try:
-                    envelope = await member.receive()
+                    batch = await member.receive_batch()  # a room's batch: one wake-up
                 except MemberClosed:
                     break
                 except DeliveryGap:
@@ -417,14 +417,14 @@ class _Connection:
                     return True
                 if member.close_reason == "overflow":
                     break  # the client recovers what is queued, and more, with `since`
-                frame = self._message_frame(envelope)
-                if frame is None:
-                    continue
                 async with self._send_lock:
                     # Checked under the lock: a join in progress holds it and sets the room
                     # (and the member, whose replaced predecessor may still hold messages).
-                    if member is self.member and envelope.room == self.room:
-                        await self._send_unlocked(frame)
+                    for envelope in batch:
+                        if member is self.member and envelope.room == self.room:
+                            frame = self._message_frame(envelope)
+                            if frame is not None:
+                                await self._send_unlocked(frame)
         except TimeoutError:
             log.info("member %s: a send stalled for %ss", member.id, self.settings.send_timeout)
             await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")

@@ -282,10 +282,11 @@ class HostingManager(socketio.AsyncManager):  # type: ignore[misc]
 
     async def _read(self, link: Link) -> None:
         """The reader of one link: handles each envelope in turn (so per room and origin in
-        publish order); a bad one is counted and logged, never the end of the reader."""
+        publish order); a bad one is counted and logged, never the end of the reader. It takes
+        what the room's delivery batch brought in one wake-up (``receive_batch``)."""
         while True:
             try:
-                envelope = await link.member.receive()
+                batch = await link.member.receive_batch()
             except MemberClosed:
                 break
             except DeliveryGap:
@@ -295,20 +296,21 @@ class HostingManager(socketio.AsyncManager):  # type: ignore[misc]
                     link.name,
                 )
                 continue
-            message = decode(envelope.payload)
-            if message is None:
-                self.undecodable += 1
-                self._get_logger().warning(
-                    "roomrouter manager: dropped an undecodable message in %s", link.name
-                )
-                continue
-            try:
-                await self._handle(link, envelope, message)
-            except Exception:
-                self.handler_errors += 1
-                self._get_logger().exception(
-                    "roomrouter manager: handling a message of %s failed", link.name
-                )
+            for envelope in batch:
+                message = decode(envelope.payload)
+                if message is None:
+                    self.undecodable += 1
+                    self._get_logger().warning(
+                        "roomrouter manager: dropped an undecodable message in %s", link.name
+                    )
+                    continue
+                try:
+                    await self._handle(link, envelope, message)
+                except Exception:
+                    self.handler_errors += 1
+                    self._get_logger().exception(
+                        "roomrouter manager: handling a message of %s failed", link.name
+                    )
         if link.member.close_reason == "overflow" and self._links.get(link.name) is link:
             # The router's overflow="disconnect" policy closed the member of a room that still
             # has local clients: what overflowed is lost, but the room must be heard again.
