@@ -32,8 +32,10 @@ if TYPE_CHECKING:
 __all__ = ["DEFAULT_BATCH_DELAY", "DEFAULT_BATCH_MAX", "Fanout", "check_batching"]
 
 #: Seconds a room's first envelope may wait for others before its waiting members are woken
-#: (``RoomRouter(delivery_batch_delay=)``); see docs/batching.md for the figures behind it.
-DEFAULT_BATCH_DELAY = 0.002
+#: (``RoomRouter(delivery_batch_delay=)``). 0: off (every envelope wakes its waiters at once)
+#: until figures taken on a quiet machine show a delay that pays for itself; see
+#: docs/batching.md.
+DEFAULT_BATCH_DELAY = 0.0
 #: Most envelopes of a room queued before its waiting members are woken regardless of the delay.
 DEFAULT_BATCH_MAX = 256
 
