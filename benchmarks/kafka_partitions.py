@@ -27,8 +27,10 @@ of ``--rounds`` interleaved runs on fresh topics: delivered and published msg/s 
 window), records written per publish, records received per node and their irrelevant share,
 p50/p99 publish-to-delivery latency, CPU µs per delivered message of the readers, the
 publishers and the two (the node), and of Tansu's process (when this script started it; read
-from ``/proc`` from the start of publishing to the last delivery), and the publishers' µs per
-publish. Figures are reported, not asserted; every child is bounded by ``--timeout``.
+from ``/proc`` from the start of publishing to the last delivery), the publishers' µs per
+publish, and the deliveries missing at the end (acknowledged publishes times remote hosts,
+less what the readers delivered; summed over all runs). Figures are reported, not asserted;
+every child is bounded by ``--timeout``.
 """
 
 from __future__ import annotations
@@ -418,6 +420,7 @@ def _run_once(args: argparse.Namespace, layout: str) -> dict[str, Any] | None:
         "records_per_publish": sum(w["records"] for w in writers) / max(published, 1),
         "expected": published * (args.hosts - 1),
         "delivered": delivered,
+        "missing": published * (args.hosts - 1) - delivered,
         "received_per_node": sum(r["received"] for r in readers) / args.nodes,
         "irrelevant": sum(r["irrelevant"] for r in readers)
         / max(sum(r["received"] for r in readers), 1),
@@ -469,7 +472,7 @@ def main() -> None:
     parser.add_argument("--fetch-max-wait-ms", type=int, default=10, help="as roomrouter's")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process")
-    parser.add_argument("--quiet", type=float, default=0.5, help=argparse.SUPPRESS)
+    parser.add_argument("--quiet", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=10.0, help=argparse.SUPPRESS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--node", type=int, default=0, help=argparse.SUPPRESS)
@@ -531,11 +534,12 @@ def main() -> None:
         f"rooms, {args.concurrency} publishing tasks per node, {args.payload} B, "
         f"{args.seconds:g} s windows, medians of {args.rounds}; µs/msg per delivered message\n"
     )
-    print("| hosts | layout | " + " | ".join(c[0] for c in _COLUMNS) + " |")
-    print("|---:|---|" + "---:|" * len(_COLUMNS))
+    print("| hosts | layout | " + " | ".join(c[0] for c in _COLUMNS) + " | missing (all runs) |")
+    print("|---:|---|" + "---:|" * (len(_COLUMNS) + 1))
     for (hosts, layout), m in sorted(medians.items()):
         cells = [fmt.format(m[key]) if key in m else "-" for _, key, fmt in _COLUMNS]
-        print(f"| {hosts} | {layout} | " + " | ".join(cells) + " |")
+        missing = sum(r["missing"] for r in runs[hosts, layout])
+        print(f"| {hosts} | {layout} | " + " | ".join(cells) + f" | {missing:,} |")
     print()
     for hosts in shapes:
         b = medians.get((hosts, "per-node"))
