@@ -18,6 +18,11 @@ with raw aiokafka and the same publish and read code (so the ratio is the layout
 * **per-node**: one partition per node; a node reads only its own. A publish to a room is one
   record per host other than the publisher, each in that host's partition, all handed to the
   producer together (one produce request); nothing is dropped.
+* **per-node+store**: per-node, plus one more record per publish in a second topic of
+  ``--store-partitions`` partitions keyed by room, which nobody reads live: what a persisted
+  publish would cost if the live records left the room-keyed topic that is the storage queue
+  and the recent cache today (storage workers, which would read it, are not run; they read
+  the same records today).
 
 A node is two processes: its reader (the consumer, with the OffsetGuard that roomrouter's
 reader uses against Tansu's holes) and its publisher (the producer and the publishing tasks,
@@ -50,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-LAYOUTS = ("shared", "per-node")
+LAYOUTS = ("shared", "per-node", "per-node+store")
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -101,8 +106,8 @@ class Sender:
     per partition per round and hands them on without awaiting answers; a publish completes
     when every partition it went to acknowledged it."""
 
-    def __init__(self, producer: Any, topic: str, targets: dict[bytes, list[int]]) -> None:
-        self.producer, self.topic, self.targets = producer, topic, targets
+    def __init__(self, producer: Any, targets: dict[bytes, list[tuple[str, int]]]) -> None:
+        self.producer, self.targets = producer, targets
         self.queue: list[tuple[bytes, bytes, _Publish]] = []
         self.wake = asyncio.Event()
         self.records = 0
@@ -119,7 +124,7 @@ class Sender:
             await self.wake.wait()
             self.wake.clear()
             queue, self.queue = self.queue, []
-            batches: dict[int, tuple[Any, list[_Publish]]] = {}
+            batches: dict[tuple[str, int], tuple[Any, list[_Publish]]] = {}
             for key, value, publish in queue:
                 for part in self.targets[key]:
                     entry = batches.get(part)
@@ -134,8 +139,8 @@ class Sender:
             for part, (builder, publishes) in batches.items():
                 await self._hand(part, builder, publishes)
 
-    async def _hand(self, part: int, builder: Any, publishes: list[_Publish]) -> None:
-        future = await self.producer.send_batch(builder, self.topic, partition=part)
+    async def _hand(self, part: tuple[str, int], builder: Any, publishes: list[_Publish]) -> None:
+        future = await self.producer.send_batch(builder, part[0], partition=part[1])
         future.add_done_callback(lambda f, publishes=publishes: _answered(f, publishes))
 
 
@@ -158,18 +163,20 @@ async def _publisher(args: argparse.Namespace) -> dict[str, Any]:
     from roomrouter.brokers.kafka._common import partition
 
     rooms = _rooms_of(args.node, args)
-    targets: dict[bytes, list[int]] = {}
+    targets: dict[bytes, list[tuple[str, int]]] = {}
     for room in rooms:
         key = room.encode()
         if args.child == "publisher-shared":
-            targets[key] = [partition(key, args.partitions)]
+            targets[key] = [(args.topic, partition(key, args.partitions))]
         else:
-            targets[key] = [h for h in _hosts_of(room, args) if h != args.node]
+            targets[key] = [(args.topic, h) for h in _hosts_of(room, args) if h != args.node]
+            if args.child == "publisher-per-node+store":
+                targets[key].append((args.topic + "s", partition(key, args.store_partitions)))
     producer = AIOKafkaProducer(
         bootstrap_servers=args.bootstrap, acks="all", linger_ms=0, enable_idempotence=False
     )
     await producer.start()
-    sender = Sender(producer, args.topic, targets)
+    sender = Sender(producer, targets)
     runner = asyncio.create_task(sender.run())
     pad = b" " * args.payload
     tag = b"n%d" % args.node
@@ -179,8 +186,8 @@ async def _publisher(args: argparse.Namespace) -> dict[str, Any]:
 
     try:
         await producer.client.force_metadata_update()
-        for part in sorted({p for ps in targets.values() for p in ps}):  # connect, metadata
-            await (await producer.send(args.topic, b"", partition=part))
+        for topic, part in sorted({p for ps in targets.values() for p in ps}):  # metadata
+            await (await producer.send(topic, b"", partition=part))
         print("ready", flush=True)
         await _stdin_line()
         published = 0
@@ -306,19 +313,20 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         "--bootstrap", args.bootstrap, "--topic", args.topic, "--nodes", str(args.nodes),
         "--rooms", str(args.rooms), "--hosts", str(args.hosts),
         "--partitions", str(args.partitions), "--seconds", str(args.seconds),
+        "--store-partitions", str(args.store_partitions),
         "--concurrency", str(args.concurrency), "--payload", str(args.payload),
         "--fetch-max-wait-ms", str(args.fetch_max_wait_ms), "--timeout", str(args.timeout),
         "--quiet", str(args.quiet), "--settle", str(args.settle),
     ]  # fmt: skip
 
 
-async def _create_topic(bootstrap: str, topic: str, partitions: int) -> None:
+async def _create_topic(bootstrap: str, topics: dict[str, int]) -> None:
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(topic, partitions, 1)])
+        await admin.create_topics([NewTopic(t, count, 1) for t, count in topics.items()])
     finally:
         await admin.close()
 
@@ -351,11 +359,15 @@ class _CpuSampler:
 
 
 def _run_once(args: argparse.Namespace, layout: str) -> dict[str, Any] | None:
-    """One measurement of ``layout`` ("shared/<partitions>" or "per-node") on a fresh topic."""
+    """One measurement of ``layout`` ("shared/<partitions>", "per-node", "per-node+store") on
+    fresh topics."""
     args.topic = "kp" + uuid.uuid4().hex[:10]
     layout, _, count = layout.partition("/")
     args.partitions = partitions = int(count) if count else args.nodes
-    asyncio.run(_create_topic(args.bootstrap, args.topic, partitions))
+    topics = {args.topic: partitions}
+    if layout == "per-node+store":
+        topics[args.topic + "s"] = args.store_partitions
+    asyncio.run(_create_topic(args.bootstrap, topics))
     children: dict[tuple[str, int], subprocess.Popen[bytes]] = {}
     sampler = _CpuSampler(args.tansu_pid) if args.tansu_pid else None
     try:
@@ -471,6 +483,9 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=100, help="bytes")
     parser.add_argument("--fetch-max-wait-ms", type=int, default=10, help="as roomrouter's")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument(
+        "--store-partitions", type=int, default=16, help="of per-node+store's storage topic"
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds per process")
     parser.add_argument("--quiet", type=float, default=1.0, help=argparse.SUPPRESS)
     parser.add_argument("--settle", type=float, default=10.0, help=argparse.SUPPRESS)
