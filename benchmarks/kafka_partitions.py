@@ -5,10 +5,11 @@
     python benchmarks/kafka_partitions.py --bootstrap host:9092
 
 ``--nodes`` nodes (default 4), ``--rooms`` rooms, room ``r`` hosted on nodes ``r, r+1, ...``
-(``--hosts`` of them, mod the node count), one member per room on each host; every node
-publishes ``--payload``-byte frames to the rooms it hosts from ``--concurrency`` tasks, each
-awaiting its publish's acknowledgement, for ``--seconds``. Two layouts of the data topic, both
-with raw aiokafka and the same publish and read code (so the ratio is the layout's):
+(``--hosts`` of them, mod the node count; ``--placement random``: a random set), one member
+per room on each host; every node publishes ``--payload``-byte frames to the rooms it hosts
+from ``--concurrency`` tasks, each awaiting its publish's acknowledgement, for ``--seconds``.
+The layouts of the data topic, all with raw aiokafka and the same publish and read code (so
+the ratios are the layouts'):
 
 * **shared** (what roomrouter's Kafka backend does today): ``--partitions`` partitions (one
   layout per value of the list: 16, roomrouter's default, and 4, as many as the nodes), a
@@ -60,11 +61,16 @@ _TICK = os.sysconf("SC_CLK_TCK")
 
 
 def _rooms_of(node: int, args: argparse.Namespace) -> list[str]:
-    return [f"r{r}" for r in range(args.rooms) if (node - r) % args.nodes < args.hosts]
+    return [f"r{r}" for r in range(args.rooms) if node in _hosts_of(f"r{r}", args)]
 
 
 def _hosts_of(room: str, args: argparse.Namespace) -> list[int]:
+    """The nodes hosting ``room``: ``ring`` (the suite's lecture) puts room r on r, r+1, ...;
+    ``random`` on a random set (the same in every process), so a node shares rooms with every
+    other node and a per-node publisher writes to up to all their partitions."""
     r = int(room[1:])
+    if args.placement == "random":
+        return random.Random(r).sample(range(args.nodes), args.hosts)
     return [(r + j) % args.nodes for j in range(args.hosts)]
 
 
@@ -313,7 +319,7 @@ def _child_args(args: argparse.Namespace) -> list[str]:
         "--bootstrap", args.bootstrap, "--topic", args.topic, "--nodes", str(args.nodes),
         "--rooms", str(args.rooms), "--hosts", str(args.hosts),
         "--partitions", str(args.partitions), "--seconds", str(args.seconds),
-        "--store-partitions", str(args.store_partitions),
+        "--store-partitions", str(args.store_partitions), "--placement", args.placement,
         "--concurrency", str(args.concurrency), "--payload", str(args.payload),
         "--fetch-max-wait-ms", str(args.fetch_max_wait_ms), "--timeout", str(args.timeout),
         "--quiet", str(args.quiet), "--settle", str(args.settle),
@@ -483,6 +489,7 @@ def main() -> None:
     parser.add_argument("--payload", type=int, default=100, help="bytes")
     parser.add_argument("--fetch-max-wait-ms", type=int, default=10, help="as roomrouter's")
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    parser.add_argument("--placement", choices=("ring", "random"), default="ring")
     parser.add_argument(
         "--store-partitions", type=int, default=16, help="of per-node+store's storage topic"
     )
@@ -546,7 +553,8 @@ def main() -> None:
     }
     print(
         f"\nKafka ({'Tansu' if server else args.bootstrap}), {args.nodes} nodes, {args.rooms} "
-        f"rooms, {args.concurrency} publishing tasks per node, {args.payload} B, "
+        f"rooms ({args.placement} placement), {args.concurrency} publishing tasks per node, "
+        f"{args.payload} B, "
         f"{args.seconds:g} s windows, medians of {args.rounds}; µs/msg per delivered message\n"
     )
     print("| hosts | layout | " + " | ".join(c[0] for c in _COLUMNS) + " | missing (all runs) |")
