@@ -1,7 +1,8 @@
 """Kafka: rooms hashed onto shared partitions vs one partition per node, on the lecture shape.
 
     python benchmarks/kafka_partitions.py                  # starts Tansu; hosts = 2, 3, 4
-    python benchmarks/kafka_partitions.py --hosts 2 --rooms 1000 --seconds 3 --rounds 3
+    python benchmarks/kafka_partitions.py --hosts 2,3,4 --partitions 16,4,1   # docs/scaling.md
+    python benchmarks/kafka_partitions.py --nodes 8 --hosts 2 --placement random
     python benchmarks/kafka_partitions.py --bootstrap host:9092
 
 ``--nodes`` nodes (default 4), ``--rooms`` rooms, room ``r`` hosted on nodes ``r, r+1, ...``
@@ -12,10 +13,10 @@ The layouts of the data topic, all with raw aiokafka and the same publish and re
 the ratios are the layouts'):
 
 * **shared** (what roomrouter's Kafka backend does today): ``--partitions`` partitions (one
-  layout per value of the list: 16, roomrouter's default, and 4, as many as the nodes), a
-  room's records in ``murmur2(room) % partitions``; a node assigns itself the partitions of the
-  rooms it hosts -- with many rooms, all of them -- and drops every record of a room it does not
-  host and its own publishes (the echo).
+  layout per value of the list; default 16, roomrouter's default, and 4, as many as the
+  nodes), a room's records in ``murmur2(room) % partitions``; a node assigns itself the
+  partitions of the rooms it hosts -- with many rooms, all of them -- and drops every record of
+  a room it does not host and its own publishes (the echo).
 * **per-node**: one partition per node; a node reads only its own. A publish to a room is one
   record per host other than the publisher, each in that host's partition, all handed to the
   producer together (one produce request); nothing is dropped.
