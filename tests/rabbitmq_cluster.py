@@ -26,8 +26,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -155,12 +157,22 @@ class RabbitMQCluster:
             (node.dir / "rabbitmq.conf").write_text("\n".join(lines) + "\n")
 
     def _spawn(self, node: Node) -> None:
-        with open(node.dir / "stdout", "ab") as out:
-            node.process = subprocess.Popen(
-                [str(_BIN / "rabbitmq-server")],
-                env=self._env(node), stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.dir,
-            )  # fmt: skip
+        def popen() -> subprocess.Popen[bytes]:
+            with open(node.dir / "stdout", "ab") as out:
+                return subprocess.Popen(
+                    [str(_BIN / "rabbitmq-server")],
+                    env=self._env(node), stdout=out, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, cwd=self.dir,
+                )  # fmt: skip
+
+        # PR_SET_PDEATHSIG fires when the *thread* that forked dies: a node restarted from a
+        # worker thread (anyio.to_thread) would get SIGTERM once that thread is reaped. The
+        # spawner thread lives as long as the process.
+        node.process = (
+            popen()
+            if threading.current_thread() is threading.main_thread()
+            else (_spawner().submit(popen).result())
+        )
 
     def ctl(self, node: Node, *args: str, timeout: float = 30.0, tool: str = "rabbitmqctl") -> str:
         """Run ``rabbitmqctl`` (or ``tool``) against ``node``; its output (raises on failure)."""
@@ -257,6 +269,16 @@ class RabbitMQCluster:
                 node.process.wait(timeout=5)
             node.process = None
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+_spawn_pool: ThreadPoolExecutor | None = None
+
+
+def _spawner() -> ThreadPoolExecutor:
+    global _spawn_pool
+    if _spawn_pool is None:
+        _spawn_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rabbit-spawner")
+    return _spawn_pool
 
 
 _shared: RabbitMQCluster | None = None

@@ -288,6 +288,28 @@ def _hosts(router: RoomRouter, room: str, node_id: str) -> None:
     assert any(n.node_id == node_id and room in n.rooms for n in router.nodes())
 
 
+def test_quorum_cost_benchmark_runs_on_the_cluster(rcluster: RabbitMQCluster) -> None:
+    """benchmarks/rabbitmq_quorum.py against the cluster (its three VMs' CPU counted) and the
+    local server: tiny by default, the figures of docs/scaling.md with
+    ``ROOMROUTER_QUORUM_BENCH=5000x3`` (messages x rounds; run with ``-s`` to see them)."""
+    size = os.environ.get("ROOMROUTER_QUORUM_BENCH", "200x1")
+    messages, rounds = (int(x) for x in size.split("x"))
+    first = rcluster.nodes[0]
+    pids = ",".join(str(n.process.pid) for n in rcluster.nodes if n.process is not None)
+    args = [
+        sys.executable, str(ROOT / "benchmarks" / "rabbitmq_quorum.py"),
+        "--messages", str(messages), "--rounds", str(rounds),
+        "--target", f"cluster=amqp://guest:guest@{first.address}/", "--pids", f"cluster={pids}",
+        "--target", "single=amqp://guest:guest@127.0.0.1:5672/",
+    ]  # fmt: skip
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=1200, check=False)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| cluster |")
+            or line.startswith("| single |")]  # fmt: skip
+    assert len(rows) == 8, done.stdout
+    print("\n" + done.stdout)
+
+
 # -- inspect ----------------------------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from ._common import (
     first_closed,
     quiet_close,
     really_cancelled,
+    unbind,
 )
 from ._management import request_json
 from ._names import (
@@ -304,10 +305,8 @@ class RabbitMQBroker(Broker):
                     await bind(channel, queue, self._data_x, self._binding_keys(add))
                     bound.update(add)
                 with anyio.fail_after(self.operation_timeout + len(drop) / 50):
-                    for room in drop:
-                        for key in self._binding_keys([room]):
-                            await channel.queue_unbind(queue, self._data_x, routing_key=key)
-                        bound.discard(room)
+                    await unbind(conn, channel, queue, self._data_x, self._binding_keys(drop))
+                    bound.difference_update(drop)
             with anyio.fail_after(self.operation_timeout):
                 self._unacked = 0
                 # The server cancels the consumer if the queue is deleted under us: rebuild.
@@ -462,14 +461,13 @@ class RabbitMQBroker(Broker):
         for room in gone:
             for word in room_words(room):
                 self._key_rooms.pop(word, None)
-        channel = self._sub_ch
-        if not gone or channel is None or not self._sub_ready:
+        conn, channel = self._sub_conn, self._sub_ch
+        if not gone or conn is None or channel is None or not self._sub_ready:
             return  # not restored on reconnect: forgotten either way
-        # queue.unbind has no no-wait form in AMQP 0-9-1: one round trip each.
+        # queue.unbind has no no-wait form in AMQP 0-9-1: round trips, overlapped (``unbind``).
         try:
             with anyio.fail_after(self.operation_timeout + len(gone) / 50):
-                for key in self._binding_keys(gone):
-                    await channel.queue_unbind(self._queue, self._data_x, routing_key=key)
+                await unbind(conn, channel, self._queue, self._data_x, self._binding_keys(gone))
         except BaseException as exc:
             self._break_subscriber()
             if isinstance(exc, (*ERRORS, asyncio.CancelledError)) and not really_cancelled():

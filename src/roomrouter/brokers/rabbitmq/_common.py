@@ -26,6 +26,7 @@ __all__ = [
     "first_closed",
     "quiet_close",
     "really_cancelled",
+    "unbind",
     "unreachable_at",
 ]
 
@@ -159,6 +160,56 @@ async def bind(channel: AbstractChannel, queue: str, exchange: str, keys: list[s
     for key in keys[:-1]:
         await channel.queue_bind(queue, exchange, routing_key=key, nowait=True)
     await channel.queue_bind(queue, exchange, routing_key=keys[-1])
+
+
+#: Most channels one :func:`unbind` spreads its keys over, and the fewest keys per channel.
+UNBIND_LANES = 16
+_KEYS_PER_LANE = 32
+
+
+async def unbind(
+    conn: AbstractConnection, channel: AbstractChannel, queue: str, exchange: str, keys: list[str]
+) -> None:
+    """Unbind ``keys``; return once every one took effect.
+
+    ``queue.unbind`` has no no-wait form in AMQP 0-9-1, and aiormq sends a channel's methods
+    one at a time, each after the previous one's answer: a few keys go one by one on
+    ``channel``, more are spread over up to :data:`UNBIND_LANES` channels of ``conn`` (opened
+    for this and closed after), each unbinding its share in turn, so the round trips overlap.
+    The caller awaits the whole, so a later bind of the same key (on ``channel``) comes after
+    its unbind. Raises the first error (the connection's state is then unknown)."""
+    lanes = min(UNBIND_LANES, len(keys) // _KEYS_PER_LANE)
+    if lanes <= 1:
+        for key in keys:
+            await channel.queue_unbind(queue, exchange, routing_key=key)
+        return
+    extra: list[AbstractChannel] = []
+    try:
+        opened = await asyncio.gather(
+            *(conn.channel(publisher_confirms=False) for _ in range(lanes - 1)),
+            return_exceptions=True,
+        )
+        extra = [c for c in opened if not isinstance(c, BaseException)]
+        failed = [c for c in opened if isinstance(c, BaseException)]
+        if failed:
+            raise failed[0]
+        channels = [channel, *extra]
+
+        async def lane(ch: AbstractChannel, share: list[str]) -> None:
+            for key in share:
+                await ch.queue_unbind(queue, exchange, routing_key=key)
+
+        done = await asyncio.gather(
+            *(lane(ch, keys[i :: len(channels)]) for i, ch in enumerate(channels)),
+            return_exceptions=True,
+        )
+        errors = [r for r in done if isinstance(r, BaseException)]
+        if errors:
+            raise errors[0]
+    finally:
+        if extra:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await asyncio.gather(*(c.close() for c in extra), return_exceptions=True)
 
 
 async def declare_storage(channel: AbstractChannel, exchange: str, queue: str) -> None:

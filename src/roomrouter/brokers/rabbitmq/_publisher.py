@@ -8,8 +8,9 @@ while none of its bytes can have reached RabbitMQ, "outcome unknown"
 after ``Transmit.sent()``, and a publish gets its delivery tag in that same synchronous step:
 one the outbox already failed as "not sent" (deadline, cancelled caller) never gets a tag and
 is never written. RabbitMQ's confirmations settle the in-flight publishes (``basic.ack``:
-done; ``basic.nack``: refused, an answer); a lost channel or connection fails them as "outcome
-unknown" (``Outbox.fail_in_flight``), and so does the outbox's watchdog at their deadline.
+done; ``basic.nack``: "outcome unknown", see :func:`_confirmed`); a lost channel or
+connection fails them as "outcome unknown" (``Outbox.fail_in_flight``), and so does the
+outbox's watchdog at their deadline.
 """
 
 from __future__ import annotations
@@ -64,12 +65,14 @@ class _Publish:
 
 
 def _confirmed(send: Send[_Publish], service: str, exc: BaseException | None) -> None:
-    """Settle a sent publish from RabbitMQ's answer: an ack resolves it, a nack refuses it (an
-    answer: not published)."""
+    """Settle a sent publish from RabbitMQ's answer: an ack resolves it; a nack says that *a*
+    queue it was routed to refused it, while the others (node queues, the recent cache) may
+    have taken it, so it is "outcome unknown" (retry with the id; seen on a cluster while the
+    storage queue elects a leader)."""
     if exc is None:
         send.resolve()
     elif isinstance(exc, DeliveryError):
-        send.refuse(BrokerUnavailable(f"{service} refused the publish (nack)"))
+        send.fail(service, "a queue it was routed to refused it (nack)")
     else:
         send.fail(service, describe(exc))
 
