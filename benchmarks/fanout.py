@@ -128,16 +128,26 @@ async def _node_main(conn: Connection, opts: dict[str, Any]) -> None:
             stop_at = started + opts["duration"]
             budget = opts["max_messages"]
 
-            async def publisher() -> None:
+            # --rate: publishes per second over all publishers (paced from the start, so a
+            # late one is followed by the next at once); 0: as fast as each publish returns.
+            interval = opts["publishers"] / opts["rate"] if opts["rate"] else 0.0
+
+            async def publisher(index: int) -> None:
                 nonlocal published, budget
+                due = started + index * interval / opts["publishers"]
                 while budget > 0 and time.perf_counter() < stop_at:
+                    if interval:
+                        wait = due - time.perf_counter()
+                        if wait > 0:
+                            await anyio.sleep(wait)
+                        due += interval
                     budget -= 1
                     await router.publish(ROOM, payload)
                     published += 1
 
             async with anyio.create_task_group() as pubs:
-                for _ in range(opts["publishers"]):
-                    pubs.start_soon(publisher)
+                for index in range(opts["publishers"]):
+                    pubs.start_soon(publisher, index)
             conn.send(("published", (published, started)))
         # perf_counter is CLOCK_MONOTONIC, one clock for every process of the machine.
         expected, started = await anyio.to_thread.run_sync(conn.recv)
@@ -201,6 +211,7 @@ def _run(layout: str, publishers: int, args: argparse.Namespace) -> list[dict[st
         "api": args.api,
         "gc_freeze": args.gc_freeze,
         "delay": args.delay,
+        "rate": args.rate,
     }
     procs, conns = [], []
     for name in names:
@@ -260,6 +271,13 @@ def main() -> None:
         default=None,
         help="RoomRouter(delivery_batch_delay=) in seconds (default: the router's own)",
     )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="publishes per second over all publishers (default 0: flat out); a paced run "
+        "measures the latency batching adds at a load the nodes keep up with",
+    )
     parser.add_argument("--layouts", default="split,single", help="comma-separated: split, single")
     parser.add_argument("--redis", default=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"))
     args = parser.parse_args()
@@ -267,6 +285,7 @@ def main() -> None:
     # (layout, publishers, node) -> rates of each run
     rates: dict[tuple[str, int, str], list[float]] = {}
     per_cpu: dict[tuple[str, int, str], list[float]] = {}
+    p99s: dict[tuple[str, int, str], list[float]] = {}
     drops: dict[tuple[str, int, str], int] = {}
     for run in range(args.runs):
         for publishers in counts:
@@ -276,6 +295,7 @@ def main() -> None:
                     key = (layout, publishers, r["node"])
                     rates.setdefault(key, []).append(r["rate"])
                     per_cpu.setdefault(key, []).append(r["per_cpu_s"])
+                    p99s.setdefault(key, []).append(r["latency"][1])
                     drops[key] = drops.get(key, 0) + r["dropped"]
                     short = "" if r["delivered"] == r["expected"] else " (short)"
                     if r["per_wake"] is not None:
@@ -293,20 +313,22 @@ def main() -> None:
     print(
         f"\nmedians of {args.runs}; split = {args.members:,} + {args.members:,} members, "
         f"single = {2 * args.members:,}; members drain with {args.api}; "
-        f"delivery_batch_delay={'default' if args.delay is None else args.delay}"
+        f"delivery_batch_delay={'default' if args.delay is None else args.delay}; "
+        f"rate {f'{args.rate:g}/s' if args.rate else 'flat out'}"
         f"{'; gc.freeze() after set-up' if args.gc_freeze else ''}; "
         f"Python {sys.version.split()[0]}"
     )
     print(
         f"{'layout':<8} {'pubs':>5} {'node':>5} {'deliveries/s':>14} "
-        f"{'per cpu s':>12} {'dropped':>8}"
+        f"{'per cpu s':>12} {'p99 ms':>8} {'dropped':>8}"
     )
     for (layout, publishers, node), values in sorted(rates.items()):
         median = statistics.median(values)
         key = (layout, publishers, node)
         print(
             f"{layout:<8} {publishers:>5} {node:>5} {median:>14,.0f} "
-            f"{statistics.median(per_cpu[key]):>12,.0f} {drops[key]:>8}"
+            f"{statistics.median(per_cpu[key]):>12,.0f} "
+            f"{statistics.median(p99s[key]):>8.1f} {drops[key]:>8}"
         )
 
 

@@ -266,6 +266,7 @@ async def test_drop_oldest_is_counted_per_envelope(delay: float) -> None:
                 await anyio.lowlevel.checkpoint()
                 for i in range(10):
                     await router.publish("room", b"%d" % i)
+                router.flush_batches()  # what a delay of LONG still holds
         # idle: 6 dropped, the newest 4 kept; waiting: whatever it read plus what it kept plus
         # what was dropped is the whole stream, each envelope counted once.
         kept = [e.payload for e in await idle.receive_batch()]
@@ -286,6 +287,7 @@ async def test_disconnect_closes_on_the_envelope_that_overflows(delay: float) ->
             await router.publish("room", b"%d" % i)
         assert not member.closed
         await router.publish("room", b"4")
+        router.flush_batches("room")  # what a delay of LONG still holds
         assert member.close_reason == "overflow"
         assert router.stats()["members_disconnected"] == 1
         assert [e.payload for e in await member.receive_batch()] == [b"0", b"1", b"2", b"3"]

@@ -1,21 +1,27 @@
-"""Delivery batching: a room's envelopes reach a waiting member in one wake-up (issue 23).
+"""Delivery batching: a room's envelopes reach each member in one wake-up (issue 23).
 
-Every envelope is still queued in each member's inbox at once, in order, with the overflow
-policy applied per envelope (``Inbox.deliver``): what is batched is the *wake-up* of the members
-waiting in ``receive()``. The first envelope of a room after a flush starts a timer of the
-room's ``delivery_batch_delay``; the room's waiting members are woken when it fires, or at once
-when ``delivery_batch_max`` envelopes were queued since, or when a member's inbox is full (the
-next envelope would overflow it). A woken member then takes the whole batch from its inbox
-without suspending again (``receive()``, ``async for`` and ``receive_batch()`` alike): one task
-switch per member per batch instead of per envelope, which is what a big room spends its CPU on.
+With a room's ``delivery_batch_delay`` above 0, an envelope is not queued in the members'
+inboxes when it is published or arrives from the broker: it joins the room's *batch*, and the
+first envelope of a batch starts a timer of the delay. When the timer fires (or at once when
+``delivery_batch_max`` envelopes are in the batch), the batch is *flushed*: every member of the
+room gets the whole batch in one step (one ``deque.extend`` when it fits the inbox, the
+overflow policy per envelope when not) and a waiting member is woken once. So a node pays
+per member per *batch* what it paid per member per *envelope* before (the inbox call and the
+task switch), and the publisher or the broker reader pays one list append per envelope
+instead of one inbox call per member.
 
-What a member sees is unchanged (docs/architecture.md, guarantees on order and exactness): the
-same envelopes, in the same order; only a member already waiting sees them up to the delay
-later. A member busy elsewhere finds them in its inbox as before. See docs/batching.md for the
-figures behind the default delay.
+Exactness (docs/architecture.md, guarantees 1-3) does not move with the flush: the members a
+batch goes to are the room's members when its envelopes were published or received, because
+every change of the room's membership, and every change of a member's recovery state for the
+room, *settles* the room first (:meth:`Fanout.settle`, called by the join table and the gap
+recovery before they change anything): a member that joins after a publish never gets it, one
+that leaves or closes after it does, and a recovery's hold, merge and overlap see the same
+sequence as without batching. Order per room is the batch's order. What changes is when: a
+member sees an envelope up to the delay later, and :meth:`~roomrouter.Member.pending` does
+not count a batch not flushed yet. See docs/batching.md for the figures and the default.
 
 The timer is the asyncio loop's (``call_later``); under another event loop (trio) there is no
-timer and every delivery wakes at once, as with a delay of 0.
+timer and every envelope is queued at once, as with a delay of 0.
 """
 
 from __future__ import annotations
@@ -28,15 +34,15 @@ from ._errors import ConfigurationError
 if TYPE_CHECKING:
     from ._envelope import Envelope
     from ._inbox import Inbox
+    from ._stats import Stats
 
 __all__ = ["DEFAULT_BATCH_DELAY", "DEFAULT_BATCH_MAX", "Fanout", "check_batching"]
 
-#: Seconds a room's first envelope may wait for others before its waiting members are woken
-#: (``RoomRouter(delivery_batch_delay=)``). 0: off (every envelope wakes its waiters at once)
-#: until figures taken on a quiet machine show a delay that pays for itself; see
-#: docs/batching.md.
+#: Seconds a room's first envelope may wait for others before the batch reaches the room's
+#: members (``RoomRouter(delivery_batch_delay=)``). 0: off (every envelope is queued and wakes
+#: its waiters at once); see docs/batching.md for the figures behind it.
 DEFAULT_BATCH_DELAY = 0.0
-#: Most envelopes of a room queued before its waiting members are woken regardless of the delay.
+#: Most envelopes of a room in one batch: a full batch is flushed without waiting for the delay.
 DEFAULT_BATCH_MAX = 256
 
 
@@ -48,19 +54,74 @@ def check_batching(delay: float, max_batch: int) -> None:
         raise ConfigurationError(f"delivery_batch_max must be an int >= 1: {max_batch!r}")
 
 
+class _Batch:
+    """A room's envelopes waiting for the flush, with the member each one skips (``exclude``)."""
+
+    __slots__ = ("envelopes", "size", "skipped", "skips", "timer")
+
+    def __init__(self, envelope: Envelope, skip: str | None) -> None:
+        self.envelopes = [envelope]
+        self.size = len(envelope.payload)
+        self.skips: list[str | None] | None = None if skip is None else [skip]
+        self.skipped: set[str] = set() if skip is None else {skip}
+        self.timer: asyncio.TimerHandle | None = None
+
+    def add(self, envelope: Envelope, skip: str | None) -> int:
+        envelopes = self.envelopes
+        if skip is not None or self.skips is not None:
+            if self.skips is None:
+                self.skips = [None] * len(envelopes)
+            self.skips.append(skip)
+            if skip is not None:
+                self.skipped.add(skip)
+        envelopes.append(envelope)
+        self.size += len(envelope.payload)
+        return len(envelopes)
+
+    def for_member(self, member_id: str) -> list[Envelope]:
+        """The envelopes the member ``member_id`` gets: all but those that skip it."""
+        assert self.skips is not None
+        return [e for e, s in zip(self.envelopes, self.skips, strict=True) if s != member_id]
+
+
 class Fanout:
-    """Hands one envelope to a room's local inboxes and wakes their waiters per batch."""
+    """Hands a room's envelopes to its local inboxes, per envelope or per batch (see above)."""
 
-    __slots__ = ("_delays", "_local", "_pending", "_timers", "delay", "max_batch")
+    __slots__ = (
+        "_batches",
+        "_delays",
+        "_flush_bytes",
+        "_flush_count",
+        "_local",
+        "_node_id",
+        "_stats",
+        "delay",
+        "max_batch",
+    )
 
-    def __init__(self, local: dict[str, dict[str, Inbox]], delay: float, max_batch: int) -> None:
+    def __init__(
+        self,
+        local: dict[str, dict[str, Inbox]],
+        delay: float,
+        max_batch: int,
+        *,
+        stats: Stats,
+        node_id: str,
+        inbox_size: int,
+        inbox_bytes: int,
+    ) -> None:
         check_batching(delay, max_batch)
         self._local = local  # room -> member id -> inbox (the join table's, never replaced)
         self.delay = float(delay)
         self.max_batch = max_batch
+        self._stats = stats
+        self._node_id = node_id
+        # A batch that fills an inbox is delivered at once, not when its timer fires: a member
+        # waiting with an empty inbox takes it whole rather than lose the overflow.
+        self._flush_count = min(max_batch, inbox_size)
+        self._flush_bytes = inbox_bytes
         self._delays: dict[str, float] = {}  # rooms with a delay of their own
-        self._pending: dict[str, int] = {}  # room -> envelopes queued since its last flush
-        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._batches: dict[str, _Batch] = {}  # room -> envelopes not flushed yet
 
     def set_delay(self, room: str, delay: float | None) -> None:
         if delay is None:
@@ -68,58 +129,81 @@ class Fanout:
         else:
             check_batching(delay, self.max_batch)
             self._delays[room] = float(delay)
+        self.settle(room)  # a batch started under the old delay goes now
 
     def deliver(self, members: dict[str, Inbox], envelope: Envelope, skip: str | None) -> int:
-        """Queue ``envelope`` in every inbox of ``members`` but ``skip``'s; how many took it."""
+        """Hand ``envelope`` to every inbox of ``members`` but ``skip``'s. Returns how many took
+        it now; a batched envelope returns 0 and is counted when its batch is flushed."""
         room = envelope.room
         delay = self._delays.get(room, self.delay) if self._delays else self.delay
-        delivered = 0
-        # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
-        if delay <= 0:
-            for inbox in tuple(members.values()):
-                if inbox.id != skip and inbox.deliver(envelope):
-                    delivered += 1
-            return delivered
-        for inbox in tuple(members.values()):
-            if inbox.id != skip and inbox.deliver(envelope, False):
-                delivered += 1
-        count = self._pending.get(room)
-        if count is None:
+        if delay > 0:
+            batch = self._batches.get(room)
+            if batch is not None:
+                if batch.add(envelope, skip) >= self._flush_count or (
+                    batch.size >= self._flush_bytes
+                ):
+                    self.flush(room)
+                return 0
             try:
                 loop = asyncio.get_running_loop()
-            except RuntimeError:  # not asyncio: no timer, wake now
-                self.flush(room)
-                return delivered
-            self._pending[room] = 1
-            self._timers[room] = loop.call_later(delay, self._expire, room)
-            count = 0
-        if count + 1 >= self.max_batch:
-            self.flush(room)
-        else:
-            self._pending[room] = count + 1
+            except RuntimeError:  # not asyncio: no timer, queue now
+                pass
+            else:
+                batch = self._batches[room] = _Batch(envelope, skip)
+                if self._flush_count <= 1 or batch.size >= self._flush_bytes:
+                    self.flush(room)
+                else:
+                    batch.timer = loop.call_later(delay, self.flush, room)
+                return 0
+        delivered = 0
+        # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
+        for inbox in tuple(members.values()):
+            if inbox.id != skip and inbox.deliver(envelope):
+                delivered += 1
         return delivered
 
-    def _expire(self, room: str) -> None:
-        del self._timers[room]
-        self._pending.pop(room, None)
-        self._wake(room)
+    def settle(self, room: str) -> None:
+        """Flush ``room``'s batch, if it has one: called before the room's membership or a
+        member's recovery state for it changes, so the batch reaches the members it was for."""
+        if self._batches and room in self._batches:
+            self.flush(room)
 
     def flush(self, room: str) -> None:
-        """Wake ``room``'s waiting members now (its batch is complete)."""
-        self._pending.pop(room, None)
-        timer = self._timers.pop(room, None)
-        if timer is not None:
-            timer.cancel()
-        self._wake(room)
-
-    def _wake(self, room: str) -> None:
+        """Queue ``room``'s batch in its members' inboxes now and wake those that wait."""
+        batch = self._batches.pop(room, None)
+        if batch is None:
+            return
+        if batch.timer is not None:
+            batch.timer.cancel()
         members = self._local.get(room)
-        if members:
-            for inbox in tuple(members.values()):
-                if inbox.waiters:
-                    inbox.wake()
+        if not members:
+            return
+        envelopes = batch.envelopes
+        size = batch.size
+        skipped = batch.skipped
+        node_id = self._node_id
+        local = sum([1 for e in envelopes if e.origin == node_id])  # this node's publishes
+        stats = self._stats
+        # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
+        for inbox in tuple(members.values()):
+            if skipped and inbox.id in skipped:
+                mine = batch.for_member(inbox.id)
+            elif inbox.deliver_batch(envelopes, size):  # the whole batch, in one step
+                stats.local_deliveries += local
+                stats.remote_deliveries += len(envelopes) - local
+                continue
+            else:
+                mine = envelopes
+            for envelope in mine:  # one by one: a recovery, an overlap or an overflow
+                if inbox.deliver(envelope, False):
+                    if envelope.origin == node_id:
+                        stats.local_deliveries += 1
+                    else:
+                        stats.remote_deliveries += 1
+            if inbox.waiters and inbox.queue:
+                inbox.wake()
 
     def close(self) -> None:
-        """Flush every pending batch (the router stops)."""
-        for room in list(self._pending):
+        """Flush every batch (the router stops)."""
+        for room in list(self._batches):
             self.flush(room)

@@ -48,6 +48,8 @@ class GapRecovery:
         stats: Stats,
         local: dict[str, dict[str, Inbox]],
         deliver: Callable[[Envelope], None],
+        *,
+        settle: Callable[[str], None],
     ) -> None:
         self._node_id = node_id
         self._broker = broker
@@ -55,6 +57,7 @@ class GapRecovery:
         self._stats = stats
         self._local = local
         self._deliver = deliver
+        self._settle = settle  # flushes a room's delivery batch (``_batching.Fanout.settle``)
         self.last_persisted: dict[str, str] = {}
         self.live_rooms: set[str] = set()
         # Rooms whose live envelopes are held while the cache is read after a reconnect, and
@@ -157,6 +160,7 @@ class GapRecovery:
         if not members:
             return
         stats = self._stats
+        self._settle(room)  # what arrived before the mark goes before it
         if gap:
             stats.delivery_gaps += 1
             for inbox in tuple(members.values()):
@@ -166,6 +170,7 @@ class GapRecovery:
         before = stats.remote_deliveries
         for envelope in missed:
             self._deliver(envelope)
+        self._settle(room)  # counted now, not when the batch's timer fires
         stats.recovered_after_reconnect += stats.remote_deliveries - before
         arrived = {e.id for e in held}
         for envelope in held:

@@ -134,6 +134,22 @@ class Inbox:
             self.wake()
         return True
 
+    def deliver_batch(self, envelopes: list[Envelope], size: int) -> bool:
+        """Queue a room's batch (``size`` payload bytes) in one step and wake a waiting member;
+        False, with nothing queued, if it must go envelope by envelope (:meth:`deliver`): the
+        member recovers or drops overlaps, or the batch does not fit the inbox."""
+        if self.recovering or self.overlap:
+            return False
+        queue = self.queue
+        total = self.bytes + size
+        if len(queue) + len(envelopes) > self.maxlen or total > self.max_bytes:
+            return False
+        queue.extend(envelopes)
+        self.bytes = total
+        if self.waiters:
+            self.wake()
+        return True
+
     def _drop_oldest(self, size: int) -> None:
         """Drop the oldest envelopes until one of ``size`` bytes fits. Gap marks are kept: they
         hold no bytes, and dropping one would make a loss silent."""

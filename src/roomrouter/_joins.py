@@ -87,6 +87,7 @@ class Joins:
         require_persistence: Callable[[], None],
         read_history: Callable[[str, int], Awaitable[list[Envelope]]],
         on_room_empty: Callable[[str], None],
+        settle: Callable[[str], None],
     ) -> None:
         self.node_id = node_id
         self.members: dict[str, Inbox] = {}
@@ -101,6 +102,9 @@ class Joins:
         self._require_persistence = require_persistence
         self._read_history = read_history
         self._on_room_empty = on_room_empty
+        # Before the room's members or a member's recovery of it change: the room's delivery
+        # batch goes to the members it was for (``_batching.Fanout.settle``).
+        self._settle = settle
 
     def rooms_of(self, inbox: Inbox) -> frozenset[str]:
         joins = self._joins.get(inbox)
@@ -137,6 +141,7 @@ class Joins:
         try:
             join = await self._join_live(inbox, room, recovering=True)
         except BaseException:
+            self._settle(room)
             inbox.unhold(room)
             raise
         assert join is not None  # none was there (checked above, with no await since)
@@ -150,6 +155,7 @@ class Joins:
             # (and what the join acquired released), so a retry recovers from the start.
             # Second joins waiting for this one fail with it, or, if its caller was
             # cancelled, make the join themselves.
+            self._settle(room)
             inbox.unhold(room)
             self.leave(inbox, room)
             if not isinstance(exc, Exception):
@@ -162,6 +168,7 @@ class Joins:
                 raise error from exc
             raise
         join.end_recovery()
+        self._settle(room)  # what the batch holds for the room goes to the held-back list
         inbox.unhold(room)
         if room not in self.rooms_of(inbox):  # left (or closed) while the history was read
             return _NOTHING_RECOVERED
@@ -245,6 +252,7 @@ class Joins:
             inbox.check_open()
             return join
         join.joined = True
+        self._settle(room)  # a batch published before this join is not for the member
         self.local.setdefault(room, {})[inbox.id] = inbox
         member = inbox.member
         if self._presence is not None and member.listed:
@@ -267,6 +275,7 @@ class Joins:
 
     def _end_join(self, inbox: Inbox, room: str, join: _Join) -> None:
         join.active = False
+        self._settle(room)  # a batch published before this leave is for the member
         inbox.forget_overlap(room)
         if not join.joined:
             return  # still on the wire: that join sees `active` gone and releases its reference

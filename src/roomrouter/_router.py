@@ -243,13 +243,28 @@ class RoomRouter:
             require_persistence=self._require_persistence,
             read_history=lambda room, n: self.history(room, limit=n),
             on_room_empty=lambda room: self._gaps.forget(room),
+            settle=lambda room: self._fanout.settle(room),
         )
         # The join table's maps, the same objects for the router's life: routing reads them.
         self._members = self._joins.members  # member id -> inbox
         self._local = self._joins.local  # room -> member id -> inbox
-        self._fanout = Fanout(self._local, delivery_batch_delay, delivery_batch_max)
+        self._fanout = Fanout(
+            self._local,
+            delivery_batch_delay,
+            delivery_batch_max,
+            stats=self._stats,
+            node_id=self.node_id,
+            inbox_size=inbox_size,
+            inbox_bytes=max_inbox_bytes,
+        )
         self._gaps = GapRecovery(
-            self.node_id, broker, self._recovery, self._stats, self._local, self._deliver_remote
+            self.node_id,
+            broker,
+            self._recovery,
+            self._stats,
+            self._local,
+            self._deliver_remote,
+            settle=self._fanout.settle,
         )
         # The same objects as the gap state's (see GapRecovery): read per delivered envelope.
         self._gap_hold = self._gaps.hold
@@ -593,8 +608,18 @@ class RoomRouter:
         return envelope
 
     def set_batch_delay(self, room: str, delay: float | None) -> None:
-        """Give ``room`` its own ``delivery_batch_delay`` (None: the router's again)."""
+        """Give ``room`` its own ``delivery_batch_delay`` (None: the router's again); a batch
+        the room has waiting is delivered now."""
         self._fanout.set_delay(room, delay)
+
+    def flush_batches(self, room: str | None = None) -> None:
+        """Deliver the envelopes waiting in ``room``'s delivery batch (every room's if None)
+        to the local members now, instead of when the batch's delay ends (see
+        ``delivery_batch_delay``): e.g. before reading :meth:`Member.pending`."""
+        if room is None:
+            self._fanout.close()
+        else:
+            self._fanout.settle(room)
 
     # -- broker callbacks -----------------------------------------------------------------------
 
