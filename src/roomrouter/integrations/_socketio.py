@@ -202,6 +202,7 @@ class RoomRouterManager(HostingManager):
                 sent.add(offset)
                 event, args = batch[offset]
                 await send_to_room(self, event, (*args, offset), namespace or "/", sid, None)
+        self._holds.end(namespace or "/", sid, sent)
         return sid
 
     async def enter_room(self, sid: Any, namespace: Any, room: Any, eio_sid: Any = None) -> None:
@@ -356,6 +357,7 @@ class RoomRouterManager(HostingManager):
         if self._holds:
             members = self.rooms.get(namespace, {})
             skip += self._holds.divert(namespace, members, rooms, skip, (offset, event, args))
+            skip += self._holds.already_sent(namespace, members, rooms, offset)
         room: Any = rooms[0] if len(rooms) == 1 else rooms
         await send_to_room(self, event, (*args, offset), namespace, room, skip)
 
