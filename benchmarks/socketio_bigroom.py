@@ -153,7 +153,7 @@ def run_rounds(args: argparse.Namespace) -> None:
     for scenario in args.scenarios:
         cells = []
         for key, fmt in (
-            ("emits_per_s", "{:,.0f}"),
+            ("emits_per_s", "{:,.1f}"),
             ("deliveries_per_s", "{:,.0f}"),
             ("deliveries_per_cpu_s", "{:,.0f}"),
             ("wakes_per_client", "{:,.1f}"),
