@@ -13,7 +13,8 @@ emits is handed over in one step of the reader, and each client's writer task wa
 batch and takes every packet queued for it (the polling transport answers them in one HTTP
 response; the websocket transport writes one frame per packet, as Engine.IO v4 requires).
 
-Semantics are python-socketio's: the same recipients (``get_participants``, taken before the
+Semantics are python-socketio's (so docs/architecture.md's guarantees 1 and 3 carry over to
+each client): the same recipients (``get_participants``, taken before the
 first send), ``skip_sid`` as a sid or list of sids, the data rules (a tuple is the list of
 arguments, ``None`` none, anything else one), the same packets in the same order. A send that
 raises for one client is logged and the others are still served, as python-socketio's
