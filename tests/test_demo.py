@@ -9,6 +9,7 @@ README does.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from roomrouter import ConfigurationError
 from roomrouter._demo import DemoSettings, bind, server_for
+from roomrouter._demo.app import MAX_BATCH_FRAME, _batch_frames
 from roomrouter._urls import broker_from_url
 
 from .backends import Backend
@@ -84,10 +86,23 @@ class Client:
         #: Presence frames received and not read yet: they interleave with the rest at the
         #: store's pace, so ``recv`` sets them aside and ``presence_frame`` reads them.
         self.presence: list[Frame] = []
+        #: Message frames of a ``messages`` frame not read yet, and how many messages each
+        #: ``messages`` frame carried.
+        self.unpacked: list[Frame] = []
+        self.batches: list[int] = []
 
     async def _recv_any(self, timeout: float) -> Frame:
+        """The next frame; a ``messages`` frame is read as the message frames it carries."""
+        if self.unpacked:
+            return self.unpacked.pop(0)
         with anyio.fail_after(timeout):
             frame: Frame = json.loads(await self.connection.recv())
+        if frame["type"] == "messages":
+            messages = frame["messages"]
+            assert len(messages) >= 2, frame  # a batch of one is a plain message frame
+            self.batches.append(len(messages))
+            self.unpacked.extend(messages[1:])
+            frame = messages[0]
         return frame
 
     async def recv(self, timeout: float = 5.0) -> Frame:
@@ -183,6 +198,35 @@ async def test_page_and_stats_are_served(settings: DemoSettings) -> None:
         assert status == 200 and content_type == "image/svg+xml" and body.startswith("<svg")
         stats = await node.stats()
         assert stats["running"] and stats["broker"] == "memory" and stats["worker"] is not None
+
+
+async def test_a_batch_of_messages_goes_out_in_one_frame(settings: DemoSettings) -> None:
+    """With a delivery batch delay, messages sent within it reach a connection in one
+    ``messages`` frame (or a few), complete and in order."""
+    settings = dataclasses.replace(settings, delivery_batch_delay=0.1)
+    async with serve(settings) as node, client(node) as alice, client(node) as bob:
+        await alice.join("lobby", "alice")
+        await bob.join("lobby", "bob")
+        for i in range(30):
+            await alice.say(f"m{i}")
+        got = await bob.messages(30)
+        assert texts(got) == [f"m{i}" for i in range(30)]
+        assert sum(bob.batches) >= 20 and len(bob.batches) <= 3, bob.batches
+        assert texts(await alice.messages(30)) == [f"m{i}" for i in range(30)]
+
+
+def test_a_long_batch_is_split_over_frames_of_at_most_the_limit() -> None:
+    frames: list[dict[str, object]] = [
+        {"type": "message", "id": str(i), "room": "r", "text": "x" * 100_000} for i in range(12)
+    ]
+    texts_ = _batch_frames(frames)
+    assert len(texts_) > 1 and all(len(t) <= MAX_BATCH_FRAME + 200 for t in texts_)
+    carried = []
+    for text in texts_:
+        frame = json.loads(text)
+        carried += frame["messages"] if frame["type"] == "messages" else [frame]
+    assert [f["id"] for f in carried] == [str(i) for i in range(12)]
+    assert json.loads(_batch_frames(frames[:1])[0]) == frames[0]  # one: a message frame
 
 
 async def test_two_clients_chat_with_history_and_recovery(settings: DemoSettings) -> None:

@@ -233,3 +233,49 @@ async def _scenario(context: BrowserContext, node_a: Node, node_b: Node, screens
     await alice.fill("#text", "see you on node B")
     png = await alice.screenshot(path=str(screenshot))
     assert png.startswith(b"\x89PNG") and len(png) > 10_000  # a picture, not a blank page
+
+
+async def test_a_batch_of_messages_in_one_frame_shows_in_order(tmp_path: Path) -> None:
+    """With a delivery batch delay, ten messages sent at once reach the other tab as one
+    ``messages`` frame, shown in order, and kept across a reload."""
+    _require_browser()
+    from playwright.async_api import WebSocket, async_playwright, expect
+
+    settings = DemoSettings(
+        broker=f"memory://browser-{uuid.uuid4().hex[:8]}",
+        sink=f"sqlite:///{tmp_path / 'chat.db'}",
+        history=20,
+        delivery_batch_delay=0.2,
+    )
+    async with serve(settings) as node, async_playwright() as playwright:
+        context = await playwright.chromium.launch_persistent_context(
+            tmp_path / "profile",
+            executable_path=str(CHROMIUM),
+            args=ARGS,
+            headless=True,
+        )
+        problems = _watch_console(context)
+        try:
+            alice = await open_chat(context, node, "alice", "lobby")
+            bob = await open_chat(context, node, "bob", "lobby")
+            frames: list[str] = []
+
+            def on_websocket(ws: WebSocket) -> None:
+                ws.on("framereceived", lambda payload: frames.append(str(payload)))
+
+            bob.on("websocket", on_websocket)
+            await bob.reload()  # its new connection is watched
+            await expect(bob.locator("#text")).to_be_enabled(timeout=WAIT)
+            texts = [f"burst {i}" for i in range(10)]
+            await alice.evaluate(
+                "(texts) => texts.forEach((text) => send({type: 'send', text}))", texts
+            )
+            await expect(bob.locator("#log li.message")).to_have_count(10, timeout=WAIT)
+            shown = await bob.locator("#log li.message").all_inner_texts()
+            assert all(text in line for text, line in zip(texts, shown, strict=True)), shown
+            assert any('"type":"messages"' in f for f in frames), frames
+            await bob.reload()  # what the tab showed comes back
+            await expect(bob.locator("#log li.message")).to_have_count(10, timeout=WAIT)
+        finally:
+            await context.close()
+    assert problems == []

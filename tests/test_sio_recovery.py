@@ -166,9 +166,13 @@ async def node(
     window: float = 10.0,
     skip_middlewares: bool = True,
     static_files: dict[str, Any] | None = None,
+    delay: float = 0.0,
 ) -> AsyncIterator[Node]:
     manager = RoomRouterManager(
-        backend.process_url(), namespace=backend.namespace, **TEST_ROUTER_OPTIONS
+        backend.process_url(),
+        namespace=backend.namespace,
+        delivery_batch_delay=delay,
+        **TEST_ROUTER_OPTIONS,
     )
     connects: list[tuple[str, bool]] = []
     sio = make_server(manager, window, connects, skip_middlewares)
@@ -273,18 +277,23 @@ async def test_an_emit_to_a_sid_is_recovered_and_persisted_like_a_room_emit(
             await client.aclose()
 
 
+@pytest.mark.parametrize("delay", [0.0, 0.01])
 async def test_recovery_while_events_are_emitted_loses_and_repeats_nothing(
-    redis: Backend,
+    redis: Backend, delay: float
 ) -> None:
     """Events emitted from both nodes while the reconnect is being recovered: each arrives
     once, the missed ones first, each node's in order (held back until the missed ones were
-    sent, then merged by offset)."""
-    async with cluster(redis) as (nodes, raws):
+    sent, then merged by offset). With a batch delay too, and live clients of the room on
+    both nodes served from the same batches: theirs all arrive once, each node's in order."""
+    async with cluster(redis, delay=delay) as (nodes, raws):
         a, b = nodes
         raw = await raws.open(a.url)
         assert raw.connected is not None
         pid = raw.connected["pid"]
         await raw.call("join", "r")
+        live = [await raws.open(n.url) for n in (a, b, a, b)]
+        for other in live:
+            await other.call("join", "r")
         await emit_each(a, [-1])
         (first,) = await raw.wait_events(1)
         await drop(raw, a)
@@ -311,6 +320,12 @@ async def test_recovery_while_events_are_emitted_loses_and_repeats_nothing(
         assert [e[1] for e in missed] == list(range(20)) and events[:20] == missed
         for low, high in ((20, 60), (60, 100)):
             assert [e[1] for e in events if low <= e[1] < high] == list(range(low, high))
+        for other in live:
+            got = await other.wait_events(101)
+            assert [e[1] for e in got if e[1] < 20] == list(range(-1, 20))
+            for low, high in ((20, 60), (60, 100)):
+                assert [e[1] for e in got if low <= e[1] < high] == list(range(low, high))
+            assert len({e[2] for e in got}) == 101  # each with its own offset
 
 
 async def test_a_storm_of_reconnects_all_recover(redis: Backend) -> None:

@@ -46,3 +46,25 @@ def test_offsets_are_uuid7_and_strictly_increasing() -> None:
     assert offsets == sorted(offsets)
     assert len(set(offsets)) == len(offsets)
     assert all(uuid.UUID(o).version == 7 and str(uuid.UUID(o)) == o for o in offsets[:100])
+
+
+def test_after_its_hold_a_client_is_skipped_once_for_each_offset_it_was_sent() -> None:
+    holds = Holds()
+    members = {None: {"a", "b"}, "r": {"a", "b"}}
+    holds.open("/", "a")
+    assert holds.take("/", "a") is None  # nothing held: the hold ends
+    holds.end("/", "a", {"o1", "o2"})  # sent while recovering (missed, read from the caches)
+    assert holds  # the live send must ask
+    # o1's envelope reaches the node only now: a is skipped for it, once; b is not.
+    assert holds.already_sent("/", members, ["r"], "o1") == ["a"]
+    assert holds.already_sent("/", members, ["r"], "o1") == []
+    assert holds.already_sent("/", members, ["x"], "o2") == []  # a is not in x
+    assert holds.already_sent("/other", members, ["r"], "o2") == []
+    assert holds.already_sent("/", members, ["r"], "o9") == []
+    assert holds.already_sent("/", members, [None], "o2") == ["a"]
+    assert not holds  # every offset seen: forgotten
+    # A new restore of the client, or its disconnect, forgets what it was sent.
+    holds.end("/", "a", {"o3"})
+    holds.open("/", "a")
+    holds.drop("/", "a")
+    assert not holds

@@ -16,6 +16,7 @@ server -> client::
      "recovered": 3, "complete": true, "member": "<member id>"}
     {"type": "message", "id": "<envelope id>", "room": "lobby", "ts": 1730000000.0,
      "node": "<origin node>", "name": "alice", "text": "hello"}
+    {"type": "messages", "messages": [<message frame>, ...]}
     {"type": "presence", "room": "lobby", "members": [<member>, ...]}
     {"type": "presence_event", "kind": "join" | "leave", "room": "lobby", "member": <member>}
     {"type": "error", "request": "join" | "send" | "frame" | "presence",
@@ -23,6 +24,12 @@ server -> client::
 
 where ``<member>`` is ``{"id": "<member id>", "name": "alice", "node": "<node id>",
 "since": 1730000000.0}``.
+
+Live messages that reach the connection together (a room's delivery batch, or whatever its
+inbox held when the connection's pump woke) go out as one ``messages`` frame, in order, so a
+busy room costs one WebSocket send per batch rather than per message; a batch of one is a
+plain ``message`` frame. A ``messages`` frame stays under :data:`MAX_BATCH_FRAME` bytes (a
+longer batch is split over several).
 
 A ``join`` without ``since`` delivers the room's last ``history`` messages first (``mode``
 ``"history"``); with ``since=<last id the client saw>`` (a reconnect) it delivers exactly the
@@ -106,6 +113,10 @@ CLOSE_OVERFLOW = 4000
 CLOSE_TRY_AGAIN = 1013
 
 MAX_NAME_LENGTH = 32
+#: The most bytes of messages one ``messages`` frame carries (a batch beyond is split): below
+#: the 1 MiB frame limit of common WebSocket clients (python's websockets), whatever the
+#: batch and message sizes.
+MAX_BATCH_FRAME = 512 * 1024
 MAX_ID_LENGTH = 64
 
 
@@ -125,6 +136,10 @@ class DemoSettings:
     max_payload: int = 16 * 1024
     max_room_length: int = 64
     send_timeout: float = 10.0
+    #: The router's ``delivery_batch_delay`` (docs/batching.md): live messages of a room that
+    #: arrive within it reach each connection as one ``messages`` frame. 0: no delay (what
+    #: arrived meanwhile is still sent as one frame).
+    delivery_batch_delay: float = 0.0
     #: Where the who-is-here list is kept: ``None`` (the default) for the broker's own server
     #: when it is memory or Redis and no list otherwise; a URL (``"redis://127.0.0.1/0"``, say
     #: beside an ``amqp://`` broker); ``False`` for none.
@@ -231,10 +246,13 @@ class _Connection:
             await self._send_unlocked(frame)
 
     async def _send_unlocked(self, frame: dict[str, object]) -> None:
+        await self._send_text(_json.encode(frame).decode())
+
+    async def _send_text(self, text: str) -> None:
         # A client that stops reading stalls the send (uvicorn waits for the transport to drain):
         # bounded, so a stuck client cannot hold its connection and member forever.
         with anyio.fail_after(self.settings.send_timeout):
-            await self.websocket.send_text(_json.encode(frame).decode())
+            await self.websocket.send_text(text)
 
     async def close_member(self) -> None:
         if self._watch_scope is not None:
@@ -420,11 +438,14 @@ class _Connection:
                 async with self._send_lock:
                     # Checked under the lock: a join in progress holds it and sets the room
                     # (and the member, whose replaced predecessor may still hold messages).
-                    for envelope in batch:
-                        if member is self.member and envelope.room == self.room:
-                            frame = self._message_frame(envelope)
-                            if frame is not None:
-                                await self._send_unlocked(frame)
+                    frames = [
+                        frame
+                        for envelope in batch
+                        if member is self.member and envelope.room == self.room
+                        if (frame := self._message_frame(envelope)) is not None
+                    ]
+                    for text in _batch_frames(frames):
+                        await self._send_text(text)
         except TimeoutError:
             log.info("member %s: a send stalled for %ss", member.id, self.settings.send_timeout)
             await self._close(CLOSE_OVERFLOW, "too slow: reconnect with since")
@@ -464,6 +485,33 @@ class _Connection:
                 await self.websocket.close(code, reason)
             except (WebSocketDisconnect, WebSocketDisconnected):
                 pass
+
+
+def _batch_frames(frames: list[dict[str, object]]) -> list[str]:
+    """The text frames that carry ``frames`` (message frames, in order): one ``message`` frame
+    for a single one, else ``messages`` frames of at most :data:`MAX_BATCH_FRAME` bytes of
+    messages each (a message is never split; one alone may exceed it)."""
+    if len(frames) == 1:
+        return [_json.encode(frames[0]).decode()]
+    texts: list[str] = []
+    parts: list[bytes] = []
+    size = 0
+    for frame in frames:
+        part = _json.encode(frame)
+        if parts and size + len(part) > MAX_BATCH_FRAME:
+            texts.append(_messages_frame(parts))
+            parts, size = [], 0
+        parts.append(part)
+        size += len(part) + 1
+    if parts:
+        texts.append(_messages_frame(parts))
+    return texts
+
+
+def _messages_frame(parts: list[bytes]) -> str:
+    if len(parts) == 1:
+        return parts[0].decode()  # a message frame of its own
+    return (b'{"type":"messages","messages":[' + b",".join(parts) + b"]}").decode()
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -537,6 +585,7 @@ class _Server:
             max_payload=s.max_payload,
             max_room_length=s.max_room_length,
             presence=self.presence,
+            delivery_batch_delay=s.delivery_batch_delay,
         )
         run_worker = s.worker and router.broker.supports_storage
         if not router.broker.supports_storage:

@@ -23,6 +23,11 @@ __all__ = ["Holds", "OffsetIds", "Packet", "Restore", "read_missed"]
 #: An emit as a recovering client gets it: (offset, event, args).
 Packet: TypeAlias = tuple[str, str, list[Any]]
 
+#: How long a recovered client's node remembers the offsets it sent it while recovering, to
+#: not send one again when its envelope reaches the node only afterwards (see Holds.end):
+#: far longer than an envelope takes from a room's cache to the node's reader.
+_SENT_TTL = 30.0
+
 
 class OffsetIds:
     """UUIDv7 ids whose 12 ``rand_a`` bits are the sub-millisecond fraction (RFC 9562,
@@ -61,24 +66,62 @@ class Restore:
 class Holds:
     """The clients being recovered, by (namespace, sid), each with the emits held back for it
     since its restore began; a client is held from :meth:`open` until :meth:`take` finds
-    nothing left (or :meth:`drop`)."""
+    nothing left (or :meth:`drop`). Then, for a while (:meth:`end`), the offsets it was sent
+    while held, which the live send must not send it again (:meth:`already_sent`)."""
 
-    __slots__ = ("_held",)
+    __slots__ = ("_held", "_sent")
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, str], list[Packet]] = {}
+        self._sent: dict[tuple[str, str], tuple[float, set[str]]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._held)
+        return bool(self._held or self._sent)
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         return key in self._held
 
     def open(self, namespace: str, sid: str) -> None:
         self._held[namespace, sid] = []
+        self._sent.pop((namespace, sid), None)
 
     def drop(self, namespace: str, sid: str) -> None:
         self._held.pop((namespace, sid), None)
+        self._sent.pop((namespace, sid), None)
+
+    def end(self, namespace: str, sid: str, sent: set[str]) -> None:
+        """The client's hold ended (:meth:`take` found nothing) after it was sent the emits
+        with offsets ``sent``. An emit it missed was read from its room's cache, which a
+        publish fills before the envelope reaches this node's reader (and a delivery batch
+        holds it back further): such an envelope may be handled here only after the hold
+        ended, and the client must not get it a second time."""
+        if sent:
+            self._sent[namespace, sid] = (time.monotonic() + _SENT_TTL, sent)
+
+    def already_sent(
+        self,
+        namespace: str,
+        members: Mapping[Any, Iterable[str]],
+        rooms: list[RoomKey],
+        offset: str,
+    ) -> list[str]:
+        """The clients of ``namespace`` in one of ``rooms`` that were sent the emit with
+        ``offset`` while recovering (each is told once: the offset is then forgotten)."""
+        found = []
+        now = time.monotonic()
+        for key, (deadline, sent) in list(self._sent.items()):
+            if deadline < now:
+                del self._sent[key]
+                continue
+            held_ns, sid = key
+            if held_ns != namespace or offset not in sent:
+                continue
+            if any(sid in members.get(room, ()) for room in rooms):
+                found.append(sid)
+                sent.discard(offset)
+                if not sent:
+                    del self._sent[key]
+        return found
 
     def prepend(self, namespace: str, sid: str, packets: list[Packet]) -> None:
         """Put ``packets`` (the missed ones) before what was held back meanwhile."""

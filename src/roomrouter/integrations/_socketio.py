@@ -20,9 +20,11 @@ One roomrouter :class:`~roomrouter.Member` stands for all the local clients of o
 room (not one per client): the node joins the roomrouter room when the room's first local
 client enters it and leaves when the last one leaves, which is exactly the condition for the
 node to be subscribed; an incoming envelope is decoded and its Socket.IO packet encoded once per
-node, then sent to the room's local clients by python-socketio itself (``skip_sid`` included).
-One Member per client would hold the same subscriptions, but would queue, decode and encode
-every message once per client.
+node, then handed to the room's local clients in one loop, with no task per client
+(:mod:`._sio_fanout`; ``skip_sid`` included): a delivery batch of the room is handed over in
+one step, and each client's Engine.IO writer wakes once per batch (docs/batching.md). One
+Member per client would hold the same subscriptions, but would queue, decode and encode every
+message once per client.
 
 Payloads are msgpack (msgspec), never pickle: bytes inside emitted data travel as msgpack
 binary, and nothing read from the broker is ever unpickled.
@@ -45,6 +47,7 @@ from typing import Any, Final
 from .._envelope import Envelope
 from .._errors import PayloadTooLarge
 from .._router import RoomRouter
+from ._sio_fanout import send_to_room
 from ._sio_hosting import HostingManager, Link
 from ._sio_replay import Holds, OffsetIds, Restore, read_missed
 from ._sio_wire import (
@@ -198,7 +201,8 @@ class RoomRouterManager(HostingManager):
             for offset in sorted(batch):
                 sent.add(offset)
                 event, args = batch[offset]
-                await super().emit(event, (*args, offset), namespace or "/", room=sid)
+                await send_to_room(self, event, (*args, offset), namespace or "/", sid, None)
+        self._holds.end(namespace or "/", sid, sent)
         return sid
 
     async def enter_room(self, sid: Any, namespace: Any, room: Any, eio_sid: Any = None) -> None:
@@ -283,9 +287,7 @@ class RoomRouterManager(HostingManager):
         whole namespace) on every node; see the class docstring."""
         room = to or room
         if kwargs.get("ignore_queue"):
-            await super().emit(
-                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
-            )
+            await self._emit_here(event, data, namespace, room, skip_sid, callback)
             return
         namespace = namespace or "/"
         rooms = rooms_of(room)
@@ -311,9 +313,7 @@ class RoomRouterManager(HostingManager):
                 )
         # Local clients first, in process: the broker is for the other nodes only.
         if offset is None:
-            await super().emit(
-                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
-            )
+            await self._emit_here(event, data, namespace, room, skip_sid, callback)
         else:
             await self._serve(event, as_args(data), namespace, rooms, skips(skip_sid), offset)
         if not remote:
@@ -357,8 +357,22 @@ class RoomRouterManager(HostingManager):
         if self._holds:
             members = self.rooms.get(namespace, {})
             skip += self._holds.divert(namespace, members, rooms, skip, (offset, event, args))
+            skip += self._holds.already_sent(namespace, members, rooms, offset)
         room: Any = rooms[0] if len(rooms) == 1 else rooms
-        await super().emit(event, (*args, offset), namespace, room=room, skip_sid=skip)
+        await send_to_room(self, event, (*args, offset), namespace, room, skip)
+
+    async def _emit_here(
+        self, event: Any, data: Any, namespace: Any, room: Any, skip_sid: Any, callback: Any
+    ) -> None:
+        """Send an emit to this node's clients of ``room``: without a callback in one loop
+        (one encode, no task per client: :mod:`._sio_fanout`); with one, by python-socketio,
+        which needs an ack id per client."""
+        if not callback:  # python-socketio's test
+            await send_to_room(self, event, data, namespace, room, skip_sid)
+        else:
+            await super().emit(
+                event, data, namespace, room=room, skip_sid=skip_sid, callback=callback
+            )
 
     async def _handle(self, link: Link, envelope: Envelope, message: Message) -> None:
         namespace = link.namespace
@@ -401,13 +415,8 @@ class RoomRouterManager(HostingManager):
             callback = functools.partial(
                 self._return_ack, envelope.origin, message.rooms[0], message.ack
             )
-        await super().emit(
-            message.event,
-            tuple(message.args),
-            namespace,
-            room=link.room,
-            skip_sid=list(skip),
-            callback=callback,
+        await self._emit_here(
+            message.event, tuple(message.args), namespace, link.room, list(skip), callback
         )
 
     async def _return_ack(self, origin: str, key: RoomKey, ack: int, *args: Any) -> None:
