@@ -48,6 +48,7 @@ __all__ = [
     "DeadLetter",
     "Sink",
     "check_history_limit",
+    "check_pool_sizes",
     "check_schema_version",
     "check_table_prefix",
     "decode_headers",
@@ -188,6 +189,16 @@ def check_history_limit(limit: object) -> int:
     if not 1 <= limit <= MAX_HISTORY_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}, not {limit}")
     return limit
+
+
+def check_pool_sizes(min_pool_size: int, max_pool_size: int) -> None:
+    """Raise ConfigurationError unless a pool of ``min_pool_size`` to ``max_pool_size``
+    connections can exist: ``0 <= min_pool_size <= max_pool_size`` and ``max_pool_size >= 1``."""
+    if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
+        raise ConfigurationError(
+            f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
+            f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
+        )
 
 
 def check_table_prefix(prefix: object) -> str:

@@ -40,6 +40,7 @@ from ._base import (
     DeadLetter,
     Sink,
     check_history_limit,
+    check_pool_sizes,
     check_schema_version,
     check_table_prefix,
     encode_headers,
@@ -114,11 +115,7 @@ class MySQLSink(Sink):
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
     ) -> None:
-        if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
-            raise ConfigurationError(
-                f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
-                f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
-            )
+        check_pool_sizes(min_pool_size, max_pool_size)
         self.url = url
         self._connect = _connect_options(url)
         self.table_prefix = check_table_prefix(table_prefix)
