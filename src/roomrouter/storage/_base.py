@@ -42,8 +42,10 @@ from .._envelope import Envelope
 from .._errors import ConfigurationError, SinkError
 
 __all__ = [
+    "DEAD_LETTER_COLUMNS",
     "DEFAULT_TABLE_PREFIX",
     "MAX_HISTORY_LIMIT",
+    "MESSAGE_COLUMNS",
     "SCHEMA_VERSION",
     "DeadLetter",
     "Sink",
@@ -54,6 +56,7 @@ __all__ = [
     "decode_headers",
     "encode_headers",
     "printable_reason",
+    "row_to_dead_letter",
     "row_to_envelope",
 ]
 
@@ -239,10 +242,19 @@ def decode_headers(text: str) -> dict[str, str]:
     return _headers_decoder.decode(text)
 
 
+#: The columns of the messages table that hold an envelope, in the order every sink writes
+#: and selects them and :func:`row_to_envelope` takes them.
+MESSAGE_COLUMNS: Final = "id, room, origin, ts, payload, headers"
+
+#: The columns of the dead-letter table that hold a :class:`DeadLetter`, in the order every
+#: sink writes and selects them and :func:`row_to_dead_letter` takes them.
+DEAD_LETTER_COLUMNS: Final = "frame, reason, worker, dead_at"
+
+
 def row_to_envelope(
     msg_id: str, room: str, origin: str, ts: float, payload: bytes, headers: str
 ) -> Envelope:
-    """Build the envelope of a stored row (columns in the order of the messages table)."""
+    """Build the envelope of a stored row (columns in the order of :data:`MESSAGE_COLUMNS`)."""
     try:
         decoded = decode_headers(headers)
     except msgspec.MsgspecError as exc:
@@ -257,6 +269,12 @@ def row_to_envelope(
         headers=decoded,
         persist=True,
     )
+
+
+def row_to_dead_letter(frame: bytes, reason: str, worker: str, dead_at: float) -> DeadLetter:
+    """Build the dead letter of a stored row (columns in the order of
+    :data:`DEAD_LETTER_COLUMNS`), whatever types the driver hands the values in."""
+    return DeadLetter(bytes(frame), str(reason), str(worker), float(dead_at))
 
 
 def check_schema_version(value: object, where: str) -> None:
