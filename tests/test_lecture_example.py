@@ -27,6 +27,7 @@ import socketio
 from roomrouter.brokers.rabbitmq import amqp_name, routing_key
 from roomrouter.brokers.redis import key_prefix
 from roomrouter.integrations.socketio import RoomRouterManager
+from roomrouter.storage import MAX_HISTORY_LIMIT
 
 from .backends import BACKENDS, require_tcp
 from .conftest import unique_namespace
@@ -450,7 +451,9 @@ async def test_async_server_history_reads_emits_back_by_their_offsets(tmp_path: 
         assert await sio.history("r1", after=ids[5], limit=4) == stored[6:10]
         assert await sio.history("r1", after=ids[-1]) == []
         assert (await sio.history("r1", limit=2)) == stored[-2:]
-        for bad in ({"limit": 0}, {"limit": 10_001}, {"before": ids[0], "after": ids[0]}):
+        assert (await sio.history("r1", limit=MAX_HISTORY_LIMIT)) == stored
+        too_many = {"limit": MAX_HISTORY_LIMIT + 1}
+        for bad in ({"limit": 0}, too_many, {"before": ids[0], "after": ids[0]}):
             with pytest.raises(ConfigurationError):
                 await sio.history("r1", **bad)  # type: ignore[arg-type]
     finally:

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from roomrouter import ConfigurationError, Envelope, RoomRouter, SinkError
-from roomrouter.storage import SQLiteSink, StorageWorker
+from roomrouter.storage import MAX_HISTORY_LIMIT, SQLiteSink, StorageWorker
 
 from .backends import BACKENDS, Backend
 from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
@@ -332,6 +332,20 @@ async def test_history_without_persistence_is_a_configuration_error(tmp_path: Pa
         with pytest.raises(ConfigurationError):
             await r.publish("R", b"x", headers={"k": "nul\x00"})
     assert NoStorage  # keeps the subclass honest for readers: memory normally has storage
+
+
+@pytest.mark.parametrize("sink", [False, True])
+async def test_history_takes_the_limits_a_sink_takes(tmp_path: Path, sink: bool) -> None:
+    # One bound for RoomRouter.history and Sink.history, with a sink or the cache alone.
+    from roomrouter.brokers.memory import MemoryBroker
+
+    store = SQLiteSink(tmp_path / "history.db") if sink else None
+    async with RoomRouter(MemoryBroker(unique_namespace()), sink=store, linger=0) as r:
+        sent = await r.publish("R", b"x", persist=True)
+        assert [e.id for e in await r.history("R", limit=MAX_HISTORY_LIMIT)] == [sent.id]
+        for limit in (0, MAX_HISTORY_LIMIT + 1):
+            with pytest.raises(ConfigurationError, match="limit must be between 1 and"):
+                await r.history("R", limit=limit)
 
 
 @pytest.fixture(params=[n for n in STORAGE if BACKENDS[n].url_for_process])

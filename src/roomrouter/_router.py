@@ -65,7 +65,7 @@ from ._stats import Stats
 from ._subscriptions import SubscriptionManager
 from .brokers._base import Broker, BrokerContext
 from .presence._base import Presence, PresenceEntry, PresenceEvent
-from .storage._base import Sink
+from .storage._base import MAX_HISTORY_LIMIT, Sink
 
 __all__ = ["RoomRouter"]
 
@@ -517,8 +517,9 @@ class RoomRouter:
         """
         self._check_running()
         validate_room(room, self.max_room_length)
-        if not 1 <= limit <= 10_000:
-            raise ConfigurationError("limit must be between 1 and 10000")
+        # The sinks' bound, also where only the broker's recent cache answers.
+        if not 1 <= limit <= MAX_HISTORY_LIMIT:
+            raise ConfigurationError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
         self._require_persistence()
         try:
             return await self._recovery.history(room, before=before, after=after, limit=limit)

@@ -369,6 +369,23 @@ def test_a_bad_table_prefix_is_refused(prefix: object) -> None:
         MySQLSink("mysql://u@h/db", table_prefix=prefix)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(("low", "high"), [(2, 1), (-1, 4), (0, 0), (1, 0)])
+def test_an_impossible_pool_size_is_refused(low: int, high: int) -> None:
+    with pytest.raises(ConfigurationError, match="min_pool_size"):
+        PostgresSink("postgresql://u@h/db", min_pool_size=low, max_pool_size=high)
+    with pytest.raises(ConfigurationError, match="min_pool_size"):
+        MySQLSink("mysql://u@h/db", min_pool_size=low, max_pool_size=high)
+
+
+@pytest.mark.parametrize(("low", "high"), [(0, 1), (1, 1), (4, 4)])
+def test_a_possible_pool_size_is_taken(low: int, high: int) -> None:
+    pg = PostgresSink("postgresql://u@h/db", min_pool_size=low, max_pool_size=high)
+    my = MySQLSink("mysql://u@h/db", min_pool_size=low, max_pool_size=high)
+    assert (
+        (pg.min_pool_size, pg.max_pool_size) == (my.min_pool_size, my.max_pool_size) == (low, high)
+    )
+
+
 # --- backend specifics --------------------------------------------------------------------
 
 

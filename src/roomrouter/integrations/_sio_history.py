@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from .._errors import ConfigurationError
+from ..storage import MAX_HISTORY_LIMIT
 from ._sio_wire import Emit, RoomKey, decode
 from ._socketio import RoomRouterManager
 
@@ -52,8 +53,8 @@ async def read_history(
     :class:`~roomrouter.ConfigurationError` on bad arguments."""
     if before is not None and after is not None:
         raise ConfigurationError("give history before= or after=, not both")
-    if not isinstance(limit, int) or not 1 <= limit <= 10_000:
-        raise ConfigurationError("limit must be between 1 and 10000")
+    if not isinstance(limit, int) or not 1 <= limit <= MAX_HISTORY_LIMIT:
+        raise ConfigurationError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
     await manager.start()
     name = manager.room_name(namespace or "/", room)
     found: dict[str, StoredEmit] = {}

@@ -42,17 +42,21 @@ from .._envelope import Envelope
 from .._errors import ConfigurationError, SinkError
 
 __all__ = [
+    "DEAD_LETTER_COLUMNS",
     "DEFAULT_TABLE_PREFIX",
     "MAX_HISTORY_LIMIT",
+    "MESSAGE_COLUMNS",
     "SCHEMA_VERSION",
     "DeadLetter",
     "Sink",
     "check_history_limit",
+    "check_pool_sizes",
     "check_schema_version",
     "check_table_prefix",
     "decode_headers",
     "encode_headers",
     "printable_reason",
+    "row_to_dead_letter",
     "row_to_envelope",
 ]
 
@@ -190,6 +194,16 @@ def check_history_limit(limit: object) -> int:
     return limit
 
 
+def check_pool_sizes(min_pool_size: int, max_pool_size: int) -> None:
+    """Raise ConfigurationError unless a pool of ``min_pool_size`` to ``max_pool_size``
+    connections can exist: ``0 <= min_pool_size <= max_pool_size`` and ``max_pool_size >= 1``."""
+    if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
+        raise ConfigurationError(
+            f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
+            f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
+        )
+
+
 def check_table_prefix(prefix: object) -> str:
     """Return ``prefix`` if it is a safe SQL identifier prefix, else raise ConfigurationError.
 
@@ -228,10 +242,19 @@ def decode_headers(text: str) -> dict[str, str]:
     return _headers_decoder.decode(text)
 
 
+#: The columns of the messages table that hold an envelope, in the order every sink writes
+#: and selects them and :func:`row_to_envelope` takes them.
+MESSAGE_COLUMNS: Final = "id, room, origin, ts, payload, headers"
+
+#: The columns of the dead-letter table that hold a :class:`DeadLetter`, in the order every
+#: sink writes and selects them and :func:`row_to_dead_letter` takes them.
+DEAD_LETTER_COLUMNS: Final = "frame, reason, worker, dead_at"
+
+
 def row_to_envelope(
     msg_id: str, room: str, origin: str, ts: float, payload: bytes, headers: str
 ) -> Envelope:
-    """Build the envelope of a stored row (columns in the order of the messages table)."""
+    """Build the envelope of a stored row (columns in the order of :data:`MESSAGE_COLUMNS`)."""
     try:
         decoded = decode_headers(headers)
     except msgspec.MsgspecError as exc:
@@ -246,6 +269,12 @@ def row_to_envelope(
         headers=decoded,
         persist=True,
     )
+
+
+def row_to_dead_letter(frame: bytes, reason: str, worker: str, dead_at: float) -> DeadLetter:
+    """Build the dead letter of a stored row (columns in the order of
+    :data:`DEAD_LETTER_COLUMNS`), whatever types the driver hands the values in."""
+    return DeadLetter(bytes(frame), str(reason), str(worker), float(dead_at))
 
 
 def check_schema_version(value: object, where: str) -> None:

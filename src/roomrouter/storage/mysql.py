@@ -35,15 +35,19 @@ from .._envelope import Envelope
 from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused, unreachable
 from .._urls import redact
 from ._base import (
+    DEAD_LETTER_COLUMNS,
     DEFAULT_TABLE_PREFIX,
+    MESSAGE_COLUMNS,
     SCHEMA_VERSION,
     DeadLetter,
     Sink,
     check_history_limit,
+    check_pool_sizes,
     check_schema_version,
     check_table_prefix,
     encode_headers,
     printable_reason,
+    row_to_dead_letter,
     row_to_envelope,
 )
 
@@ -57,7 +61,6 @@ __all__ = ["MySQLSink"]
 
 _T = TypeVar("_T")
 
-_COLUMNS: Final = "id, room, origin, ts, payload, headers"
 _SQL_MODE: Final = "STRICT_ALL_TABLES,NO_ENGINE_SUBSTITUTION"
 
 # Longest id and room, in bytes: together they fit InnoDB's 3,072-byte index key.
@@ -114,11 +117,7 @@ class MySQLSink(Sink):
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
     ) -> None:
-        if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
-            raise ConfigurationError(
-                f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
-                f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
-            )
+        check_pool_sizes(min_pool_size, max_pool_size)
         self.url = url
         self._connect = _connect_options(url)
         self.table_prefix = check_table_prefix(table_prefix)
@@ -201,7 +200,7 @@ class MySQLSink(Sink):
             unique.setdefault(envelope.id, envelope)
         batch = [unique[key] for key in sorted(unique)]
         sql = (
-            f"INSERT INTO {self._messages} ({_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
+            f"INSERT INTO {self._messages} ({MESSAGE_COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s) "
             "ON DUPLICATE KEY UPDATE id = id"
         )
 
@@ -241,7 +240,7 @@ class MySQLSink(Sink):
     async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         if not letters:
             return
-        sql = f"INSERT INTO {self._dead} (frame, reason, worker, dead_at) VALUES (%s, %s, %s, %s)"
+        sql = f"INSERT INTO {self._dead} ({DEAD_LETTER_COLUMNS}) VALUES (%s, %s, %s, %s)"
         rows = [
             (d.frame, printable_reason(d.reason), printable_reason(d.worker, 200), d.at)
             for d in letters
@@ -257,9 +256,9 @@ class MySQLSink(Sink):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         check_history_limit(limit)
-        sql = f"SELECT frame, reason, worker, dead_at FROM {self._dead} ORDER BY seq LIMIT %s"
+        sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM {self._dead} ORDER BY seq LIMIT %s"
         rows = await self._fetch(sql, (limit,))
-        return [DeadLetter(bytes(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+        return [row_to_dead_letter(*row) for row in rows]
 
     async def history(
         self,
@@ -302,7 +301,7 @@ class MySQLSink(Sink):
         # the page back in ascending order.
         order = "room DESC, id DESC" if after is None else "room, id"
         sql = (
-            f"SELECT {_COLUMNS} FROM {self._messages} "
+            f"SELECT {MESSAGE_COLUMNS} FROM {self._messages} "
             f"FORCE INDEX (`{self._room_index_name}`) WHERE {' AND '.join(where)} "
             f"ORDER BY {order} LIMIT %s"
         )

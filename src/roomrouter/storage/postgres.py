@@ -25,15 +25,19 @@ from .._envelope import Envelope
 from .._errors import ConfigurationError, MissingDependency, SinkError, SinkRefused, unreachable
 from .._urls import redact
 from ._base import (
+    DEAD_LETTER_COLUMNS,
     DEFAULT_TABLE_PREFIX,
+    MESSAGE_COLUMNS,
     SCHEMA_VERSION,
     DeadLetter,
     Sink,
     check_history_limit,
+    check_pool_sizes,
     check_schema_version,
     check_table_prefix,
     encode_headers,
     printable_reason,
+    row_to_dead_letter,
     row_to_envelope,
 )
 
@@ -44,7 +48,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a test by hiding t
 
 __all__ = ["PostgresSink"]
 
-_COLUMNS = "id, room, origin, ts, payload, headers"
 
 # Everything asyncpg raises: server errors, client/protocol errors, and the OSError /
 # TimeoutError of a connection that cannot be made or is lost. UnicodeError: a str holding a
@@ -93,11 +96,7 @@ class PostgresSink(Sink):
         connect_timeout: float = 10.0,
         command_timeout: float | None = 30.0,
     ) -> None:
-        if not 0 <= min_pool_size <= max_pool_size or max_pool_size < 1:
-            raise ConfigurationError(
-                f"need 0 <= min_pool_size <= max_pool_size and max_pool_size >= 1, got "
-                f"min_pool_size={min_pool_size}, max_pool_size={max_pool_size}"
-            )
+        check_pool_sizes(min_pool_size, max_pool_size)
         self.dsn = dsn
         self.table_prefix = check_table_prefix(table_prefix)
         self.min_pool_size = min_pool_size
@@ -170,7 +169,7 @@ class PostgresSink(Sink):
         # index entries in the same order and cannot deadlock each other.
         batch = sorted(envelopes, key=lambda e: e.id)
         sql = (
-            f"INSERT INTO {self._messages} ({_COLUMNS}) "
+            f"INSERT INTO {self._messages} ({MESSAGE_COLUMNS}) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[], "
             "$5::bytea[], $6::text[]) ON CONFLICT (id) DO NOTHING"
         )
@@ -191,7 +190,7 @@ class PostgresSink(Sink):
         if not letters:
             return
         sql = (
-            f"INSERT INTO {self._dead} (frame, reason, worker, dead_at) "
+            f"INSERT INTO {self._dead} ({DEAD_LETTER_COLUMNS}) "
             "SELECT * FROM unnest($1::bytea[], $2::text[], $3::text[], $4::float8[])"
         )
         await self._execute(
@@ -205,9 +204,9 @@ class PostgresSink(Sink):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         check_history_limit(limit)
-        sql = f"SELECT frame, reason, worker, dead_at FROM {self._dead} ORDER BY seq LIMIT $1"
+        sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM {self._dead} ORDER BY seq LIMIT $1"
         rows = await self._execute("fetch", sql, limit)
-        return [DeadLetter(bytes(r[0]), str(r[1]), str(r[2]), float(r[3])) for r in rows]
+        return [row_to_dead_letter(*row) for row in rows]
 
     async def history(
         self,
@@ -253,7 +252,7 @@ class PostgresSink(Sink):
         # the page back in ascending order.
         order = "room DESC, id DESC" if after is None else "room, id"
         sql = (
-            f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
+            f"SELECT {MESSAGE_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
             f"ORDER BY {order} LIMIT ${len(params)}"
         )
         return sql, params

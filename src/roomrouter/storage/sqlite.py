@@ -29,7 +29,9 @@ import anyio.to_thread
 from .._envelope import Envelope
 from .._errors import SinkError, SinkRefused
 from ._base import (
+    DEAD_LETTER_COLUMNS,
     DEFAULT_TABLE_PREFIX,
+    MESSAGE_COLUMNS,
     SCHEMA_VERSION,
     DeadLetter,
     Sink,
@@ -38,13 +40,13 @@ from ._base import (
     check_table_prefix,
     encode_headers,
     printable_reason,
+    row_to_dead_letter,
     row_to_envelope,
 )
 
 __all__ = ["SQLiteSink"]
 
 _T = TypeVar("_T")
-_COLUMNS = "id, room, origin, ts, payload, headers"
 
 
 class SQLiteSink(Sink):
@@ -113,7 +115,7 @@ class SQLiteSink(Sink):
 
     async def write_dead_letters(self, letters: Sequence[DeadLetter]) -> None:
         rows = [(d.frame, printable_reason(d.reason), d.worker, d.at) for d in letters]
-        sql = f"INSERT INTO {self._dead} (frame, reason, worker, dead_at) VALUES (?, ?, ?, ?)"
+        sql = f"INSERT INTO {self._dead} ({DEAD_LETTER_COLUMNS}) VALUES (?, ?, ?, ?)"
 
         def insert(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
@@ -124,9 +126,9 @@ class SQLiteSink(Sink):
 
     async def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
         check_history_limit(limit)
-        sql = f"SELECT frame, reason, worker, dead_at FROM {self._dead} ORDER BY seq LIMIT ?"
+        sql = f"SELECT {DEAD_LETTER_COLUMNS} FROM {self._dead} ORDER BY seq LIMIT ?"
         rows = await self._run(lambda conn: conn.execute(sql, (limit,)).fetchall())
-        return [DeadLetter(bytes(f), str(r), str(w), float(t)) for f, r, w, t in rows]
+        return [row_to_dead_letter(*row) for row in rows]
 
     async def history(
         self,
@@ -162,7 +164,7 @@ class SQLiteSink(Sink):
         # the page back in ascending order.
         order = "room DESC, id DESC" if after is None else "room, id"
         sql = (
-            f"SELECT {_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
+            f"SELECT {MESSAGE_COLUMNS} FROM {self._messages} WHERE {' AND '.join(where)} "
             f"ORDER BY {order} LIMIT ?"
         )
         params.append(limit)
@@ -274,7 +276,7 @@ class SQLiteSink(Sink):
             for e in sorted(envelopes, key=lambda e: e.id)
         ]
         sql = (
-            f"INSERT OR IGNORE INTO {self._messages} ({_COLUMNS}, stored_at) "
+            f"INSERT OR IGNORE INTO {self._messages} ({MESSAGE_COLUMNS}, stored_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
         changes = conn.total_changes
