@@ -9,6 +9,7 @@ are either far longer than the test (a timer that must not be what wakes) or irr
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import anyio
@@ -304,3 +305,29 @@ async def test_a_full_inbox_wakes_its_waiting_member_before_the_delay() -> None:
         with anyio.fail_after(5):
             assert await _first_wake(member, publish, 8) == 8
         assert router.stats()["dropped_overflow"] == 0
+
+
+@pytest.mark.parametrize("delay, wait", [(0.2, 0.199), (0.005, 0.004), (0.0015, 0.00075)])
+async def test_a_batch_timer_is_set_short_of_the_delay(delay: float, wait: float) -> None:
+    # The loop's timers fire up to a millisecond late (epoll waits in whole ms, rounded up):
+    # the timer is set that much earlier, so the delay bounds the wait (docs/batching.md).
+    loop = asyncio.get_running_loop()
+    waits: list[float] = []
+    call_later = loop.call_later
+
+    def recording(seconds: float, *args: object) -> asyncio.TimerHandle:
+        waits.append(seconds)
+        return call_later(seconds, *args)  # type: ignore[arg-type]
+
+    async with _router(delivery_batch_delay=delay) as router:
+        member = router.member("m")
+        await member.join("room")
+        loop.call_later = recording  # type: ignore[method-assign]
+        try:
+            await router.publish("room", b"a")
+            await router.publish("room", b"b")  # the same batch: no second timer
+        finally:
+            del loop.call_later  # the class's again
+        assert waits == [pytest.approx(wait)]
+        with anyio.fail_after(5):
+            assert [(await member.receive()).payload for _ in range(2)] == [b"a", b"b"]

@@ -82,3 +82,17 @@ def test_storm_tiny() -> None:
     for run in runs:
         assert run["errors"] == 0 and run["lost"] == 0 and run["rejoin_s"] > 0, run
     assert runs[1]["redis_reads"] > 0
+
+
+def test_wakeup_tiny() -> None:
+    """benchmarks/wakeup.py runs (200 members, one round) and reports both paths (the
+    figures are the machine's: only their presence is checked)."""
+    args = ["--members", "200", "--batches", "1,8", "--rounds", "1", "--loops", "asyncio"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "wakeup.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith("asyncio")]
+    assert len(rows) == 2
+    assert all(float(cell) > 0 for row in rows for cell in row[-4:-2])  # µs per member

@@ -105,6 +105,13 @@ def test_url_options() -> None:
             KafkaBroker.from_url(bad)
 
 
+def test_credentials_in_a_url_are_refused_without_showing_the_password() -> None:
+    with pytest.raises(ConfigurationError, match="client_options") as caught:
+        RoomRouter.from_url("kafka://alice:s3cret@k1:9093,k2?partitions=4")
+    assert "s3cret" not in str(caught.value)
+    assert "alice" in str(caught.value)
+
+
 def test_topic_names_are_legal_and_distinct() -> None:
     plain = KafkaBroker.topic_names("chat")
     assert plain == ("roomrouter.chat.data", "roomrouter.chat.control")

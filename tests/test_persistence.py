@@ -242,6 +242,11 @@ async def test_a_window_the_cache_no_longer_holds_is_reported(nodes: Nodes) -> N
     assert not recovery.complete
     assert recovery.count == 20
     await again.close()
+    # Read without joining, from any node: the same window, the same verdict.
+    for router in (a, b):
+        envelopes, complete = await router.recover("R", first.id)
+        assert not complete
+        assert [e.payload for e in envelopes] == [f"{i}".encode() for i in range(30, 50)]
 
     # Once a worker stored everything, the same request is complete.
     worker = nodes.worker("w")
@@ -252,6 +257,8 @@ async def test_a_window_the_cache_no_longer_holds_is_reported(nodes: Nodes) -> N
     third = b.member("m")
     recovery = await third.join("R", since=first.id)
     assert recovery.complete and recovery.count == 50
+    envelopes, complete = await a.recover("R", first.id)
+    assert complete and [e.payload for e in envelopes] == [f"{i}".encode() for i in range(50)]
     assert [e.payload for e in await receive_n(third, 50)] == [f"{i}".encode() for i in range(50)]
 
 
@@ -326,7 +333,9 @@ async def test_history_without_persistence_is_a_configuration_error(tmp_path: Pa
         with pytest.raises(ConfigurationError):
             await r.history("R")
         with pytest.raises(ConfigurationError):
-            await r.member("m").join("R", since="x")
+            await r.member("m").join("R", since="0190a4c3-7b1e-7c3d-8e4f-0123456789ab")
+        with pytest.raises(ConfigurationError):
+            await r.recover("R", "0190a4c3-7b1e-7c3d-8e4f-0123456789ab")
         with pytest.raises(ConfigurationError):
             await r.publish("R", b"x", persist=True)
         with pytest.raises(ConfigurationError):
@@ -346,6 +355,23 @@ async def test_history_takes_the_limits_a_sink_takes(tmp_path: Path, sink: bool)
         for limit in (0, MAX_HISTORY_LIMIT + 1):
             with pytest.raises(ConfigurationError, match="limit must be between 1 and"):
                 await r.history("R", limit=limit)
+
+
+async def test_a_since_that_is_not_a_message_id_is_refused(nodes: Nodes) -> None:
+    # Ids compare as strings: "zzz" would be after every id, recover nothing and call that
+    # complete. Refused instead, and the member is not left in the room.
+    (a,) = await nodes.routers(1)
+    await a.publish("R", b"stored", persist=True)
+    member = a.member("m")
+    for bad in ("zzz", "", "0190A4C3-7B1E-7C3D-8E4F-0123456789AB", 5, b"x"):
+        with pytest.raises(ConfigurationError, match="message id"):
+            await member.join("R", since=bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError, match="message id"):
+            await a.recover("R", bad)  # type: ignore[arg-type]
+    assert member.rooms == frozenset()
+    assert a.local_rooms == frozenset()
+    await member.join("R", since="00000000-0000-7000-8000-000000000000")  # before everything
+    assert [e.payload for e in await receive_n(member, 1)] == [b"stored"]
 
 
 @pytest.fixture(params=[n for n in STORAGE if BACKENDS[n].url_for_process])

@@ -419,6 +419,23 @@ async def test_unknown_and_expired_pids_are_new_sessions(redis: Backend) -> None
         assert b.connects[-1] == (late.connected["sid"], False)
 
 
+async def test_a_forged_offset_is_a_new_session(redis: Backend) -> None:
+    """A known pid with an offset that is no emit offset: nothing provable to replay (ids
+    compare as strings, "zzz" is after all of them), so the client starts afresh."""
+    async with cluster(redis) as (nodes, raws):
+        a, b = nodes
+        raw = await raws.open(a.url)
+        assert raw.connected is not None
+        sid, pid = raw.connected["sid"], raw.connected["pid"]
+        await raw.call("join", "r")
+        await drop(raw, a)
+        await emit_each(a, [1])
+        forged = await raws.open(b.url, {"pid": pid, "offset": "zzz"})
+        assert forged.connected is not None
+        assert forged.connected["sid"] != sid
+        assert b.connects[-1] == (forged.connected["sid"], False)
+
+
 async def test_a_session_is_taken_once(redis: Backend) -> None:
     """Two reconnects with the same pid (a client that retried): one recovers, one is new."""
     async with cluster(redis) as (nodes, raws):

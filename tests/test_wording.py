@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from roomrouter import RoomRouter
+from roomrouter import ConfigurationError, RoomRouter
 from roomrouter._errors import (
     BrokerUnavailable,
     RoomRouterError,
@@ -123,9 +123,11 @@ def test_refused_login_and_ipv6_and_purpose() -> None:
 async def test_no_password_even_in_an_address() -> None:
     error = unreachable("Kafka", "user:s3cret@k1:9092,u:s3cret@k2:9092", None, TimeoutError())
     assert str(error) == "cannot reach Kafka at k1:9092,k2:9092: timed out"
-    port = free_port()
-    error = await _router_error(f"kafka://user:s3cret@127.0.0.1:{port}?operation_timeout=2")
-    assert str(error) == f"cannot reach Kafka at 127.0.0.1:{port}: no broker answered"
+    # A kafka:// URL cannot carry credentials (aiokafka takes SASL as client options): it is
+    # refused in one line that shows no password.
+    with pytest.raises(ConfigurationError) as caught:
+        RoomRouter.from_url("kafka://user:s3cret@127.0.0.1:9092?operation_timeout=2")
+    assert "s3cret" not in str(caught.value) and "user:***@" in str(caught.value)
 
 
 def test_an_unknown_error_is_named_never_its_repr() -> None:

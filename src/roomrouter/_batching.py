@@ -20,8 +20,11 @@ sequence as without batching. Order per room is the batch's order. What changes 
 member sees an envelope up to the delay later, and :meth:`~roomrouter.Member.pending` does
 not count a batch not flushed yet. See docs/batching.md for the figures and the default.
 
-The timer is the asyncio loop's (``call_later``); under another event loop (trio) there is no
-timer and every envelope is queued at once, as with a delay of 0.
+The timer is the asyncio loop's (``call_later``), set :data:`TIMER_SLACK` short of the delay:
+the loop's timers fire late by up to a millisecond (epoll, and libuv under uvloop, wait in whole
+milliseconds, rounded up), and the delay is a bound on the wait, as Centrifugo's
+``batch_max_delay`` is, not a minimum. Under another event loop (trio) there is no timer and
+every envelope is queued at once, as with a delay of 0.
 """
 
 from __future__ import annotations
@@ -36,12 +39,20 @@ if TYPE_CHECKING:
     from ._inbox import Inbox
     from ._stats import Stats
 
-__all__ = ["DEFAULT_BATCH_DELAY", "DEFAULT_BATCH_MAX", "Fanout", "check_batching"]
+__all__ = [
+    "DEFAULT_BATCH_DELAY",
+    "DEFAULT_BATCH_MAX",
+    "TIMER_SLACK",
+    "Fanout",
+    "check_batching",
+]
 
 #: Seconds a room's first envelope may wait for others before the batch reaches the room's
 #: members (``RoomRouter(delivery_batch_delay=)``). 0: off (every envelope is queued and wakes
 #: its waiters at once); see docs/batching.md for the figures behind it.
 DEFAULT_BATCH_DELAY = 0.0
+#: How much earlier than the delay a batch's timer is set (see above); never more than half of it.
+TIMER_SLACK = 0.001
 #: Most envelopes of a room in one batch: a full batch is flushed without waiting for the delay.
 DEFAULT_BATCH_MAX = 256
 
@@ -153,7 +164,8 @@ class Fanout:
                 if self._flush_count <= 1 or batch.size >= self._flush_bytes:
                     self.flush(room)
                 else:
-                    batch.timer = loop.call_later(delay, self.flush, room)
+                    wait = delay - TIMER_SLACK if delay > 2 * TIMER_SLACK else delay / 2
+                    batch.timer = loop.call_later(wait, self.flush, room)
                 return 0
         delivered = 0
         # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
@@ -184,13 +196,13 @@ class Fanout:
         node_id = self._node_id
         local = sum([1 for e in envelopes if e.origin == node_id])  # this node's publishes
         stats = self._stats
+        whole = 0  # members that took the whole batch in one step: counted once, after
         # A copy: a delivery may close a member ("disconnect" policy), which edits the dict.
         for inbox in tuple(members.values()):
             if skipped and inbox.id in skipped:
                 mine = batch.for_member(inbox.id)
             elif inbox.deliver_batch(envelopes, size):  # the whole batch, in one step
-                stats.local_deliveries += local
-                stats.remote_deliveries += len(envelopes) - local
+                whole += 1
                 continue
             else:
                 mine = envelopes
@@ -202,6 +214,8 @@ class Fanout:
                         stats.remote_deliveries += 1
             if inbox.waiters and inbox.queue:
                 inbox.wake()
+        stats.local_deliveries += whole * local
+        stats.remote_deliveries += whole * (len(envelopes) - local)
 
     def close(self) -> None:
         """Flush every batch (the router stops)."""

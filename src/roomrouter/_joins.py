@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.lowlevel
 
-from ._envelope import Envelope, validate_room
+from ._envelope import Envelope, validate_id, validate_room
 from ._errors import ConfigurationError, HistoryUnavailable, RoomRouterError
 from ._inbox import Inbox
 from ._member import Recovery
@@ -124,6 +124,10 @@ class Joins:
     ) -> Recovery:
         self._check_running()
         validate_room(room, self._max_room_length)
+        if since is not None:
+            # Ids compare as strings: anything else after `since` would "recover" nothing and
+            # call that complete.
+            validate_id(since)
         if since is None and not history:
             await self._join_live(inbox, room)
             return _NOTHING_RECOVERED

@@ -42,7 +42,9 @@ from ._envelope import (
 from ._errors import (
     ConfigurationError,
     DuplicateMember,
+    HistoryUnavailable,
     PublishOutcomeUnknown,
+    RoomRouterError,
     RouterNotRunning,
 )
 from ._gaps import GapRecovery
@@ -525,6 +527,29 @@ class RoomRouter:
             return await self._recovery.history(room, before=before, after=after, limit=limit)
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from exc
+
+    async def recover(self, room: str, since: str) -> tuple[list[Envelope], bool]:
+        """What a join of ``room`` with ``since`` would deliver, read without joining: the stored
+        messages after the id ``since`` in id order (at most ``max_recover``), and whether
+        that is provably all of them (docs/architecture.md, guarantee 7). For a transport of
+        the app's own that replays a client's missed messages itself (the python-socketio
+        integration does); a member that goes on live joins with ``since`` instead, which
+        leaves no gap between what was read and what arrives.
+
+        Raises :class:`~roomrouter.ConfigurationError` if ``since`` is not a message id (an
+        ``Envelope.id``) or the router has no persistence, and
+        :class:`~roomrouter.HistoryUnavailable` if the history cannot be read.
+        """
+        self._check_running()
+        validate_room(room, self.max_room_length)
+        validate_id(since)
+        self._require_persistence()
+        try:
+            return await self._recovery.since(room, since)
+        except HistoryUnavailable:
+            raise
+        except RoomRouterError as exc:  # the sink or the broker's cache: as a join says it
+            raise HistoryUnavailable(f"history of {room!r} could not be read: {exc}") from exc
 
     # -- publishing -----------------------------------------------------------------------------
 

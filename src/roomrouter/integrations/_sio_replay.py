@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from .._envelope import validate_id
+from .._errors import ConfigurationError
 from .._router import RoomRouter
 from ._sio_wire import Emit, RoomKey, decode
 
@@ -165,8 +167,11 @@ async def read_missed(
     """The emits to roomrouter rooms ``names`` with an offset after ``since`` that ``sid`` was
     not skipped from, once each (an emit to several rooms is in each), in offset order; None if
     a room's recent cache may have lost some."""
-    recovery = router._recovery
-    reads = await asyncio.gather(*(recovery.since(name, since) for name in names))
+    try:
+        validate_id(since)  # a forged offset: not recoverable, a new session
+    except ConfigurationError:
+        return None
+    reads = await asyncio.gather(*(router.recover(name, since) for name in names))
     found: dict[str, Packet] = {}
     for envelopes, complete in reads:
         if not complete:

@@ -134,6 +134,13 @@ class KafkaBroker(Broker):
         parts = urlsplit(url)
         if parts.scheme.lower() != "kafka":
             raise ConfigurationError(f"not a kafka:// URL: {redact(url)!r}")
+        if "@" in parts.netloc:
+            # aiokafka takes no credentials in an address: kept there, they would reach its
+            # errors and ours ("Kafka at user:pw@host"). SASL and TLS go in client_options.
+            raise ConfigurationError(
+                f"credentials in a kafka:// URL are not supported: {redact(url)!r}; pass "
+                "KafkaBroker(client_options={'security_protocol': ..., 'sasl_mechanism': ...})"
+            )
         servers = []
         for host in parts.netloc.split(","):
             host = host.strip()
