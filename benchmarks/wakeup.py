@@ -118,6 +118,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--api", choices=("receive", "batch"), default="receive")
     parser.add_argument("--loops", default="asyncio,uvloop", help="comma-separated")
+    parser.add_argument(
+        "--paths",
+        default="batch,envelope",
+        help="comma-separated: batch, envelope (envelope alone runs on trees without "
+        "router.flush_batches, for a before/after of the delay-0 path)",
+    )
     args = parser.parse_args()
     print(
         f"{args.members:,} members drain with {args.api}; batches {args.batches}; "
@@ -130,7 +136,7 @@ def main() -> None:
     )
     for loop in args.loops.split(","):
         options = {"use_uvloop": loop == "uvloop"}
-        for batched in (True, False):
+        for batched in [path == "batch" for path in args.paths.split(",")]:
             points = anyio.run(_measure, args, batched, backend_options=options)
             wake, delivery = _fit(points, args.members)
             path = "batch (one wake-up)" if batched else "per envelope (delay 0)"

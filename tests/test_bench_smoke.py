@@ -96,3 +96,17 @@ def test_wakeup_tiny() -> None:
     rows = [line.split() for line in done.stdout.splitlines() if line.startswith("asyncio")]
     assert len(rows) == 2
     assert all(float(cell) > 0 for row in rows for cell in row[-4:-2])  # µs per member
+
+
+def test_batch_wait_tiny() -> None:
+    """benchmarks/batch_wait.py runs (5 members, 20 publishes per delay) and reports a row per
+    delay (the figures are the machine's: only their presence is checked)."""
+    args = ["--members", "5", "--count", "20", "--delays", "0,0.002"]
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "batch_wait.py"), *args],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()[2:]]
+    assert [row[0] for row in rows] == ["0", "2"]
+    assert all(float(cell) >= 0 for row in rows for cell in row[1:])
