@@ -148,7 +148,10 @@ class RedisPresence(Presence):
 
     def _new_client(self) -> Redis:
         if not self.cluster:
-            return Redis(**self._kwargs, protocol=2)
+            # No retries inside redis-py: by default it retries a refused connection for about
+            # 4.5 s, which under load outlasts operation_timeout and turns "connection refused"
+            # into "no answer in time". The refresh loop and the events reader retry themselves.
+            return Redis(**{"retry": None, **self._kwargs}, protocol=2)
         kwargs = dict(self._kwargs)
         if kwargs.pop("db", 0) not in (0, "0"):
             raise ConfigurationError("Redis Cluster has only database 0")
