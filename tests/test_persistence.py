@@ -355,6 +355,16 @@ async def test_history_takes_the_limits_a_sink_takes(tmp_path: Path, sink: bool)
         for limit in (0, MAX_HISTORY_LIMIT + 1):
             with pytest.raises(ConfigurationError, match="limit must be between 1 and"):
                 await r.history("R", limit=limit)
+        # Wrong types: the same clear error with or without a sink (True was one message
+        # without a sink, "5" a TypeError).
+        for wrong in (True, 2.0, "5", None):
+            with pytest.raises(ConfigurationError, match="limit must be an int"):
+                await r.history("R", limit=wrong)  # type: ignore[arg-type]
+        member = r.member("m")
+        for wrong in (True, 2.5, "3", -1, 10**9):
+            with pytest.raises(ConfigurationError, match="history must be an int between"):
+                await member.join("R", history=wrong)  # type: ignore[arg-type]
+        assert member.rooms == frozenset()
 
 
 async def test_a_since_that_is_not_a_message_id_is_refused(nodes: Nodes) -> None:

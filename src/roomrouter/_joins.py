@@ -131,9 +131,14 @@ class Joins:
         if since is None and not history:
             await self._join_live(inbox, room)
             return _NOTHING_RECOVERED
-        if history < 0 or history > self._max_recover:
+        if (
+            not isinstance(history, int)
+            or isinstance(history, bool)
+            or history < 0
+            or history > self._max_recover
+        ):
             raise ConfigurationError(
-                f"history must be between 0 and max_recover={self._max_recover}"
+                f"history must be an int between 0 and max_recover={self._max_recover}"
             )
         self._require_persistence()
         if room in self._joins.get(inbox, ()) and await self._await_join(inbox, room):

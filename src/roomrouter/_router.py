@@ -67,7 +67,7 @@ from ._stats import Stats
 from ._subscriptions import SubscriptionManager
 from .brokers._base import Broker, BrokerContext
 from .presence._base import Presence, PresenceEntry, PresenceEvent
-from .storage._base import MAX_HISTORY_LIMIT, Sink
+from .storage._base import Sink, check_history_limit
 
 __all__ = ["RoomRouter"]
 
@@ -519,9 +519,12 @@ class RoomRouter:
         """
         self._check_running()
         validate_room(room, self.max_room_length)
-        # The sinks' bound, also where only the broker's recent cache answers.
-        if not 1 <= limit <= MAX_HISTORY_LIMIT:
-            raise ConfigurationError(f"limit must be between 1 and {MAX_HISTORY_LIMIT}")
+        # The sinks' rule (an int in 1..MAX_HISTORY_LIMIT, not a bool), also where only the
+        # broker's recent cache answers.
+        try:
+            check_history_limit(limit)
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
         self._require_persistence()
         try:
             return await self._recovery.history(room, before=before, after=after, limit=limit)
