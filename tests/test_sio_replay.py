@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
+
 from roomrouter.integrations._sio_replay import Holds, OffsetIds
 
 
@@ -68,3 +70,28 @@ def test_after_its_hold_a_client_is_skipped_once_for_each_offset_it_was_sent() -
     holds.open("/", "a")
     holds.drop("/", "a")
     assert not holds
+
+
+def test_what_a_recovered_client_was_sent_expires_and_is_indexed_by_offset(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import roomrouter.integrations._sio_replay as replay
+
+    now = [1000.0]
+    monkeypatch.setattr(replay.time, "monotonic", lambda: now[0])
+    holds = Holds()
+    # A storm: 2,000 clients recovered, each sent its own offsets and a shared one.
+    members = {"r": {f"c{i}" for i in range(2000)}}
+    for i in range(2000):
+        holds.end("/", f"c{i}", {f"own{i}", "shared"})
+    assert sorted(holds.already_sent("/", members, ["r"], "shared")) == sorted(members["r"])
+    assert holds.already_sent("/", members, ["r"], "own7") == ["c7"]
+    # An entry replaced by a later end() keeps its own deadline.
+    now[0] += replay._SENT_TTL - 1
+    holds.end("/", "c8", {"late"})
+    assert holds.already_sent("/", members, ["r"], "own8") == []  # replaced, forgotten
+    now[0] += 2  # past the first entries' deadline, not c8's
+    assert holds.already_sent("/", members, ["r"], "own9") == []
+    assert holds.already_sent("/", members, ["r"], "late") == ["c8"]
+    assert not holds
+    assert not holds._by_offset and not holds._sent  # nothing left behind

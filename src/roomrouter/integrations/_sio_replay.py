@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -71,11 +72,17 @@ class Holds:
     nothing left (or :meth:`drop`). Then, for a while (:meth:`end`), the offsets it was sent
     while held, which the live send must not send it again (:meth:`already_sent`)."""
 
-    __slots__ = ("_held", "_sent")
+    __slots__ = ("_by_offset", "_expiry", "_held", "_sent")
 
     def __init__(self) -> None:
         self._held: dict[tuple[str, str], list[Packet]] = {}
+        # Offsets sent while recovering, per client (with the deadline of the entry), and the
+        # same indexed by offset: every emit asks, so the answer must not cost a walk over
+        # every client a reconnect storm recovered. Deadlines come in order (one TTL), so
+        # they expire from the left of _expiry.
         self._sent: dict[tuple[str, str], tuple[float, set[str]]] = {}
+        self._by_offset: dict[str, set[tuple[str, str]]] = {}
+        self._expiry: deque[tuple[float, tuple[str, str]]] = deque()
 
     def __bool__(self) -> bool:
         return bool(self._held or self._sent)
@@ -85,11 +92,30 @@ class Holds:
 
     def open(self, namespace: str, sid: str) -> None:
         self._held[namespace, sid] = []
-        self._sent.pop((namespace, sid), None)
+        self._forget((namespace, sid))
 
     def drop(self, namespace: str, sid: str) -> None:
         self._held.pop((namespace, sid), None)
-        self._sent.pop((namespace, sid), None)
+        self._forget((namespace, sid))
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        entry = self._sent.pop(key, None)
+        if entry is None:
+            return
+        for offset in entry[1]:
+            keys = self._by_offset.get(offset)
+            if keys is not None:
+                keys.discard(key)
+                if not keys:
+                    del self._by_offset[offset]
+
+    def _expire(self, now: float) -> None:
+        expiry = self._expiry
+        while expiry and expiry[0][0] < now:
+            deadline, key = expiry.popleft()
+            entry = self._sent.get(key)
+            if entry is not None and entry[0] == deadline:  # not replaced by a later end()
+                self._forget(key)
 
     def end(self, namespace: str, sid: str, sent: set[str]) -> None:
         """The client's hold ended (:meth:`take` found nothing) after it was sent the emits
@@ -97,8 +123,16 @@ class Holds:
         publish fills before the envelope reaches this node's reader (and a delivery batch
         holds it back further): such an envelope may be handled here only after the hold
         ended, and the client must not get it a second time."""
+        now = time.monotonic()
+        self._expire(now)
+        key = (namespace, sid)
+        self._forget(key)
         if sent:
-            self._sent[namespace, sid] = (time.monotonic() + _SENT_TTL, sent)
+            deadline = now + _SENT_TTL
+            self._sent[key] = (deadline, set(sent))
+            self._expiry.append((deadline, key))
+            for offset in sent:
+                self._by_offset.setdefault(offset, set()).add(key)
 
     def already_sent(
         self,
@@ -109,20 +143,23 @@ class Holds:
     ) -> list[str]:
         """The clients of ``namespace`` in one of ``rooms`` that were sent the emit with
         ``offset`` while recovering (each is told once: the offset is then forgotten)."""
+        self._expire(time.monotonic())
+        keys = self._by_offset.get(offset)
+        if not keys:
+            return []
         found = []
-        now = time.monotonic()
-        for key, (deadline, sent) in list(self._sent.items()):
-            if deadline < now:
-                del self._sent[key]
-                continue
+        for key in list(keys):
             held_ns, sid = key
-            if held_ns != namespace or offset not in sent:
+            if held_ns != namespace or not any(sid in members.get(room, ()) for room in rooms):
                 continue
-            if any(sid in members.get(room, ()) for room in rooms):
-                found.append(sid)
-                sent.discard(offset)
-                if not sent:
-                    del self._sent[key]
+            found.append(sid)
+            keys.discard(key)
+            sent = self._sent[key][1]
+            sent.discard(offset)
+            if not sent:
+                del self._sent[key]
+        if not keys:
+            del self._by_offset[offset]
         return found
 
     def prepend(self, namespace: str, sid: str, packets: list[Packet]) -> None:
