@@ -25,7 +25,7 @@ from roomrouter import RoomRouter
 from roomrouter.integrations.socketio import RoomRouterManager
 
 from .backends import BACKENDS, Backend, require_tcp
-from .conftest import selected_backends, unique_namespace
+from .conftest import open_backend, selected_backends, unique_namespace
 from .test_socketio import broker_url, serve
 
 pytestmark = pytest.mark.anyio
@@ -37,12 +37,8 @@ FRESH_BACKENDS = [
 
 @pytest.fixture(params=FRESH_BACKENDS)
 async def fresh_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    instance = BACKENDS[request.param](unique_namespace())
-    instance.available()
-    try:
+    async with open_backend(request.param) as instance:
         yield instance
-    finally:
-        await instance.cleanup()
 
 
 async def test_a_default_client_connects_to_a_fresh_node_without_a_startup_hook(

@@ -36,7 +36,7 @@ from roomrouter import (
 from roomrouter.integrations.socketio import RoomRouterManager
 
 from .backends import BACKENDS, Backend
-from .conftest import TEST_ROUTER_OPTIONS, selected_backends, unique_namespace
+from .conftest import TEST_ROUTER_OPTIONS, open_backend, selected_backends, unique_namespace
 from .helpers import eventually
 
 pytestmark = pytest.mark.anyio
@@ -52,12 +52,8 @@ SETTLE = 0.3
 
 @pytest.fixture(params=SIO_BACKENDS)
 async def sio_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    instance = BACKENDS[request.param](unique_namespace())
-    instance.available()
-    try:
+    async with open_backend(request.param) as instance:
         yield instance
-    finally:
-        await instance.cleanup()
 
 
 def broker_url(backend: Backend) -> str:

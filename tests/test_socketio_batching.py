@@ -28,8 +28,8 @@ from engineio.async_socket import AsyncSocket
 
 from roomrouter.integrations.socketio import RoomRouterManager
 
-from .backends import BACKENDS, Backend
-from .conftest import selected_backends, unique_namespace
+from .backends import Backend
+from .conftest import open_backend, selected_backends
 from .helpers import eventually
 from .test_socketio import Clients, broker_url, router_options, serve
 
@@ -101,12 +101,8 @@ class Node:
 
 @pytest.fixture(params=BATCH_BACKENDS)
 async def batch_backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    instance = BACKENDS[request.param](unique_namespace())
-    instance.available()
-    try:
+    async with open_backend(request.param) as instance:
         yield instance
-    finally:
-        await instance.cleanup()
 
 
 @pytest.fixture
