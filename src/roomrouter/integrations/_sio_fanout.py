@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 from .._errors import MissingDependency
-from ._sio_wire import as_args, skips
 
 try:
     from engineio import packet as eio_packet
@@ -35,6 +34,15 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess by th
     raise MissingDependency("socketio", "socketio") from exc
 
 __all__ = ["send_to_room"]
+
+
+def as_data(data: Any) -> list[Any]:
+    """The emit's arguments, by python-socketio's rule."""
+    if isinstance(data, tuple):
+        return list(data)
+    if data is None:
+        return []
+    return [data]
 
 
 async def send_to_room(
@@ -46,7 +54,7 @@ async def send_to_room(
     to its server."""
     if namespace not in manager.rooms:
         return 0
-    skip = skips(skip_sid)
+    skip = skip_sid if isinstance(skip_sid, list) else [skip_sid]
     recipients = [
         eio_sid for sid, eio_sid in manager.get_participants(namespace, room) if sid not in skip
     ]
@@ -54,7 +62,7 @@ async def send_to_room(
         return 0
     server = manager.server
     encoded = server.packet_class(
-        sio_packet.EVENT, namespace=namespace, data=[event, *as_args(data)]
+        sio_packet.EVENT, namespace=namespace, data=[event, *as_data(data)]
     ).encode()
     packets = [
         eio_packet.Packet(eio_packet.MESSAGE, part)
